@@ -1,0 +1,158 @@
+"""One compression step for a batch of requests: score, select, compact, free.
+
+Engine-independent: it sees SGLang's ``req_to_token`` table and per-layer K/V buffers as
+plain tensors, so the SGLang adapter only has to collect due requests and hand back the
+freed slots. Every step is batched over the requests whose tasks share a shape and runs
+on the tensors' device without a host sync (index lists are built on the host from the
+window bookkeeping, which the host already knows, and copied asynchronously).
+
+Page size 1: kept tokens stay in their slots; only the request's ``req_to_token`` row is
+rewritten and the evicted slots are returned.
+Page size P > 1: the kept tokens (and the tokens after the region) are copied left into
+the slots their new positions already own, so ``slot % P == position % P`` keeps holding,
+and the pages wholly past the new end are returned.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from kara_kernels import compact_kv, window_scores
+from kara_sglang.policies.base import KVPolicy
+from kara_sglang.query_buffer import QueryBuffer
+from kara_sglang.window import CompressionTask
+
+
+@dataclass
+class KVLayout:
+    """The parts of a KV pool that compression reads and writes.
+
+    Attributes:
+        req_to_token: ``[pool_rows, max_context]`` int slot of each request's i-th KV entry.
+        k_buffers, v_buffers: one ``[num_slots, kv_heads, head_dim]`` tensor per layer.
+        page_size: allocator page size (1 = token granularity).
+    """
+
+    req_to_token: torch.Tensor
+    k_buffers: Sequence[torch.Tensor]
+    v_buffers: Sequence[torch.Tensor]
+    page_size: int = 1
+
+
+@dataclass(frozen=True)
+class DueRequest:
+    """A request with a compression due: its ``req_to_token`` row, query-buffer row, task."""
+
+    pool_row: int
+    query_row: int
+    task: CompressionTask
+
+
+@dataclass
+class CompressionStats:
+    """Running totals; ``score_seconds`` is only measured when profiling (it syncs the GPU)."""
+
+    events: int = 0
+    tokens_evicted: int = 0
+    score_seconds: float = 0.0
+
+
+def _to_device(values: List[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class Compressor:
+    """Runs a policy's compressions on a KV layout."""
+
+    def __init__(self, policy: KVPolicy, layout: KVLayout, queries: Optional[QueryBuffer],
+                 sm_scale: float, profile: bool = False) -> None:
+        if policy.query_ring and queries is None:
+            raise ValueError(f"policy {policy.name!r} scores tokens and needs a query buffer")
+        self.policy = policy
+        self.layout = layout
+        self.queries = queries
+        self.sm_scale = sm_scale
+        self.profile = profile
+        self.stats = CompressionStats()
+
+    def run(self, due: Sequence[DueRequest]) -> torch.Tensor:
+        """Compress every due request; returns the 1-D int64 slots to give back to the allocator."""
+        device = self.layout.req_to_token.device
+        groups: Dict[tuple, List[DueRequest]] = {}
+        for item in due:
+            groups.setdefault(item.task.shape, []).append(item)
+        freed = [self._run_group(items, device) for items in groups.values()]
+        self.stats.events += len(due)
+        self.stats.tokens_evicted += sum(item.task.n_evicted for item in due)
+        if not freed:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        return torch.cat(freed)
+
+    def _run_group(self, items: List[DueRequest], device: torch.device) -> torch.Tensor:
+        task = items[0].task
+        n = len(items)
+        span = task.n_keys + task.n_suffix
+        rows = _to_device([it.pool_row for it in items], device)
+        starts = _to_device([it.task.kv_start for it in items], device)
+        columns = starts[:, None] + torch.arange(span, device=device)
+        old = self.layout.req_to_token[rows[:, None], columns].long()  # [n, span]
+
+        scores = None
+        if self.policy.query_ring:
+            query_rows = _to_device([it.query_row for it in items], device)
+            start = self._clock(device)
+            scores = window_scores(
+                self.queries.data, query_rows, self.queries.k_buffers_of(self.layout.k_buffers),
+                old[:, : task.n_keys], self.sm_scale,
+            )
+            if self.profile:
+                self.stats.score_seconds += self._clock(device) - start
+        keep = self.policy.select(scores, task, n, device)  # [n, keep]
+        suffix = torch.arange(task.n_keys, span, device=device).expand(n, -1)
+        order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending
+        moved = old.gather(1, order)
+        new_len = task.keep + task.n_suffix
+
+        if self.layout.page_size == 1:
+            self.layout.req_to_token[rows[:, None], columns[:, :new_len]] = moved.to(
+                self.layout.req_to_token.dtype)
+            kept = torch.zeros_like(old, dtype=torch.bool).scatter_(1, order, True)
+            # Stable sort puts the not-kept positions first, in order: exactly n_evicted per row.
+            evicted_pos = kept.to(torch.int8).argsort(dim=1, stable=True)[:, : task.n_evicted]
+            return old.gather(1, evicted_pos).reshape(-1)
+
+        n_moves = torch.full((n,), new_len, dtype=torch.int32, device=device)
+        compact_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers),
+                   moved, old[:, :new_len].contiguous(), n_moves)
+        return self._whole_pages_past_end(items, device)
+
+    def _clock(self, device: torch.device) -> float:
+        if self.profile and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _whole_pages_past_end(self, items: List[DueRequest], device: torch.device) -> torch.Tensor:
+        """Slots of positions from the first page boundary at or after each new end to the old end.
+
+        The allocator frees by page, so naming these slots frees exactly the pages that lie
+        wholly past the new end (including the unused rest of the old last page).
+        """
+        page = self.layout.page_size
+        pool_rows: List[int] = []
+        positions: List[int] = []
+        for it in items:
+            first = -(-it.task.new_end // page) * page
+            for pos in range(first, it.task.old_end):
+                pool_rows.append(it.pool_row)
+                positions.append(pos)
+        if not positions:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        return self.layout.req_to_token[
+            _to_device(pool_rows, device), _to_device(positions, device)].long()

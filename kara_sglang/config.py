@@ -1,0 +1,154 @@
+"""Configuration of the KV policies, validated once at start-up.
+
+Every invalid combination raises :class:`KaraConfigError` with one line that names the
+offending setting (the same name as its ``--kara-*`` flag), so a server refuses to start
+instead of failing on the first long request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple
+
+POLICY_NAMES = ("none", "kara", "streaming", "threshold")
+VOTE_HEAD_MODES = ("group", "all")
+
+# The window size the scorer kernel is tuned and tested for.
+MAX_WINDOW = 1024
+
+
+class KaraConfigError(ValueError):
+    """A KV-policy setting that cannot work; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class KaraConfig:
+    """Settings of the KV policies (``--kv-policy`` and the ``--kara-*`` flags).
+
+    Kara: once a request's uncompressed decode tail holds ``window + buffer`` tokens, its
+    oldest ``window`` tokens are scored and shrunk to ``budget`` tokens; the newest
+    ``buffer`` tokens stay and open the next window.
+
+    Attributes:
+        policy: one of ``POLICY_NAMES``.
+        window: W, tokens compressed at once.
+        buffer: U, newest tokens left uncompressed (they also vote as queries).
+        keep_ratio: fraction of W kept; ignored when ``budget`` is given.
+        budget: tokens kept per window (Kara) or per decode cache (threshold, streaming).
+            ``None`` means ``round(keep_ratio * window)``.
+        chunk_size: gamma, the longest contiguous chunk Token2Chunk grows (1 disables it).
+        chunk_fraction: share of the budget spent on chunks; the rest goes to single
+            top-scoring tokens.
+        vote_layers: layer ids whose queries vote; ``None`` means ``num_vote_layers``
+            layers spread evenly over the model, the last one included.
+        num_vote_layers: how many layers vote when ``vote_layers`` is ``None``.
+        vote_heads: ``"group"`` stores one query per KV head (the mean of its GQA group's
+            query heads: GQA-ratio times less buffer memory); ``"all"`` stores every query head.
+        sink: streaming only: first decode tokens always kept.
+    """
+
+    policy: str = "kara"
+    window: int = 512
+    buffer: int = 64
+    keep_ratio: float = 0.25
+    budget: Optional[int] = None
+    chunk_size: int = 8
+    chunk_fraction: float = 0.5
+    vote_layers: Optional[Tuple[int, ...]] = None
+    num_vote_layers: int = 4
+    vote_heads: str = "group"
+    sink: int = 4
+
+    def __post_init__(self) -> None:
+        if self.vote_layers is not None:
+            object.__setattr__(self, "vote_layers", tuple(int(x) for x in self.vote_layers))
+        self._validate()
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def window_budget(self) -> int:
+        """Tokens kept out of each compressed window (Kara) or kept in total (others)."""
+        if self.budget is not None:
+            return self.budget
+        return max(1, int(round(self.keep_ratio * self.window)))
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunk seeds per window: as many full chunks as the chunk share of the budget holds."""
+        if self.chunk_size <= 1:
+            return 0
+        return int(math.floor(self.chunk_fraction * self.window_budget / self.chunk_size))
+
+    def resolve_vote_layers(self, num_layers: int) -> Tuple[int, ...]:
+        """Layer ids that vote in a model with ``num_layers`` layers."""
+        if self.vote_layers is not None:
+            bad = [i for i in self.vote_layers if not 0 <= i < num_layers]
+            if bad:
+                raise KaraConfigError(
+                    f"--kara-vote-layers: layers {bad} do not exist in a {num_layers}-layer model"
+                )
+            return tuple(sorted(set(self.vote_layers)))
+        n = min(self.num_vote_layers, num_layers)
+        # Evenly spaced, ending at the last layer: late layers carry the most task-specific
+        # attention, early ones the most positional.
+        step = num_layers / n
+        return tuple(sorted({num_layers - 1 - int(i * step) for i in range(n)}))
+
+    def with_overrides(self, **changes) -> "KaraConfig":
+        """A validated copy with some settings changed (per-request overrides)."""
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        def fail(flag: str, why: str) -> None:
+            raise KaraConfigError(f"--{flag}: {why}")
+
+        if self.policy not in POLICY_NAMES:
+            fail("kv-policy", f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if not isinstance(self.window, int) or self.window < 2:
+            fail("kara-window", f"must be an integer >= 2, got {self.window!r}")
+        if self.policy == "kara" and self.window > MAX_WINDOW:
+            fail("kara-window", f"must be <= {MAX_WINDOW}, got {self.window}")
+        if not isinstance(self.buffer, int) or self.buffer < 1:
+            fail("kara-buffer", f"must be an integer >= 1, got {self.buffer!r}")
+        if self.buffer >= self.window:
+            fail("kara-buffer", f"buffer U={self.buffer} must be smaller than window W={self.window}")
+        if not (isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0):
+            fail("kara-keep-ratio", f"must be in (0, 1], got {self.keep_ratio!r}")
+        if self.budget is not None:
+            if not isinstance(self.budget, int) or self.budget < 1:
+                fail("kara-budget", f"must be an integer >= 1, got {self.budget!r}")
+            if self.policy == "kara" and self.budget > self.window:
+                fail("kara-budget", f"budget {self.budget} exceeds window W={self.window}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            fail("kara-chunk-size", f"gamma must be an integer >= 1, got {self.chunk_size!r}")
+        if not (isinstance(self.chunk_fraction, (int, float)) and 0.0 <= self.chunk_fraction <= 1.0):
+            fail("kara-chunk-fraction", f"must be in [0, 1], got {self.chunk_fraction!r}")
+        if self.policy == "kara" and self.chunk_size > 1 and self.chunk_fraction > 0 and self.num_chunks < 1:
+            fail(
+                "kara-chunk-size",
+                f"the chunk share of the budget ({self.chunk_fraction} x {self.window_budget} tokens) "
+                f"cannot hold one chunk of gamma={self.chunk_size} tokens; lower gamma or "
+                f"--kara-chunk-fraction, or raise the budget",
+            )
+        if self.vote_heads not in VOTE_HEAD_MODES:
+            fail("kara-vote-heads", f"must be one of {VOTE_HEAD_MODES}, got {self.vote_heads!r}")
+        if self.vote_layers is not None and (
+            len(self.vote_layers) == 0 or any(i < 0 for i in self.vote_layers)
+        ):
+            fail("kara-vote-layers", f"must be a non-empty list of layer ids >= 0, got {self.vote_layers!r}")
+        if not isinstance(self.num_vote_layers, int) or self.num_vote_layers < 1:
+            fail("kara-num-vote-layers", f"must be an integer >= 1, got {self.num_vote_layers!r}")
+        if not isinstance(self.sink, int) or self.sink < 0:
+            fail("kara-sink", f"must be an integer >= 0, got {self.sink!r}")
+        if self.policy in ("streaming", "threshold") and self.budget is None:
+            fail("kara-budget", f"the {self.policy} policy needs a decode-cache budget in tokens")
+        if self.policy == "streaming" and self.sink >= self.window_budget:
+            fail("kara-sink", f"sink {self.sink} must be smaller than the budget {self.window_budget}")
+        if self.policy == "threshold" and self.window_budget <= self.buffer:
+            fail(
+                "kara-budget",
+                f"threshold policy keeps the last U={self.buffer} tokens as its observation "
+                f"window, so its budget must exceed U (got {self.window_budget})",
+            )

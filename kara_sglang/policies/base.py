@@ -1,0 +1,61 @@
+"""The interface every KV policy implements.
+
+A policy answers two questions: *when* a request's decode region is compressed and which
+region (:meth:`KVPolicy.plan`), and *which tokens* of that region survive
+(:meth:`KVPolicy.select`). Scoring, compaction and SGLang bookkeeping are shared and live
+elsewhere, so a policy stays one short file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import torch
+
+from kara_sglang.config import KaraConfig
+from kara_sglang.window import CompressionTask, WindowState
+
+
+class KVPolicy(ABC):
+    """Decides when and what to compress for one configuration."""
+
+    name: str = ""
+
+    def __init__(self, config: KaraConfig) -> None:
+        self.config = config
+
+    @property
+    def query_ring(self) -> int:
+        """Queries captured per request (the newest ones); 0 if the policy needs no scores."""
+        return 0
+
+    @abstractmethod
+    def plan(self, state: WindowState) -> Optional[CompressionTask]:
+        """The compression due for this request now, or ``None``."""
+
+    def tail_consumed(self, task: CompressionTask) -> int:
+        """Tail tokens that become final (never rescored) once ``task`` is applied."""
+        return 0
+
+    def select(self, scores: Optional[torch.Tensor], task: CompressionTask, n_windows: int,
+               device: torch.device) -> torch.Tensor:
+        """Keep set for ``n_windows`` regions of ``task``'s shape.
+
+        Args:
+            scores: ``[n_windows, task.n_keys]`` float importance (higher = keep), or
+                ``None`` when ``query_ring == 0``.
+
+        Returns:
+            ``[n_windows, task.keep]`` int64 positions within the region, ascending.
+        """
+        raise NotImplementedError
+
+
+class NoCompression(KVPolicy):
+    """``--kv-policy none``: vanilla SGLang, nothing is ever compressed."""
+
+    name = "none"
+
+    def plan(self, state: WindowState) -> Optional[CompressionTask]:
+        return None

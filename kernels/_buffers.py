@@ -1,0 +1,46 @@
+"""One kernel launch over many per-layer buffers.
+
+SGLang keeps one K (and one V) tensor per layer. Triton's interpreter cannot follow raw
+pointers, so instead of a table of data pointers the kernels take the first buffer plus each
+buffer's element offset from it: ``buffer_l = base + offsets[l]``. All buffers must share a
+dtype; their offsets are cached per buffer list because pools live for the whole server.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import os
+
+import torch
+
+_cache: dict = {}
+
+
+def buffer_offsets(buffers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(base, offsets)``: ``offsets[l]`` int64 elements from ``base`` to ``buffers[l]``."""
+    base = buffers[0]
+    key = (base.dtype, base.device, tuple(b.data_ptr() for b in buffers))
+    hit = _cache.get(key)
+    if hit is not None:
+        return base, hit
+    itemsize = base.element_size()
+    offsets = []
+    for b in buffers:
+        if b.dtype != base.dtype or b.device != base.device:
+            raise ValueError("all buffers of one launch must share dtype and device")
+        delta = b.data_ptr() - base.data_ptr()
+        # 16-byte alignment keeps every row access vectorisable.
+        if delta % 16:
+            raise ValueError("buffers must be 16-byte aligned relative to each other")
+        offsets.append(delta // itemsize)
+    offsets_t = torch.tensor(offsets, dtype=torch.int64, device=base.device)
+    if len(_cache) > 64:
+        _cache.clear()
+    _cache[key] = offsets_t
+    return base, offsets_t
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

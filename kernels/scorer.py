@@ -1,0 +1,166 @@
+"""Bidirectional window scorer: per-key importance from the captured window queries.
+
+For every window ``b``, voting layer ``l``, stored query head ``h`` and query ``q``:
+
+    p[q, j] = softmax_j( Q[b, l, q, h] . K_l[slot[b, j], h // R] * sm_scale )   (no causal mask)
+    importance[b, j] += sum over l, h, q of p[q, j]
+
+``K_l`` is SGLang's K buffer of layer ``l`` (``[num_slots, kv_heads, head_dim]``), read in
+place by slot index; the queries are read in place from the query buffer. One launch covers
+every window and every voting layer. Each program owns one block of queries of one head and
+one layer: pass 1 finds the row log-sum-exp over all keys (online, like FlashAttention),
+pass 2 recomputes the scores and adds the probabilities' column sums into ``importance``
+(float32 atomics: the sum order may vary between runs, within float32 rounding).
+
+Triton 3.6's CPU interpreter computes bf16 ``tl.dot`` wrongly, so under
+``TRITON_INTERPRET=1`` bf16 operands are upcast to float32 for the dot (``DOT_F32``); on
+the GPU the dot takes bf16 operands with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kara_kernels._buffers import buffer_offsets, interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _window_score_kernel(
+    Q, stride_qr, stride_ql, stride_qn, stride_qh,
+    Q_ROWS,
+    K_BASE, K_OFFSETS, stride_ks, stride_kh,
+    SLOTS, stride_sb,
+    OUT, stride_ob,
+    n_queries, n_keys, num_q_heads, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_lh = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    layer = pid_lh // num_q_heads
+    head = pid_lh % num_q_heads
+    kv_head = head // GROUP
+
+    q_row = tl.load(Q_ROWS + pid_b).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_valid = offs_q < n_queries
+    q_ptrs = (Q + q_row * stride_qr + layer * stride_ql + head * stride_qh
+              + offs_q[:, None].to(tl.int64) * stride_qn + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    k_layer = K_BASE + tl.load(K_OFFSETS + layer) + kv_head * stride_kh
+    slot_row = SLOTS + pid_b.to(tl.int64) * stride_sb
+
+    # Pass 1: log2-sum-exp of every query row over all keys.
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    for start in range(0, n_keys, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < n_keys
+        slots = tl.load(slot_row + offs_k, mask=k_valid, other=0).to(tl.int64)
+        k = tl.load(k_layer + slots[:, None] * stride_ks + offs_d[None, :],
+                    mask=k_valid[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee" if DOT_F32 else None) * qk_scale_log2
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.math.log2(l_i)
+
+    # Pass 2: probabilities, summed over this block's queries, added per key.
+    out_row = OUT + pid_b.to(tl.int64) * stride_ob
+    for start in range(0, n_keys, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < n_keys
+        slots = tl.load(slot_row + offs_k, mask=k_valid, other=0).to(tl.int64)
+        k = tl.load(k_layer + slots[:, None] * stride_ks + offs_d[None, :],
+                    mask=k_valid[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee" if DOT_F32 else None) * qk_scale_log2
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(q_valid[:, None] & k_valid[None, :], p, 0.0)
+        tl.atomic_add(out_row + offs_k, tl.sum(p, axis=0), mask=k_valid)
+
+
+def window_scores(
+    queries: torch.Tensor,
+    query_rows: torch.Tensor,
+    k_buffers: Sequence[torch.Tensor],
+    key_slots: torch.Tensor,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Importance of every window key, summed over voting layers, heads and queries.
+
+    Args:
+        queries: query buffer ``[rows, n_vote_layers, n_queries, q_heads, head_dim]``
+            (bf16/fp16); every one of the ``n_queries`` entries of a used row is valid.
+        query_rows: ``[B]`` int row of each window in ``queries``.
+        k_buffers: the ``n_vote_layers`` K buffers, each ``[num_slots, kv_heads, head_dim]``,
+            in the order of the query buffer's layer axis.
+        key_slots: ``[B, n_keys]`` int slot of each window key.
+        sm_scale: softmax scale (``1 / sqrt(head_dim)`` for standard attention).
+        out: optional ``[B, n_keys]`` float32 to accumulate into; zeroed here if ``None``.
+
+    Returns:
+        ``[B, n_keys]`` float32; each window's row sums to ``n_vote * q_heads * n_queries``.
+    """
+    n_rows, n_vote, n_queries, q_heads, head_dim = queries.shape
+    kv_heads = k_buffers[0].shape[1]
+    if len(k_buffers) != n_vote:
+        raise ValueError(f"{len(k_buffers)} K buffers for {n_vote} voting layers")
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads do not group over {kv_heads} KV heads")
+    if queries.stride(-1) != 1 or any(k.stride(-1) != 1 for k in k_buffers):
+        raise ValueError("head_dim must be the innermost, contiguous axis")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    n_windows, n_keys = key_slots.shape
+    if out is None:
+        out = torch.zeros(n_windows, n_keys, dtype=torch.float32, device=key_slots.device)
+    if n_windows == 0:
+        return out
+    k_base, k_offsets = buffer_offsets(k_buffers)
+    stride_ks, stride_kh = k_buffers[0].stride(0), k_buffers[0].stride(1)
+    if any(k.stride()[:2] != (stride_ks, stride_kh) for k in k_buffers):
+        raise ValueError("all K buffers must share one layout")
+    grid = (n_windows, n_vote * q_heads, triton.cdiv(n_queries, block_q))
+    _window_score_kernel[grid](
+        queries, *queries.stride()[:4],
+        query_rows,
+        k_base, k_offsets, stride_ks, stride_kh,
+        key_slots, key_slots.stride(0),
+        out, out.stride(0),
+        n_queries, n_keys, q_heads, sm_scale * LOG2E,
+        GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
+        BLOCK_Q=block_q, BLOCK_K=block_k, DOT_F32=interpreting() and queries.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def window_scores_reference(queries, query_rows, k_buffers, key_slots, sm_scale) -> torch.Tensor:
+    """Float64 torch version of :func:`window_scores`, for tests."""
+    q = queries[query_rows.long()].double()  # [B, L, NQ, HQ, D]
+    k = torch.stack([kb[key_slots.long()] for kb in k_buffers], dim=1).double()  # [B, L, NK, HKV, D]
+    group = q.shape[3] // k.shape[3]
+    k = k.repeat_interleave(group, dim=3)
+    s = torch.einsum("blqhd,blkhd->blhqk", q, k) * sm_scale
+    return s.softmax(dim=-1).sum(dim=(1, 2, 3))

@@ -1,0 +1,1 @@
+"""SGLang touch points, one module each (installed as ``kara_patches``)."""
