@@ -161,9 +161,9 @@ def main() -> None:
 
     sweep = []
     for bq in (64, 128):
-        for bk in (32, 64, 128):
+        for bk in (64, 128):
             for warps in (4, 8):
-                for stages in (1, 2, 3):
+                for stages in (2, 3):
                     launch = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
                     try:
                         sweep.append(bench_scorer(512, 64, 32, "group", 4, ceil, **launch))

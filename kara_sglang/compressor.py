@@ -130,7 +130,7 @@ class Compressor:
 
         n_moves = torch.full((n,), new_len, dtype=torch.int32, device=device)
         compact_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers),
-                   moved, old[:, :new_len].contiguous(), n_moves)
+                   moved, old[:, :new_len], n_moves)
         return self._whole_pages_past_end(items, device)
 
     def _clock(self, device: torch.device) -> float:

@@ -25,7 +25,7 @@ from kara_kernels._buffers import buffer_offsets
 @triton.jit
 def _compact_kernel(
     BASE, OFFSETS, stride_slot,
-    SRC, DST, stride_mb, N_MOVES,
+    SRC, stride_src, DST, stride_dst, N_MOVES,
     row_elems,
     BLOCK: tl.constexpr,
 ):
@@ -36,8 +36,8 @@ def _compact_kernel(
     cols = pid_col * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < row_elems
     n_moves = tl.load(N_MOVES + pid_b)
-    src_row = SRC + pid_b.to(tl.int64) * stride_mb
-    dst_row = DST + pid_b.to(tl.int64) * stride_mb
+    src_row = SRC + pid_b.to(tl.int64) * stride_src
+    dst_row = DST + pid_b.to(tl.int64) * stride_dst
     for i in range(0, n_moves):
         src = tl.load(src_row + i).to(tl.int64)
         dst = tl.load(dst_row + i).to(tl.int64)
@@ -62,8 +62,8 @@ def compact_kv(
         src_slots, dst_slots: ``[B, max_moves]`` int slots, under the ordering contract above.
         n_moves: ``[B]`` int32, moves used in each row (the rest is padding).
     """
-    if src_slots.shape != dst_slots.shape or src_slots.stride() != dst_slots.stride():
-        raise ValueError("src_slots and dst_slots must have the same shape and layout")
+    if src_slots.shape != dst_slots.shape or src_slots.stride(1) != 1 or dst_slots.stride(1) != 1:
+        raise ValueError("src_slots and dst_slots must have the same shape, rows contiguous")
     n_req = src_slots.shape[0]
     if n_req == 0 or src_slots.shape[1] == 0:
         return
@@ -77,7 +77,7 @@ def compact_kv(
     grid = (n_req, len(buffers), triton.cdiv(row_elems, block))
     _compact_kernel[grid](
         base, offsets, stride_slot,
-        src_slots, dst_slots, src_slots.stride(0), n_moves,
+        src_slots, src_slots.stride(0), dst_slots, dst_slots.stride(0), n_moves,
         row_elems, BLOCK=block, num_warps=num_warps,
     )
 

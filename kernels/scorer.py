@@ -40,6 +40,7 @@ def _window_score_kernel(
     n_queries, n_keys, num_q_heads, qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_lh = tl.program_id(1)
@@ -72,14 +73,21 @@ def _window_score_kernel(
                     mask=k_valid[:, None], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee" if DOT_F32 else None) * qk_scale_log2
-        s = tl.where(k_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), axis=1)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if not EVEN_K:
+            s = tl.where(k_valid[None, :], s, float("-inf"))
+        # The scale is applied to the row max and inside one FMA with the subtraction: per
+        # score element this pass costs a max, an FMA, an exp2 and an add.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale_log2)
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(
+            tl.math.exp2(s * qk_scale_log2 - m_new[:, None]), axis=1)
         m_i = m_new
-    lse = m_i + tl.math.log2(l_i)
+    # Padding query rows get +inf so their probabilities in pass 2 are exactly 0.
+    lse = tl.where(q_valid, m_i + tl.math.log2(l_i), float("inf"))
 
-    # Pass 2: probabilities, summed over this block's queries, added per key.
+    # Pass 2: probabilities, summed over this block's queries, added per key. Scores are
+    # computed transposed (keys x queries) so the per-key sum runs along rows, which stays
+    # inside a warp's registers instead of crossing warps through shared memory.
     out_row = OUT + pid_b.to(tl.int64) * stride_ob
     for start in range(0, n_keys, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
@@ -89,10 +97,10 @@ def _window_score_kernel(
                     mask=k_valid[:, None], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee" if DOT_F32 else None) * qk_scale_log2
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(q_valid[:, None] & k_valid[None, :], p, 0.0)
-        tl.atomic_add(out_row + offs_k, tl.sum(p, axis=0), mask=k_valid)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale_log2 - lse[None, :])
+        # Padding key rows are dropped by the store mask, not per element.
+        tl.atomic_add(out_row + offs_k, tl.sum(p_t, axis=1), mask=k_valid)
 
 
 def window_scores(
@@ -102,10 +110,10 @@ def window_scores(
     key_slots: torch.Tensor,
     sm_scale: float,
     out: torch.Tensor | None = None,
-    block_q: int = 64,
-    block_k: int = 64,
+    block_q: int = 128,
+    block_k: int = 128,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Importance of every window key, summed over voting layers, heads and queries.
 
@@ -141,6 +149,7 @@ def window_scores(
     stride_ks, stride_kh = k_buffers[0].stride(0), k_buffers[0].stride(1)
     if any(k.stride()[:2] != (stride_ks, stride_kh) for k in k_buffers):
         raise ValueError("all K buffers must share one layout")
+    upcast = interpreting() and queries.dtype == torch.bfloat16
     grid = (n_windows, n_vote * q_heads, triton.cdiv(n_queries, block_q))
     _window_score_kernel[grid](
         queries, *queries.stride()[:4],
@@ -150,7 +159,10 @@ def window_scores(
         out, out.stride(0),
         n_queries, n_keys, q_heads, sm_scale * LOG2E,
         GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
-        BLOCK_Q=block_q, BLOCK_K=block_k, DOT_F32=interpreting() and queries.dtype == torch.bfloat16,
+        BLOCK_Q=block_q, BLOCK_K=block_k, DOT_F32=upcast,
+        # float32 inputs get exact float32 products (not tf32): scores decide a ranking.
+        DOT_PRECISION="ieee" if upcast or queries.dtype == torch.float32 else "tf32",
+        EVEN_K=n_keys % block_k == 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -24,8 +24,8 @@ def expected_layout(sim, item):
     if sim.policy.query_ring:
         slots = sim.req_to_token[item.pool_row, t.kv_start: t.kv_start + t.n_keys].long()[None]
         scores = window_scores_reference(
-            sim.queries.data, torch.tensor([item.query_row]),
-            sim.queries.k_buffers_of(sim.k), slots, sim.head_dim ** -0.5)
+            sim.queries.data.cpu(), torch.tensor([item.query_row]),
+            [k.cpu() for k in sim.queries.k_buffers_of(sim.k)], slots.cpu(), sim.head_dim ** -0.5)
     keep = sim.policy.select(scores, t, 1, "cpu")[0].tolist()
     region = alive[t.kv_start: t.kv_start + t.n_keys]
     return alive[: t.kv_start] + [region[j] for j in keep] + alive[t.kv_start + t.n_keys:]
@@ -42,11 +42,11 @@ def owned_pages(sim):
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("name", sorted(POLICY_CONFIGS))
-def test_compression_keeps_the_selected_tokens_and_leaks_nothing(name, page_size):
+def test_compression_keeps_the_selected_tokens_and_leaks_nothing(name, page_size, device):
     cfg = KaraConfig(**POLICY_CONFIGS[name])
     seed = int(torch.randint(0, 2**31, (1,)))
     prompts = [int(x) for x in torch.randint(0, 40, (3,), generator=torch.Generator().manual_seed(seed))]
-    sim = SyntheticDecode(cfg, prompts, num_layers=3, page_size=page_size, seed=seed)
+    sim = SyntheticDecode(cfg, prompts, num_layers=3, page_size=page_size, seed=seed, device=device)
     events = 0
     for _ in range(110):
         sim.decode()
@@ -70,10 +70,10 @@ def test_compression_keeps_the_selected_tokens_and_leaks_nothing(name, page_size
     assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use
 
 
-def test_group_and_all_head_votes_both_work():
+def test_group_and_all_head_votes_both_work(device):
     for mode in ("group", "all"):
         cfg = KaraConfig(window=16, buffer=4, keep_ratio=0.5, chunk_size=2, vote_heads=mode)
-        sim = SyntheticDecode(cfg, [3], num_layers=2)
+        sim = SyntheticDecode(cfg, [3], num_layers=2, device=device)
         stored_heads = sim.queries.data.shape[3]
         assert stored_heads == (2 if mode == "group" else 8)
         for _ in range(40):
