@@ -1,1 +1,28 @@
-"""SGLang touch points, one module each (installed as ``kara_patches``)."""
+"""SGLang touch points, one module each (installed as ``kara_patches``).
+
+Each module names the SGLang function it wraps and how, as ``PATCHES`` (see
+:class:`kara_patches._patch.Patch`), and its hooks turn one SGLang event into one call into
+:mod:`kara_sglang.adapter`.
+
+``ALWAYS`` are applied in every process that loads the plugin (flags and start-up);
+``RUNTIME`` only in scheduler processes whose server runs a policy other than ``none``, so
+``--kv-policy none`` leaves SGLang's code paths as they were.
+"""
+
+from kara_patches import (
+    admission,
+    attention_capture,
+    decode_positions,
+    decode_step,
+    metrics,
+    output_meta,
+    release,
+    request_params,
+    scheduler_init,
+    server_args,
+)
+
+ALWAYS = server_args.PATCHES + scheduler_init.PATCHES
+RUNTIME = (attention_capture.PATCHES + decode_positions.PATCHES + decode_step.PATCHES
+           + release.PATCHES + admission.PATCHES + request_params.PATCHES
+           + output_meta.PATCHES + metrics.PATCHES)

@@ -34,6 +34,10 @@ class KVPolicy(ABC):
     def plan(self, state: WindowState) -> Optional[CompressionTask]:
         """The compression due for this request now, or ``None``."""
 
+    def max_growth(self, state: WindowState, remaining: int) -> int:
+        """Most KV entries the request can still add in ``remaining`` more decode steps."""
+        return remaining
+
     def tail_consumed(self, task: CompressionTask) -> int:
         """Tail tokens that become final (never rescored) once ``task`` is applied."""
         return 0

@@ -36,6 +36,12 @@ class KaraPolicy(KVPolicy):
             n_queries=self.query_ring,
         )
 
+    def max_growth(self, state: WindowState, remaining: int) -> int:
+        # Each W decoded tokens leave `budget` behind, plus at most one uncompressed tail.
+        cfg = self.config
+        windows = -(-remaining // cfg.window)
+        return min(remaining, windows * cfg.window_budget + cfg.window + cfg.buffer)
+
     def tail_consumed(self, task: CompressionTask) -> int:
         return task.n_keys
 

@@ -27,6 +27,11 @@ class StreamingPolicy(KVPolicy):
             n_suffix=0, n_queries=0,
         )
 
+    def max_growth(self, state: WindowState, remaining: int) -> int:
+        # The decode cache never holds more than budget + U tokens.
+        cap = self.config.window_budget + self.config.buffer
+        return min(remaining, max(0, cap - state.decode_kv))
+
     def select(self, scores, task, n_windows, device) -> torch.Tensor:
         sink = self.config.sink
         recent = torch.arange(task.n_keys - (task.keep - sink), task.n_keys, device=device)

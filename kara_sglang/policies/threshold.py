@@ -38,5 +38,10 @@ class ThresholdPolicy(KVPolicy):
             n_queries=cfg.buffer,
         )
 
+    def max_growth(self, state: WindowState, remaining: int) -> int:
+        # The decode cache never holds more than budget + U tokens.
+        cap = self.config.window_budget + self.config.buffer
+        return min(remaining, max(0, cap - state.decode_kv))
+
     def select(self, scores, task, n_windows, device) -> torch.Tensor:
         return topk_sorted(scores, task.keep)

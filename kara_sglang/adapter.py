@@ -1,0 +1,299 @@
+"""The bridge between SGLang's scheduler objects and the compressor (scheduler process only).
+
+One :class:`KaraRuntime` lives in each scheduler process whose server runs a policy other
+than ``none``. The patches call it at four moments: a decode forward (capture queries), a
+decode batch's positions (add each request's evicted count), the end of a decode step
+(compress the due requests, free their slots, fix SGLang's lengths) and a request's release
+(hand the radix tree only the exact prefix). Everything SGLang-specific that is more than one
+call lives here; the patches stay one-liners around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from kara_sglang.compressor import Compressor, DueRequest, KVLayout
+from kara_sglang.config import KaraConfig, KaraConfigError
+from kara_sglang.flags import request_overrides
+from kara_sglang.policies import KVPolicy, make_policy
+from kara_sglang.query_buffer import QueryBuffer
+from kara_sglang.window import WindowState
+
+logger = logging.getLogger("kara_sglang")
+
+_RUNTIME: Optional["KaraRuntime"] = None
+
+
+def current() -> Optional["KaraRuntime"]:
+    """The runtime of this process, or ``None`` (policy ``none`` or not a scheduler)."""
+    return _RUNTIME
+
+
+class RequestKV:
+    """Kara's state of one running request (stored on the SGLang ``Req`` as ``req.kara``)."""
+
+    __slots__ = ("window", "policy")
+
+    def __init__(self, window: WindowState, policy: Optional[KVPolicy]) -> None:
+        self.window = window
+        self.policy = policy  # None: the request opted out
+
+
+class KaraRuntime:
+    """Per-scheduler state: config, query buffer, compressor, counters."""
+
+    def __init__(self, config: KaraConfig, model_runner: Any, page_size: int) -> None:
+        self.config = config
+        self.policy = make_policy(config)
+        self.page_size = page_size
+        self.model_runner = model_runner
+        pool = model_runner.token_to_kv_pool
+        self._check_supported(model_runner, pool)
+        self.kv_pool = pool
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        device = self.req_to_token_pool.req_to_token.device
+        rows = self.req_to_token_pool.req_to_token.shape[0]
+        num_layers = len(pool.k_buffer)
+        tp_size = max(1, int(getattr(model_runner, "tp_size", 1) or 1))
+        q_heads = model_runner.model_config.num_attention_heads // tp_size
+        kv_heads, head_dim = pool.head_num, pool.head_dim
+        self.queries: Optional[QueryBuffer] = None
+        if self.policy.query_ring:
+            self.queries = QueryBuffer(
+                rows, config.resolve_vote_layers(num_layers), self.policy.query_ring, q_heads,
+                kv_heads, head_dim, config.vote_heads, pool.dtype if pool.dtype != torch.float8_e4m3fn else torch.bfloat16,
+                device)
+            self._last_vote_layer = self.queries.vote_layers[-1]
+            self.ring_pos = torch.zeros(rows, dtype=torch.int64, device=device)
+            mb = self.queries.data.numel() * self.queries.data.element_size() / 2**20
+            logger.info("kara: query buffer %s = %.1f MiB (%d rows, layers %s)",
+                        tuple(self.queries.data.shape), mb, rows, self.queries.vote_layers)
+        self.evicted_by_row = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.rows_with_evictions = 0
+        self.sm_scale = head_dim ** -0.5
+        self.compressor = Compressor(self.policy, self._layout(), self.queries, self.sm_scale)
+        self._policies: Dict[KaraConfig, KVPolicy] = {config: self.policy}
+        self.debug_checks = os.environ.get("KARA_DEBUG_CHECKS", "0") not in ("", "0")
+        self.freed_total = 0
+        logger.info("kara: %s", config)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_supported(model_runner: Any, pool: Any) -> None:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        device = pool.k_buffer[0].device
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise KaraConfigError(
+                f"--kv-policy: the KV cache is on {device.type}; Kara's Triton kernels run there only "
+                f"under Triton's interpreter (set TRITON_INTERPRET=1)")
+        if type(pool) is not MHATokenToKVPool:
+            raise KaraConfigError(
+                f"--kv-policy: needs a plain multi-head KV pool (MHATokenToKVPool); this model uses "
+                f"{type(pool).__name__} (MLA, hybrid SWA/mamba and quantised pools are not supported)")
+
+    def _layout(self) -> KVLayout:
+        # Read the buffers each time: SGLang may reallocate the pool after graph capture.
+        return KVLayout(self.req_to_token_pool.req_to_token, self.kv_pool.k_buffer,
+                        self.kv_pool.v_buffer, self.page_size)
+
+    def policy_for(self, req: Any) -> Optional[KVPolicy]:
+        """The request's policy (``None`` if it opted out); its config was validated on arrival."""
+        params = getattr(req.sampling_params, "custom_params", None)
+        cfg = request_overrides(self.config, params)
+        if cfg.policy == "none":
+            return None
+        policy = self._policies.get(cfg)
+        if policy is None:
+            policy = self._policies[cfg] = make_policy(cfg)
+        return policy
+
+    def validate_request(self, req: Any) -> Optional[str]:
+        """One-line error for bad per-request settings, or ``None``."""
+        try:
+            self.policy_for(req)
+        except KaraConfigError as err:
+            return f"kara-sglang: invalid custom_params: {err}"
+        return None
+
+    # ------------------------------------------------------------ decode forward
+    def capture(self, layer: Any, q: torch.Tensor, forward_batch: Any) -> None:
+        """Store this decode step's queries of a voting layer (graph-capturable: tensor ops only)."""
+        if self.queries is None or not self.queries.votes(layer.layer_id):
+            return
+        self.sm_scale = float(layer.scaling)
+        self.compressor.sm_scale = self.sm_scale
+        rows = forward_batch.req_pool_indices
+        pos = self.ring_pos[rows]
+        self.queries.capture(layer.layer_id, q, rows, pos)
+        if layer.layer_id == self._last_vote_layer:
+            self.ring_pos[rows] = (pos + 1) % self.queries.ring
+
+    def position_offsets(self, req_pool_indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-request RoPE offsets for a decode batch, or ``None`` when nothing was evicted."""
+        if self.rows_with_evictions == 0:
+            return None
+        return self.evicted_by_row[req_pool_indices]
+
+    # -------------------------------------------------------------- decode step
+    def after_decode(self, batch: Any, allocator: Any) -> None:
+        """Compress every running request of ``batch`` whose policy says so."""
+        due: List[Tuple[int, Any, DueRequest, KVPolicy]] = []
+        for i, req in enumerate(batch.reqs):
+            if req.kv is None or req.req_pool_idx is None:
+                continue  # released this step
+            state: Optional[RequestKV] = getattr(req, "kara", None)
+            if state is None:
+                # First decode step: everything before this step's token is prompt (or a
+                # re-prefilled retraction) and stays untouched.
+                state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), self.policy_for(req))
+                req.kara = state
+            state.window.on_decode()
+            if state.window.kv_len != req.kv_committed_len:
+                raise AssertionError(
+                    f"kara: request {req.rid} holds {req.kv_committed_len} KV entries, kara counted "
+                    f"{state.window.kv_len}")
+            req.kara_kv = (state.window.kv_len, state.window.evicted)
+            if state.policy is None:
+                continue
+            task = state.policy.plan(state.window)
+            if task is None:
+                continue
+            if task.kv_start < req.cache_protected_len:
+                raise AssertionError(f"kara: refusing to touch radix-tree slots of request {req.rid}")
+            due.append((i, req, DueRequest(req.req_pool_idx, req.req_pool_idx, task), state.policy))
+        if due:
+            self._compress(batch, allocator, due)
+
+    def _compress(self, batch: Any, allocator: Any, due) -> None:
+        self.compressor.layout = self._layout()
+        freed = []
+        by_policy: Dict[int, list] = {}
+        for entry in due:
+            by_policy.setdefault(id(entry[3]), []).append(entry)
+        for entries in by_policy.values():
+            self.compressor.policy = entries[0][3]
+            freed.append(self.compressor.run([e[2] for e in entries]))
+        self.compressor.policy = self.policy
+        freed_slots = torch.cat(freed)
+        if self.debug_checks:
+            self._check_free(freed_slots, allocator)
+        allocator.free(freed_slots)
+        self.freed_total += int(freed_slots.numel())
+
+        delta = torch.zeros(len(batch.reqs), dtype=torch.int64)
+        rows, evicted = [], []
+        for i, req, item, policy in due:
+            window = req.kara.window
+            if window.evicted == 0:
+                self.rows_with_evictions += 1
+            window.apply(item.task, policy.tail_consumed(item.task))
+            e = item.task.n_evicted
+            req.kv_committed_len -= e
+            req.kv.kv_allocated_len -= e
+            req.kara_kv = (window.kv_len, window.evicted)
+            delta[i] = e
+            rows.append(req.req_pool_idx)
+            evicted.append(window.evicted)
+        device = batch.seq_lens.device
+        # New tensors, as SGLang itself does, so nothing holding the old ones sees a change.
+        batch.seq_lens = batch.seq_lens - delta.to(device, batch.seq_lens.dtype)
+        batch.seq_lens_cpu = batch.seq_lens_cpu - delta.to(batch.seq_lens_cpu.dtype)
+        if getattr(batch, "orig_seq_lens", None) is not None:
+            batch.orig_seq_lens = batch.orig_seq_lens - delta.to(device, batch.orig_seq_lens.dtype)
+        batch.seq_lens_sum = None
+        self.evicted_by_row[torch.tensor(rows, device=device)] = torch.tensor(evicted, device=device)
+
+    def _check_free(self, slots: torch.Tensor, allocator: Any) -> None:
+        """Debug: every slot freed is distinct, real, and not already free."""
+        if slots.unique().numel() != slots.numel():
+            raise AssertionError("kara: a slot is freed twice in one compression")
+        if bool((slots <= 0).any()):
+            raise AssertionError("kara: freeing the reserved slot 0")
+        free_pages = getattr(allocator, "free_pages", None)
+        if free_pages is not None and free_pages.numel():
+            pages = slots // self.page_size if self.page_size > 1 else slots
+            if bool(torch.isin(pages.to(free_pages.device), free_pages).any()):
+                raise AssertionError("kara: freeing a slot that is already free")
+
+    # --------------------------------------------------------------- admission
+    def growth_bound(self, req: Any) -> float:
+        """Most KV tokens ``req`` can still add before it finishes."""
+        remaining = max(0, req.sampling_params.max_new_tokens - len(req.output_ids))
+        state: Optional[RequestKV] = getattr(req, "kara", None)
+        if state is None:
+            policy, window = self.policy_for(req), WindowState(prompt_len=0)
+        else:
+            policy, window = state.policy, state.window
+        if policy is None:
+            return float(remaining)
+        return float(policy.max_growth(window, remaining))
+
+    # ----------------------------------------------------------- observability
+    def report(self, log: bool, metrics: bool) -> None:
+        stats = self.compressor.stats
+        if log:
+            logger.info("kara: compressions %d, tokens evicted %d, KV slots freed %d, "
+                        "requests holding compressed KV %d", stats.events, stats.tokens_evicted,
+                        self.freed_total, self.rows_with_evictions)
+        if metrics:
+            self._export(stats)
+
+    def _export(self, stats) -> None:
+        if not hasattr(self, "_metrics"):
+            from prometheus_client import Counter, Gauge
+
+            self._metrics = (
+                Counter("kara:compression_events", "KV compressions run"),
+                Counter("kara:tokens_evicted", "KV tokens evicted by compression"),
+                Gauge("kara:requests_compressed", "running requests holding compressed KV",
+                      multiprocess_mode="mostrecent"),
+            )
+            self._exported = (0, 0)
+        events, evicted, running = self._metrics
+        events.inc(stats.events - self._exported[0])
+        evicted.inc(stats.tokens_evicted - self._exported[1])
+        running.set(self.rows_with_evictions)
+        self._exported = (stats.events, stats.tokens_evicted)
+
+    # ----------------------------------------------------------------- release
+    def before_release(self, req: Any, allocator: Any) -> None:
+        """Give the radix tree only the exact prefix of a compressed request; free the rest.
+
+        Runs before SGLang's ``release_kv_cache`` (finish, abort, retraction). The tree
+        assumes column ``j`` of the request's row holds token ``j``; after compression that
+        holds only for the prompt, so the row is cut to the prompt here and the compressed
+        tail is freed.
+        """
+        state: Optional[RequestKV] = getattr(req, "kara", None)
+        req.kara = None
+        if state is None or req.kv is None or req.req_pool_idx is None:
+            return
+        # The last step's token is counted by SGLang (released before after_decode sees it).
+        req.kara_kv = (req.kv_committed_len, state.window.evicted)
+        if state.window.evicted == 0:
+            return
+        self.rows_with_evictions -= 1
+        self.evicted_by_row[req.req_pool_idx] = 0
+        exact = state.window.prompt_len
+        end = req.kv_committed_len
+        first = -(-exact // self.page_size) * self.page_size  # whole pages past the exact prefix
+        if end > first:
+            slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, first:end].to(torch.int64)
+            if self.page_size > 1:
+                slots = slots[:: self.page_size]  # one slot names each whole page
+            if self.debug_checks:
+                self._check_free(slots, allocator)
+            allocator.free(slots)
+        req.kv_committed_len = exact
+        req.kv.kv_allocated_len = exact
+
+
+def install(config: KaraConfig, model_runner: Any, page_size: int) -> KaraRuntime:
+    global _RUNTIME
+    _RUNTIME = KaraRuntime(config, model_runner, page_size)
+    return _RUNTIME

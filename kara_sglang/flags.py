@@ -1,0 +1,100 @@
+"""The ``--kv-policy`` / ``--kara-*`` flags: one table, shared by the CLI, ``sglang.Engine``
+keyword arguments and per-request ``custom_params``.
+
+Each flag maps to a :class:`KaraConfig` field. On ``ServerArgs`` (and as ``Engine`` keyword
+arguments) the attribute name is the flag with dashes as underscores (``kara_window``);
+per-request overrides use the same names inside ``sampling_params.custom_params``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from kara_sglang.config import POLICY_NAMES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
+
+
+def _layer_list(text: Any):
+    if text is None or isinstance(text, (list, tuple)):
+        return text
+    return tuple(int(x) for x in str(text).split(",") if x.strip())
+
+
+@dataclass(frozen=True)
+class Flag:
+    attr: str  # ServerArgs attribute / Engine kwarg / custom_params key
+    field: str  # KaraConfig field
+    parse: Callable[[Any], Any]
+    help: str
+    choices: Optional[tuple] = None
+    per_request: bool = False  # may a single request override it?
+
+
+FLAGS = (
+    Flag("kv_policy", "policy", str, "KV-cache policy applied while decoding (none = vanilla SGLang).",
+         POLICY_NAMES, per_request=True),
+    Flag("kara_window", "window", int, "Kara window W: decode tokens compressed at once (default 512)."),
+    Flag("kara_buffer", "buffer", int, "Kara buffer U: newest tokens kept uncompressed (default 64)."),
+    Flag("kara_keep_ratio", "keep_ratio", float, "Share of each window kept, in (0, 1] (default 0.25).",
+         per_request=True),
+    Flag("kara_budget", "budget", int,
+         "Tokens kept per window (kara) or per decode cache (threshold, streaming: required).",
+         per_request=True),
+    Flag("kara_chunk_size", "chunk_size", int, "Token2Chunk chunk length gamma; 1 disables chunks (default 8).",
+         per_request=True),
+    Flag("kara_chunk_fraction", "chunk_fraction", float, "Share of the budget spent on chunks (default 0.5).",
+         per_request=True),
+    Flag("kara_vote_layers", "vote_layers", _layer_list, "Comma-separated layer ids whose queries vote."),
+    Flag("kara_num_vote_layers", "num_vote_layers", int,
+         "Layers that vote, spread evenly, when --kara-vote-layers is not given (default 4)."),
+    Flag("kara_vote_heads", "vote_heads", str, "group: one query per KV head; all: every query head.",
+         VOTE_HEAD_MODES),
+    Flag("kara_sink", "sink", int, "streaming: first decode tokens always kept (default 4)."),
+)
+FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
+
+
+def cli_name(flag: Flag) -> str:
+    return "--" + flag.attr.replace("_", "-")
+
+
+def config_from_attrs(source: Any) -> KaraConfig:
+    """Build the server's config from an object with the flag attributes (``ServerArgs``)."""
+    values = {}
+    for flag in FLAGS:
+        value = getattr(source, flag.attr, None)
+        if value is not None:
+            values[flag.field] = flag.parse(value)
+    if "policy" not in values:
+        values["policy"] = "none"
+    return KaraConfig(**values)
+
+
+def request_overrides(server: KaraConfig, custom_params: Optional[Mapping[str, Any]]) -> KaraConfig:
+    """The config of one request: the server's, with the request's ``custom_params`` applied.
+
+    Raises :class:`KaraConfigError` (one line, naming the key) for unknown or bad values.
+    """
+    if not custom_params:
+        return server
+    changes = {}
+    for key, value in custom_params.items():
+        flag = FLAGS_BY_ATTR.get(key)
+        if flag is None:
+            if key.startswith("kara_"):
+                raise KaraConfigError(f"{key}: unknown kara setting")
+            continue
+        if not flag.per_request:
+            raise KaraConfigError(f"{key}: fixed by the server (--{key.replace('_', '-')}), not per request")
+        try:
+            changes[flag.field] = flag.parse(value)
+        except (TypeError, ValueError):
+            raise KaraConfigError(f"{key}: cannot use {value!r}") from None
+    if not changes:
+        return server
+    policy = changes.get("policy", server.policy)
+    if policy not in ("none", server.policy):
+        raise KaraConfigError(
+            f"kv_policy: a request may opt out ('none') or keep the server's policy "
+            f"({server.policy!r}), not switch to {policy!r}")
+    return server.with_overrides(**changes)

@@ -1,0 +1,39 @@
+"""Scheduler start-up: switch the runtime patches on and build the :class:`KaraRuntime`.
+
+Wraps ``sglang.srt.managers.scheduler.Scheduler.__init__`` (BEFORE: when the server runs a
+policy, apply the runtime patches before the model runner exists, so CUDA-graph capture
+already records the query capture) and ``Scheduler.init_memory_pools`` (AFTER: the KV pool
+exists and graphs are not captured yet, so the query buffer is allocated outside any graph).
+"""
+
+from __future__ import annotations
+
+from kara_patches._patch import Patch
+from kara_sglang import adapter
+from kara_sglang.flags import config_from_attrs
+
+
+def _server_args_of(args, kwargs):
+    return kwargs.get("server_args", args[1] if len(args) > 1 else None)
+
+
+def _activate(*args, **kwargs):
+    server_args = _server_args_of(args, kwargs)
+    if server_args is not None and config_from_attrs(server_args).policy != "none":
+        from kara_sglang.plugin import apply_runtime_patches
+
+        apply_runtime_patches()
+    return None
+
+
+def _install(result, scheduler, *args, **kwargs):
+    config = config_from_attrs(scheduler.server_args)
+    if config.policy != "none":
+        adapter.install(config, scheduler.tp_worker.model_runner, scheduler.page_size)
+    return result
+
+
+PATCHES = (
+    Patch("sglang.srt.managers.scheduler.Scheduler.__init__", "BEFORE", _activate),
+    Patch("sglang.srt.managers.scheduler.Scheduler.init_memory_pools", "AFTER", _install),
+)

@@ -1,0 +1,103 @@
+"""``ServerArgs``: the ``--kv-policy`` / ``--kara-*`` flags, ``Engine(kv_policy=...)`` and
+the start-up checks.
+
+Wraps ``sglang.srt.server_args.ServerArgs.add_cli_args`` (AFTER: add the flags),
+``ServerArgs.from_cli_args`` (AROUND: keep their values, which SGLang drops because they
+are not dataclass fields) and ``ServerArgs.__init__`` (AROUND: accept them as keyword
+arguments). The values ride on the ``ServerArgs`` object, which SGLang pickles into the
+scheduler process. Bad values stop the launch with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from kara_patches._patch import Patch
+from kara_sglang.config import KaraConfigError
+from kara_sglang.flags import FLAGS, cli_name, config_from_attrs
+
+logger = logging.getLogger("kara_sglang")
+
+
+def check_supported(server_args) -> None:
+    """Validate the policy settings and refuse the SGLang features they cannot run with."""
+    config = config_from_attrs(server_args)
+    if config.policy == "none":
+        return
+    refuse = []
+    if getattr(server_args, "speculative_algorithm", None):
+        refuse.append("--speculative-algorithm")
+    if getattr(server_args, "enable_mixed_chunk", False):
+        refuse.append("--enable-mixed-chunk")
+    if (getattr(server_args, "pp_size", 1) or 1) > 1:
+        refuse.append("--pp-size > 1")
+    if (getattr(server_args, "tp_size", 1) or 1) > 1:
+        refuse.append("--tp-size > 1")
+    if str(getattr(server_args, "disaggregation_mode", "null")) not in ("null", "None"):
+        refuse.append("--disaggregation-mode")
+    if getattr(server_args, "enable_hierarchical_cache", False):
+        refuse.append("--enable-hierarchical-cache")
+    if getattr(server_args, "enable_dp_attention", False):
+        refuse.append("--enable-dp-attention")
+    if not server_args.disable_overlap_schedule:
+        refuse.append("overlap scheduling (internal error: it should have been turned off)")
+    if refuse:
+        raise KaraConfigError(f"--kv-policy {config.policy}: not supported together with {', '.join(refuse)}")
+
+
+def _policy_on(values: dict) -> bool:
+    return (values.get("kv_policy") or "none") != "none"
+
+
+def _set_values(server_args, values: dict) -> None:
+    # ServerArgs is read-only once resolved; these are not its fields, so set them directly.
+    for attr, value in values.items():
+        object.__setattr__(server_args, attr, value)
+
+
+def _add_cli_args(result, parser):
+    group = parser.add_argument_group("kara-sglang KV policies")
+    for flag in FLAGS:
+        kwargs = dict(type=str if flag.attr == "kara_vote_layers" else flag.parse,
+                      default=None, help=flag.help)
+        if flag.choices:
+            kwargs["choices"] = list(flag.choices)
+        if flag.attr == "kv_policy":
+            kwargs["default"] = "none"
+        group.add_argument(cli_name(flag), dest=flag.attr, **kwargs)
+    return result
+
+
+def _from_cli_args(original, cls, args, *a, **kw):
+    values = {flag.attr: getattr(args, flag.attr, None) for flag in FLAGS}
+    if _policy_on(values):
+        # Compaction edits the running batch between steps; the overlap scheduler prepares
+        # the next step before the current one's results are processed.
+        args.disable_overlap_schedule = True
+    server_args = original(cls, args, *a, **kw)
+    _set_values(server_args, values)
+    try:
+        check_supported(server_args)
+    except KaraConfigError as err:
+        # One clear line on the command line instead of a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return server_args
+
+
+def _init(original, self, *args, **kwargs):
+    values = {flag.attr: kwargs.pop(flag.attr, None) for flag in FLAGS}
+    if _policy_on(values):
+        kwargs["disable_overlap_schedule"] = True  # see _from_cli_args
+    original(self, *args, **kwargs)
+    if any(v is not None for v in values.values()) or not hasattr(self, "kv_policy"):
+        _set_values(self, values)
+    check_supported(self)
+
+
+PATCHES = (
+    Patch("sglang.srt.server_args.ServerArgs.add_cli_args", "AFTER", _add_cli_args),
+    Patch("sglang.srt.server_args.ServerArgs.from_cli_args", "AROUND", _from_cli_args),
+    Patch("sglang.srt.server_args.ServerArgs.__init__", "AROUND", _init),
+)

@@ -1,0 +1,57 @@
+"""A tiny random-weight Qwen2 model and a locally trained BPE tokenizer, for CPU tests.
+
+No model hub is reachable here, so tests build their own model folder (seconds) that SGLang
+loads like any Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = ("the of and to in is that it for was on are as with his they at be this from have or "
+         "by one had not but what all were when we there can an your which their said if do will "
+         "each about how up out them then she many some so these would other into has more her two "
+         "like him see time could no make than first been its who now people my made over did down "
+         "only way find use may water long little very after words called just where most know "
+         "zero one two three four five six seven eight nine ten plus minus equals step answer").split()
+
+
+def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed: int = 0) -> Path:
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(2000)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 8, special_tokens=["<unk>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights: sharper, token-dependent attention
+            p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
