@@ -234,6 +234,11 @@ class KaraRuntime:
         return float(policy.max_growth(window, remaining))
 
     # ----------------------------------------------------------- observability
+    def counters(self) -> dict:
+        stats = self.compressor.stats
+        return {"compression_events": stats.events, "tokens_evicted": stats.tokens_evicted,
+                "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions}
+
     def report(self, log: bool, metrics: bool) -> None:
         stats = self.compressor.stats
         if log:

@@ -20,9 +20,10 @@ from kara_patches import (
     request_params,
     scheduler_init,
     server_args,
+    server_info,
 )
 
-ALWAYS = server_args.PATCHES + scheduler_init.PATCHES
+ALWAYS = server_args.PATCHES + scheduler_init.PATCHES + server_info.PATCHES
 RUNTIME = (attention_capture.PATCHES + decode_positions.PATCHES + decode_step.PATCHES
            + release.PATCHES + admission.PATCHES + request_params.PATCHES
            + output_meta.PATCHES + metrics.PATCHES)

@@ -1,6 +1,7 @@
 """Kernels run on Triton's CPU interpreter where there is no GPU (set before Triton loads)."""
 
 import os
+import sys
 
 import pytest
 
@@ -13,6 +14,8 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/support helpers
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,3 +30,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Folder of a tiny random-weight Qwen2 model + tokenizer (SGLang tests)."""
+    from support.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

@@ -1,0 +1,80 @@
+"""Real SGLang on the CPU for tests: environment, engines, and pool accounting helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+STANDIN = str(Path(__file__).parent / "sgl_kernel_standin")
+
+# What every SGLang test process (and the scheduler processes it spawns) runs under.
+TEST_ENV = {
+    "SGLANG_USE_CPU_ENGINE": "1",
+    "TRITON_INTERPRET": "1",  # Kara's Triton kernels on the CPU
+    "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",  # SGLang's own leak check, every step
+    "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1",  # ... and its owned-vs-free page check
+    "KARA_DEBUG_CHECKS": "1",  # no slot freed twice or while free
+}
+
+
+def use_cpu_sglang() -> None:
+    """Make ``import sglang`` work here and in spawned schedulers (call before importing it)."""
+    os.environ.update(TEST_ENV)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if STANDIN not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([STANDIN] + [p for p in paths if p])
+    if STANDIN not in sys.path:
+        sys.path.insert(0, STANDIN)
+
+
+ENGINE_DEFAULTS = dict(
+    device="cpu", attention_backend="torch_native", disable_cuda_graph=True,
+    disable_overlap_schedule=True, max_total_tokens=20000, mem_fraction_static=0.3,
+    skip_server_warmup=True, log_level="error", random_seed=0,
+)
+
+
+def make_engine(model_path, **overrides):
+    import sglang
+
+    kwargs = dict(ENGINE_DEFAULTS, model_path=str(model_path))
+    kwargs.update(overrides)
+    return sglang.Engine(**kwargs)
+
+
+def pool_state(engine) -> dict:
+    """The pool accounting the Kara plugin adds to ``/server_info``."""
+    return engine.get_server_info()["internal_states"][0]["kara"]
+
+
+def assert_pool_consistent(engine) -> dict:
+    """Every slot is free, or owned by the radix tree (the server is idle)."""
+    state = pool_state(engine)
+    owned = state["available_tokens"] + state["evictable_tokens"] + state["protected_tokens"]
+    assert owned == state["max_total_tokens"], state
+    return state
+
+
+def assert_pool_back_to_idle(engine) -> None:
+    """After flushing the tree, the allocator's free count is exactly the pool size again."""
+    flush(engine)
+    state = pool_state(engine)
+    assert state["available_tokens"] == state["max_total_tokens"], state
+    assert state["evictable_tokens"] == 0 and state["protected_tokens"] == 0, state
+
+
+def flush(engine, attempts: int = 50) -> None:
+    """Flush the radix cache; SGLang refuses while the scheduler still finishes a batch."""
+    import time
+
+    for _ in range(attempts):
+        if engine.flush_cache().success:
+            return
+        time.sleep(0.1)
+    raise AssertionError("flush_cache kept failing: the scheduler never went idle")
+
+
+def last(meta: dict, key: str):
+    value = meta[key]
+    return value[-1] if isinstance(value, list) else value

@@ -1,0 +1,158 @@
+"""``--kv-policy`` through real SGLang (CPU engine, torch_native attention, tiny model).
+
+Every engine runs with SGLang's strict memory checks on (busy and idle) and Kara's
+double-free check, so a leak or a double free kills the scheduler and fails the test.
+"""
+
+import random
+
+import pytest
+
+from support.engines import (
+    assert_pool_back_to_idle,
+    assert_pool_consistent,
+    flush,
+    last,
+    make_engine,
+    pool_state,
+    use_cpu_sglang,
+)
+
+pytestmark = pytest.mark.sglang
+
+use_cpu_sglang()
+
+W, U, KEEP = 32, 8, 0.25
+BUDGET = int(W * KEEP)
+KARA = dict(kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=KEEP, kara_chunk_size=2)
+
+PROMPTS = ["the first step is", "one two three four five six", "water long little very after",
+           "answer equals seven plus two minus", "they were called people"]
+
+
+def greedy(n, **extra):
+    return dict(temperature=0, max_new_tokens=n, ignore_eos=True, **extra)
+
+
+def expected_eviction(prompt_len: int, completion_tokens: int):
+    """(kept, evicted) KV tokens of a finished request, from Kara's own bookkeeping."""
+    from kara_sglang import KaraConfig, WindowState, make_policy
+
+    policy = make_policy(KaraConfig(window=W, buffer=U, keep_ratio=KEEP, chunk_size=2))
+    state = WindowState(prompt_len=prompt_len)
+    # Compression runs after each decode step; the step that produced the last token wrote
+    # the KV of the one before it.
+    for _ in range(completion_tokens - 2):
+        state.on_decode()
+        task = policy.plan(state)
+        if task is not None:
+            state.apply(task, policy.tail_consumed(task))
+    return state.kv_len + 1, state.evicted
+
+
+SHORT = W + U - 2  # never reaches W + U decode tokens
+LONG = 3 * W + U + 5
+OPT_OUT = 2 * W + U + 3
+SYSTEM = [random.Random(7).randrange(10, 500) for _ in range(48)]
+
+
+def run_conversation(engine):
+    """Shared system prompt, two requests on it, then a second turn of the first one."""
+    flush(engine)
+    first = engine.generate(input_ids=SYSTEM + [11, 12], sampling_params=greedy(3 * W))
+    shared = engine.generate(input_ids=SYSTEM + [13, 14, 15], sampling_params=greedy(10))
+    turn2 = engine.generate(input_ids=SYSTEM + [11, 12] + first["output_ids"] + [21, 22],
+                            sampling_params=greedy(10))
+    return shared["meta_info"]["cached_tokens"], turn2["meta_info"]["cached_tokens"]
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny_model):
+    """Vanilla SGLang's results, computed first: SGLang's Engine.shutdown() ends every
+    scheduler process of the test process, so two engines never run side by side here."""
+    engine = make_engine(tiny_model)
+    try:
+        yield {
+            "short": engine.generate(PROMPTS, greedy(SHORT)),
+            "long": engine.generate(PROMPTS, greedy(LONG)),
+            "opt_out": engine.generate(PROMPTS[0], greedy(OPT_OUT)),
+            "conversation": run_conversation(engine),
+        }
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def kara(tiny_model, vanilla):
+    engine = make_engine(tiny_model, **KARA)
+    yield engine
+    engine.shutdown()
+
+
+def test_short_generations_are_token_identical_to_vanilla(vanilla, kara):
+    base = vanilla["short"]
+    ours = kara.generate(PROMPTS, greedy(SHORT))
+    for b, o in zip(base, ours):
+        assert o["output_ids"] == b["output_ids"]
+        assert last(o["meta_info"], "kv_tokens_evicted") == 0
+    assert pool_state(kara)["compression_events"] == 0
+
+
+def test_compression_fires_on_schedule_and_matches_vanilla_until_then(vanilla, kara):
+    n = LONG
+    base = vanilla["long"]
+    ours = kara.generate(PROMPTS, greedy(n))
+    for b, o in zip(base, ours):
+        meta = o["meta_info"]
+        assert meta["completion_tokens"] == n
+        kept, evicted = expected_eviction(meta["prompt_tokens"], n)
+        assert last(meta, "kv_tokens_evicted") == evicted > 0
+        assert last(meta, "kv_tokens_kept") == kept
+        # The first compression runs after the step that wrote decode KV entry W + U, which
+        # produced output token W + U + 1: everything up to it is vanilla's.
+        first = W + U + 1
+        assert o["output_ids"][:first] == b["output_ids"][:first]
+    state = assert_pool_consistent(kara)
+    assert state["compression_events"] >= len(PROMPTS) * 3
+    assert_pool_back_to_idle(kara)
+
+
+def test_per_request_opt_out_and_keep_ratio(vanilla, kara):
+    n = OPT_OUT
+    opt_out, half = kara.generate(
+        [PROMPTS[0], PROMPTS[0]],
+        [greedy(n, custom_params={"kv_policy": "none"}), greedy(n, custom_params={"kara_keep_ratio": 0.5})],
+    )
+    assert opt_out["output_ids"] == vanilla["opt_out"]["output_ids"]  # untouched KV: vanilla output
+    assert last(opt_out["meta_info"], "kv_tokens_evicted") == 0
+    windows = 2  # decode KV reaches W + U, then 2W + U
+    assert last(half["meta_info"], "kv_tokens_evicted") == windows * (W - W // 2)
+    assert_pool_back_to_idle(kara)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"kara_keep_ratio": 5}, "kara-keep-ratio"),
+    ({"kara_keep_ratio": "lots"}, "kara_keep_ratio"),
+    ({"kara_window": 64}, "kara_window"),
+    ({"kv_policy": "streaming"}, "kv_policy"),
+    ({"kara_chunk_size": 0}, "kara-chunk-size"),
+])
+def test_bad_per_request_values_get_a_clean_error_and_the_server_keeps_serving(kara, params, fragment):
+    # The engine raises the request's abort message; nothing else is affected.
+    with pytest.raises(ValueError, match="kara-sglang: invalid custom_params") as err:
+        kara.generate(PROMPTS[1], greedy(20, custom_params=params))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    good = kara.generate(PROMPTS[1], greedy(20))
+    assert good["meta_info"]["finish_reason"]["type"] == "length"
+    assert_pool_consistent(kara)
+
+
+def test_shared_prefix_and_multi_turn_keep_their_cached_tokens(vanilla, kara):
+    shared, turn2 = run_conversation(kara)
+    base_shared, base_turn2 = vanilla["conversation"]
+    # A second request on the same system prompt hits it exactly as on vanilla.
+    assert shared == base_shared >= len(SYSTEM)
+    # The compressed answer is not in the tree, but the next turn still hits the cached prompt.
+    assert turn2 >= len(SYSTEM) + 2
+    assert base_turn2 >= turn2
+    assert_pool_back_to_idle(kara)

@@ -1,0 +1,49 @@
+"""Paged KV (page size 16) and the baseline policies, through real SGLang.
+
+One engine at a time: SGLang's ``Engine.shutdown()`` ends every scheduler process of the
+test process.
+"""
+
+import pytest
+
+from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, pool_state, use_cpu_sglang
+from test_sglang_engine import KARA, PROMPTS, U, W, greedy
+
+pytestmark = pytest.mark.sglang
+
+use_cpu_sglang()
+
+
+def generate_once(model, prompts, sampling, **engine_args):
+    engine = make_engine(model, **engine_args)
+    try:
+        outs = engine.generate(prompts, sampling)
+        state = assert_pool_consistent(engine)
+        assert_pool_back_to_idle(engine)
+        return outs, state
+    finally:
+        engine.shutdown()
+
+
+def test_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model):
+    n = 3 * W + U + 7
+    ref, _ = generate_once(tiny_model, PROMPTS, greedy(n), **KARA)
+    ours, state = generate_once(tiny_model, PROMPTS, greedy(n), page_size=16, **KARA)
+    assert state["compression_events"] > 0
+    for p, r in zip(ours, ref):
+        # Same keep sets, KV moved into whole pages: attention sees the same tokens.
+        assert last(p["meta_info"], "kv_tokens_evicted") == last(r["meta_info"], "kv_tokens_evicted") > 0
+        assert p["output_ids"] == r["output_ids"]
+
+
+@pytest.mark.parametrize("policy", [dict(kv_policy="threshold", kara_budget=24, kara_buffer=8),
+                                    dict(kv_policy="streaming", kara_budget=24, kara_buffer=8)])
+def test_baseline_policies_run_through_the_scheduler(tiny_model, policy):
+    outs, state = generate_once(tiny_model, PROMPTS[:3], greedy(100), **policy)
+    assert state["compression_events"] > 0
+    for o in outs:
+        meta = o["meta_info"]
+        # The decode cache stays between budget and budget + U.
+        decode_kv = last(meta, "kv_tokens_kept") - meta["prompt_tokens"]
+        assert 24 <= decode_kv <= 24 + 8
+        assert last(meta, "kv_tokens_evicted") == 99 - decode_kv
