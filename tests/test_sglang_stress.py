@@ -1,0 +1,100 @@
+"""Retraction, aborts and a seeded randomized stress run through real SGLang: zero leaks.
+
+SGLang's strict busy/idle memory checks and Kara's double-free check are on (see
+``support.engines.TEST_ENV``): any leak or double free kills the scheduler and the run.
+"""
+
+import asyncio
+import random
+
+import pytest
+
+from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, use_cpu_sglang
+from test_sglang_engine import KARA, greedy
+
+pytestmark = pytest.mark.sglang
+
+use_cpu_sglang()
+
+
+def test_retraction_under_a_tiny_pool_still_finishes_every_request(tiny_model):
+    # A low conservativeness admits requests on optimistic estimates, and a window of 96
+    # lets each request grow to 140 tokens before its first compression: decode runs out.
+    engine = make_engine(tiny_model, max_total_tokens=600, chunked_prefill_size=256,
+                         schedule_conservativeness=0.02, **dict(KARA, kara_window=96, kara_buffer=24))
+    try:
+        rng = random.Random(3)
+        prompts = [[rng.randrange(10, 500) for _ in range(20)] for _ in range(24)]
+        outs = engine.generate(input_ids=prompts, sampling_params=greedy(150))
+        assert all(o["meta_info"]["completion_tokens"] == 150 for o in outs)
+        assert sum(o["meta_info"]["num_retractions"] for o in outs) > 0  # the pool really ran out
+        # A retracted request is re-prefilled with full KV (its output so far becomes
+        # untouchable prefix); every other one compressed.
+        for o in outs:
+            if o["meta_info"]["num_retractions"] == 0:
+                assert last(o["meta_info"], "kv_tokens_evicted") > 0
+        assert_pool_consistent(engine)
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
+
+
+async def _random_workload(engine, n_requests: int, seed: int):
+    """Random prompt and output lengths, shared prefixes, per-request overrides and aborts."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(10, 500) for _ in range(rng.randrange(4, 60))] for _ in range(6)]
+    results = {"done": 0, "aborted": 0, "evicted": 0}
+
+    async def one(i):
+        prompt = (rng.choice(prefixes) if rng.random() < 0.6 else []) + \
+            [rng.randrange(10, 500) for _ in range(rng.randrange(1, 40))]
+        params = greedy(rng.choice([1, 5, 30, 45, 80, 120, 200]))
+        roll = rng.random()
+        if roll < 0.1:
+            params["custom_params"] = {"kv_policy": "none"}
+        elif roll < 0.2:
+            params["custom_params"] = {"kara_keep_ratio": rng.choice([0.125, 0.5, 1.0])}
+        rid = f"stress-{seed}-{i}"
+        abort_after = rng.random() * 0.5 if rng.random() < 0.15 else None
+        await asyncio.sleep(rng.random() * 2.0)
+        task = asyncio.ensure_future(engine.async_generate(input_ids=prompt, sampling_params=params, rid=rid))
+        if abort_after is not None:
+            await asyncio.sleep(abort_after)
+            engine.tokenizer_manager.abort_request(rid=rid)
+        try:
+            out = await task
+        except ValueError:  # an aborted request raises its abort message
+            results["aborted"] += 1
+            return
+        if out["meta_info"]["finish_reason"]["type"] == "abort":
+            results["aborted"] += 1
+            return
+        results["done"] += 1
+        if "kv_tokens_evicted" in out["meta_info"]:
+            results["evicted"] += last(out["meta_info"], "kv_tokens_evicted")
+
+    await asyncio.gather(*(one(i) for i in range(n_requests)))
+    return results
+
+
+def run_stress(tiny_model, n_requests: int, seed: int, **engine_args):
+    engine = make_engine(tiny_model, max_total_tokens=4000, **engine_args)
+    try:
+        results = engine.loop.run_until_complete(_random_workload(engine, n_requests, seed))
+        assert results["done"] + results["aborted"] == n_requests  # no request lost
+        assert results["evicted"] > 0 and results["aborted"] > 0
+        assert_pool_consistent(engine)
+        assert_pool_back_to_idle(engine)
+        return results
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_randomized_stress_500_requests_zero_leaks(tiny_model, page_size):
+    run_stress(tiny_model, 500, seed=page_size, page_size=page_size, **KARA)
+
+
+@pytest.mark.slow
+def test_randomized_stress_2000_requests_zero_leaks(tiny_model):
+    run_stress(tiny_model, 2000, seed=11, **KARA)
