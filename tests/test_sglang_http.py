@@ -1,0 +1,142 @@
+"""The HTTP server and the command line: flags, start-up errors, /generate, /metrics."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from support.engines import use_cpu_sglang
+
+pytestmark = pytest.mark.sglang
+
+use_cpu_sglang()
+
+SERVER = [sys.executable, "-m", "sglang.launch_server"]
+SERVE = [os.path.join(os.path.dirname(sys.executable), "sglang"), "serve"]
+CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+            "--max-total-tokens", "20000", "--skip-server-warmup", "--mem-fraction-static", "0.3"]
+
+
+def run_cli(args, timeout=240):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def test_help_lists_the_policy_flags():
+    out = run_cli(SERVER + ["--help"]).stdout
+    for flag in ("--kv-policy", "--kara-window", "--kara-buffer", "--kara-keep-ratio", "--kara-budget",
+                 "--kara-chunk-size", "--kara-chunk-fraction", "--kara-vote-layers", "--kara-vote-heads"):
+        assert flag in out
+    assert "{none,kara,streaming,threshold}" in out
+
+
+@pytest.mark.parametrize("command", [SERVER, SERVE], ids=["launch_server", "sglang_serve"])
+@pytest.mark.parametrize("extra, message", [
+    (["--kara-keep-ratio", "2"], "error: --kara-keep-ratio: must be in (0, 1], got 2.0"),
+    (["--kara-window", "64", "--kara-buffer", "64"], "error: --kara-buffer: buffer U=64 must be smaller than window W=64"),
+    (["--enable-mixed-chunk"], "error: --kv-policy kara: not supported together with --enable-mixed-chunk"),
+])
+def test_bad_flags_stop_the_launch_with_one_line(tiny_model, command, extra, message):
+    proc = run_cli(command + ["--model-path", str(tiny_model), "--kv-policy", "kara"] + CPU_ARGS + extra)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_policy_is_refused_by_the_parser(tiny_model):
+    proc = run_cli(SERVER + ["--model-path", str(tiny_model), "--kv-policy", "snapkv"] + CPU_ARGS)
+    assert proc.returncode == 2 and "invalid choice: 'snapkv'" in proc.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.read().decode()
+
+
+@pytest.fixture(scope="module")
+def kara_server(tiny_model, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = SERVER + ["--model-path", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+                     "--kv-policy", "kara", "--kara-window", "32", "--kara-buffer", "8",
+                     "--kara-keep-ratio", "0.25", "--kara-chunk-size", "2", "--enable-metrics",
+                     "--decode-log-interval", "5"] + CPU_ARGS
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise AssertionError("server exited:\n" + log.read_text()[-3000:])
+            try:
+                _get(base + "/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("server did not come up:\n" + log.read_text()[-3000:])
+        yield base, proc, log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_http_generate_compresses_and_reports_it(kara_server):
+    base, proc, log = kara_server
+    status, out = _post(base + "/generate", {
+        "text": "the first step is",
+        "sampling_params": {"temperature": 0, "max_new_tokens": 120, "ignore_eos": True}})
+    assert status == 200
+    assert out["meta_info"]["kv_tokens_evicted"][-1] > 0
+    assert out["meta_info"]["kv_tokens_kept"][-1] < out["meta_info"]["prompt_tokens"] + 120
+
+
+def test_http_bad_request_value_is_a_clean_error_and_serving_goes_on(kara_server):
+    base, proc, log = kara_server
+    status, out = _post(base + "/generate", {
+        "text": "one two three",
+        "sampling_params": {"max_new_tokens": 10, "custom_params": {"kara_keep_ratio": -1}}})
+    assert status == 400
+    assert "--kara-keep-ratio" in json.dumps(out)
+    status, out = _post(base + "/generate", {"text": "one two three", "sampling_params": {"max_new_tokens": 10}})
+    assert status == 200 and proc.poll() is None
+
+
+def test_http_metrics_and_log_line(kara_server):
+    base, proc, log = kara_server
+    _post(base + "/generate", {"text": "water long little", "sampling_params": {
+        "temperature": 0, "max_new_tokens": 100, "ignore_eos": True}})
+    metrics = _get(base + "/metrics")
+    match = re.search(r"^kara:compression_events_total(?:\{[^}]*\})? ([0-9.e+]+)$", metrics, re.M)
+    assert match and float(match.group(1)) > 0, metrics[-2000:]
+    assert re.search(r"^kara:tokens_evicted_total(?:\{[^}]*\})? [1-9]", metrics, re.M)
+    assert "kara: compressions" in log.read_text()
+    info = json.loads(_get(base + "/server_info"))
+    state = info["internal_states"][0]["kara"]
+    assert state["kv_policy"] == "kara" and state["compression_events"] > 0
