@@ -35,6 +35,6 @@ def device():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Folder of a tiny random-weight Qwen2 model + tokenizer (SGLang tests)."""
-    from support.tiny_model import build_tiny_model
+    from kara_sglang.demo_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

@@ -1,4 +1,4 @@
-"""A tiny random-weight Qwen2 model and a locally trained BPE tokenizer, for CPU tests.
+"""A tiny random-weight Qwen2 model and a locally trained BPE tokenizer, for CPU demos and tests.
 
 No model hub is reachable here, so tests build their own model folder (seconds) that SGLang
 loads like any Hugging Face checkpoint.
