@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On the GPU machine: install the carried wheels once (kept in /tmp while the machine stays
+# warm), then run bench_serving.py for each configuration given as an argument, e.g.
+#   bash benchmarks/gpu/run_serving.sh "none" "kara 0.25" "kara 0.125" "threshold - 1600"
+# Each configuration runs in its own process; rows and logs go to $OUT.
+set -uo pipefail
+SITE=/tmp/site
+if [ ! -f $SITE/.done ]; then
+  mkdir -p /tmp/wheels/dl
+  cat /tmp/wheels/part-* | tar -C /tmp/wheels/dl -xf - || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE /tmp/wheels/dl/*.whl || exit 1
+  (cd $SITE && unzip -q -o /tmp/wheels/dl/sgl_kernel_slim.zip) || exit 1
+  touch $SITE/.done
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $SITE .whl/kara/*.whl || exit 1
+export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+WORKLOADS=${WORKLOADS:-"--workload 64x1024+256 --workload 256x1024+2048"}
+for config in "$@"; do
+  read -r policy ratio budget <<<"$config"
+  name="${policy}-${ratio:-}-${budget:-}"
+  extra=""
+  [ -n "${ratio:-}" ] && [ "$ratio" != "-" ] && extra="$extra --keep-ratio $ratio"
+  [ -n "${budget:-}" ] && extra="$extra --budget $budget"
+  echo "=== $name"
+  timeout ${CONFIG_TIMEOUT:-420} python3 benchmarks/bench_serving.py --policy $policy $extra $WORKLOADS \
+    --out $OUT/row-$name.json > $OUT/log-$name.txt 2>&1
+  echo "rc=$?"; grep -E '^\{|Error|error:' $OUT/log-$name.txt | tail -5
+done
