@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--buffer", type=int, default=64)
     ap.add_argument("--workload", action="append", required=True, help="NxPROMPT+OUTPUT")
+    ap.add_argument("--warmup", default="16x256+64", help="run first, not recorded (JIT, caches)")
     ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--max-running-requests", type=int, default=256)
@@ -74,7 +75,7 @@ def main() -> None:
     startup = time.time() - t0
     rows = []
     rng = random.Random(0)
-    for spec in args.workload:
+    for spec in [args.warmup] + args.workload:
         n, prompt_len, output_len = parse_workload(spec)
         prompts = [[rng.randrange(1000, 120000) for _ in range(prompt_len)] for _ in range(n)]
         sampling = {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}
@@ -84,6 +85,8 @@ def main() -> None:
         wall = time.time() - t0
         print(f"BENCH-END {spec}", file=sys.stderr, flush=True)
         produced = sum(o["meta_info"]["completion_tokens"] for o in outs)
+        if spec == args.warmup:
+            continue
         rows.append({
             "policy": args.policy if args.policy != "none" else "vanilla",
             "keep_ratio": args.keep_ratio if args.policy == "kara" else None,

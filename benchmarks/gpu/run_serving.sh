@@ -8,13 +8,13 @@ SITE=/tmp/site
 if [ ! -f $SITE/.done ]; then
   mkdir -p /tmp/wheels/dl
   cat /tmp/wheels/part-* | tar -C /tmp/wheels/dl -xf - || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE /tmp/wheels/dl/*.whl || exit 1
-  (cd $SITE && unzip -q -o /tmp/wheels/dl/sgl_kernel_slim.zip) || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE /tmp/wheels/dl/*.whl 2>&1 | grep -v "already exists" ; [ -d $SITE/sglang ] || exit 1
+  python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" /tmp/wheels/dl/sgl_kernel_slim.zip $SITE || exit 1
   touch $SITE/.done
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $SITE .whl/kara/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $SITE .whl/kara/*.whl 2>&1 | grep -v "already exists"
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
-WORKLOADS=${WORKLOADS:-"--workload 64x1024+256 --workload 256x1024+2048"}
+WORKLOADS=${WORKLOADS:-"--workload 128x128+448 --workload 128x1024+4096"}
 for config in "$@"; do
   read -r policy ratio budget <<<"$config"
   name="${policy}-${ratio:-}-${budget:-}"
