@@ -34,13 +34,19 @@ def current() -> Optional["KaraRuntime"]:
 
 
 class RequestKV:
-    """Kara's state of one running request (stored on the SGLang ``Req`` as ``req.kara``)."""
+    """Kara's state of one running request (stored on the SGLang ``Req`` as ``req.kara``).
 
-    __slots__ = ("window", "policy")
+    ``countdown`` is the number of decode steps before the policy could have a task: the
+    per-step work for a request that is not due is one decrement (this loop runs over the
+    whole batch every step, on the host).
+    """
+
+    __slots__ = ("window", "policy", "countdown")
 
     def __init__(self, window: WindowState, policy: Optional[KVPolicy]) -> None:
         self.window = window
         self.policy = policy  # None: the request opted out
+        self.countdown = policy.steps_until_due(window) if policy is not None else -1
 
 
 class KaraRuntime:
@@ -153,14 +159,15 @@ class KaraRuntime:
                 state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), self.policy_for(req))
                 req.kara = state
             state.window.on_decode()
-            if state.window.kv_len != req.kv_committed_len:
+            if self.debug_checks and state.window.kv_len != req.kv_committed_len:
                 raise AssertionError(
                     f"kara: request {req.rid} holds {req.kv_committed_len} KV entries, kara counted "
                     f"{state.window.kv_len}")
-            req.kara_kv = (state.window.kv_len, state.window.evicted)
-            if state.policy is None:
-                continue
+            state.countdown -= 1
+            if state.countdown != 0:
+                continue  # not due yet (or opted out: the countdown never reaches 0)
             task = state.policy.plan(state.window)
+            state.countdown = state.policy.steps_until_due(state.window) if task is None else 0
             if task is None:
                 continue
             if task.kv_start < req.cache_protected_len:
@@ -192,10 +199,10 @@ class KaraRuntime:
             if window.evicted == 0:
                 self.rows_with_evictions += 1
             window.apply(item.task, policy.tail_consumed(item.task))
+            req.kara.countdown = policy.steps_until_due(window)
             e = item.task.n_evicted
             req.kv_committed_len -= e
             req.kv.kv_allocated_len -= e
-            req.kara_kv = (window.kv_len, window.evicted)
             delta[i] = e
             rows.append(req.req_pool_idx)
             evicted.append(window.evicted)
@@ -264,6 +271,14 @@ class KaraRuntime:
         evicted.inc(stats.tokens_evicted - self._exported[1])
         running.set(self.rows_with_evictions)
         self._exported = (stats.events, stats.tokens_evicted)
+
+    @staticmethod
+    def kv_counts(req: Any) -> Optional[Tuple[int, int]]:
+        """(KV tokens kept, evicted) of a request Kara has seen decode, else ``None``."""
+        state: Optional[RequestKV] = getattr(req, "kara", None)
+        if state is not None:
+            return state.window.kv_len, state.window.evicted
+        return getattr(req, "kara_kv", None)  # set at release
 
     # ----------------------------------------------------------------- release
     def before_release(self, req: Any, allocator: Any) -> None:

@@ -6,13 +6,18 @@ token) to ``meta_info[key]``; the last value is the final count.
 """
 
 from kara_patches._patch import Patch
+from kara_sglang.adapter import KaraRuntime
 
 KEYS = ("kv_tokens_kept", "kv_tokens_evicted")
 
 
 def _stream_output(streamer, reqs, *args, **kwargs):
     for req in reqs:
-        counts = getattr(req, "kara_kv", None)
+        # SGLang sends a request's output only when it streams or finishes; filling the
+        # per-token lists just then keeps the per-step cost off every other request.
+        if not (req.stream or req.finished()):
+            continue
+        counts = KaraRuntime.kv_counts(req)
         if counts is None:
             continue
         info = req.customized_info

@@ -81,3 +81,24 @@ def test_none_never_compresses():
     state = WindowState(prompt_len=5)
     assert run(policy, state, 5000) == []
     assert state.kv_len == 5005
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(["kara", "threshold", "streaming"]), prompt=st.integers(0, 30),
+       steps=st.integers(0, 700))
+def test_steps_until_due_never_skips_a_due_compression(name, prompt, steps):
+    # The adapter only calls plan() when this countdown runs out, so it must never overshoot.
+    extra = {"kara": {}, "threshold": {"budget": 40}, "streaming": {"budget": 40}}[name]
+    policy = make_policy(KaraConfig(policy=name, window=32, buffer=8, **extra))
+    state = WindowState(prompt_len=prompt)
+    countdown = policy.steps_until_due(state)
+    for _ in range(steps):
+        state.on_decode()
+        countdown -= 1
+        task = policy.plan(state)
+        if task is not None:
+            assert countdown == 0
+            state.apply(task, policy.tail_consumed(task))
+        if countdown == 0 or task is not None:
+            countdown = policy.steps_until_due(state)
+        assert countdown >= 1

@@ -34,6 +34,10 @@ class KVPolicy(ABC):
     def plan(self, state: WindowState) -> Optional[CompressionTask]:
         """The compression due for this request now, or ``None``."""
 
+    def steps_until_due(self, state: WindowState) -> int:
+        """Decode steps after which :meth:`plan` may first return a task (at least 1)."""
+        return 1
+
     def max_growth(self, state: WindowState, remaining: int) -> int:
         """Most KV entries the request can still add in ``remaining`` more decode steps."""
         return remaining
@@ -63,3 +67,6 @@ class NoCompression(KVPolicy):
 
     def plan(self, state: WindowState) -> Optional[CompressionTask]:
         return None
+
+    def steps_until_due(self, state: WindowState) -> int:
+        return 1 << 62

@@ -36,6 +36,9 @@ class KaraPolicy(KVPolicy):
             n_queries=self.query_ring,
         )
 
+    def steps_until_due(self, state: WindowState) -> int:
+        return max(1, self.config.window + self.config.buffer - state.tail)
+
     def max_growth(self, state: WindowState, remaining: int) -> int:
         # Each W decoded tokens leave `budget` behind, plus at most one uncompressed tail.
         cfg = self.config

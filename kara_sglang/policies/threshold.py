@@ -38,6 +38,9 @@ class ThresholdPolicy(KVPolicy):
             n_queries=cfg.buffer,
         )
 
+    def steps_until_due(self, state: WindowState) -> int:
+        return max(1, self.config.window_budget + self.config.buffer - state.decode_kv)
+
     def max_growth(self, state: WindowState, remaining: int) -> int:
         # The decode cache never holds more than budget + U tokens.
         cap = self.config.window_budget + self.config.buffer
