@@ -89,7 +89,7 @@ def test_none_never_compresses():
 def test_steps_until_due_never_skips_a_due_compression(name, prompt, steps):
     # The adapter only calls plan() when this countdown runs out, so it must never overshoot.
     extra = {"kara": {}, "threshold": {"budget": 40}, "streaming": {"budget": 40}}[name]
-    policy = make_policy(KaraConfig(policy=name, window=32, buffer=8, **extra))
+    policy = make_policy(KaraConfig(policy=name, window=32, buffer=8, chunk_size=2, **extra))
     state = WindowState(prompt_len=prompt)
     countdown = policy.steps_until_due(state)
     for _ in range(steps):
