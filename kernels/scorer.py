@@ -31,6 +31,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_key_block(slot_row, k_layer, stride_ks, offs_d, start, n_keys,
+                    BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """Keys ``start .. start + BLOCK_K`` of one window, gathered by slot (padding rows: 0)."""
+    offs_k = start + tl.arange(0, BLOCK_K)
+    k_valid = offs_k < n_keys
+    slots = tl.load(slot_row + offs_k, mask=k_valid, other=0).to(tl.int64)
+    k = tl.load(k_layer + slots[:, None] * stride_ks + offs_d[None, :], mask=k_valid[:, None], other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+    return offs_k, k_valid, k
+
+
+@triton.jit
 def _window_score_kernel(
     Q, stride_qr, stride_ql, stride_qn, stride_qh,
     Q_ROWS,
@@ -66,13 +79,8 @@ def _window_score_kernel(
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     for start in range(0, n_keys, BLOCK_K):
-        offs_k = start + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < n_keys
-        slots = tl.load(slot_row + offs_k, mask=k_valid, other=0).to(tl.int64)
-        k = tl.load(k_layer + slots[:, None] * stride_ks + offs_d[None, :],
-                    mask=k_valid[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
+        offs_k, k_valid, k = _load_key_block(slot_row, k_layer, stride_ks, offs_d, start, n_keys,
+                                             BLOCK_K, DOT_F32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if not EVEN_K:
             s = tl.where(k_valid[None, :], s, float("-inf"))
@@ -90,13 +98,8 @@ def _window_score_kernel(
     # inside a warp's registers instead of crossing warps through shared memory.
     out_row = OUT + pid_b.to(tl.int64) * stride_ob
     for start in range(0, n_keys, BLOCK_K):
-        offs_k = start + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < n_keys
-        slots = tl.load(slot_row + offs_k, mask=k_valid, other=0).to(tl.int64)
-        k = tl.load(k_layer + slots[:, None] * stride_ks + offs_d[None, :],
-                    mask=k_valid[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
+        offs_k, k_valid, k = _load_key_block(slot_row, k_layer, stride_ks, offs_d, start, n_keys,
+                                             BLOCK_K, DOT_F32)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * qk_scale_log2 - lse[None, :])
         # Padding key rows are dropped by the store mask, not per element.

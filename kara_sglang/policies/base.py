@@ -70,3 +70,23 @@ class NoCompression(KVPolicy):
 
     def steps_until_due(self, state: WindowState) -> int:
         return 1 << 62
+
+
+class DecodeCacheBudgetPolicy(KVPolicy):
+    """Base of the policies that cut the whole decode cache back to a budget.
+
+    They fire when the decode cache reaches ``budget + U`` tokens, so it never holds more.
+    """
+
+    @property
+    def cache_cap(self) -> int:
+        return self.config.window_budget + self.config.buffer
+
+    def is_due(self, state: WindowState) -> bool:
+        return state.decode_kv >= self.cache_cap
+
+    def steps_until_due(self, state: WindowState) -> int:
+        return max(1, self.cache_cap - state.decode_kv)
+
+    def max_growth(self, state: WindowState, remaining: int) -> int:
+        return min(remaining, max(0, self.cache_cap - state.decode_kv))

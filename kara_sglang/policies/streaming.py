@@ -11,29 +11,21 @@ from typing import Optional
 
 import torch
 
-from kara_sglang.policies.base import KVPolicy
+from kara_sglang.policies.base import DecodeCacheBudgetPolicy
 from kara_sglang.window import CompressionTask, WindowState
 
 
-class StreamingPolicy(KVPolicy):
+class StreamingPolicy(DecodeCacheBudgetPolicy):
     name = "streaming"
 
     def plan(self, state: WindowState) -> Optional[CompressionTask]:
         cfg = self.config
-        if state.decode_kv < cfg.window_budget + cfg.buffer:
+        if not self.is_due(state):
             return None
         return CompressionTask(
             kv_start=state.prompt_len, n_keys=state.decode_kv, keep=cfg.window_budget,
             n_suffix=0, n_queries=0,
         )
-
-    def steps_until_due(self, state: WindowState) -> int:
-        return max(1, self.config.window_budget + self.config.buffer - state.decode_kv)
-
-    def max_growth(self, state: WindowState, remaining: int) -> int:
-        # The decode cache never holds more than budget + U tokens.
-        cap = self.config.window_budget + self.config.buffer
-        return min(remaining, max(0, cap - state.decode_kv))
 
     def select(self, scores, task, n_windows, device) -> torch.Tensor:
         sink = self.config.sink
