@@ -71,8 +71,7 @@ class KaraRuntime:
         if self.policy.query_ring:
             self.queries = QueryBuffer(
                 rows, config.resolve_vote_layers(num_layers), self.policy.query_ring, q_heads,
-                kv_heads, head_dim, config.vote_heads, pool.dtype if pool.dtype != torch.float8_e4m3fn else torch.bfloat16,
-                device)
+                kv_heads, head_dim, config.vote_heads, pool.dtype, device)
             self._last_vote_layer = self.queries.vote_layers[-1]
             self.ring_pos = torch.zeros(rows, dtype=torch.int64, device=device)
             mb = self.queries.data.numel() * self.queries.data.element_size() / 2**20
@@ -101,6 +100,8 @@ class KaraRuntime:
             raise KaraConfigError(
                 f"--kv-policy: needs a plain multi-head KV pool (MHATokenToKVPool); this model uses "
                 f"{type(pool).__name__} (MLA, hybrid SWA/mamba and quantised pools are not supported)")
+        if pool.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise KaraConfigError(f"--kv-policy: needs a bf16/fp16 KV cache, not {pool.dtype} (--kv-cache-dtype)")
 
     def _layout(self) -> KVLayout:
         # Read the buffers each time: SGLang may reallocate the pool after graph capture.
@@ -178,15 +179,11 @@ class KaraRuntime:
 
     def _compress(self, batch: Any, allocator: Any, due) -> None:
         self.compressor.layout = self._layout()
-        freed = []
         by_policy: Dict[int, list] = {}
-        for entry in due:
+        for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[3]), []).append(entry)
-        for entries in by_policy.values():
-            self.compressor.policy = entries[0][3]
-            freed.append(self.compressor.run([e[2] for e in entries]))
-        self.compressor.policy = self.policy
-        freed_slots = torch.cat(freed)
+        freed_slots = torch.cat([self.compressor.run([e[2] for e in entries], entries[0][3])
+                                 for entries in by_policy.values()])
         if self.debug_checks:
             self._check_free(freed_slots, allocator)
         allocator.free(freed_slots)

@@ -82,20 +82,25 @@ class Compressor:
         self.profile = profile
         self.stats = CompressionStats()
 
-    def run(self, due: Sequence[DueRequest]) -> torch.Tensor:
-        """Compress every due request; returns the 1-D int64 slots to give back to the allocator."""
+    def run(self, due: Sequence[DueRequest], policy: Optional[KVPolicy] = None) -> torch.Tensor:
+        """Compress every due request; returns the 1-D int64 slots to give back to the allocator.
+
+        ``policy`` overrides the compressor's own for this call (per-request settings); it
+        must use the same query ring.
+        """
+        policy = policy or self.policy
         device = self.layout.req_to_token.device
         groups: Dict[tuple, List[DueRequest]] = {}
         for item in due:
             groups.setdefault(item.task.shape, []).append(item)
-        freed = [self._run_group(items, device) for items in groups.values()]
+        freed = [self._run_group(items, device, policy) for items in groups.values()]
         self.stats.events += len(due)
         self.stats.tokens_evicted += sum(item.task.n_evicted for item in due)
         if not freed:
             return torch.empty(0, dtype=torch.int64, device=device)
         return torch.cat(freed)
 
-    def _run_group(self, items: List[DueRequest], device: torch.device) -> torch.Tensor:
+    def _run_group(self, items: List[DueRequest], device: torch.device, policy: KVPolicy) -> torch.Tensor:
         task = items[0].task
         n = len(items)
         span = task.n_keys + task.n_suffix
@@ -105,7 +110,7 @@ class Compressor:
         old = self.layout.req_to_token[rows[:, None], columns].long()  # [n, span]
 
         scores = None
-        if self.policy.query_ring:
+        if policy.query_ring:
             query_rows = _to_device([it.query_row for it in items], device)
             start = self._clock(device)
             scores = window_scores(
@@ -114,7 +119,7 @@ class Compressor:
             )
             if self.profile:
                 self.stats.score_seconds += self._clock(device) - start
-        keep = self.policy.select(scores, task, n, device)  # [n, keep]
+        keep = policy.select(scores, task, n, device)  # [n, keep]
         suffix = torch.arange(task.n_keys, span, device=device).expand(n, -1)
         order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending
         moved = old.gather(1, order)
