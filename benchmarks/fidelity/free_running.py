@@ -100,8 +100,11 @@ def main() -> None:
     full = results[("full", None, None)]
     rows = []
     for (policy, ratio, chunk), outs in results.items():
+        # Without a policy meta_info has no counts: everything was kept.
         kept = [o["meta_info"].get("kv_tokens_kept", [None])[-1] for o in outs]
         evicted = [o["meta_info"].get("kv_tokens_evicted", [0])[-1] for o in outs]
+        if all(k is None for k in kept):
+            kept, evicted = [1], [0]
         metrics = {
             "tokens_to_first_divergence": sum(first_divergence(o["output_ids"], f["output_ids"])
                                               for o, f in zip(outs, full)) / len(outs),
