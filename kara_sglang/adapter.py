@@ -56,9 +56,8 @@ class KaraRuntime:
         self.config = config
         self.policy = make_policy(config)
         self.page_size = page_size
-        self.model_runner = model_runner
         pool = model_runner.token_to_kv_pool
-        self._check_supported(model_runner, pool)
+        self._check_supported(pool)
         self.kv_pool = pool
         self.req_to_token_pool = model_runner.req_to_token_pool
         device = self.req_to_token_pool.req_to_token.device
@@ -88,7 +87,7 @@ class KaraRuntime:
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _check_supported(model_runner: Any, pool: Any) -> None:
+    def _check_supported(pool: Any) -> None:
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
         device = pool.k_buffer[0].device

@@ -53,8 +53,3 @@ class QueryBuffer:
         if self.pool_group:
             q = q.view(q.shape[0], self.kv_heads, -1, self.head_dim).float().mean(dim=2)
         self.data[rows, self._index[layer_id], ring_pos] = q.to(self.data.dtype)
-
-    @staticmethod
-    def bytes_per_request(n_vote_layers: int, ring: int, stored_heads: int, head_dim: int,
-                          dtype_bytes: int = 2) -> int:
-        return n_vote_layers * ring * stored_heads * head_dim * dtype_bytes
