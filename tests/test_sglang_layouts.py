@@ -47,3 +47,10 @@ def test_baseline_policies_run_through_the_scheduler(tiny_model, policy):
         decode_kv = last(meta, "kv_tokens_kept") - meta["prompt_tokens"]
         assert 24 <= decode_kv <= 24 + 8
         assert last(meta, "kv_tokens_evicted") == 99 - decode_kv
+
+
+def test_without_the_radix_cache_nothing_leaks(tiny_model):
+    outs, state = generate_once(tiny_model, PROMPTS[:3], greedy(2 * W + U + 5),
+                                disable_radix_cache=True, **KARA)
+    assert state["compression_events"] >= 3
+    assert all(last(o["meta_info"], "kv_tokens_evicted") > 0 for o in outs)
