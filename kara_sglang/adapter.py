@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from kara_sglang.compressor import Compressor, DueRequest, KVLayout
+from kara_sglang.compressor import Compressor, DueRequest, KVLayout, page_ceil
 from kara_sglang.config import KaraConfig, KaraConfigError
 from kara_sglang.flags import request_overrides
 from kara_sglang.policies import KVPolicy, make_policy
@@ -297,7 +297,7 @@ class KaraRuntime:
         self.evicted_by_row[req.req_pool_idx] = 0
         exact = state.window.prompt_len
         end = req.kv_committed_len
-        first = -(-exact // self.page_size) * self.page_size  # whole pages past the exact prefix
+        first = page_ceil(exact, self.page_size)  # whole pages past the exact prefix
         if end > first:
             slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, first:end].to(torch.int64)
             if self.page_size > 1:

@@ -61,6 +61,11 @@ class CompressionStats:
     score_seconds: float = 0.0
 
 
+def page_ceil(position: int, page_size: int) -> int:
+    """The first page boundary at or after ``position``: where whole free pages can start."""
+    return -(-position // page_size) * page_size
+
+
 def _to_device(values: List[int], device: torch.device) -> torch.Tensor:
     host = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
@@ -153,7 +158,7 @@ class Compressor:
         pool_rows: List[int] = []
         positions: List[int] = []
         for it in items:
-            first = -(-it.task.new_end // page) * page
+            first = page_ceil(it.task.new_end, page)
             for pos in range(first, it.task.old_end):
                 pool_rows.append(it.pool_row)
                 positions.append(pos)

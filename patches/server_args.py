@@ -59,8 +59,7 @@ def _set_values(server_args, values: dict) -> None:
 def _add_cli_args(result, parser):
     group = parser.add_argument_group("kara-sglang KV policies")
     for flag in FLAGS:
-        kwargs = dict(type=str if flag.attr == "kara_vote_layers" else flag.parse,
-                      default=None, help=flag.help)
+        kwargs = dict(type=flag.parse, default=None, help=flag.help)
         if flag.choices:
             kwargs["choices"] = list(flag.choices)
         if flag.attr == "kv_policy":
