@@ -1,25 +1,36 @@
 """Serving throughput of real SGLang with and without a KV policy (one configuration per run).
 
     python benchmarks/bench_serving.py --policy kara --keep-ratio 0.25 --out row.json \\
-        --workload 256x1024+2048 --workload 64x1024+256
+        --log-file log.txt --workload 128x1024+8192 --workload 3*128x128+448 --workload 64x1024+4096@1.5
+
+Workload ``[K*]NxP+O[@RATE][/C]``: N requests of P random prompt tokens and O output tokens
+(``ignore_eos``); all offered at once, or as a seeded Poisson stream of RATE requests/s; at
+most C in flight from the client when ``/C`` is given; repeated K times (rows for each).
+Every request streams, so TTFT and inter-token latency are measured the way
+``sglang.bench_serving`` does (per streamed chunk, on the client side).
 
 Model: SGLang's ``--load-format dummy`` with Llama-3.1-8B's published shape (random weights,
-real shapes and speed), ``--skip-tokenizer-init`` with token ids. Each workload offers all its
-requests at once (``ignore_eos``) and records output tokens/s, peak running requests, peak
-KV tokens in use (from SGLang's decode log lines) and retractions. Every configuration runs in
-its own process because SGLang's ``Engine.shutdown()`` ends all schedulers of a process.
+real shapes and speed), ``--skip-tokenizer-init`` with token ids. Peak running requests and
+KV tokens come from SGLang's own decode log lines (``--log-file`` names the file this
+process's stderr goes to); compression overhead from Kara's counters in ``/server_info``.
+Every configuration runs in its own process because SGLang's ``Engine.shutdown()`` ends all
+schedulers of a process.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -31,11 +42,78 @@ LLAMA_31_8B = {
     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }
 
+WORKLOAD = re.compile(r"^(?:(\d+)\*)?(\d+)x(\d+)\+(\d+)(?:@([0-9.]+))?(?:/(\d+))?$")
 
-def parse_workload(text: str):
-    count, rest = text.split("x")
-    prompt, output = rest.split("+")
-    return int(count), int(prompt), int(output)
+
+@dataclass
+class Workload:
+    spec: str
+    repeat: int
+    num_requests: int
+    prompt_len: int
+    output_len: int
+    request_rate: Optional[float]  # None: all at once
+    max_concurrency: Optional[int]
+
+
+def parse_workload(text: str) -> Workload:
+    m = WORKLOAD.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"workload {text!r} is not [K*]NxP+O[@RATE][/C]")
+    k, n, p, o, rate, conc = m.groups()
+    return Workload(text, int(k or 1), int(n), int(p), int(o),
+                    float(rate) if rate else None, int(conc) if conc else None)
+
+
+def percentile(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def one_request(engine, ids, sampling, delay, gate, record):
+    await asyncio.sleep(delay)
+    async with gate:
+        start = time.perf_counter()
+        last, first, gaps, n, evicted, retractions = start, None, [], 0, 0, 0
+        gen = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True)
+        async for chunk in gen:  # incremental streaming: each chunk holds only new tokens
+            now = time.perf_counter()
+            got = len(chunk["output_ids"])
+            meta = chunk["meta_info"]
+            retractions = meta.get("num_retractions", retractions)
+            evicted = (meta.get("kv_tokens_evicted") or [evicted])[-1]
+            if got == 0:
+                continue
+            if first is None:
+                first = now - start
+            else:
+                gaps.append((now - last) / got)
+            last, n = now, n + got
+        record.append({"ttft": first, "gaps": gaps, "tokens": n, "latency": last - start,
+                       "retractions": retractions, "evicted": evicted})
+
+
+async def run_workload(engine, w: Workload, rng: random.Random):
+    prompts = [[rng.randrange(1000, 120000) for _ in range(w.prompt_len)] for _ in range(w.num_requests)]
+    sampling = {"temperature": 0, "max_new_tokens": w.output_len, "ignore_eos": True}
+    delays, t = [], 0.0
+    for _ in prompts:
+        delays.append(t)
+        if w.request_rate:
+            t += rng.expovariate(w.request_rate)
+    gate = asyncio.Semaphore(w.max_concurrency or len(prompts))
+    record = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_request(engine, p, sampling, d, gate, record)
+                           for p, d in zip(prompts, delays)))
+    return time.perf_counter() - t0, record
+
+
+def kara_counters(engine) -> dict:
+    state = engine.get_server_info()["internal_states"][0].get("kara", {})
+    return {k: state.get(k, 0) for k in ("decode_steps", "hook_host_s", "compress_s", "compression_events")}
 
 
 def main() -> None:
@@ -45,20 +123,36 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--buffer", type=int, default=64)
-    ap.add_argument("--workload", action="append", required=True, help="NxPROMPT+OUTPUT")
-    ap.add_argument("--warmup", default="16x256+64", help="run first, not recorded (JIT, caches)")
+    ap.add_argument("--workload", type=parse_workload, action="append", required=True,
+                    help="[K*]NxPROMPT+OUTPUT[@RATE][/CONCURRENCY]")
+    ap.add_argument("--warmup", type=parse_workload, default=parse_workload("16x256+64"),
+                    help="run first, not recorded (JIT, caches)")
     ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--log-file", default=None, help="where this process's stderr goes (for peaks)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="check this script on a CPU: a 2-layer model of the same family, tiny pool")
     args = ap.parse_args()
+
+    shape, device_args = dict(LLAMA_31_8B), {}
+    if args.cpu_smoke:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from support.engines import use_cpu_sglang
+
+        use_cpu_sglang()
+        shape.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, vocab_size=128256)
+        device_args = dict(device="cpu", disable_cuda_graph=True, max_total_tokens=6000)
+        args.attention_backend = "torch_native"
 
     import sglang
     import torch
 
     model_dir = tempfile.mkdtemp()
     with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(LLAMA_31_8B, f)
+        json.dump(shape, f)
     kara = {}
     if args.policy != "none":
         kara = dict(kv_policy=args.policy, kara_window=args.window, kara_buffer=args.buffer)
@@ -71,39 +165,55 @@ def main() -> None:
         model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
         attention_backend=args.attention_backend, sampling_backend="pytorch", grammar_backend="none",
         mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
-        disable_overlap_schedule=True, decode_log_interval=10, log_level="info", random_seed=0, **kara)
+        disable_overlap_schedule=True, incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, **device_args, **kara)
     startup = time.time() - t0
+    max_total_tokens = engine.get_server_info()["internal_states"][0]["kara"]["max_total_tokens"]
     rows = []
     rng = random.Random(0)
-    for spec in [args.warmup] + args.workload:
-        n, prompt_len, output_len = parse_workload(spec)
-        prompts = [[rng.randrange(1000, 120000) for _ in range(prompt_len)] for _ in range(n)]
-        sampling = {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}
-        print(f"BENCH-START {spec}", file=sys.stderr, flush=True)
-        t0 = time.time()
-        outs = engine.generate(input_ids=prompts, sampling_params=sampling)
-        wall = time.time() - t0
-        print(f"BENCH-END {spec}", file=sys.stderr, flush=True)
-        produced = sum(o["meta_info"]["completion_tokens"] for o in outs)
-        if spec == args.warmup:
-            continue
-        rows.append({
-            "policy": args.policy if args.policy != "none" else "vanilla",
-            "keep_ratio": args.keep_ratio if args.policy == "kara" else None,
-            "budget": args.budget, "window": args.window if kara else None,
-            "buffer": args.buffer if kara else None,
-            "prompt_len": prompt_len, "output_len": output_len, "num_requests": n,
-            "wall_s": wall, "output_tok_per_s": produced / wall,
-            "retractions": sum(o["meta_info"].get("num_retractions", 0) for o in outs),
-            "kv_tokens_evicted": sum(o["meta_info"]["kv_tokens_evicted"][-1]
-                                     for o in outs if "kv_tokens_evicted" in o["meta_info"]),
-            "attention_backend": args.attention_backend, "startup_s": startup,
-            "mem_fraction_static": args.mem_fraction_static,
-            "max_running_requests": args.max_running_requests,
-            "device": torch.cuda.get_device_name(0), "sglang_version": sglang.__version__,
-        })
-        print(json.dumps(rows[-1]), flush=True)
+    loop = engine.loop  # the tokenizer manager's receive loop runs on the engine's own loop
+    for w in [args.warmup] + args.workload:
+        for rep in range(w.repeat):
+            tag = f"{w.spec}#{rep}"
+            before = kara_counters(engine)
+            print(f"BENCH-START {tag}", file=sys.stderr, flush=True)
+            wall, record = loop.run_until_complete(run_workload(engine, w, rng))
+            print(f"BENCH-END {tag}", file=sys.stderr, flush=True)
+            if w is args.warmup:
+                continue
+            after = kara_counters(engine)
+            spent = {k: after[k] - before[k] for k in after}
+            produced = sum(r["tokens"] for r in record)
+            gaps = [g for r in record for g in r["gaps"]]
+            ttfts = [r["ttft"] for r in record if r["ttft"] is not None]
+            rows.append({
+                "policy": args.policy if args.policy != "none" else "vanilla",
+                "keep_ratio": args.keep_ratio if args.policy == "kara" else None,
+                "budget": args.budget, "window": args.window if kara else None,
+                "buffer": args.buffer if kara else None, "workload": tag,
+                "prompt_len": w.prompt_len, "output_len": w.output_len, "num_requests": w.num_requests,
+                "request_rate": w.request_rate, "max_concurrency": w.max_concurrency,
+                "wall_s": wall, "output_tok_per_s": produced / wall,
+                "ttft_mean_s": statistics.fmean(ttfts), "ttft_p99_s": percentile(ttfts, 99),
+                "itl_mean_ms": 1e3 * statistics.fmean(gaps) if gaps else None,
+                "itl_p50_ms": 1e3 * percentile(gaps, 50) if gaps else None,
+                "itl_p99_ms": 1e3 * percentile(gaps, 99) if gaps else None,
+                "retractions": sum(r["retractions"] for r in record),
+                "kv_tokens_evicted": sum(r["evicted"] for r in record),
+                "decode_steps": spent["decode_steps"], "kara_hook_host_s": spent["hook_host_s"],
+                "kara_compress_gpu_s": spent["compress_s"],
+                "compression_events": spent["compression_events"],
+                "attention_backend": args.attention_backend, "startup_s": startup,
+                "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
+                "max_running_requests": args.max_running_requests,
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                "sglang_version": sglang.__version__,
+            })
+            print(json.dumps(rows[-1]), flush=True)
     engine.shutdown()
+    if args.log_file:
+        peaks = peaks_from_log(open(args.log_file, errors="replace").read())
+        for row in rows:
+            row.update(peaks.get(row["workload"], {}))
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

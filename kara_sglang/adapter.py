@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from kara_sglang.compressor import Compressor, DueRequest, KVLayout, page_ceil
 from kara_sglang.config import KaraConfig, KaraConfigError
 from kara_sglang.flags import request_overrides
+from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_sglang.window import WindowState
@@ -83,6 +85,7 @@ class KaraRuntime:
         self._policies: Dict[KaraConfig, KVPolicy] = {config: self.policy}
         self.debug_checks = os.environ.get("KARA_DEBUG_CHECKS", "0") not in ("", "0")
         self.freed_total = 0
+        self.overhead = OverheadMeter(device)
         logger.info("kara: %s", config)
 
     # ------------------------------------------------------------------ set-up
@@ -148,6 +151,11 @@ class KaraRuntime:
     # -------------------------------------------------------------- decode step
     def after_decode(self, batch: Any, allocator: Any) -> None:
         """Compress every running request of ``batch`` whose policy says so."""
+        start = time.perf_counter()
+        self._after_decode(batch, allocator)
+        self.overhead.step_done(time.perf_counter() - start)
+
+    def _after_decode(self, batch: Any, allocator: Any) -> None:
         due: List[Tuple[int, Any, DueRequest, KVPolicy]] = []
         for i, req in enumerate(batch.reqs):
             if req.kv is None or req.req_pool_idx is None:
@@ -174,7 +182,9 @@ class KaraRuntime:
                 raise AssertionError(f"kara: refusing to touch radix-tree slots of request {req.rid}")
             due.append((i, req, DueRequest(req.req_pool_idx, req.req_pool_idx, task), state.policy))
         if due:
+            self.overhead.compress_begin()
             self._compress(batch, allocator, due)
+            self.overhead.compress_end()
 
     def _compress(self, batch: Any, allocator: Any, due) -> None:
         self.compressor.layout = self._layout()
@@ -240,7 +250,8 @@ class KaraRuntime:
     def counters(self) -> dict:
         stats = self.compressor.stats
         return {"compression_events": stats.events, "tokens_evicted": stats.tokens_evicted,
-                "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions}
+                "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions,
+                **self.overhead.totals()}
 
     def report(self, log: bool, metrics: bool) -> None:
         stats = self.compressor.stats
@@ -270,11 +281,19 @@ class KaraRuntime:
 
     @staticmethod
     def kv_counts(req: Any) -> Optional[Tuple[int, int]]:
-        """(KV tokens kept, evicted) of a request Kara has seen decode, else ``None``."""
+        """(KV tokens kept, evicted) of a request: one value per output token, from the first.
+
+        Before its first decode step a request holds its prefilled KV, nothing evicted; the
+        value must exist then too, because a streaming request's first token is sent right
+        after prefill and SGLang forwards only values from each send's offset on.
+        """
         state: Optional[RequestKV] = getattr(req, "kara", None)
         if state is not None:
             return state.window.kv_len, state.window.evicted
-        return getattr(req, "kara_kv", None)  # set at release
+        released = getattr(req, "kara_kv", None)  # set at release
+        if released is not None:
+            return released
+        return int(getattr(req, "kv_committed_len", 0) or 0), 0
 
     # ----------------------------------------------------------------- release
     def before_release(self, req: Any, allocator: Any) -> None:

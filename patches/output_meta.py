@@ -12,10 +12,13 @@ KEYS = ("kv_tokens_kept", "kv_tokens_evicted")
 
 
 def _stream_output(streamer, reqs, *args, **kwargs):
+    from sglang.srt.managers.scheduler_components.output_streamer import DEFAULT_FORCE_STREAM_INTERVAL
+
     for req in reqs:
-        # SGLang sends a request's output only when it streams or finishes; filling the
-        # per-token lists just then keeps the per-step cost off every other request.
-        if not (req.stream or req.finished()):
+        # SGLang sends a request's output when it streams, finishes, or (not streaming) every
+        # DEFAULT_FORCE_STREAM_INTERVAL tokens, forwarding only the values from the last send
+        # on; filling the per-token lists just then keeps the per-step cost off the others.
+        if not (req.stream or req.finished() or len(req.output_ids) % DEFAULT_FORCE_STREAM_INTERVAL == 0):
             continue
         counts = KaraRuntime.kv_counts(req)
         if counts is None:

@@ -114,6 +114,9 @@ def test_compression_fires_on_schedule_and_matches_vanilla_until_then(vanilla, k
         assert o["output_ids"][:first] == b["output_ids"][:first]
     state = assert_pool_consistent(kara)
     assert state["compression_events"] >= len(PROMPTS) * 3
+    # The overhead meter saw every decode step, and compressions are part of the hook's time.
+    assert state["decode_steps"] >= n - 1
+    assert 0 < state["compress_s"] <= state["hook_host_s"]
     assert_pool_back_to_idle(kara)
 
 
@@ -128,6 +131,22 @@ def test_per_request_opt_out_and_keep_ratio(vanilla, kara):
     windows = 2  # decode KV reaches W + U, then 2W + U
     assert last(half["meta_info"], "kv_tokens_evicted") == windows * (W - W // 2)
     assert_pool_back_to_idle(kara)
+
+
+def test_streamed_kv_counts_cover_every_token_and_match_the_final_answer(kara):
+    n = LONG
+    whole = kara.generate(PROMPTS[2], greedy(n))
+    chunks = list(kara.generate(PROMPTS[2], greedy(n), stream=True))
+    final = chunks[-1]
+    assert final["output_ids"] == whole["output_ids"]
+    for key in ("kv_tokens_kept", "kv_tokens_evicted"):
+        # One value per output token, streamed or not, and the same final count.
+        assert len(final["meta_info"][key]) == len(whole["meta_info"][key]) == n
+        assert final["meta_info"][key][-1] == whole["meta_info"][key][-1]
+    evicted = final["meta_info"]["kv_tokens_evicted"]
+    # Streamed, the values are per token: nothing evicted before the first compression.
+    assert evicted[0] == 0 and evicted == sorted(evicted) and evicted[-1] > 0
+    assert_pool_consistent(kara)
 
 
 @pytest.mark.parametrize("params, fragment", [

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the carried wheels once (kept in /tmp while the machine stays
 # warm), then run bench_serving.py for each configuration given as an argument, e.g.
-#   bash benchmarks/gpu/run_serving.sh "none" "kara 0.25" "kara 0.125" "threshold - 1600"
+#   bash benchmarks/gpu/run_serving.sh "none" "kara 0.25" "kara 0.125" "threshold - 2048"
 # Each configuration runs in its own process; rows and logs go to $OUT.
 set -uo pipefail
 SITE=/tmp/site
@@ -14,7 +14,7 @@ if [ ! -f $SITE/.done ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $SITE .whl/kara/*.whl 2>&1 | grep -v "already exists"
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
-WORKLOADS=${WORKLOADS:-"--workload 128x128+448 --workload 128x1024+4096"}
+WORKLOADS=${WORKLOADS:-"--workload 3*128x128+448 --workload 128x1024+8192"}
 for config in "$@"; do
   read -r policy ratio budget <<<"$config"
   name="${policy}-${ratio:-}-${budget:-}"
@@ -23,6 +23,6 @@ for config in "$@"; do
   [ -n "${budget:-}" ] && extra="$extra --budget $budget"
   echo "=== $name"
   timeout ${CONFIG_TIMEOUT:-420} python3 benchmarks/bench_serving.py --policy $policy $extra $WORKLOADS \
-    --out $OUT/row-$name.json > $OUT/log-$name.txt 2>&1
+    --log-file $OUT/log-$name.txt --out $OUT/row-$name.json > $OUT/log-$name.txt 2>&1
   echo "rc=$?"; grep -E '^\{|Error|error:' $OUT/log-$name.txt | tail -5
 done
