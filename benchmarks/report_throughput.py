@@ -1,0 +1,182 @@
+"""Turn the GPU serving runs into docs/results/throughput.json, the bytes model and the plot.
+
+    python benchmarks/report_throughput.py docs/results/raw-2026-11-25
+
+Reads each ``row-*.json`` written by ``bench_serving.py``, and for a configuration whose
+process was killed by its time limit before the workload finished (its ``log-*.txt`` has a
+BENCH-START without a BENCH-END) derives the throughput of the part that ran from SGLang's
+decode log lines (running requests x 10 steps per line, over the lines' time span), flagged
+``"complete": false`` with the fraction of the output tokens done. On complete runs that
+log-derived number agrees with the client-measured one to 0.3% (printed when run), which is
+what makes the partial rows usable; they are still not completion throughputs.
+
+Bytes model: a decode step reads the weights and the KV of every running request, so
+throughput(C) = C / ((weights + C x avg KV per request x bytes per token) / bandwidth), with
+the average over a request's life from Kara's own window bookkeeping.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WEIGHT_BYTES = 16.06e9  # Llama-3.1-8B, bf16
+KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head_dim x (K, V) x bf16
+BANDWIDTH = 2.998e12  # measured device-to-device copy bandwidth of the H100 (bench_kernels.py)
+POOL_TOKENS = 423_494  # --mem-fraction-static 0.85
+BATCH_LINE = re.compile(r"\[(\S+ \S+)\] (Prefill|Decode) batch.*?#running-req: (\d+)")
+
+
+def kv_profile(policy: str, prompt: int, output: int, keep=None, budget=None, window=512, buffer=64):
+    """(average, peak) KV tokens a request holds over its life under ``policy``."""
+    if policy == "vanilla":
+        return prompt + output / 2, prompt + output
+    from kara_sglang import KaraConfig, WindowState, make_policy
+
+    cfg = dict(policy=policy, window=window, buffer=buffer)
+    cfg.update({"keep_ratio": keep} if keep is not None else {})
+    cfg.update({"budget": budget} if budget is not None else {})
+    pol = make_policy(KaraConfig(**cfg))
+    state, total, peak = WindowState(prompt_len=prompt), 0, 0
+    for _ in range(output):
+        state.on_decode()
+        total, peak = total + state.kv_len, max(peak, state.kv_len)
+        task = pol.plan(state)
+        if task is not None:
+            state.apply(task, pol.tail_consumed(task))
+    return total / output, peak
+
+
+def model_tok_per_s(concurrency: float, avg_kv: float) -> float:
+    return concurrency * BANDWIDTH / (WEIGHT_BYTES + concurrency * avg_kv * KV_BYTES_PER_TOKEN)
+
+
+def partial_from_log(path: str, spec: str, num_requests: int, output_len: int):
+    lines = open(path, errors="replace").read().splitlines()
+    try:
+        start = lines.index(next(l for l in lines if l.endswith(f"BENCH-START {spec}")))
+    except StopIteration:
+        return None
+    tokens, first, last, peak = 0, None, None, 0
+    for line in lines[start:]:
+        if "BENCH-END" in line:
+            break
+        m = BATCH_LINE.match(line)
+        if m:  # the time span starts at the first prefill, as the client's clock does
+            t = datetime.datetime.fromisoformat(m.group(1))
+            first, last = first or t, t
+            if m.group(2) == "Decode":
+                tokens += 10 * int(m.group(3))  # decode_log_interval = 10 steps per line
+                peak = max(peak, int(m.group(3)))
+    if first is None or last == first:
+        return None
+    return {"output_tok_per_s": tokens / (last - first).total_seconds(), "peak_running_requests": peak,
+            "fraction_done": tokens / (num_requests * output_len)}
+
+
+def collect(raw_dir: str):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(raw_dir, "row-*.json"))):
+        for row in json.load(open(path)):
+            row["complete"] = True
+            log = path.replace("row-", "log-").replace(".json", ".txt")
+            check = partial_from_log(log, row["workload"], row["num_requests"], row["output_len"])
+            if check and row["output_len"] >= 1024:
+                print(f"log-derived vs measured, {row['policy']} {row['keep_ratio']} {row['workload']}: "
+                      f"{check['output_tok_per_s']:.0f} vs {row['output_tok_per_s']:.0f} tok/s")
+            rows.append(row)
+    for log in sorted(glob.glob(os.path.join(raw_dir, "log-*.txt"))):
+        if os.path.exists(log.replace("log-", "row-").replace(".txt", ".json")):
+            continue
+        name = os.path.basename(log)[4:-4]
+        m = re.match(r"(none|kara|threshold|streaming)-([0-9.]*|-)-([0-9]*)(?:\.|$)", name)
+        if not m:
+            continue
+        policy, ratio, budget = m.groups()
+        text = open(log, errors="replace").read()
+        for spec in re.findall(r"BENCH-START (\d+x\d+\+\d+#\d+)", text):
+            if f"BENCH-END {spec}" in text or spec.startswith("16x256+64"):
+                continue
+            n, p, o = map(int, re.match(r"(\d+)x(\d+)\+(\d+)", spec).groups())
+            part = partial_from_log(log, spec, n, o)
+            if part is None:
+                continue
+            rows.append({
+                "policy": "vanilla" if policy == "none" else policy,
+                "keep_ratio": float(ratio) if ratio not in ("", "-") else None,
+                "budget": int(budget) if budget else None, "window": None if policy == "none" else 512,
+                "buffer": None if policy == "none" else 64, "workload": spec, "prompt_len": p,
+                "output_len": o, "num_requests": n, "complete": False, **part,
+                "retractions": text.count("KV cache pool is full. Retract"),
+                "attention_backend": "triton", "mem_fraction_static": 0.85, "max_running_requests": 256,
+                "device": "NVIDIA H100 80GB HBM3", "sglang_version": "0.5.17",
+            })
+    for row in rows:
+        avg, peak = kv_profile(row["policy"], row["prompt_len"], row["output_len"], row.get("keep_ratio"),
+                               row.get("budget"))
+        row["model_avg_kv_tokens"], row["model_peak_kv_tokens"] = round(avg), peak
+        if row.get("peak_running_requests"):
+            row["model_tok_per_s"] = model_tok_per_s(row["peak_running_requests"], avg)
+    return rows
+
+
+def plot(rows, prompt: int, output: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = [("vanilla", None, None, "black"), ("threshold", None, 1024, "tab:orange"),
+                ("kara", 0.5, None, "tab:green"), ("kara", 0.25, None, "tab:blue"),
+                ("kara", 0.125, None, "tab:purple")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, keep, budget, color in policies:
+        avg, peak = kv_profile(policy, prompt, output, keep, budget)
+        limit = int(POOL_TOKENS / peak)  # every request at its peak KV at once still fits
+        cs = list(range(1, 257))
+        label = policy if policy == "vanilla" else (f"Kara {keep:.1%}" if keep else f"threshold {budget}")
+        ax.plot(cs, [model_tok_per_s(c, avg) for c in cs], color=color, alpha=0.35)
+        ax.plot(cs[:limit], [model_tok_per_s(c, avg) for c in cs[:limit]], color=color, label=label)
+        for row in rows:
+            if (row["policy"], row.get("keep_ratio"), row.get("budget"), row["prompt_len"], row["output_len"]) == \
+                    (policy, keep, budget, prompt, output) and row.get("peak_running_requests"):
+                ax.scatter([row["peak_running_requests"]], [row["output_tok_per_s"]], color=color,
+                           marker="o" if row["complete"] else "x", zorder=3)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"{prompt} + {output} tokens, Llama-3.1-8B shape, H100: lines = bytes model\n"
+                 "(bold up to the concurrency whose peak KV fits the pool), dots = measured, x = partial run",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    raw = sys.argv[1]
+    rows = collect(raw)
+    out = os.path.join(ROOT, "docs", "results", "throughput.json")
+    old = [r for r in json.load(open(out)) if r.get("run") == "earlier"] if os.path.exists(out) else []
+    for r in rows:
+        r["run"] = os.path.basename(raw.rstrip("/"))
+    json.dump(old + rows, open(out, "w"), indent=1)
+    plot(rows, 1024, 4096, os.path.join(ROOT, "docs", "throughput_vs_concurrency.png"))
+    print(f"{'policy':10} {'keep':>6} {'budget':>6} {'workload':22} {'tok/s':>7} {'model':>7} {'peak':>5} "
+          f"{'retr':>4} {'ITL ms':>7} {'done':>5}")
+    for r in rows:
+        print(f"{r['policy']:10} {str(r.get('keep_ratio')):>6} {str(r.get('budget')):>6} {r['workload']:22} "
+              f"{r['output_tok_per_s']:7.0f} {r.get('model_tok_per_s', 0):7.0f} {r.get('peak_running_requests', 0):5} "
+              f"{r.get('retractions', 0):4} {r.get('itl_mean_ms') or 0:7.2f} "
+              f"{r.get('fraction_done', 1.0):5.2f}")
+
+
+if __name__ == "__main__":
+    main()
