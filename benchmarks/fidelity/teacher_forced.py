@@ -200,14 +200,14 @@ def plot(path, table, buckets, lengths, depths):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
-    ap.add_argument("--lengths", default="384,768", help="generation lengths L of the needle grid")
+    ap.add_argument("--lengths", default="320,640", help="generation lengths L of the needle grid")
     ap.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths d in the generated part")
     ap.add_argument("--bucket", type=int, default=128, help="position bucket of the curves")
     ap.add_argument("--window", type=int, default=128)
-    ap.add_argument("--buffers", default="32,64")
+    ap.add_argument("--buffers", default="32", help="Kara buffers U; the first is the baselines' too")
     ap.add_argument("--prefix-tokens", type=int, default=4)
     ap.add_argument("--answer-tokens", type=int, default=8)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "fidelity.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "fidelity.png"))
     args = ap.parse_args()
@@ -296,6 +296,9 @@ def main() -> None:
     full_m = summarise(requests, full, buckets)
     rows, table = [], []
     for label, policy, k, win, b, g, budget, r in configs:
+        if policy != "full" and any(x["kv"] is None for _, rec in r for x in rec[1:]):
+            # The processor reads Kara's window state; without it the KV held is not measured.
+            raise RuntimeError(f"{label}: the KV held was not recorded (Kara's request state moved?)")
         m = summarise(requests, r, buckets)
         m["window"] = win
         table.append((label, m))
