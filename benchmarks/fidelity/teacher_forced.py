@@ -292,11 +292,19 @@ def main() -> None:
         for (k, b), r in zip(budgets.items(), res):
             add(f"{policy} B={b} (≈Kara {k:g})", policy, None, None, u, None, b, r)
 
-    # 4. Rows, table, plot.
+    # 4. Rows, table, plot (the raw records are kept under data/, git-ignored).
+    raw = ROOT / "data" / "fidelity_teacher_forced_raw.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.write_text(json.dumps({"requests": requests, "configs": [
+            list(c[:7]) + [[[o["meta_info"], rec] for o, rec in c[7]]] for c in configs]}, default=str))
+    except (OSError, TypeError, ValueError) as err:
+        print(f"  raw records not saved: {err}", flush=True)
     full_m = summarise(requests, full, buckets)
     rows, table = [], []
     for label, policy, k, win, b, g, budget, r in configs:
-        if policy != "full" and any(x["kv"] is None for _, rec in r for x in rec[1:]):
+        # (No record before Kara's first decode step: nothing was compressed yet.)
+        if policy != "full" and any(rec[-1]["kv"] is None for _, rec in r):
             # The processor reads Kara's window state; without it the KV held is not measured.
             raise RuntimeError(f"{label}: the KV held was not recorded (Kara's request state moved?)")
         m = summarise(requests, r, buckets)
