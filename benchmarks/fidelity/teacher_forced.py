@@ -1,0 +1,336 @@
+"""Teacher-forced fidelity and needle-in-its-own-CoT recall, per KV policy, through real SGLang.
+
+    python benchmarks/fidelity/prepare_smollm2.py
+    python benchmarks/fidelity/teacher_forced.py --out docs/results/fidelity.json --plot docs/fidelity.png
+
+1. Reference: the full-KV (``--kv-policy none``) greedy continuation of each prompt.
+2. Every policy then consumes exactly those tokens (teacher forcing, see ``teacher_forcing.py``)
+   while its KV is compressed; per position we record the log-likelihood of the reference
+   token and whether the compressed model's argmax equals it. A full-KV teacher-forced run is
+   the self-check: its top-1 agreement must be 100%.
+3. Needle in its own chain of thought: the forced context is the model's own generation cut
+   at length ``L``; a line the model wrote at depth ``d`` of it is the needle. A forced
+   follow-up user turn asks to repeat the answer from there, quoting its first ``P`` tokens,
+   and the assistant turn is forced to start with them; the next ``K`` tokens are scored. "Exact
+   recall" means the argmax was right at all ``K`` of them, which is exactly when greedy
+   decoding would have reproduced the line. Grid: ``L`` x ``d`` (Figure 6 of the paper, CPU-sized).
+
+Kara runs its keep ratios and gamma as per-request overrides of one engine per (W, U); the
+threshold and streaming baselines get, per request, the decode budget whose average KV matches
+the average KV Kara actually held (measured in the scheduler at every position). Rows are
+merged into ``--out``: rows of other harnesses (``free_running.py``) are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))
+
+MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
+HARNESS = "teacher_forced"
+
+# Prompts whose greedy continuations are long, varied and line-structured (needles are lines).
+# (The free-running harness's animal list is left out: SmolLM2-135M soon repeats one animal,
+# and a repeated line is predictable without the needle.)
+PROMPTS = [
+    "Write a very long, detailed story about a lighthouse keeper and a storm.",
+    "Explain step by step, in great detail, how to bake bread at home.",
+    "List 100 famous cities of the world with their country, one per line.",
+    "Write a long travel journal of a trip through ten countries, one entry per day.",
+]
+QUESTION = 'Repeat word for word the part of your answer that starts with "{prefix}".'
+
+
+# ------------------------------------------------------------------------- requests
+def needle_request(tok, prompt_ids, ref, length, depth, prefix_len, answer_len):
+    """Forced ids for one needle probe, and where the scored answer tokens sit in them."""
+    ctx = list(ref[:length])
+    lo = int(round(depth * length))
+    hi = length - prefix_len - answer_len
+    text_of = lambda ids: tok.decode(ids)
+
+    def unique(s):
+        gram = ctx[s:s + prefix_len]
+        return sum(ctx[i:i + prefix_len] == gram for i in range(len(ctx) - prefix_len + 1)) == 1
+
+    def ok(s):
+        needle = text_of(ctx[s:s + prefix_len + answer_len])
+        return unique(s) and needle.strip() and "\n" not in text_of(ctx[s:s + prefix_len])
+
+    starts = [s for s in range(max(1, lo), max(lo + 1, hi)) if s <= hi]
+    line_starts = [s for s in starts if text_of(ctx[s - 1:s]).endswith("\n") and ok(s)]
+    sentence_starts = [s for s in starts if text_of(ctx[s - 1:s]).rstrip(" ").endswith((".", "!", "?"))
+                       and ok(s)]
+    any_starts = [s for s in starts if ok(s)]
+    for pool in (line_starts, sentence_starts, any_starts):
+        # Take the nearest candidate after the requested depth, within 10% of L.
+        near = [s for s in pool if s - lo <= max(16, length // 10)]
+        if near:
+            s = near[0]
+            break
+    else:
+        s = any_starts[0] if any_starts else lo
+    prefix = ctx[s:s + prefix_len]
+    question = tok.encode("<|im_end|>\n<|im_start|>user\n" + QUESTION.format(prefix=text_of(prefix).strip())
+                          + "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    forced = ctx + question + ctx[s:s + prefix_len + answer_len]
+    first = len(ctx) + len(question) + prefix_len
+    return {"input_ids": prompt_ids, "forced": forced, "score": (first, first + answer_len),
+            "needle_pos": s, "length": length, "depth": depth,
+            "needle": text_of(ctx[s:s + prefix_len + answer_len])}
+
+
+# ------------------------------------------------------------------------- engines
+def run_engine(model, engine_args, requests, per_request_params):
+    """One engine: the requests teacher-forced, each with its own custom_params overrides."""
+    import teacher_forcing as tf
+    from support.engines import make_engine
+
+    engine = make_engine(model, max_total_tokens=100000, enable_custom_logit_processor=True,
+                         **engine_args)
+    try:
+        batch = [dict(r, params=p) for r in requests for p in per_request_params]
+        t0 = time.time()
+        outs, recs = tf.teacher_forced(engine, batch)
+        print(f"  {len(batch)} requests, {sum(len(r['forced']) for r in batch)} tokens, "
+              f"{time.time() - t0:.0f} s", flush=True)
+    finally:
+        engine.shutdown()
+    n = len(per_request_params)
+    # results[j][i]: request i under overrides j
+    return [[(outs[i * n + j], recs[i * n + j]) for i in range(len(requests))] for j in range(n)]
+
+
+def decode_held(rec, prompt_len):
+    """Decode tokens whose KV was held when position ``rec['pos']`` was predicted."""
+    return rec["pos"] if rec["kv"] is None else rec["kv"] - prompt_len
+
+
+def threshold_mean_kv(budget, buffer, positions):
+    """Average decode KV a fixed-budget policy holds: it grows to budget+U, compresses to budget."""
+    total = 0
+    for t in positions:
+        total += t if t < budget + buffer else budget + (t - budget) % buffer
+    return total / len(positions)
+
+
+def matched_budget(target_mean, buffer, positions):
+    return min(range(1, max(positions) + 1),
+               key=lambda b: abs(threshold_mean_kv(b, buffer, positions) - target_mean))
+
+
+# ------------------------------------------------------------------------- metrics
+def summarise(requests, results, buckets):
+    """Metrics of one configuration: {metric: value}."""
+    m = {}
+    curve = [(r, o, rec) for r, (o, rec) in zip(requests, results) if r["curve"]]
+    for lo, hi in [(0, buckets[-1])] + list(zip(buckets[:-1], buckets[1:])):
+        recs = [x for _, _, rec in curve for x in rec[lo:hi]]
+        tag = "" if (lo, hi) == (0, buckets[-1]) else f"@[{lo},{hi})"
+        nll = -sum(x["logp"] for x in recs) / len(recs)
+        m["tf_top1_agreement" + tag] = sum(x["argmax"] == x["ref"] for x in recs) / len(recs)
+        m["tf_nll" + tag] = nll
+        if not tag:
+            m["tf_perplexity"] = math.exp(nll)
+    held, seen = [], []
+    for r, o, rec in curve:
+        held += [decode_held(x, o["meta_info"]["prompt_tokens"]) for x in rec[:buckets[-1]]]
+        seen += [x["pos"] for x in rec[:buckets[-1]]]
+    m["kv_decode_mean_tokens"] = sum(held) / len(held)
+    m["kv_decode_mean_fraction"] = sum(held) / max(1, sum(seen))
+    needles = [(r, rec) for r, (o, rec) in zip(requests, results) if r.get("score")]
+    cells = {}
+    for r, rec in needles:
+        a, b = r["score"]
+        hits = [rec[p]["argmax"] == rec[p]["ref"] for p in range(a, b)]
+        nll = -sum(rec[p]["logp"] for p in range(a, b)) / (b - a)
+        cells.setdefault((r["length"], r["depth"]), []).append((all(hits), sum(hits) / len(hits), nll))
+    for key, vals in [("", [v for vs in cells.values() for v in vs])] + \
+            [(f"@L={L},depth={d}", vs) for (L, d), vs in sorted(cells.items())]:
+        m["needle_exact_recall" + key] = sum(v[0] for v in vals) / len(vals)
+        m["needle_token_accuracy" + key] = sum(v[1] for v in vals) / len(vals)
+        if not key:
+            m["needle_nll"] = sum(v[2] for v in vals) / len(vals)
+    return m
+
+
+# ------------------------------------------------------------------------- plot
+def plot(path, table, buckets, lengths, depths):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    mids = [(a + b) / 2 for a, b in zip(buckets[:-1], buckets[1:])]
+    for label, m in table:
+        style = "-" if label.startswith(("full", "Kara")) else "--"
+        axes[0].plot(mids, [100 * m[f"tf_top1_agreement@[{a},{b})"] for a, b in zip(buckets[:-1], buckets[1:])],
+                     style, marker="o", label=label)
+        axes[1].plot(mids, [m[f"tf_nll@[{a},{b})"] for a, b in zip(buckets[:-1], buckets[1:])],
+                     style, marker="o", label=label)
+    axes[0].set(title="Teacher-forced top-1 agreement with full KV", xlabel="decode position",
+                ylabel="% positions")
+    axes[1].set(title="Teacher-forced NLL of the full-KV continuation", xlabel="decode position",
+                ylabel="mean NLL (nats/token)")
+    axes[0].legend(fontsize=7)
+    cells = [(L, d) for L in lengths for d in depths]
+    width = 0.8 / len(table)
+    for k, (label, m) in enumerate(table):
+        axes[2].bar([i + k * width for i in range(len(cells))],
+                    [100 * m[f"needle_token_accuracy@L={L},depth={d}"] for L, d in cells], width, label=label)
+    axes[2].set_xticks([i + 0.4 - width / 2 for i in range(len(cells))],
+                       [f"L={L}\nd={d}" for L, d in cells], fontsize=8)
+    axes[2].set(title="Needle in its own CoT: answer-token accuracy", ylabel="% tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
+    ap.add_argument("--lengths", default="320,640", help="generation lengths L of the needle grid")
+    ap.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths d in the generated part")
+    ap.add_argument("--bucket", type=int, default=128, help="position bucket of the curves")
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--buffers", default="32", help="Kara buffers U; the first is the baselines' too")
+    ap.add_argument("--prefix-tokens", type=int, default=4)
+    ap.add_argument("--answer-tokens", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "fidelity.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "fidelity.png"))
+    args = ap.parse_args()
+
+    import teacher_forcing as tf
+    from support.engines import make_engine, use_cpu_sglang
+    from transformers import AutoTokenizer
+
+    use_cpu_sglang()
+    os.environ.pop("KARA_DEBUG_CHECKS", None)
+    tf.importable()
+    t_start = time.time()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    buffers = [int(x) for x in args.buffers.split(",")]
+    w, u = args.window, buffers[0]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    prompt_ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+                  for t in PROMPTS[:args.prompts]]
+
+    # 1. Full-KV greedy reference continuations.
+    print("reference generation (full KV)", flush=True)
+    engine = make_engine(args.model, max_total_tokens=40000)
+    try:
+        refs = [o["output_ids"] for o in engine.generate(
+            input_ids=prompt_ids, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                   "max_new_tokens": max(lengths)})]
+    finally:
+        engine.shutdown()
+
+    # 2. Requests: one needle probe per (prompt, L, d); the curve comes from the forced
+    # context of the longest L (its first max(L) positions are the reference continuation).
+    requests = []
+    for p, ref in zip(prompt_ids, refs):
+        for L in lengths:
+            for i, d in enumerate(depths):
+                r = needle_request(tok, p, ref, L, d, args.prefix_tokens, args.answer_tokens)
+                r["curve"] = L == max(lengths) and i == 0
+                requests.append(r)
+    buckets = list(range(0, max(lengths) + 1, args.bucket))
+    if buckets[-1] != max(lengths):
+        buckets.append(max(lengths))
+
+    configs = []  # (label, policy, keep, window, buffer, chunk, budget, results)
+
+    def add(label, policy, keep, window, buffer, chunk, budget, results):
+        configs.append((label, policy, keep, window, buffer, chunk, budget, results))
+
+    print("full KV, teacher-forced (self-check)", flush=True)
+    [full] = run_engine(args.model, {}, requests, [{}])
+    add("full KV", "full", None, None, None, None, None, full)
+    for (r, (o, rec)) in zip(requests, full):
+        n = len(r["forced"])
+        bad = [x["pos"] for x in rec[:max(lengths)] if x["argmax"] != x["ref"]]
+        if r["curve"] and bad:
+            print(f"  SELF-CHECK: full KV disagrees with its own reference at {bad[:10]}", flush=True)
+
+    kara_grid = [(0.5, 8), (0.25, 8), (0.125, 8), (0.25, 1)]
+    print(f"Kara W={w} U={u}: keep/gamma {kara_grid}", flush=True)
+    res = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u),
+                     requests, [{"kara_keep_ratio": k, "kara_chunk_size": g} for k, g in kara_grid])
+    for (k, g), r in zip(kara_grid, res):
+        add(f"Kara {k:g} γ={g}" + (f" U={u}" if len(buffers) > 1 else ""), "kara", k, w, u, g, None, r)
+    for u2 in buffers[1:]:
+        print(f"Kara W={w} U={u2}: keep 0.25 gamma 8", flush=True)
+        [r] = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u2), requests,
+                         [{"kara_keep_ratio": 0.25, "kara_chunk_size": 8}])
+        add(f"Kara 0.25 γ=8 U={u2}", "kara", 0.25, w, u2, 8, None, r)
+
+    # 3. Baselines at the average decode KV Kara held (measured), U as Kara's.
+    positions = list(range(max(lengths)))
+    budgets = {}
+    for label, policy, k, _, b, g, _, r in configs:
+        if policy == "kara" and g == 8 and b == u and k in (0.5, 0.25):
+            mean = summarise(requests, r, buckets)["kv_decode_mean_tokens"]
+            budgets[k] = matched_budget(mean, u, positions)
+            print(f"  Kara {k}: mean decode KV {mean:.1f} tokens -> baseline budget {budgets[k]}", flush=True)
+    for policy in ("threshold", "streaming"):
+        print(f"{policy}: budgets {budgets}", flush=True)
+        res = run_engine(args.model, dict(kv_policy=policy, kara_budget=max(budgets.values()), kara_buffer=u),
+                         requests, [{"kara_budget": b} for b in budgets.values()])
+        for (k, b), r in zip(budgets.items(), res):
+            add(f"{policy} B={b} (≈Kara {k:g})", policy, None, None, u, None, b, r)
+
+    # 4. Rows, table, plot (the raw records are kept under data/, git-ignored).
+    raw = ROOT / "data" / "fidelity_teacher_forced_raw.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.write_text(json.dumps({"requests": requests, "configs": [
+            list(c[:7]) + [[[o["meta_info"], rec] for o, rec in c[7]]] for c in configs]}, default=str))
+    except (OSError, TypeError, ValueError) as err:
+        print(f"  raw records not saved: {err}", flush=True)
+    full_m = summarise(requests, full, buckets)
+    rows, table = [], []
+    for label, policy, k, win, b, g, budget, r in configs:
+        # (No record before Kara's first decode step: nothing was compressed yet.)
+        if policy != "full" and any(rec[-1]["kv"] is None for _, rec in r):
+            # The processor reads Kara's window state; without it the KV held is not measured.
+            raise RuntimeError(f"{label}: the KV held was not recorded (Kara's request state moved?)")
+        m = summarise(requests, r, buckets)
+        m["window"] = win
+        table.append((label, m))
+        print(f"{label:28s} top1 {100 * m['tf_top1_agreement']:6.2f}%  nll {m['tf_nll']:.4f}  "
+              f"KV {100 * m['kv_decode_mean_fraction']:5.1f}%  needle exact {100 * m['needle_exact_recall']:5.1f}%  "
+              f"tokens {100 * m['needle_token_accuracy']:5.1f}%", flush=True)
+        for metric, value in m.items():
+            if metric == "window":
+                continue
+            rows.append({"policy": policy, "keep_ratio": k, "window": win, "buffer": b, "chunk": g,
+                         "budget": budget, "model": MODEL_NAME, "metric": metric, "value": value,
+                         "full_kv_value": full_m[metric], "harness": HARNESS})
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else []
+    merged = [row for row in old if row.get("harness") != HARNESS] + rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+    needles = [{"prompt": i // (len(lengths) * len(depths)), "L": r["length"], "depth": r["depth"],
+                "needle_pos": r["needle_pos"], "needle": r["needle"]} for i, r in enumerate(requests)]
+    print(json.dumps(needles, ensure_ascii=False), flush=True)
+    if args.plot:
+        plot(args.plot, table, buckets, lengths, depths)
+    print(f"total {time.time() - t_start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Teacher forcing through the real SGLang server, with a custom logit processor.
+
+SGLang has no teacher-forcing mode, so a :class:`ForceAndRecord` logit processor provides one.
+Each request carries, in ``sampling_params["custom_params"]``:
+
+* ``tf_ref``: the token ids to force, one per output position;
+* ``tf_log``: a file the processor appends its records to (it runs in the scheduler process);
+* ``tf_tag``: a string naming the request in the records.
+
+For every output position ``pos`` (the number of tokens the request already has, read from
+``custom_params["__req__"].output_ids``, which SGLang injects in the scheduler) the processor
+reads the *raw* logits row, records ``log_softmax(row)[ref]`` and ``argmax(row)``, and then
+masks every other logit so that greedy sampling picks ``ref``. The recording has to happen here
+because SGLang applies custom processors *before* it computes returned logprobs: its own
+logprobs would see the forced row. Positions past ``len(tf_ref)`` are not forced: the model
+runs free (greedy) and the processor records its argmax (``ref`` = ``-1``).
+
+The processor is serialised by ``dill`` by reference (module ``teacher_forcing``), so this
+folder must be importable in the scheduler: :func:`importable` puts it on ``sys.path`` and
+``PYTHONPATH`` before the engine starts. The engine needs ``enable_custom_logit_processor=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+HERE = str(Path(__file__).resolve().parent)
+
+try:
+    from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+except ImportError:  # only the pure helpers are usable without sglang
+    CustomLogitProcessor = object  # type: ignore[misc,assignment]
+
+
+def importable() -> None:
+    """Let spawned scheduler processes import this module (call before the engine starts)."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if HERE not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths + [HERE])
+
+
+class ForceAndRecord(CustomLogitProcessor):
+    """Record the raw log-likelihood of the reference token and the argmax, then force it."""
+
+    def __call__(self, logits, custom_param_list: Optional[List[Dict[str, Any]]] = None):
+        import torch
+
+        if not custom_param_list:
+            return logits
+        lines: Dict[str, List[str]] = defaultdict(list)
+        for i, params in enumerate(custom_param_list):
+            if not params or "tf_ref" not in params:
+                continue
+            req = params["__req__"]
+            pos = len(req.output_ids)
+            row = logits[i].detach().float().clone()  # the raw row, before any forcing
+            lse = torch.logsumexp(row, dim=-1)
+            top = int(torch.argmax(row))
+            ref_ids = params["tf_ref"]
+            if pos < len(ref_ids):
+                ref = int(ref_ids[pos])
+                logits[i, :] = float("-inf")
+                logits[i, ref] = 0.0
+                logp = float(row[ref] - lse)
+            else:  # free-running tail: greedy, nothing forced
+                ref, logp = -1, float(row[top] - lse)
+            # KV the request holds while this token's logits were computed (Kara's window
+            # state; None without a policy). meta_info's per-token lists are filled only when
+            # a request streams or finishes, so in a batch call they hold the final value only.
+            window = getattr(getattr(req, "kara", None), "window", None)
+            kv = getattr(window, "kv_len", None)
+            lines[params["tf_log"]].append(json.dumps(
+                {"tag": params.get("tf_tag", req.rid), "pos": pos, "ref": ref, "argmax": top,
+                 "logp": logp, "kv": kv, "len": len(req.origin_input_ids) + pos}))
+        for path, rows in lines.items():
+            with open(path, "a") as f:
+                f.write("\n".join(rows) + "\n")
+        return logits
+
+
+def read_records(path) -> Dict[str, List[dict]]:
+    """The processor's records per tag, one per output position, in order."""
+    per_tag: Dict[str, Dict[int, dict]] = defaultdict(dict)
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                per_tag[r["tag"]][r["pos"]] = r  # a retried position keeps its last record
+    out = {}
+    for tag, by_pos in per_tag.items():
+        n = max(by_pos) + 1
+        missing = [p for p in range(n) if p not in by_pos]
+        if missing:
+            raise RuntimeError(f"{tag}: no record for positions {missing[:5]}...")
+        out[tag] = [by_pos[p] for p in range(n)]
+    return out
+
+
+def teacher_forced(engine, requests: Sequence[dict], log_dir: Optional[str] = None):
+    """Run ``requests`` teacher-forced in one batch and return (outputs, records per request).
+
+    Each request: ``input_ids`` (the prompt), ``forced`` (output ids to force), optional
+    ``free`` (greedy tokens after the forced ones, default 0) and ``params`` (more
+    ``custom_params``, e.g. per-request Kara overrides).
+    """
+    log_dir = log_dir or tempfile.mkdtemp(prefix="tf-")
+    path = os.path.join(log_dir, f"{uuid.uuid4().hex}.jsonl")
+    Path(path).touch()
+    processor = ForceAndRecord.to_str()
+    tags = [f"r{i}" for i in range(len(requests))]
+    sampling = []
+    for tag, r in zip(tags, requests):
+        params = dict(r.get("params", {}), tf_ref=[int(t) for t in r["forced"]], tf_log=path, tf_tag=tag)
+        sampling.append({"temperature": 0, "ignore_eos": True,
+                         "max_new_tokens": len(r["forced"]) + r.get("free", 0), "custom_params": params})
+    outs = engine.generate(input_ids=[list(r["input_ids"]) for r in requests], sampling_params=sampling,
+                           custom_logit_processor=[processor] * len(requests))
+    records = read_records(path)
+    os.unlink(path)
+    per_request = []
+    for tag, r, o in zip(tags, requests, outs):
+        recs = records[tag]
+        n_forced = len(r["forced"])
+        # The mechanism's own check: the server emitted exactly the forced tokens.
+        if list(o["output_ids"][:n_forced]) != [int(t) for t in r["forced"]]:
+            raise RuntimeError(f"{tag}: the server did not emit the forced tokens")
+        per_request.append(recs)
+    return outs, per_request
+
+
+def kv_decode_held(meta: dict) -> Optional[List[int]]:
+    """Decode tokens whose KV the request holds, per output position (None: no policy ran)."""
+    kept = meta.get("kv_tokens_kept")
+    if not kept:
+        return None
+    if not isinstance(kept, list):
+        kept = [kept]
+    return [k - meta["prompt_tokens"] for k in kept]
