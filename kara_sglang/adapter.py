@@ -23,6 +23,7 @@ from kara_sglang.flags import request_overrides
 from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
+from kara_sglang.reasoning import ReasoningEnd
 from kara_sglang.window import WindowState
 
 logger = logging.getLogger("kara_sglang")
@@ -54,8 +55,10 @@ class RequestKV:
 class KaraRuntime:
     """Per-scheduler state: config, query buffer, compressor, counters."""
 
-    def __init__(self, config: KaraConfig, model_runner: Any, page_size: int) -> None:
+    def __init__(self, config: KaraConfig, model_runner: Any, page_size: int,
+                 reasoning_end: Optional[ReasoningEnd] = None) -> None:
         self.config = config
+        self.reasoning_end = reasoning_end  # set: compress only the thinking segment
         self.policy = make_policy(config)
         self.page_size = page_size
         pool = model_runner.token_to_kv_pool
@@ -164,9 +167,15 @@ class KaraRuntime:
             if state is None:
                 # First decode step: everything before this step's token is prompt (or a
                 # re-prefilled retraction) and stays untouched.
-                state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), self.policy_for(req))
+                policy = self.policy_for(req)
+                if self.reasoning_end is not None and self.reasoning_end.closed_in_prompt(req.origin_input_ids):
+                    policy = None  # the template closed thinking: the whole reply is answer
+                state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), policy)
                 req.kara = state
             state.window.on_decode()
+            if self.reasoning_end is not None and state.policy is not None \
+                    and self.reasoning_end.just_emitted(req.output_ids):
+                state.policy, state.countdown = None, -1  # answer from here on: never compressed
             if self.debug_checks and state.window.kv_len != req.kv_committed_len:
                 raise AssertionError(
                     f"kara: request {req.rid} holds {req.kv_committed_len} KV entries, kara counted "
@@ -328,7 +337,8 @@ class KaraRuntime:
         req.kv.kv_allocated_len = exact
 
 
-def install(config: KaraConfig, model_runner: Any, page_size: int) -> KaraRuntime:
+def install(config: KaraConfig, model_runner: Any, page_size: int,
+            reasoning_end: Optional[ReasoningEnd] = None) -> KaraRuntime:
     global _RUNTIME
-    _RUNTIME = KaraRuntime(config, model_runner, page_size)
+    _RUNTIME = KaraRuntime(config, model_runner, page_size, reasoning_end)
     return _RUNTIME

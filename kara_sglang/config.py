@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 POLICY_NAMES = ("none", "kara", "streaming", "threshold")
 VOTE_HEAD_MODES = ("group", "all")
+SCOPES = ("auto", "reasoning", "all")
 
 # The window size the scorer kernel is tuned and tested for.
 MAX_WINDOW = 1024
@@ -46,6 +47,9 @@ class KaraConfig:
         vote_heads: ``"group"`` stores one query per KV head (the mean of its GQA group's
             query heads: GQA-ratio times less buffer memory); ``"all"`` stores every query head.
         sink: streaming only: first decode tokens always kept.
+        scope: what may be compressed: ``"reasoning"`` only the thinking segment (up to
+            the end-of-thinking marker of the server's ``--reasoning-parser``), ``"all"``
+            every decoded token, ``"auto"`` reasoning when a parser is set, else all.
     """
 
     policy: str = "kara"
@@ -59,6 +63,7 @@ class KaraConfig:
     num_vote_layers: int = 4
     vote_heads: str = "group"
     sink: int = 4
+    scope: str = "auto"
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -140,6 +145,8 @@ class KaraConfig:
             fail("kara-vote-layers", f"must be a non-empty list of layer ids >= 0, got {self.vote_layers!r}")
         if not isinstance(self.num_vote_layers, int) or self.num_vote_layers < 1:
             fail("kara-num-vote-layers", f"must be an integer >= 1, got {self.num_vote_layers!r}")
+        if self.scope not in SCOPES:
+            fail("kara-scope", f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if not isinstance(self.sink, int) or self.sink < 0:
             fail("kara-sink", f"must be an integer >= 0, got {self.sink!r}")
         if self.policy in ("streaming", "threshold") and self.budget is None:

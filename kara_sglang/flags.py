@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from kara_sglang.config import POLICY_NAMES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
+from kara_sglang.config import POLICY_NAMES, SCOPES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
 
 
 def _layer_list(text: Any):
@@ -50,6 +50,10 @@ FLAGS = (
     Flag("kara_vote_heads", "vote_heads", str, "group: one query per KV head; all: every query head.",
          VOTE_HEAD_MODES),
     Flag("kara_sink", "sink", int, "streaming: first decode tokens always kept (default 4)."),
+    Flag("kara_scope", "scope", str,
+         "What may be compressed: reasoning = only the thinking segment, up to the end-of-thinking "
+         "marker of --reasoning-parser; all = every decoded token; auto (default) = reasoning when "
+         "--reasoning-parser is set, else all.", SCOPES),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 

@@ -3,7 +3,9 @@
 Wraps ``sglang.srt.managers.scheduler.Scheduler.__init__`` (BEFORE: when the server runs a
 policy, apply the runtime patches before the model runner exists, so CUDA-graph capture
 already records the query capture) and ``Scheduler.init_memory_pools`` (AFTER: the KV pool
-exists and graphs are not captured yet, so the query buffer is allocated outside any graph).
+exists and graphs are not captured yet, so the query buffer is allocated outside any graph;
+the tokenizer is loaded by then, which turns the reasoning parser's end-of-thinking marker
+into token ids for ``--kara-scope reasoning``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,24 @@ def _activate(*args, **kwargs):
     return None
 
 
+def reasoning_end(scheduler, config):
+    """The end-of-thinking marker of the server's reasoning parser, as token ids (or None)."""
+    name = getattr(scheduler.server_args, "reasoning_parser", None)
+    if config.scope == "all" or not name:
+        return None
+    from sglang.srt.parser.reasoning_parser import ReasoningParser
+
+    from kara_sglang.reasoning import ReasoningEnd
+
+    marker = ReasoningParser.DetectorMap[name.lower()]().think_end_token
+    return ReasoningEnd(scheduler.tokenizer.encode(marker, add_special_tokens=False))
+
+
 def _install(result, scheduler, *args, **kwargs):
     config = config_from_attrs(scheduler.server_args)
     if config.policy != "none":
-        adapter.install(config, scheduler.tp_worker.model_runner, scheduler.page_size)
+        adapter.install(config, scheduler.tp_worker.model_runner, scheduler.page_size,
+                        reasoning_end(scheduler, config))
     return result
 
 

@@ -44,6 +44,13 @@ def check_supported(server_args) -> None:
         refuse.append("overlap scheduling (internal error: it should have been turned off)")
     if refuse:
         raise KaraConfigError(f"--kv-policy {config.policy}: not supported together with {', '.join(refuse)}")
+    parser = getattr(server_args, "reasoning_parser", None)
+    if config.scope == "reasoning" and not parser:
+        raise KaraConfigError("--kara-scope: reasoning needs --reasoning-parser (it names the "
+                              "end-of-thinking marker)")
+    if parser and config.scope != "all" and getattr(server_args, "skip_tokenizer_init", False):
+        raise KaraConfigError("--kara-scope: finding the end of reasoning needs the tokenizer; with "
+                              "--skip-tokenizer-init pass --kara-scope all")
 
 
 def _policy_on(values: dict) -> bool:

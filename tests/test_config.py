@@ -34,6 +34,7 @@ def test_defaults_match_the_paper_settings():
         (dict(vote_layers=(-1,)), "--kara-vote-layers"),
         (dict(num_vote_layers=0), "--kara-num-vote-layers"),
         (dict(sink=-1), "--kara-sink"),
+        (dict(scope="thinking"), "--kara-scope"),
         (dict(policy="streaming"), "--kara-budget"),
         (dict(policy="threshold"), "--kara-budget"),
         (dict(policy="threshold", budget=32, buffer=64), "--kara-budget"),

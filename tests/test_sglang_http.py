@@ -42,6 +42,7 @@ def test_help_lists_the_policy_flags():
     (["--kara-keep-ratio", "2"], "error: --kara-keep-ratio: must be in (0, 1], got 2.0"),
     (["--kara-window", "64", "--kara-buffer", "64"], "error: --kara-buffer: buffer U=64 must be smaller than window W=64"),
     (["--enable-mixed-chunk"], "error: --kv-policy kara: not supported together with --enable-mixed-chunk"),
+    (["--kara-scope", "reasoning"], "error: --kara-scope: reasoning needs --reasoning-parser"),
 ])
 def test_bad_flags_stop_the_launch_with_one_line(tiny_model, command, extra, message):
     proc = run_cli(command + ["--model-path", str(tiny_model), "--kv-policy", "kara"] + CPU_ARGS + extra)
