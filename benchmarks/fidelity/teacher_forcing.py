@@ -74,8 +74,8 @@ class ForceAndRecord(CustomLogitProcessor):
             else:  # free-running tail: greedy, nothing forced
                 ref, logp = -1, float(row[top] - lse)
             # KV the request holds while this token's logits were computed (Kara's window
-            # state; None without a policy). meta_info's per-token lists are filled only when
-            # a request streams or finishes, so in a batch call they hold the final value only.
+            # state; None without a policy). meta_info's per-token lists are exact per token only
+            # when a request streams; in a batch call they are filled in blocks.
             window = getattr(getattr(req, "kara", None), "window", None)
             kv = getattr(window, "kv_len", None)
             lines[params["tf_log"]].append(json.dumps(
