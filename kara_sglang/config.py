@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
-POLICY_NAMES = ("none", "kara", "streaming", "threshold")
+POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask")
+# Policies that compress the decode tail window by window (W + U trigger, budget per window).
+WINDOW_POLICIES = ("kara", "cask")
 VOTE_HEAD_MODES = ("group", "all")
 
 # The window size the scorer kernel is tuned and tested for.
@@ -46,6 +48,8 @@ class KaraConfig:
         vote_heads: ``"group"`` stores one query per KV head (the mean of its GQA group's
             query heads: GQA-ratio times less buffer memory); ``"all"`` stores every query head.
         sink: streaming only: first decode tokens always kept.
+        core_fraction: cask only: share of each window's budget kept exactly (the core);
+            the rest of the budget holds merged scratch entries.
     """
 
     policy: str = "kara"
@@ -59,6 +63,7 @@ class KaraConfig:
     num_vote_layers: int = 4
     vote_heads: str = "group"
     sink: int = 4
+    core_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -108,7 +113,7 @@ class KaraConfig:
             fail("kv-policy", f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         if not isinstance(self.window, int) or self.window < 2:
             fail("kara-window", f"must be an integer >= 2, got {self.window!r}")
-        if self.policy == "kara" and self.window > MAX_WINDOW:
+        if self.policy in WINDOW_POLICIES and self.window > MAX_WINDOW:
             fail("kara-window", f"must be <= {MAX_WINDOW}, got {self.window}")
         if not isinstance(self.buffer, int) or self.buffer < 1:
             fail("kara-buffer", f"must be an integer >= 1, got {self.buffer!r}")
@@ -119,7 +124,7 @@ class KaraConfig:
         if self.budget is not None:
             if not isinstance(self.budget, int) or self.budget < 1:
                 fail("kara-budget", f"must be an integer >= 1, got {self.budget!r}")
-            if self.policy == "kara" and self.budget > self.window:
+            if self.policy in WINDOW_POLICIES and self.budget > self.window:
                 fail("kara-budget", f"budget {self.budget} exceeds window W={self.window}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             fail("kara-chunk-size", f"gamma must be an integer >= 1, got {self.chunk_size!r}")
@@ -142,6 +147,9 @@ class KaraConfig:
             fail("kara-num-vote-layers", f"must be an integer >= 1, got {self.num_vote_layers!r}")
         if not isinstance(self.sink, int) or self.sink < 0:
             fail("kara-sink", f"must be an integer >= 0, got {self.sink!r}")
+        if not (isinstance(self.core_fraction, (int, float)) and not isinstance(self.core_fraction, bool)
+                and 0.0 <= self.core_fraction <= 1.0):
+            fail("kara-core-fraction", f"must be in [0, 1], got {self.core_fraction!r}")
         if self.policy in ("streaming", "threshold") and self.budget is None:
             fail("kara-budget", f"the {self.policy} policy needs a decode-cache budget in tokens")
         if self.policy == "streaming" and self.sink >= self.window_budget:

@@ -50,6 +50,9 @@ FLAGS = (
     Flag("kara_vote_heads", "vote_heads", str, "group: one query per KV head; all: every query head.",
          VOTE_HEAD_MODES),
     Flag("kara_sink", "sink", int, "streaming: first decode tokens always kept (default 4)."),
+    Flag("kara_core_fraction", "core_fraction", float,
+         "cask: share of each window's budget kept exactly as the core; the rest holds merged "
+         "scratch (default 0.5).", per_request=True),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 
