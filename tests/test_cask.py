@@ -243,3 +243,61 @@ def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, de
     assert events >= 6 and merged_rows > 0
     sim.finish_all()
     assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use
+
+
+# ------------------------------------------------------------------------ real SGLang
+SGL_W, SGL_U = 32, 8
+SYSTEM = [int(x) for x in torch.randint(10, 500, (48,), generator=torch.Generator().manual_seed(7))]
+
+
+@pytest.mark.sglang
+def test_cask_through_the_real_sglang_scheduler(tiny_model):
+    from support.engines import assert_pool_back_to_idle, flush, last, make_engine, use_cpu_sglang
+
+    use_cpu_sglang()
+    prompts = ["the first step is", "answer equals seven plus two minus", "they were called people"]
+    n = 2 * SGL_W + SGL_U + 5
+    greedy = dict(temperature=0, max_new_tokens=n, ignore_eos=True)
+    short = dict(greedy, max_new_tokens=10)
+
+    def conversation(engine):
+        flush(engine)
+        first = engine.generate(input_ids=SYSTEM + [11, 12], sampling_params=greedy)
+        shared = engine.generate(input_ids=SYSTEM + [13, 14, 15], sampling_params=short)
+        return first, shared["meta_info"]["cached_tokens"]
+
+    # One engine at a time: Engine.shutdown() ends every scheduler of this process.
+    engine = make_engine(tiny_model)
+    try:
+        base = engine.generate(prompts, greedy)
+        _, base_shared = conversation(engine)
+    finally:
+        engine.shutdown()
+
+    cfg = KaraConfig(policy="cask", window=SGL_W, buffer=SGL_U, keep_ratio=0.25, core_fraction=0.5)
+    engine = make_engine(tiny_model, kv_policy="cask", kara_window=SGL_W, kara_buffer=SGL_U,
+                         kara_keep_ratio=0.25, kara_core_fraction=0.5)
+    try:
+        ours = engine.generate(prompts, greedy)
+        for b, o in zip(base, ours):
+            meta = o["meta_info"]
+            assert meta["completion_tokens"] == n
+            # Cask's own bookkeeping: decode KV entry W + U triggers, then every W.
+            policy, state = make_policy(cfg), WindowState(prompt_len=meta["prompt_tokens"])
+            for _ in range(n - 2):
+                state.on_decode()
+                task = policy.plan(state)
+                if task is not None:
+                    state.apply(task, policy.tail_consumed(task))
+            assert last(meta, "kv_tokens_evicted") == state.evicted == 2 * (SGL_W - cfg.window_budget)
+            assert last(meta, "kv_tokens_kept") == state.kv_len + 1
+            # Identical to vanilla until the first compression (after output token W + U + 1).
+            first = SGL_W + SGL_U + 1
+            assert o["output_ids"][:first] == b["output_ids"][:first]
+        long_turn, shared = conversation(engine)
+        assert last(long_turn["meta_info"], "kv_tokens_evicted") > 0
+        # The compressed answer stays out of the tree; the shared system prompt is still hit.
+        assert shared == base_shared >= len(SYSTEM)
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
