@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask")
-# Policies that compress the decode tail window by window (W + U trigger, budget per window).
-WINDOW_POLICIES = ("kara", "cask")
 VOTE_HEAD_MODES = ("group", "all")
 
 # The window size the scorer kernel is tuned and tested for.
 MAX_WINDOW = 1024
+
+# Policies that compress the decode tail window by window (W + U trigger, budget per window).
+WINDOW_POLICIES = ("kara", "cask")
 
 
 class KaraConfigError(ValueError):
@@ -42,14 +43,14 @@ class KaraConfig:
         chunk_size: gamma, the longest contiguous chunk Token2Chunk grows (1 disables it).
         chunk_fraction: share of the budget spent on chunks; the rest goes to single
             top-scoring tokens.
+        core_fraction: cask only: share of each window's budget kept exactly (the core);
+            the rest of the budget holds merged scratch entries.
         vote_layers: layer ids whose queries vote; ``None`` means ``num_vote_layers``
             layers spread evenly over the model, the last one included.
         num_vote_layers: how many layers vote when ``vote_layers`` is ``None``.
         vote_heads: ``"group"`` stores one query per KV head (the mean of its GQA group's
             query heads: GQA-ratio times less buffer memory); ``"all"`` stores every query head.
         sink: streaming only: first decode tokens always kept.
-        core_fraction: cask only: share of each window's budget kept exactly (the core);
-            the rest of the budget holds merged scratch entries.
     """
 
     policy: str = "kara"
@@ -59,11 +60,11 @@ class KaraConfig:
     budget: Optional[int] = None
     chunk_size: int = 8
     chunk_fraction: float = 0.5
+    core_fraction: float = 0.5
     vote_layers: Optional[Tuple[int, ...]] = None
     num_vote_layers: int = 4
     vote_heads: str = "group"
     sink: int = 4
-    core_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -130,6 +131,9 @@ class KaraConfig:
             fail("kara-chunk-size", f"gamma must be an integer >= 1, got {self.chunk_size!r}")
         if not (isinstance(self.chunk_fraction, (int, float)) and 0.0 <= self.chunk_fraction <= 1.0):
             fail("kara-chunk-fraction", f"must be in [0, 1], got {self.chunk_fraction!r}")
+        if not (isinstance(self.core_fraction, (int, float)) and not isinstance(self.core_fraction, bool)
+                and 0.0 <= self.core_fraction <= 1.0):
+            fail("kara-core-fraction", f"must be in [0, 1], got {self.core_fraction!r}")
         if self.policy == "kara" and self.chunk_size > 1 and self.chunk_fraction > 0 and self.num_chunks < 1:
             fail(
                 "kara-chunk-size",
@@ -147,9 +151,6 @@ class KaraConfig:
             fail("kara-num-vote-layers", f"must be an integer >= 1, got {self.num_vote_layers!r}")
         if not isinstance(self.sink, int) or self.sink < 0:
             fail("kara-sink", f"must be an integer >= 0, got {self.sink!r}")
-        if not (isinstance(self.core_fraction, (int, float)) and not isinstance(self.core_fraction, bool)
-                and 0.0 <= self.core_fraction <= 1.0):
-            fail("kara-core-fraction", f"must be in [0, 1], got {self.core_fraction!r}")
         if self.policy in ("streaming", "threshold") and self.budget is None:
             fail("kara-budget", f"the {self.policy} policy needs a decode-cache budget in tokens")
         if self.policy == "streaming" and self.sink >= self.window_budget:
