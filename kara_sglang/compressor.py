@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from kara_kernels import compact_kv, window_scores
+from kara_kernels import compact_kv, merge_kv, window_scores
 from kara_sglang.policies.base import KVPolicy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_sglang.window import CompressionTask
@@ -124,7 +124,16 @@ class Compressor:
             )
             if self.profile:
                 self.stats.score_seconds += self._clock(device) - start
-        keep = policy.select(scores, task, n, device)  # [n, keep]
+        select_and_merge = getattr(policy, "select_and_merge", None)
+        if select_and_merge is None:
+            keep = policy.select(scores, task, n, device)  # [n, keep]
+        else:
+            # Policies that merge (cask): merged rows go into slots of the keep set first, so
+            # the compaction below moves them like any kept row (merge reads only its own
+            # disjoint group's slots; compaction reads each kept slot after its merge).
+            keep, merges = select_and_merge(scores, task, n, device)
+            if merges is not None:
+                self._merge(old, merges, n)
         suffix = torch.arange(task.n_keys, span, device=device).expand(n, -1)
         order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending
         moved = old.gather(1, order)
@@ -142,6 +151,15 @@ class Compressor:
         compact_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers),
                    moved, old[:, :new_len], n_moves)
         return self._whole_pages_past_end(items, device)
+
+    def _merge(self, old: torch.Tensor, merges, n: int) -> None:
+        """Write each merged entry (weighted sum of its members' K/V rows) into its target slot."""
+        n_runs, longest = merges.members.shape[1:]
+        dst = old.gather(1, merges.targets).reshape(-1)
+        src = old.gather(1, merges.members.reshape(n, -1)).reshape(n * n_runs, longest).contiguous()
+        merge_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers), dst, src,
+                 merges.weights.reshape(n * n_runs, longest).contiguous(),
+                 merges.sizes.expand(n, -1).reshape(-1))
 
     def _clock(self, device: torch.device) -> float:
         if self.profile and device.type == "cuda":

@@ -11,12 +11,15 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
-POLICY_NAMES = ("none", "kara", "streaming", "threshold")
+POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask")
 VOTE_HEAD_MODES = ("group", "all")
 SCOPES = ("auto", "reasoning", "all")
 
 # The window size the scorer kernel is tuned and tested for.
 MAX_WINDOW = 1024
+
+# Policies that compress the decode tail window by window (W + U trigger, budget per window).
+WINDOW_POLICIES = ("kara", "cask")
 
 
 class KaraConfigError(ValueError):
@@ -41,6 +44,8 @@ class KaraConfig:
         chunk_size: gamma, the longest contiguous chunk Token2Chunk grows (1 disables it).
         chunk_fraction: share of the budget spent on chunks; the rest goes to single
             top-scoring tokens.
+        core_fraction: cask only: share of each window's budget kept exactly (the core);
+            the rest of the budget holds merged scratch entries.
         vote_layers: layer ids whose queries vote; ``None`` means ``num_vote_layers``
             layers spread evenly over the model, the last one included.
         num_vote_layers: how many layers vote when ``vote_layers`` is ``None``.
@@ -59,6 +64,7 @@ class KaraConfig:
     budget: Optional[int] = None
     chunk_size: int = 8
     chunk_fraction: float = 0.5
+    core_fraction: float = 0.5
     vote_layers: Optional[Tuple[int, ...]] = None
     num_vote_layers: int = 4
     vote_heads: str = "group"
@@ -113,7 +119,7 @@ class KaraConfig:
             fail("kv-policy", f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         if not isinstance(self.window, int) or self.window < 2:
             fail("kara-window", f"must be an integer >= 2, got {self.window!r}")
-        if self.policy == "kara" and self.window > MAX_WINDOW:
+        if self.policy in WINDOW_POLICIES and self.window > MAX_WINDOW:
             fail("kara-window", f"must be <= {MAX_WINDOW}, got {self.window}")
         if not isinstance(self.buffer, int) or self.buffer < 1:
             fail("kara-buffer", f"must be an integer >= 1, got {self.buffer!r}")
@@ -124,12 +130,15 @@ class KaraConfig:
         if self.budget is not None:
             if not isinstance(self.budget, int) or self.budget < 1:
                 fail("kara-budget", f"must be an integer >= 1, got {self.budget!r}")
-            if self.policy == "kara" and self.budget > self.window:
+            if self.policy in WINDOW_POLICIES and self.budget > self.window:
                 fail("kara-budget", f"budget {self.budget} exceeds window W={self.window}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             fail("kara-chunk-size", f"gamma must be an integer >= 1, got {self.chunk_size!r}")
         if not (isinstance(self.chunk_fraction, (int, float)) and 0.0 <= self.chunk_fraction <= 1.0):
             fail("kara-chunk-fraction", f"must be in [0, 1], got {self.chunk_fraction!r}")
+        if not (isinstance(self.core_fraction, (int, float)) and not isinstance(self.core_fraction, bool)
+                and 0.0 <= self.core_fraction <= 1.0):
+            fail("kara-core-fraction", f"must be in [0, 1], got {self.core_fraction!r}")
         if self.policy == "kara" and self.chunk_size > 1 and self.chunk_fraction > 0 and self.num_chunks < 1:
             fail(
                 "kara-chunk-size",

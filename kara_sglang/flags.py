@@ -44,6 +44,9 @@ FLAGS = (
          per_request=True),
     Flag("kara_chunk_fraction", "chunk_fraction", float, "Share of the budget spent on chunks (default 0.5).",
          per_request=True),
+    Flag("kara_core_fraction", "core_fraction", float,
+         "cask: share of each window's budget kept exactly as the core; the rest holds merged "
+         "scratch (default 0.5).", per_request=True),
     Flag("kara_vote_layers", "vote_layers", _layer_list, "Comma-separated layer ids whose queries vote."),
     Flag("kara_num_vote_layers", "num_vote_layers", int,
          "Layers that vote, spread evenly, when --kara-vote-layers is not given (default 4)."),
