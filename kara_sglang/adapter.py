@@ -248,7 +248,12 @@ class KaraRuntime:
         remaining = max(0, req.sampling_params.max_new_tokens - len(req.output_ids))
         state: Optional[RequestKV] = getattr(req, "kara", None)
         if state is None:
-            policy, window = self.policy_for(req), WindowState(prompt_len=0)
+            try:
+                policy, window = self.policy_for(req), WindowState(prompt_len=0)
+            except KaraConfigError:
+                # Refused on arrival (bad custom_params): it is being aborted, and SGLang may
+                # still pass it through admission; reserve for it as vanilla would.
+                return float(remaining)
         else:
             policy, window = state.policy, state.window
         if policy is None:
