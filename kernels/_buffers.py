@@ -41,6 +41,21 @@ def buffer_offsets(buffers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch
     return base, offsets_t
 
 
+def row_layout(buffers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(base, offsets, stride_slot, row_elems)`` of buffers that share one contiguous row layout.
+
+    The row-moving kernels (compaction, merging) address slot ``s`` of buffer ``l`` as
+    ``base + offsets[l] + s * stride_slot``, a row of ``row_elems`` elements.
+    """
+    base, offsets = buffer_offsets(buffers)
+    stride_slot = base.stride(0)
+    row_elems = base[0].numel()
+    for b in buffers:
+        if b.stride(0) != stride_slot or b[0].numel() != row_elems or not b[0].is_contiguous():
+            raise ValueError("all buffers must share one contiguous row layout")
+    return base, offsets, stride_slot, row_elems
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

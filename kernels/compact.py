@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kara_kernels._buffers import buffer_offsets
+from kara_kernels._buffers import row_layout
 
 
 @triton.jit
@@ -67,12 +67,7 @@ def compact_kv(
     n_req = src_slots.shape[0]
     if n_req == 0 or src_slots.shape[1] == 0:
         return
-    base, offsets = buffer_offsets(buffers)
-    stride_slot = base.stride(0)
-    row_elems = base[0].numel()
-    for b in buffers:
-        if b.stride(0) != stride_slot or b[0].numel() != row_elems or not b[0].is_contiguous():
-            raise ValueError("all buffers must share one contiguous row layout")
+    base, offsets, stride_slot, row_elems = row_layout(buffers)
     block = min(block, triton.next_power_of_2(row_elems))
     grid = (n_req, len(buffers), triton.cdiv(row_elems, block))
     _compact_kernel[grid](

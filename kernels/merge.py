@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kara_kernels._buffers import buffer_offsets
+from kara_kernels._buffers import row_layout
 
 
 @triton.jit
@@ -76,12 +76,7 @@ def merge_kv(
     n_merges = src_slots.shape[0]
     if n_merges == 0 or src_slots.shape[1] == 0:
         return
-    base, offsets = buffer_offsets(buffers)
-    stride_slot = base.stride(0)
-    row_elems = base[0].numel()
-    for b in buffers:
-        if b.stride(0) != stride_slot or b[0].numel() != row_elems or not b[0].is_contiguous():
-            raise ValueError("all buffers must share one contiguous row layout")
+    base, offsets, stride_slot, row_elems = row_layout(buffers)
     dst_slots = dst_slots.contiguous()
     n_src = n_src.to(torch.int32).contiguous()
     weights = weights.float()
