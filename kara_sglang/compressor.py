@@ -124,16 +124,12 @@ class Compressor:
             )
             if self.profile:
                 self.stats.score_seconds += self._clock(device) - start
-        select_and_merge = getattr(policy, "select_and_merge", None)
-        if select_and_merge is None:
-            keep = policy.select(scores, task, n, device)  # [n, keep]
-        else:
+        keep, merges = policy.select_and_merge(scores, task, n, device)  # keep: [n, keep]
+        if merges is not None:
             # Policies that merge (cask): merged rows go into slots of the keep set first, so
             # the compaction below moves them like any kept row (merge reads only its own
             # disjoint group's slots; compaction reads each kept slot after its merge).
-            keep, merges = select_and_merge(scores, task, n, device)
-            if merges is not None:
-                self._merge(old, merges, n)
+            self._merge(old, merges, n)
         suffix = torch.arange(task.n_keys, span, device=device).expand(n, -1)
         order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending
         moved = old.gather(1, order)

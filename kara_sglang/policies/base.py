@@ -59,6 +59,14 @@ class KVPolicy(ABC):
         """
         raise NotImplementedError
 
+    def select_and_merge(self, scores: Optional[torch.Tensor], task: CompressionTask, n_windows: int,
+                         device: torch.device):
+        """Keep set, plus the merges that fill some kept slots (``None``: plain eviction).
+
+        Policies that consolidate KV (cask) override this; the others only select.
+        """
+        return self.select(scores, task, n_windows, device), None
+
 
 class NoCompression(KVPolicy):
     """``--kv-policy none``: vanilla SGLang, nothing is ever compressed."""
