@@ -56,29 +56,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from kara_sglang.config import KaraConfig, KaraConfigError  # noqa: E402
 from kara_sglang.policies import make_policy  # noqa: E402
-from kara_sglang.policies.cask import CaskPolicy  # noqa: E402
 from kara_sglang.window import WindowState  # noqa: E402
-from test_policies import run  # noqa: E402
-
-
-@settings(max_examples=150, deadline=None)
-@given(window=st.integers(4, 64), buffer_frac=st.floats(0.05, 0.9), ratio=st.floats(0.05, 1.0),
-       core=st.floats(0.0, 1.0), prompt=st.integers(0, 50), steps=st.integers(0, 600))
-def test_cask_windows_follow_kara_schedule_and_stay_final(window, buffer_frac, ratio, core, prompt, steps):
-    buffer = max(1, min(window - 1, int(window * buffer_frac)))
-    cfg = KaraConfig(policy="cask", window=window, buffer=buffer, keep_ratio=ratio, core_fraction=core)
-    policy = make_policy(cfg)
-    assert isinstance(policy, CaskPolicy) and policy.query_ring == window + buffer
-    state = WindowState(prompt_len=prompt)
-    tasks = run(policy, state, steps)
-    keep = cfg.window_budget
-    assert [d for d, _ in tasks] == list(range(window + buffer, steps + 1, window))
-    for i, (_, task) in enumerate(tasks):
-        # Prompt untouched; window i starts right after the i final compressed windows.
-        assert task.kv_start == prompt + i * keep >= prompt
-        assert (task.n_keys, task.keep, task.n_suffix) == (window, keep, buffer)
-    assert state.kv_len == prompt + steps - len(tasks) * (window - keep)
-    assert state.next_position == prompt + steps
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,5 +1,6 @@
 """Window bookkeeping: when each policy compresses, which region, and what stays final."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,15 +21,19 @@ def run(policy, state, steps):
     return tasks
 
 
+@pytest.mark.parametrize("name", ["kara", "cask"])  # cask runs on Kara's windows
 @settings(max_examples=150, deadline=None)
 @given(
     window=st.integers(4, 64), buffer_frac=st.floats(0.05, 0.9), ratio=st.floats(0.05, 1.0),
-    prompt=st.integers(0, 50), steps=st.integers(0, 600),
+    core=st.floats(0.0, 1.0), prompt=st.integers(0, 50), steps=st.integers(0, 600),
 )
-def test_kara_compresses_each_window_once_on_schedule(window, buffer_frac, ratio, prompt, steps):
+def test_window_policies_compress_each_window_once_on_schedule(name, window, buffer_frac, ratio, core,
+                                                                prompt, steps):
     buffer = max(1, min(window - 1, int(window * buffer_frac)))
-    cfg = KaraConfig(window=window, buffer=buffer, keep_ratio=ratio, chunk_size=1)
+    extra = {"core_fraction": core} if name == "cask" else {}
+    cfg = KaraConfig(policy=name, window=window, buffer=buffer, keep_ratio=ratio, chunk_size=1, **extra)
     policy = make_policy(cfg)
+    assert policy.name == name and policy.query_ring == window + buffer
     state = WindowState(prompt_len=prompt)
     tasks = run(policy, state, steps)
     keep = cfg.window_budget
