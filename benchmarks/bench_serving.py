@@ -3,9 +3,14 @@
     python benchmarks/bench_serving.py --policy kara --keep-ratio 0.25 --out row.json \\
         --log-file log.txt --workload 128x1024+8192 --workload 3*128x128+448 --workload 64x1024+4096@1.5
 
-Workload ``[K*]NxP+O[@RATE][/C]``: N requests of P random prompt tokens and O output tokens
-(``ignore_eos``); all offered at once, or as a seeded Poisson stream of RATE requests/s; at
-most C in flight from the client when ``/C`` is given; repeated K times (rows for each).
+Workload ``[K*]NxP+O[@RATE][/C][~POLICY[,keep=R][,budget=B]]``: N requests of P random prompt
+tokens and O output tokens (``ignore_eos``); all offered at once, or as a seeded Poisson stream
+of RATE requests/s; at most C in flight from the client when ``/C`` is given; repeated K times
+(rows for each). A ``~`` suffix runs the workload's requests with their own policy settings
+(per-request ``custom_params``) on the same server, so one start-up serves several Kara keep
+ratios and the threshold baseline: e.g. ``96x1024+8192~kara,keep=0.125``,
+``128x1024+4096~threshold,budget=1024``. Rows are written to ``--out`` after every workload,
+so a run stopped by its time limit keeps the rows it finished.
 Every request streams, so TTFT and inter-token latency are measured the way
 ``sglang.bench_serving`` does (per streamed chunk, on the client side).
 
@@ -42,7 +47,7 @@ LLAMA_31_8B = {
     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }
 
-WORKLOAD = re.compile(r"^(?:(\d+)\*)?(\d+)x(\d+)\+(\d+)(?:@([0-9.]+))?(?:/(\d+))?$")
+WORKLOAD = re.compile(r"^(?:(\d+)\*)?(\d+)x(\d+)\+(\d+)(?:@([0-9.]+))?(?:/(\d+))?(?:~(\w+)((?:,\w+=[0-9.]+)*))?$")
 
 
 @dataclass
@@ -54,15 +59,35 @@ class Workload:
     output_len: int
     request_rate: Optional[float]  # None: all at once
     max_concurrency: Optional[int]
+    policy: Optional[str] = None  # per-request policy; None: the server's own settings
+    keep_ratio: Optional[float] = None
+    budget: Optional[int] = None
+
+    def custom_params(self) -> Optional[dict]:
+        if self.policy is None:
+            return None
+        params = {"kv_policy": self.policy}
+        if self.keep_ratio is not None:
+            params["kara_keep_ratio"] = self.keep_ratio
+        if self.budget is not None:
+            params["kara_budget"] = self.budget
+        return params
 
 
 def parse_workload(text: str) -> Workload:
     m = WORKLOAD.match(text)
     if not m:
-        raise argparse.ArgumentTypeError(f"workload {text!r} is not [K*]NxP+O[@RATE][/C]")
-    k, n, p, o, rate, conc = m.groups()
+        raise argparse.ArgumentTypeError(
+            f"workload {text!r} is not [K*]NxP+O[@RATE][/C][~POLICY[,keep=R][,budget=B]]")
+    k, n, p, o, rate, conc, policy, options = m.groups()
+    settings = dict(item.split("=") for item in (options or "").split(",") if item)
+    unknown = set(settings) - {"keep", "budget"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"workload {text!r}: unknown setting(s) {sorted(unknown)}")
     return Workload(text, int(k or 1), int(n), int(p), int(o),
-                    float(rate) if rate else None, int(conc) if conc else None)
+                    float(rate) if rate else None, int(conc) if conc else None, policy,
+                    float(settings["keep"]) if "keep" in settings else None,
+                    int(settings["budget"]) if "budget" in settings else None)
 
 
 def percentile(values, q):
@@ -83,6 +108,9 @@ async def one_request(engine, ids, sampling, delay, gate, record):
             got = len(chunk["output_ids"])
             meta = chunk["meta_info"]
             retractions = meta.get("num_retractions", retractions)
+            finish = meta.get("finish_reason") or {}
+            if finish.get("type") == "abort":  # a refused request must not pass as a short one
+                raise RuntimeError(f"request aborted: {finish.get('message')}")
             evicted = (meta.get("kv_tokens_evicted") or [evicted])[-1]
             if got == 0:
                 continue
@@ -98,6 +126,8 @@ async def one_request(engine, ids, sampling, delay, gate, record):
 async def run_workload(engine, w: Workload, rng: random.Random):
     prompts = [[rng.randrange(1000, 120000) for _ in range(w.prompt_len)] for _ in range(w.num_requests)]
     sampling = {"temperature": 0, "max_new_tokens": w.output_len, "ignore_eos": True}
+    if w.custom_params():
+        sampling["custom_params"] = w.custom_params()
     delays, t = [], 0.0
     for _ in prompts:
         delays.append(t)
@@ -124,7 +154,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--buffer", type=int, default=64)
     ap.add_argument("--workload", type=parse_workload, action="append", required=True,
-                    help="[K*]NxPROMPT+OUTPUT[@RATE][/CONCURRENCY]")
+                    help="[K*]NxPROMPT+OUTPUT[@RATE][/CONCURRENCY][~POLICY[,keep=R][,budget=B]]")
     ap.add_argument("--warmup", type=parse_workload, default=parse_workload("16x256+64"),
                     help="run first, not recorded (JIT, caches)")
     ap.add_argument("--attention-backend", default="triton")
@@ -160,6 +190,7 @@ def main() -> None:
             kara["kara_keep_ratio"] = args.keep_ratio
         if args.budget is not None:
             kara["kara_budget"] = args.budget
+    print("BENCH-CONFIG " + json.dumps(vars(args), default=lambda o: getattr(o, "spec", str(o))), file=sys.stderr, flush=True)
     t0 = time.time()
     engine = sglang.Engine(
         model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
@@ -185,11 +216,13 @@ def main() -> None:
             produced = sum(r["tokens"] for r in record)
             gaps = [g for r in record for g in r["gaps"]]
             ttfts = [r["ttft"] for r in record if r["ttft"] is not None]
+            policy = w.policy or args.policy
             rows.append({
-                "policy": args.policy if args.policy != "none" else "vanilla",
-                "keep_ratio": args.keep_ratio if args.policy == "kara" else None,
-                "budget": args.budget, "window": args.window if kara else None,
-                "buffer": args.buffer if kara else None, "workload": tag,
+                "policy": policy if policy != "none" else "vanilla",
+                "keep_ratio": (w.keep_ratio or args.keep_ratio) if policy in ("kara", "cask") else None,
+                "budget": w.budget if w.policy else args.budget,
+                "window": args.window if policy != "none" else None,
+                "buffer": args.buffer if policy != "none" else None, "workload": tag,
                 "prompt_len": w.prompt_len, "output_len": w.output_len, "num_requests": w.num_requests,
                 "request_rate": w.request_rate, "max_concurrency": w.max_concurrency,
                 "wall_s": wall, "output_tok_per_s": produced / wall,
@@ -202,15 +235,22 @@ def main() -> None:
                 "decode_steps": spent["decode_steps"], "kara_hook_host_s": spent["hook_host_s"],
                 "kara_compress_gpu_s": spent["compress_s"],
                 "compression_events": spent["compression_events"],
-                "attention_backend": args.attention_backend, "startup_s": startup,
-                "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
-                "max_running_requests": args.max_running_requests,
+                "server_policy": args.policy, "attention_backend": args.attention_backend,
+                "startup_s": startup, "mem_fraction_static": args.mem_fraction_static,
+                "max_total_tokens": max_total_tokens, "max_running_requests": args.max_running_requests,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                 "sglang_version": sglang.__version__,
             })
             print(json.dumps(rows[-1]), flush=True)
+            write_rows(rows, args)
     engine.shutdown()
+    write_rows(rows, args)
+
+
+def write_rows(rows, args) -> None:
+    """Rows so far, with the peaks SGLang's decode log shows for each finished workload."""
     if args.log_file:
+        sys.stderr.flush()
         peaks = peaks_from_log(open(args.log_file, errors="replace").read())
         for row in rows:
             row.update(peaks.get(row["workload"], {}))

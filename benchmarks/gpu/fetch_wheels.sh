@@ -20,7 +20,8 @@ pkgs=(sglang==0.5.17 sglang-kernel==0.4.5 transformers==5.12.1 tokenizers==0.22.
       prompt_toolkit ptyprocess pure_eval pybase64 pycountry pydantic pydantic-core pydantic-extra-types
       python-multipart pyzmq referencing rpds-py setproctitle smg-grpc-servicer==0.14.1 sniffio stack_data
       starlette torch_memory_saver torchao==0.17.0 traitlets typing-inspection uvicorn watchfiles wcwidth
-      xgrammar==0.2.1 zstandard smg-grpc-proto sentencepiece tiktoken)
+      xgrammar==0.2.1 zstandard smg-grpc-proto sentencepiece tiktoken ninja==1.13.2
+      click einops nvidia-ml-py tabulate cuda-python cuda-bindings cuda-pathfinder)
 for p in "${pkgs[@]}"; do
   ls "$out/dl" | grep -qi "^$(echo "${p%%==*}" | tr '-' '_' )-" && continue
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
