@@ -155,8 +155,8 @@ def main() -> None:
     ap.add_argument("--buffer", type=int, default=64)
     ap.add_argument("--workload", type=parse_workload, action="append", required=True,
                     help="[K*]NxPROMPT+OUTPUT[@RATE][/CONCURRENCY][~POLICY[,keep=R][,budget=B]]")
-    ap.add_argument("--warmup", type=parse_workload, default=parse_workload("16x256+64"),
-                    help="run first, not recorded (JIT, caches)")
+    ap.add_argument("--warmup", type=parse_workload, default=parse_workload("16x256+640"),
+                    help="run first, not recorded (JIT, caches; past W + U so compression kernels compile here)")
     ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--max-running-requests", type=int, default=256)

@@ -1,6 +1,6 @@
 """Turn the GPU serving runs into docs/results/throughput.json, the bytes model and the plot.
 
-    python benchmarks/report_throughput.py docs/results/raw-2026-11-25
+    python benchmarks/report_throughput.py docs/results/raw-2026-11-25b
 
 Reads each ``row-*.json`` written by ``bench_serving.py``, and for a configuration whose
 process was killed by its time limit before the workload finished (its ``log-*.txt`` has a
@@ -12,7 +12,9 @@ what makes the partial rows usable; they are still not completion throughputs.
 
 Bytes model: a decode step reads the weights and the KV of every running request, so
 throughput(C) = C / ((weights + C x avg KV per request x bytes per token) / bandwidth), with
-the average over a request's life from Kara's own window bookkeeping.
+the average over a request's life from Kara's own window bookkeeping. Each row is compared
+with vanilla on the same workload (same run when it has one): measured gain, the gain the model
+predicts at the two measured peak concurrencies, and the share of it reached.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_serving import parse_workload  # noqa: E402  (the workload grammar, one definition)
 
 WEIGHT_BYTES = 16.06e9  # Llama-3.1-8B, bf16
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head_dim x (K, V) x bf16
 BANDWIDTH = 2.998e12  # measured device-to-device copy bandwidth of the H100 (bench_kernels.py)
-POOL_TOKENS = 423_494  # --mem-fraction-static 0.85
+DEFAULT_POOL_TOKENS = 423_494  # --mem-fraction-static 0.85 on the H100; rows carry their own
 BATCH_LINE = re.compile(r"\[(\S+ \S+)\] (Prefill|Decode) batch.*?#running-req: (\d+)")
 
 
@@ -81,6 +85,40 @@ def partial_from_log(path: str, spec: str, num_requests: int, output_len: int):
             "fraction_done": tokens / (num_requests * output_len)}
 
 
+def server_config(log: str, text: str):
+    """The bench's arguments: its BENCH-CONFIG line, or (older logs) the file name."""
+    m = re.search(r"^BENCH-CONFIG (.*)$", text, re.M)
+    if m:
+        config = json.loads(m.group(1))
+        config["warmup"] = config["warmup"].split("#")[0]
+        return config
+    m = re.match(r"(none|kara|threshold|streaming)-([0-9.]*|-)-([0-9]*)(?:\.|$)", os.path.basename(log)[4:-4])
+    if not m:
+        return None
+    policy, ratio, budget = m.groups()
+    return {"policy": policy, "keep_ratio": float(ratio) if ratio not in ("", "-") else None,
+            "budget": int(budget) if budget else None, "window": 512, "buffer": 64, "warmup": "16x256+64",
+            "attention_backend": "triton", "mem_fraction_static": 0.85, "max_running_requests": 256}
+
+
+def add_gains(rows) -> None:
+    """Gain over vanilla on the same workload (same run if it has one) vs the bytes model's;
+    the share is measured gain / model gain (the target: >= 0.9)."""
+    def shape(r):
+        return r["prompt_len"], r["output_len"], r["num_requests"], r.get("request_rate")
+
+    vanilla = [r for r in rows if r["policy"] == "vanilla" and r.get("model_tok_per_s")]
+    for row in rows:
+        base = [v for v in vanilla if shape(v) == shape(row)]
+        base = [v for v in base if v.get("run") == row.get("run")] or base
+        if row["policy"] == "vanilla" or not base or not row.get("model_tok_per_s"):
+            continue
+        v = base[0]
+        row["gain_vs_vanilla"] = row["output_tok_per_s"] / v["output_tok_per_s"]
+        row["model_gain"] = row["model_tok_per_s"] / v["model_tok_per_s"]
+        row["share_of_model_gain"] = row["gain_vs_vanilla"] / row["model_gain"]
+
+
 def collect(raw_dir: str):
     rows = []
     for path in sorted(glob.glob(os.path.join(raw_dir, "row-*.json"))):
@@ -93,29 +131,32 @@ def collect(raw_dir: str):
                       f"{check['output_tok_per_s']:.0f} vs {row['output_tok_per_s']:.0f} tok/s")
             rows.append(row)
     for log in sorted(glob.glob(os.path.join(raw_dir, "log-*.txt"))):
-        if os.path.exists(log.replace("log-", "row-").replace(".txt", ".json")):
-            continue
-        name = os.path.basename(log)[4:-4]
-        m = re.match(r"(none|kara|threshold|streaming)-([0-9.]*|-)-([0-9]*)(?:\.|$)", name)
-        if not m:
-            continue
-        policy, ratio, budget = m.groups()
         text = open(log, errors="replace").read()
-        for spec in re.findall(r"BENCH-START (\d+x\d+\+\d+#\d+)", text):
-            if f"BENCH-END {spec}" in text or spec.startswith("16x256+64"):
+        server = server_config(log, text)
+        if server is None:
+            continue
+        row_file = log.replace("log-", "row-").replace(".txt", ".json")
+        done = {r["workload"] for r in json.load(open(row_file))} if os.path.exists(row_file) else set()
+        for spec in re.findall(r"BENCH-START (\S+#\d+)", text):
+            if f"BENCH-END {spec}" in text or spec in done or spec.startswith(server["warmup"]):
                 continue
-            n, p, o = map(int, re.match(r"(\d+)x(\d+)\+(\d+)", spec).groups())
-            part = partial_from_log(log, spec, n, o)
+            w = parse_workload(spec.split("#")[0])
+            part = partial_from_log(log, spec, w.num_requests, w.output_len)
             if part is None:
                 continue
+            policy = w.policy or server["policy"]
             rows.append({
                 "policy": "vanilla" if policy == "none" else policy,
-                "keep_ratio": float(ratio) if ratio not in ("", "-") else None,
-                "budget": int(budget) if budget else None, "window": None if policy == "none" else 512,
-                "buffer": None if policy == "none" else 64, "workload": spec, "prompt_len": p,
-                "output_len": o, "num_requests": n, "complete": False, **part,
-                "retractions": text.count("KV cache pool is full. Retract"),
-                "attention_backend": "triton", "mem_fraction_static": 0.85, "max_running_requests": 256,
+                "keep_ratio": (w.keep_ratio or server["keep_ratio"] or 0.25) if policy in ("kara", "cask") else None,
+                "budget": w.budget if w.policy else server["budget"],
+                "window": None if policy == "none" else server["window"],
+                "buffer": None if policy == "none" else server["buffer"], "workload": spec,
+                "prompt_len": w.prompt_len, "output_len": w.output_len, "num_requests": w.num_requests,
+                "request_rate": w.request_rate, "complete": False, **part,
+                "retractions": text.split(f"BENCH-START {spec}")[1].count("KV cache pool is full. Retract"),
+                "attention_backend": server["attention_backend"],
+                "mem_fraction_static": server["mem_fraction_static"],
+                "max_running_requests": server["max_running_requests"],
                 "device": "NVIDIA H100 80GB HBM3", "sglang_version": "0.5.17",
             })
     for row in rows:
@@ -127,7 +168,7 @@ def collect(raw_dir: str):
     return rows
 
 
-def plot(rows, prompt: int, output: int, path: str) -> None:
+def plot(rows, prompt: int, outputs, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,46 +177,57 @@ def plot(rows, prompt: int, output: int, path: str) -> None:
     policies = [("vanilla", None, None, "black"), ("threshold", None, 1024, "tab:orange"),
                 ("kara", 0.5, None, "tab:green"), ("kara", 0.25, None, "tab:blue"),
                 ("kara", 0.125, None, "tab:purple")]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, keep, budget, color in policies:
-        avg, peak = kv_profile(policy, prompt, output, keep, budget)
-        limit = int(POOL_TOKENS / peak)  # every request at its peak KV at once still fits
-        cs = list(range(1, 257))
-        label = policy if policy == "vanilla" else (f"Kara {keep:.1%}" if keep else f"threshold {budget}")
-        ax.plot(cs, [model_tok_per_s(c, avg) for c in cs], color=color, alpha=0.35)
-        ax.plot(cs[:limit], [model_tok_per_s(c, avg) for c in cs[:limit]], color=color, label=label)
-        for row in rows:
-            if (row["policy"], row.get("keep_ratio"), row.get("budget"), row["prompt_len"], row["output_len"]) == \
-                    (policy, keep, budget, prompt, output) and row.get("peak_running_requests"):
-                ax.scatter([row["peak_running_requests"]], [row["output_tok_per_s"]], color=color,
-                           marker="o" if row["complete"] else "x", zorder=3)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("output tokens/s")
-    ax.set_title(f"{prompt} + {output} tokens, Llama-3.1-8B shape, H100: lines = bytes model\n"
-                 "(bold up to the concurrency whose peak KV fits the pool), dots = measured, x = partial run",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    pool = next((r["max_total_tokens"] for r in rows if r.get("max_total_tokens")), DEFAULT_POOL_TOKENS)
+    fig, axes = plt.subplots(1, len(outputs), figsize=(6.5 * len(outputs), 4.5))
+    for ax, output in zip(axes, outputs):
+        for policy, keep, budget, color in policies:
+            avg, peak = kv_profile(policy, prompt, output, keep, budget)
+            limit = int(pool / peak)  # every request at its peak KV at once still fits
+            cs = list(range(1, 257))
+            label = policy if policy == "vanilla" else (f"Kara {keep:.1%}" if keep else f"threshold {budget}")
+            ax.plot(cs, [model_tok_per_s(c, avg) for c in cs], color=color, alpha=0.35)
+            ax.plot(cs[:limit], [model_tok_per_s(c, avg) for c in cs[:limit]], color=color, label=label)
+            for row in rows:
+                if (row["policy"], row.get("keep_ratio"), row.get("budget"), row["prompt_len"],
+                        row["output_len"]) == (policy, keep, budget, prompt, output) \
+                        and row.get("peak_running_requests") and row.get("attention_backend") == "triton":
+                    ax.scatter([row["peak_running_requests"]], [row["output_tok_per_s"]], color=color,
+                               marker="o" if row["complete"] else "x", zorder=3)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"{prompt} + {output} tokens, Llama-3.1-8B shape, H100: lines = bytes model\n"
+                     "(bold up to the concurrency whose peak KV fits the pool), dots = measured, "
+                     "x = partial run", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     raw = sys.argv[1]
+    run = os.path.basename(raw.rstrip("/"))
     rows = collect(raw)
+    for r in rows:
+        r["run"] = run
     out = os.path.join(ROOT, "docs", "results", "throughput.json")
-    old = [r for r in json.load(open(out)) if r.get("run") == "earlier"] if os.path.exists(out) else []
-    for r in rows:
-        r["run"] = os.path.basename(raw.rstrip("/"))
-    json.dump(old + rows, open(out, "w"), indent=1)
-    plot(rows, 1024, 4096, os.path.join(ROOT, "docs", "throughput_vs_concurrency.png"))
-    print(f"{'policy':10} {'keep':>6} {'budget':>6} {'workload':22} {'tok/s':>7} {'model':>7} {'peak':>5} "
-          f"{'retr':>4} {'ITL ms':>7} {'done':>5}")
-    for r in rows:
-        print(f"{r['policy']:10} {str(r.get('keep_ratio')):>6} {str(r.get('budget')):>6} {r['workload']:22} "
-              f"{r['output_tok_per_s']:7.0f} {r.get('model_tok_per_s', 0):7.0f} {r.get('peak_running_requests', 0):5} "
-              f"{r.get('retractions', 0):4} {r.get('itl_mean_ms') or 0:7.2f} "
-              f"{r.get('fraction_done', 1.0):5.2f}")
+    old = [r for r in json.load(open(out)) if r.get("run") != run] if os.path.exists(out) else []
+    everything = old + rows
+    add_gains(everything)
+    json.dump(everything, open(out, "w"), indent=1)
+    plot(everything, 1024, (4096, 8192), os.path.join(ROOT, "docs", "throughput_vs_concurrency.png"))
+    print(f"{'run':16} {'policy':9} {'keep':>5} {'budget':>6} {'workload':30} {'tok/s':>6} {'model':>6} "
+          f"{'peak':>4} {'retr':>4} {'ITL':>6} {'done':>4} {'gain':>5} {'model':>5} {'share':>5}")
+    for r in everything:
+        if r.get("attention_backend", "triton") != "triton" or r["output_len"] < 1024:
+            continue
+        share = r.get("share_of_model_gain")
+        print(f"{r['run']:16} {r['policy']:9} {str(r.get('keep_ratio')):>5} {str(r.get('budget')):>6} "
+              f"{r['workload']:30} {r['output_tok_per_s']:6.0f} {r.get('model_tok_per_s', 0):6.0f} "
+              f"{r.get('peak_running_requests', 0):4} {r.get('retractions', 0):4} "
+              f"{r.get('itl_mean_ms') or 0:6.2f} {r.get('fraction_done', 1.0):4.2f} "
+              f"{r.get('gain_vs_vanilla', 0):5.2f} {r.get('model_gain', 0):5.2f} "
+              f"{share if share is None else round(share, 2)!s:>5}")
 
 
 if __name__ == "__main__":
