@@ -82,6 +82,8 @@ class KaraRuntime:
             logger.info("kara: query buffer %s = %.1f MiB (%d rows, layers %s)",
                         tuple(self.queries.data.shape), mb, rows, self.queries.vote_layers)
         self.evicted_by_row = torch.zeros(rows, dtype=torch.int64, device=device)
+        # Where each compressed request's exact KV prefix ends (set at its first compression).
+        self.exact_prefix_by_row = torch.zeros(rows, dtype=torch.int64, device=device)
         self.rows_with_evictions = 0
         self.sm_scale = head_dim ** -0.5
         self.compressor = Compressor(self.policy, self._layout(), self.queries, self.sm_scale)
@@ -189,7 +191,8 @@ class KaraRuntime:
                 continue
             if task.kv_start < req.cache_protected_len:
                 raise AssertionError(f"kara: refusing to touch radix-tree slots of request {req.rid}")
-            due.append((i, req, DueRequest(req.req_pool_idx, req.req_pool_idx, task), state.policy))
+            due.append((i, req, DueRequest(req.req_pool_idx, req.req_pool_idx, task,
+                                           first=state.window.evicted == 0), state.policy))
         if due:
             self.overhead.compress_begin()
             self._compress(batch, allocator, due)
@@ -200,7 +203,8 @@ class KaraRuntime:
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[3]), []).append(entry)
-        freed_slots = torch.cat([self.compressor.run([e[2] for e in entries], entries[0][3])
+        freed_slots = torch.cat([self.compressor.run([e[2] for e in entries], entries[0][3],
+                                                     self.exact_prefix_by_row)
                                  for entries in by_policy.values()])
         if self.debug_checks:
             self._check_free(freed_slots, allocator)
@@ -315,8 +319,9 @@ class KaraRuntime:
 
         Runs before SGLang's ``release_kv_cache`` (finish, abort, retraction). The tree
         assumes column ``j`` of the request's row holds token ``j``; after compression that
-        holds only for the prompt, so the row is cut to the prompt here and the compressed
-        tail is freed.
+        holds for the prompt and for the leading decode tokens the first compression kept in
+        place (the longest exact prefix), so the row is cut there and the rest is freed. The
+        next turn of a conversation (or a retracted request's re-prefill) matches that much.
         """
         state: Optional[RequestKV] = getattr(req, "kara", None)
         req.kara = None
@@ -328,8 +333,12 @@ class KaraRuntime:
             return
         self.rows_with_evictions -= 1
         self.evicted_by_row[req.req_pool_idx] = 0
-        exact = state.window.prompt_len
+        # One small device read per finished compressed request (the batch's results were
+        # already read to the host, so the GPU is not running ahead of it here).
+        exact = int(self.exact_prefix_by_row[req.req_pool_idx].item())
         end = req.kv_committed_len
+        if not state.window.prompt_len <= exact <= end:
+            raise AssertionError(f"kara: exact prefix {exact} outside [{state.window.prompt_len}, {end}]")
         first = page_ceil(exact, self.page_size)  # whole pages past the exact prefix
         if end > first:
             slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, first:end].to(torch.int64)

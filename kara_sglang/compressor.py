@@ -45,11 +45,15 @@ class KVLayout:
 
 @dataclass(frozen=True)
 class DueRequest:
-    """A request with a compression due: its ``req_to_token`` row, query-buffer row, task."""
+    """A request with a compression due: its ``req_to_token`` row, query-buffer row, task.
+
+    ``first``: the request's first compression (no exact-prefix length recorded yet).
+    """
 
     pool_row: int
     query_row: int
     task: CompressionTask
+    first: bool = False
 
 
 @dataclass
@@ -87,25 +91,31 @@ class Compressor:
         self.profile = profile
         self.stats = CompressionStats()
 
-    def run(self, due: Sequence[DueRequest], policy: Optional[KVPolicy] = None) -> torch.Tensor:
+    def run(self, due: Sequence[DueRequest], policy: Optional[KVPolicy] = None,
+            exact_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Compress every due request; returns the 1-D int64 slots to give back to the allocator.
 
         ``policy`` overrides the compressor's own for this call (per-request settings); it
-        must use the same query ring.
+        must use the same query ring. ``exact_prefix`` (int64, one entry per ``req_to_token``
+        row) is kept at the length of each compressed request's exact prefix: the columns
+        that still hold token j's own KV at column j (everything before the region, then the
+        region's leading tokens kept in place and not merged into). Written on the device,
+        read only when the request is released.
         """
         policy = policy or self.policy
         device = self.layout.req_to_token.device
         groups: Dict[tuple, List[DueRequest]] = {}
         for item in due:
             groups.setdefault(item.task.shape, []).append(item)
-        freed = [self._run_group(items, device, policy) for items in groups.values()]
+        freed = [self._run_group(items, device, policy, exact_prefix) for items in groups.values()]
         self.stats.events += len(due)
         self.stats.tokens_evicted += sum(item.task.n_evicted for item in due)
         if not freed:
             return torch.empty(0, dtype=torch.int64, device=device)
         return torch.cat(freed)
 
-    def _run_group(self, items: List[DueRequest], device: torch.device, policy: KVPolicy) -> torch.Tensor:
+    def _run_group(self, items: List[DueRequest], device: torch.device, policy: KVPolicy,
+                   exact_prefix: Optional[torch.Tensor]) -> torch.Tensor:
         task = items[0].task
         n = len(items)
         span = task.n_keys + task.n_suffix
@@ -130,6 +140,8 @@ class Compressor:
             # the compaction below moves them like any kept row (merge reads only its own
             # disjoint group's slots; compaction reads each kept slot after its merge).
             self._merge(old, merges, n)
+        if exact_prefix is not None:
+            self._record_exact_prefix(items, rows, starts, keep, merges, span, exact_prefix)
         suffix = torch.arange(task.n_keys, span, device=device).expand(n, -1)
         order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending
         moved = old.gather(1, order)
@@ -147,6 +159,20 @@ class Compressor:
         compact_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers),
                    moved, old[:, :new_len], n_moves)
         return self._whole_pages_past_end(items, device)
+
+    @staticmethod
+    def _record_exact_prefix(items, rows, starts, keep, merges, span, exact_prefix) -> None:
+        in_place = keep == torch.arange(keep.shape[1], device=keep.device)  # [n, keep]
+        if merges is not None:  # a merged entry is no longer its token's own KV
+            target = torch.zeros(keep.shape[0], span, dtype=torch.bool, device=keep.device)
+            target.scatter_(1, merges.targets, True)
+            in_place &= ~target.gather(1, keep)
+        leading = in_place.to(torch.int64).cumprod(dim=1).sum(dim=1)
+        # Columns before the region are untouched, so a later compression can only shorten
+        # the prefix (policies that re-compress their whole decode cache, e.g. threshold).
+        first = torch.tensor([it.first for it in items], device=keep.device)
+        known = torch.where(first, torch.iinfo(torch.int64).max, exact_prefix[rows])
+        exact_prefix[rows] = torch.minimum(known, starts + leading)
 
     def _merge(self, old: torch.Tensor, merges, n: int) -> None:
         """Write each merged entry (weighted sum of its members' K/V rows) into its target slot."""

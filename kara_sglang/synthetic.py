@@ -86,6 +86,7 @@ class SyntheticDecode:
                                        config.vote_heads, dtype, device)
         self.compressor = Compressor(self.policy, layout, self.queries, head_dim ** -0.5, profile)
         self.requests = [SyntheticRequest(i, WindowState(prompt_len=p)) for i, p in enumerate(prompt_lens)]
+        self.exact_prefix = torch.zeros(n, dtype=torch.int64, device=device)  # as the adapter keeps it
         for req in self.requests:
             for _ in range(req.state.prompt_len):
                 self._write_token(req)
@@ -133,7 +134,7 @@ class SyntheticDecode:
         for req in self.requests:
             task = self.policy.plan(req.state)
             if task is not None:
-                due.append(DueRequest(req.pool_row, req.pool_row, task))
+                due.append(DueRequest(req.pool_row, req.pool_row, task, first=req.state.evicted == 0))
         return due
 
     def compress(self, due: List[DueRequest]) -> List[DueRequest]:
@@ -142,7 +143,7 @@ class SyntheticDecode:
             if self.device != "cpu":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            freed = self.compressor.run(due)
+            freed = self.compressor.run(due, exact_prefix=self.exact_prefix)
             if self.device != "cpu":
                 torch.cuda.synchronize()
             self.compress_seconds += time.perf_counter() - t0

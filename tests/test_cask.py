@@ -164,6 +164,7 @@ def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, de
     buffers = sim.k + sim.v
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     events = merged_rows = 0
+    exact = {}
     for _ in range(100):
         sim.decode()
         due = sim.due()
@@ -177,8 +178,8 @@ def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, de
         # The keep sets are recorded as the compressor runs; _kept_of reads them afterwards.
         real_run = sim.compressor.run
 
-        def run_and_index(items, policy=None):
-            freed = real_run(items, policy)
+        def run_and_index(items, policy=None, exact_prefix=None):
+            freed = real_run(items, policy, exact_prefix)
             (keep, _), = sim.calls  # one shape group: rows follow the due order
             for b, it in enumerate(items):
                 sim.keep_of[it.pool_row] = keep[b].tolist()
@@ -209,6 +210,11 @@ def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, de
             for p in range(t.kv_start + t.n_keys, t.old_end):  # the buffer U slides left, exact
                 expected_rows.append([buf[old[p]] for buf in before])
             assert len(expected_rows) == t.new_end == len(new)
+            # Exact prefix for the radix tree: stops at the first token moved or merged into.
+            leading = next((j for j, p in enumerate(keep[b].tolist()) if p != j or p in targets),
+                           t.keep)
+            exact[it.pool_row] = min(exact.get(it.pool_row, t.old_end), t.kv_start + leading)
+            assert int(sim.exact_prefix[it.pool_row]) == exact[it.pool_row]
             for i, rows in enumerate(expected_rows):
                 for buf, want in zip(buffers, rows):
                     got = buf[new[i]].cpu().double()

@@ -63,6 +63,11 @@ def test_compression_keeps_the_selected_tokens_and_leaks_nothing(name, page_size
             assert stored[: req.state.prompt_len] == list(range(req.state.prompt_len))
             assert all(a < b for a, b in zip(stored, stored[1:]))
             assert stored[-1] == req.state.next_position - 1
+            if req.state.evicted:
+                # The exact prefix released to the radix tree: exactly the leading columns
+                # that still hold their own token (column j = position j).
+                exact = next((j for j, p in enumerate(stored) if p != j), len(stored))
+                assert int(sim.exact_prefix[req.pool_row]) == exact >= req.state.prompt_len
         # No leak mid-run: every page in use belongs to some request's live KV.
         assert owned_pages(sim) == sim.alloc.in_use
     assert events > 0

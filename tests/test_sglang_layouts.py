@@ -7,7 +7,7 @@ test process.
 import pytest
 
 from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, pool_state, use_cpu_sglang
-from test_sglang_engine import KARA, PROMPTS, U, W, greedy
+from test_sglang_engine import KARA, PROMPTS, SYSTEM, U, W, greedy
 
 pytestmark = pytest.mark.sglang
 
@@ -47,6 +47,21 @@ def test_baseline_policies_run_through_the_scheduler(tiny_model, policy):
         decode_kv = last(meta, "kv_tokens_kept") - meta["prompt_tokens"]
         assert 24 <= decode_kv <= 24 + 8
         assert last(meta, "kv_tokens_evicted") == 99 - decode_kv
+
+
+def test_next_turn_matches_the_exact_prefix_of_a_compressed_reply(tiny_model):
+    # StreamingLLM keeps its first `sink` decode tokens in place at every compression, so
+    # the exact prefix of its reply is known: prompt + 4 tokens, not just the prompt.
+    engine = make_engine(tiny_model, kv_policy="streaming", kara_budget=24, kara_buffer=8, kara_sink=4)
+    try:
+        prompt = SYSTEM + [11, 12]
+        first = engine.generate(input_ids=prompt, sampling_params=greedy(100))
+        assert last(first["meta_info"], "kv_tokens_evicted") > 0
+        turn2 = engine.generate(input_ids=prompt + first["output_ids"] + [21, 22], sampling_params=greedy(5))
+        assert turn2["meta_info"]["cached_tokens"] == len(prompt) + 4
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
 
 
 def test_without_the_radix_cache_nothing_leaks(tiny_model):
