@@ -68,10 +68,12 @@ def run(policy: str, style: str, args, model: str) -> dict:
             outs, records = teacher_forced(engine, requests)
             prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outs)
             cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
-            kv_end = [r[-1]["kv"] if r[-1]["kv"] is not None else r[-1]["len"] for r in records]
+            kv_at = lambda step: step["kv"] if step["kv"] is not None else step["len"]  # noqa: E731
+            kv_end = [kv_at(r[-1]) for r in records]
+            kv_peak = [max(kv_at(step) for step in r) for r in records]
             per_turn.append({"turn": turn + 1, "prompt_tokens": prompt_tokens, "cached_tokens": cached,
                              "hit_ratio": cached / prompt_tokens, "prefilled": prompt_tokens - cached,
-                             "reply_kv_at_end": sum(kv_end),
+                             "reply_kv_at_end": sum(kv_end), "reply_kv_peak": sum(kv_peak),
                              "reply_tokens": sum(len(r["forced"]) for r in requests)})
             for i, (_, steps) in enumerate(convs):
                 think, answer, tool = steps[turn]
@@ -83,7 +85,8 @@ def run(policy: str, style: str, args, model: str) -> dict:
             "prefilled_total": sum(t["prefilled"] for t in per_turn),
             "hit_ratio_after_first": (sum(t["cached_tokens"] for t in per_turn[1:]) /
                                       max(1, sum(t["prompt_tokens"] for t in per_turn[1:]))),
-            "kv_at_end_total": sum(t["reply_kv_at_end"] for t in per_turn)}
+            "kv_at_end_total": sum(t["reply_kv_at_end"] for t in per_turn),
+            "kv_peak_total": sum(t["reply_kv_peak"] for t in per_turn)}
 
 
 def main() -> None:
@@ -113,7 +116,8 @@ def main() -> None:
             row["settings"] = vars(args)
             rows.append(row)
             print(f"{style:4} {policy:15} prefilled {row['prefilled_total']:6} hit ratio (turns 2+) "
-                  f"{row['hit_ratio_after_first']:.3f}  reply KV at end {row['kv_at_end_total']:6}  "
+                  f"{row['hit_ratio_after_first']:.3f}  reply KV at end {row['kv_at_end_total']:6} "
+                  f"peak {row['kv_peak_total']:6}  "
                   f"{row['seconds']:.1f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -318,10 +318,12 @@ def main() -> None:
                 continue
             rows.append({"policy": policy, "keep_ratio": k, "window": win, "buffer": b, "chunk": g,
                          "budget": budget, "model": MODEL_NAME, "metric": metric, "value": value,
-                         "full_kv_value": full_m[metric], "harness": HARNESS})
+                         "full_kv_value": full_m[metric], "harness": HARNESS, "run_window": w})
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
-    merged = [row for row in old if row.get("harness") != HARNESS] + rows
+    # A run replaces the rows of the earlier run at the same Kara window W (its baselines are
+    # matched to that W); rows of other windows and other harnesses stay.
+    merged = [row for row in old if row.get("harness") != HARNESS or row.get("run_window", 128) != w] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(merged, indent=1))
     needles = [{"prompt": i // (len(lengths) * len(depths)), "L": r["length"], "depth": r["depth"],
