@@ -282,24 +282,25 @@ class KaraRuntime:
             out.update(self.tp.counters())
         return out
 
-    def report(self, log: bool, metrics: bool) -> None:
+    def report(self, log: bool, metrics: bool, dp_rank: int = 0) -> None:
         stats = self.compressor.stats
         if log:
             logger.info("kara: compressions %d, tokens evicted %d, KV slots freed %d, "
                         "requests holding compressed KV %d", stats.events, stats.tokens_evicted,
                         self.freed_total, self.rows_with_evictions)
         if metrics:
-            self._export(stats)
+            self._export(stats, str(dp_rank))
 
-    def _export(self, stats) -> None:
+    def _export(self, stats, dp_rank: str) -> None:
         if not hasattr(self, "_metrics"):
             from prometheus_client import Counter, Gauge
 
+            # One series per data-parallel replica (each has its own scheduler and runtime).
             self._metrics = (
-                Counter("kara:compression_events", "KV compressions run"),
-                Counter("kara:tokens_evicted", "KV tokens evicted by compression"),
-                Gauge("kara:requests_compressed", "running requests holding compressed KV",
-                      multiprocess_mode="mostrecent"),
+                Counter("kara:compression_events", "KV compressions run", ["dp_rank"]).labels(dp_rank),
+                Counter("kara:tokens_evicted", "KV tokens evicted by compression", ["dp_rank"]).labels(dp_rank),
+                Gauge("kara:requests_compressed", "running requests holding compressed KV", ["dp_rank"],
+                      multiprocess_mode="mostrecent").labels(dp_rank),
             )
             self._exported = (0, 0)
         events, evicted, running = self._metrics

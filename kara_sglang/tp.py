@@ -54,12 +54,16 @@ class ScoreReducer:
         digest = hashlib.sha256()
         for t in tensors:
             digest.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-        mine = digest.hexdigest()
-        everyone: List[Optional[str]] = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, mine, group=self.cpu_group)
+        everyone = self.gather(digest.hexdigest())
         if len(set(everyone)) != 1:
             raise AssertionError(f"kara: tensor-parallel ranks diverged on {what} "
                                  f"(rank {self.rank}; digests {everyone})")
+
+    def gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order (a collective: every rank must call it)."""
+        everyone: List[Optional[Any]] = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, obj, group=self.cpu_group)
+        return everyone
 
     def counters(self) -> dict:
         return {"tp_size": self.world_size, "score_allreduces": self.calls,

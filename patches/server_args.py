@@ -32,8 +32,9 @@ def check_supported(server_args) -> None:
         refuse.append("--enable-mixed-chunk")
     if (getattr(server_args, "pp_size", 1) or 1) > 1:
         refuse.append("--pp-size > 1")
-    if (getattr(server_args, "tp_size", 1) or 1) > 1:
-        refuse.append("--tp-size > 1")
+    # --tp-size N works: the ranks sum their scores before selecting (kara_sglang/tp.py).
+    if (getattr(server_args, "attn_cp_size", 1) or 1) > 1:
+        refuse.append("--attn-cp-size > 1")
     if str(getattr(server_args, "disaggregation_mode", "null")) not in ("null", "None"):
         refuse.append("--disaggregation-mode")
     if getattr(server_args, "enable_hierarchical_cache", False):
