@@ -79,7 +79,7 @@ def test_parallel_ranks_and_replicas_each_compressed(kara, layout):
         digests = state["tp_state_digests"]
         assert len(digests) == 2 and digests[0] == digests[1], digests
     else:
-        assert [s["dp_rank"] for s in states] == [0, 1]
+        assert sorted(s["dp_rank"] for s in states) == [0, 1]  # replicas answer in any order
         # Round robin spreads the five prompts: each replica compressed its own requests.
         assert all(s["compression_events"] > 0 for s in states), states
         assert pool_state(kara)["compression_events"] == sum(s["compression_events"] for s in states)
