@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,6 +67,19 @@ def wait_up(url: str, procs, log: Path, seconds: float = 600) -> None:
         except OSError:
             time.sleep(1)
     raise RuntimeError(f"{url} did not come up; see {log}")
+
+
+def wait_routable(base: str, seconds: float = 180) -> None:
+    """The router answers /health before its first worker health check passes (503 until then)."""
+    end = time.time() + seconds
+    while True:
+        try:
+            post(base + "/generate", {"text": "ready", "sampling_params": {"max_new_tokens": 1}}, timeout=60)
+            return
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or time.time() > end:
+                raise
+            time.sleep(2)
 
 
 def start(cmd, log: Path, env=None) -> subprocess.Popen:
@@ -121,6 +135,7 @@ def run(policy: str, args, logs: Path) -> dict:
                             "--log-level", "warn"], logs / f"{policy}-router.log"))
         base = f"http://127.0.0.1:{router_port}"
         wait_up(base + "/health", procs, logs / f"{policy}-router.log")
+        wait_routable(base)
 
         rng = random.Random(args.seed)
         convs = [words(rng, args.system) + " " + words(rng, args.tool) for _ in range(args.conversations)]

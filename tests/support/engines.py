@@ -18,8 +18,17 @@ TEST_ENV = {
 }
 
 
+# KARA_TEST_DEVICE=cuda runs the same engine suites on GPUs (benchmarks/gpu/run_tp.sh):
+# real sgl_kernel, CUDA graphs, NCCL; only SGLang's and Kara's strict checks are kept.
+ON_GPU = os.environ.get("KARA_TEST_DEVICE", "cpu") == "cuda"
+
+
 def use_cpu_sglang() -> None:
     """Make ``import sglang`` work here and in spawned schedulers (call before importing it)."""
+    if ON_GPU:
+        os.environ.update({k: v for k, v in TEST_ENV.items()
+                           if k not in ("SGLANG_USE_CPU_ENGINE", "TRITON_INTERPRET")})
+        return
     os.environ.update(TEST_ENV)
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if STANDIN not in paths:
@@ -33,6 +42,8 @@ ENGINE_DEFAULTS = dict(
     disable_overlap_schedule=True, max_total_tokens=20000, mem_fraction_static=0.3,
     skip_server_warmup=True, log_level="error", random_seed=0,
 )
+if ON_GPU:
+    ENGINE_DEFAULTS.update(device="cuda", attention_backend="triton", disable_cuda_graph=False)
 
 
 def parallel_env(tp_size: int) -> dict:
@@ -54,7 +65,7 @@ def make_engine(model_path, **overrides):
 
     kwargs = dict(ENGINE_DEFAULTS, model_path=str(model_path))
     kwargs.update(overrides)
-    if kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1:
+    if not ON_GPU and (kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1):
         os.environ.update(parallel_env(kwargs.get("tp_size", 1)))  # read by the spawned schedulers
     return sglang.Engine(**kwargs)
 
