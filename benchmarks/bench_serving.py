@@ -143,7 +143,8 @@ async def run_workload(engine, w: Workload, rng: random.Random):
 
 def kara_counters(engine) -> dict:
     state = engine.get_server_info()["internal_states"][0].get("kara", {})
-    return {k: state.get(k, 0) for k in ("decode_steps", "hook_host_s", "compress_s", "compression_events")}
+    return {k: state.get(k, 0) for k in ("decode_steps", "hook_host_s", "compress_s", "compression_events",
+                                         "score_allreduces", "score_allreduce_host_s")}
 
 
 def main() -> None:
@@ -162,6 +163,8 @@ def main() -> None:
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--log-file", default=None, help="where this process's stderr goes (for peaks)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tp-size", type=int, default=1, help="SGLang --tp-size (one GPU per rank)")
+    ap.add_argument("--dp-size", type=int, default=1, help="SGLang --dp-size (replicas)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check this script on a CPU: a 2-layer model of the same family, tiny pool")
     args = ap.parse_args()
@@ -196,7 +199,8 @@ def main() -> None:
         model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
         attention_backend=args.attention_backend, sampling_backend="pytorch", grammar_backend="none",
         mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
-        disable_overlap_schedule=True, incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, **device_args, **kara)
+        disable_overlap_schedule=True, incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, tp_size=args.tp_size, dp_size=args.dp_size,
+        **device_args, **kara)
     startup = time.time() - t0
     max_total_tokens = engine.get_server_info()["internal_states"][0]["kara"]["max_total_tokens"]
     rows = []
@@ -235,9 +239,14 @@ def main() -> None:
                 "decode_steps": spent["decode_steps"], "kara_hook_host_s": spent["hook_host_s"],
                 "kara_compress_gpu_s": spent["compress_s"],
                 "compression_events": spent["compression_events"],
+                # Tensor parallelism: ranks, and the per-step score all-reduces (kara_sglang/tp.py).
+                "tp_size": args.tp_size, "dp_size": args.dp_size,
+                "score_allreduces": spent["score_allreduces"],
+                "score_allreduce_host_s": spent["score_allreduce_host_s"],
                 "server_policy": args.policy, "attention_backend": args.attention_backend,
-                "startup_s": startup, "mem_fraction_static": args.mem_fraction_static,
-                "max_total_tokens": max_total_tokens, "max_running_requests": args.max_running_requests,
+                "startup_s": startup,
+                "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
+                "max_running_requests": args.max_running_requests,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                 "sglang_version": sglang.__version__,
             })

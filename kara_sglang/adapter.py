@@ -24,6 +24,7 @@ from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_sglang.reasoning import ReasoningEnd
+from kara_sglang.tp import reducer_for
 from kara_sglang.window import WindowState
 
 logger = logging.getLogger("kara_sglang")
@@ -68,7 +69,10 @@ class KaraRuntime:
         device = self.req_to_token_pool.req_to_token.device
         rows = self.req_to_token_pool.req_to_token.shape[0]
         num_layers = len(pool.k_buffer)
-        tp_size = max(1, int(getattr(model_runner, "tp_size", 1) or 1))
+        # Under tensor parallelism this rank holds 1/N of the query heads (and its K pool
+        # holds its share of the KV heads: pool.head_num).
+        self.tp = reducer_for(model_runner)
+        tp_size = self.tp.world_size if self.tp is not None else 1
         q_heads = model_runner.model_config.num_attention_heads // tp_size
         kv_heads, head_dim = pool.head_num, pool.head_dim
         self.queries: Optional[QueryBuffer] = None
@@ -89,6 +93,10 @@ class KaraRuntime:
         self.compressor = Compressor(self.policy, self._layout(), self.queries, self.sm_scale)
         self._policies: Dict[KaraConfig, KVPolicy] = {config: self.policy}
         self.debug_checks = os.environ.get("KARA_DEBUG_CHECKS", "0") not in ("", "0")
+        if self.tp is not None:
+            self.compressor.reduce_scores = self.tp
+            if self.debug_checks:
+                self.compressor.check_keep = lambda keep: self.tp.check_same("a keep set", keep)
         self.freed_total = 0
         self.overhead = OverheadMeter(device)
         logger.info("kara: %s", config)
@@ -203,11 +211,15 @@ class KaraRuntime:
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[3]), []).append(entry)
-        freed_slots = torch.cat([self.compressor.run([e[2] for e in entries], entries[0][3],
-                                                     self.exact_prefix_by_row)
-                                 for entries in by_policy.values()])
+        # One step for all policies: under TP, one score all-reduce covers every window.
+        freed_slots = self.compressor.run_batches(
+            [([e[2] for e in entries], entries[0][3]) for entries in by_policy.values()],
+            exact_prefix=self.exact_prefix_by_row)
         if self.debug_checks:
             self._check_free(freed_slots, allocator)
+            if self.tp is not None:
+                self.tp.check_same("the freed slots and req_to_token rows", freed_slots,
+                                   self.req_to_token_pool.req_to_token[[e[1].req_pool_idx for e in due]])
         allocator.free(freed_slots)
         self.freed_total += int(freed_slots.numel())
 
@@ -267,28 +279,32 @@ class KaraRuntime:
     # ----------------------------------------------------------- observability
     def counters(self) -> dict:
         stats = self.compressor.stats
-        return {"compression_events": stats.events, "tokens_evicted": stats.tokens_evicted,
-                "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions,
-                **self.overhead.totals()}
+        out = {"compression_events": stats.events, "tokens_evicted": stats.tokens_evicted,
+               "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions,
+               **self.overhead.totals()}
+        if self.tp is not None:
+            out.update(self.tp.counters())
+        return out
 
-    def report(self, log: bool, metrics: bool) -> None:
+    def report(self, log: bool, metrics: bool, dp_rank: int = 0) -> None:
         stats = self.compressor.stats
         if log:
             logger.info("kara: compressions %d, tokens evicted %d, KV slots freed %d, "
                         "requests holding compressed KV %d", stats.events, stats.tokens_evicted,
                         self.freed_total, self.rows_with_evictions)
         if metrics:
-            self._export(stats)
+            self._export(stats, str(dp_rank))
 
-    def _export(self, stats) -> None:
+    def _export(self, stats, dp_rank: str) -> None:
         if not hasattr(self, "_metrics"):
             from prometheus_client import Counter, Gauge
 
+            # One series per data-parallel replica (each has its own scheduler and runtime).
             self._metrics = (
-                Counter("kara:compression_events", "KV compressions run"),
-                Counter("kara:tokens_evicted", "KV tokens evicted by compression"),
-                Gauge("kara:requests_compressed", "running requests holding compressed KV",
-                      multiprocess_mode="mostrecent"),
+                Counter("kara:compression_events", "KV compressions run", ["dp_rank"]).labels(dp_rank),
+                Counter("kara:tokens_evicted", "KV tokens evicted by compression", ["dp_rank"]).labels(dp_rank),
+                Gauge("kara:requests_compressed", "running requests holding compressed KV", ["dp_rank"],
+                      multiprocess_mode="mostrecent").labels(dp_rank),
             )
             self._exported = (0, 0)
         events, evicted, running = self._metrics

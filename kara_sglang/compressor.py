@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -77,6 +77,22 @@ def _to_device(values: List[int], device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
+@dataclass
+class _Group:
+    """Due requests of one task shape under one policy, with their old slots (and scores)."""
+
+    items: List[DueRequest]
+    policy: KVPolicy
+    rows: torch.Tensor
+    columns: torch.Tensor
+    old: torch.Tensor  # [n, span] slots before compression
+    scores: Optional[torch.Tensor] = None  # [n, n_keys] float32, reduced over TP
+
+    @property
+    def task(self) -> CompressionTask:
+        return self.items[0].task
+
+
 class Compressor:
     """Runs a policy's compressions on a KV layout."""
 
@@ -90,6 +106,10 @@ class Compressor:
         self.sm_scale = sm_scale
         self.profile = profile
         self.stats = CompressionStats()
+        # Tensor parallelism (see kara_sglang.tp): sums the step's scores over the ranks'
+        # heads in place, and (debug) checks that every rank chose the same keep set.
+        self.reduce_scores: Optional[Callable[[torch.Tensor], None]] = None
+        self.check_keep: Optional[Callable[[torch.Tensor], None]] = None
 
     def run(self, due: Sequence[DueRequest], policy: Optional[KVPolicy] = None,
             exact_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -102,46 +122,75 @@ class Compressor:
         region's leading tokens kept in place and not merged into). Written on the device,
         read only when the request is released.
         """
-        policy = policy or self.policy
+        return self.run_batches([(due, policy or self.policy)], exact_prefix)
+
+    def run_batches(self, batches: Sequence[Tuple[Sequence[DueRequest], KVPolicy]],
+                    exact_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Compress several batches, each under its own policy, as ONE step.
+
+        Every window of the step is scored first, then ``reduce_scores`` (tensor parallelism:
+        a sum over the ranks' heads) runs once over all of them, then each group selects and
+        compacts. Groups run in the order of ``batches`` and of each batch's requests, which
+        every rank of a TP group sees identically.
+        """
         device = self.layout.req_to_token.device
-        groups: Dict[tuple, List[DueRequest]] = {}
-        for item in due:
-            groups.setdefault(item.task.shape, []).append(item)
-        freed = [self._run_group(items, device, policy, exact_prefix) for items in groups.values()]
-        self.stats.events += len(due)
-        self.stats.tokens_evicted += sum(item.task.n_evicted for item in due)
+        groups: List[_Group] = []
+        for due, policy in batches:
+            by_shape: Dict[tuple, List[DueRequest]] = {}
+            for item in due:
+                by_shape.setdefault(item.task.shape, []).append(item)
+            groups += [self._gather(items, policy, device) for items in by_shape.values()]
+        self._score(groups, device)
+        freed = [self._select_and_compact(g, device, exact_prefix) for g in groups]
+        for due, _ in batches:
+            self.stats.events += len(due)
+            self.stats.tokens_evicted += sum(item.task.n_evicted for item in due)
         if not freed:
             return torch.empty(0, dtype=torch.int64, device=device)
         return torch.cat(freed)
 
-    def _run_group(self, items: List[DueRequest], device: torch.device, policy: KVPolicy,
-                   exact_prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    def _gather(self, items: List[DueRequest], policy: KVPolicy, device: torch.device) -> "_Group":
         task = items[0].task
-        n = len(items)
         span = task.n_keys + task.n_suffix
         rows = _to_device([it.pool_row for it in items], device)
         starts = _to_device([it.task.kv_start for it in items], device)
         columns = starts[:, None] + torch.arange(span, device=device)
         old = self.layout.req_to_token[rows[:, None], columns].long()  # [n, span]
+        return _Group(items, policy, rows, columns, old)
 
-        scores = None
-        if policy.query_ring:
-            query_rows = _to_device([it.query_row for it in items], device)
-            start = self._clock(device)
-            scores = window_scores(
+    def _score(self, groups: List["_Group"], device: torch.device) -> None:
+        """Scores of every scoring group, in views of one buffer, reduced over TP in one call."""
+        scoring = [g for g in groups if g.policy.query_ring]
+        if not scoring:
+            return
+        sizes = [len(g.items) * g.task.n_keys for g in scoring]
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        start = self._clock(device)
+        for g, view in zip(scoring, flat.split(sizes)):
+            query_rows = _to_device([it.query_row for it in g.items], device)
+            g.scores = window_scores(
                 self.queries.data, query_rows, self.queries.k_buffers_of(self.layout.k_buffers),
-                old[:, : task.n_keys], self.sm_scale,
+                g.old[:, : g.task.n_keys], self.sm_scale, out=view.view(len(g.items), g.task.n_keys),
             )
-            if self.profile:
-                self.stats.score_seconds += self._clock(device) - start
-        keep, merges = policy.select_and_merge(scores, task, n, device)  # keep: [n, keep]
+        if self.profile:
+            self.stats.score_seconds += self._clock(device) - start
+        if self.reduce_scores is not None:
+            self.reduce_scores(flat)
+
+    def _select_and_compact(self, g: "_Group", device: torch.device,
+                            exact_prefix: Optional[torch.Tensor]) -> torch.Tensor:
+        task, n, old, rows, columns = g.task, len(g.items), g.old, g.rows, g.columns
+        span = task.n_keys + task.n_suffix
+        keep, merges = g.policy.select_and_merge(g.scores, task, n, device)  # keep: [n, keep]
+        if self.check_keep is not None:
+            self.check_keep(keep)
         if merges is not None:
             # Policies that merge (cask): merged rows go into slots of the keep set first, so
             # the compaction below moves them like any kept row (merge reads only its own
             # disjoint group's slots; compaction reads each kept slot after its merge).
             self._merge(old, merges, n)
         if exact_prefix is not None:
-            self._record_exact_prefix(items, rows, starts, keep, merges, span, exact_prefix)
+            self._record_exact_prefix(g.items, rows, columns[:, 0], keep, merges, span, exact_prefix)
         suffix = torch.arange(task.n_keys, span, device=device).expand(n, -1)
         order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending
         moved = old.gather(1, order)
@@ -158,7 +207,7 @@ class Compressor:
         n_moves = torch.full((n,), new_len, dtype=torch.int32, device=device)
         compact_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers),
                    moved, old[:, :new_len], n_moves)
-        return self._whole_pages_past_end(items, device)
+        return self._whole_pages_past_end(g.items, device)
 
     @staticmethod
     def _record_exact_prefix(items, rows, starts, keep, merges, span, exact_prefix) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -65,10 +65,19 @@ class SyntheticDecode:
                  q_heads: int = 8, kv_heads: int = 2, head_dim: int = 32,
                  num_slots: int = 1 << 14, page_size: int = 1, max_context: int = 1 << 13,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                 profile: bool = False) -> None:
+                 profile: bool = False, head_shard: Tuple[int, int] = (0, 1)) -> None:
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.config, self.device, self.dtype = config, device, dtype
         self.head_dim = head_dim
+        # Tensor parallelism: (rank, world). Every rank draws the full-head K and queries
+        # (one random stream) and keeps its contiguous share of the heads, as SGLang's TP does.
+        rank, world = head_shard
+        if q_heads % world or kv_heads % world:
+            raise ValueError(f"{q_heads} query / {kv_heads} KV heads do not split over {world} ranks")
+        self.full_q_heads, self.full_kv_heads = q_heads, kv_heads
+        q_heads, kv_heads = q_heads // world, kv_heads // world
+        self.q_slice = slice(rank * q_heads, (rank + 1) * q_heads)
+        self.kv_slice = slice(rank * kv_heads, (rank + 1) * kv_heads)
         self.q_heads = q_heads
         self.policy = make_policy(config)
         shape = (num_slots, kv_heads, head_dim)
@@ -105,7 +114,8 @@ class SyntheticDecode:
         self.req_to_token[req.pool_row, kv_index] = slot
         position = req.state.next_position if kv_index >= req.state.prompt_len else kv_index
         for k, v in zip(self.k, self.v):
-            k[slot] = torch.randn(k.shape[1:], generator=self.gen, device=self.device, dtype=self.dtype)
+            k[slot] = torch.randn((self.full_kv_heads, self.head_dim), generator=self.gen, device=self.device,
+                                  dtype=self.dtype)[self.kv_slice]
             v[slot] = 0
             v[slot, 0, 0], v[slot, 0, 1] = position // 256, position % 256
         req.positions_alive.append(position)
@@ -123,8 +133,8 @@ class SyntheticDecode:
             req.state.on_decode()
             if self.queries is not None:
                 for layer in self.queries.vote_layers:
-                    q = torch.randn(1, self.q_heads, self.head_dim, generator=self.gen,
-                                    device=self.device, dtype=self.dtype)
+                    q = torch.randn(1, self.full_q_heads, self.head_dim, generator=self.gen,
+                                    device=self.device, dtype=self.dtype)[:, self.q_slice]
                     self.queries.capture(layer, q, torch.tensor([req.pool_row], device=self.device),
                                          torch.tensor([ring_pos], device=self.device))
 

@@ -20,11 +20,29 @@ from kara_sglang.flags import FLAGS, cli_name, config_from_attrs
 logger = logging.getLogger("kara_sglang")
 
 
+def check_disaggregation(policy: str, mode) -> None:
+    """Prefill/decode disaggregation: Kara compresses decode tails, so only decode servers
+    could run it, and that path is not verified yet (see the README's limits)."""
+    mode = str(mode or "null")
+    if policy == "none" or mode in ("null", "None"):
+        return
+    if mode == "prefill":
+        raise KaraConfigError(
+            f"--kv-policy {policy}: a prefill server (--disaggregation-mode prefill) never decodes, so "
+            f"there is nothing to compress; start prefill servers with --kv-policy none and put the "
+            f"policy on the decode servers")
+    raise KaraConfigError(
+        f"--kv-policy {policy}: --disaggregation-mode {mode} is not supported yet: a decode server "
+        f"receives its prompt KV through SGLang's transfer queues, and Kara's request bookkeeping has "
+        f"not been verified on that path; serve Kara without disaggregation for now")
+
+
 def check_supported(server_args) -> None:
     """Validate the policy settings and refuse the SGLang features they cannot run with."""
     config = config_from_attrs(server_args)
     if config.policy == "none":
         return
+    check_disaggregation(config.policy, getattr(server_args, "disaggregation_mode", None))
     refuse = []
     if getattr(server_args, "speculative_algorithm", None):
         refuse.append("--speculative-algorithm")
@@ -32,10 +50,9 @@ def check_supported(server_args) -> None:
         refuse.append("--enable-mixed-chunk")
     if (getattr(server_args, "pp_size", 1) or 1) > 1:
         refuse.append("--pp-size > 1")
-    if (getattr(server_args, "tp_size", 1) or 1) > 1:
-        refuse.append("--tp-size > 1")
-    if str(getattr(server_args, "disaggregation_mode", "null")) not in ("null", "None"):
-        refuse.append("--disaggregation-mode")
+    # --tp-size N works: the ranks sum their scores before selecting (kara_sglang/tp.py).
+    if (getattr(server_args, "attn_cp_size", 1) or 1) > 1:
+        refuse.append("--attn-cp-size > 1")
     if getattr(server_args, "enable_hierarchical_cache", False):
         refuse.append("--enable-hierarchical-cache")
     if getattr(server_args, "enable_dp_attention", False):
@@ -77,13 +94,16 @@ def _add_cli_args(result, parser):
 
 def _from_cli_args(original, cls, args, *a, **kw):
     values = {flag.attr: getattr(args, flag.attr, None) for flag in FLAGS}
-    if _policy_on(values):
-        # Compaction edits the running batch between steps; the overlap scheduler prepares
-        # the next step before the current one's results are processed.
-        args.disable_overlap_schedule = True
-    server_args = original(cls, args, *a, **kw)
-    _set_values(server_args, values)
     try:
+        # Before SGLang resolves the arguments: its disaggregation set-up may fail first on
+        # a machine without a transfer backend, hiding the real reason.
+        check_disaggregation(values.get("kv_policy") or "none", getattr(args, "disaggregation_mode", None))
+        if _policy_on(values):
+            # Compaction edits the running batch between steps; the overlap scheduler prepares
+            # the next step before the current one's results are processed.
+            args.disable_overlap_schedule = True
+        server_args = original(cls, args, *a, **kw)
+        _set_values(server_args, values)
         check_supported(server_args)
     except KaraConfigError as err:
         # One clear line on the command line instead of a traceback.
@@ -94,6 +114,7 @@ def _from_cli_args(original, cls, args, *a, **kw):
 
 def _init(original, self, *args, **kwargs):
     values = {flag.attr: kwargs.pop(flag.attr, None) for flag in FLAGS}
+    check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
     if _policy_on(values):
         kwargs["disable_overlap_schedule"] = True  # see _from_cli_args
     original(self, *args, **kwargs)

@@ -4,10 +4,14 @@ Wraps ``sglang.srt.managers.scheduler.Scheduler.get_internal_state`` (AFTER): ad
 ``internal_states[i]["kara"]`` with free, tree-evictable and tree-locked token counts (what
 SGLang's idle leak check compares with the pool size) and, under a policy, the compression
 counters. Applied whatever the policy, so vanilla and Kara servers report the same way.
+Under tensor parallelism with ``KARA_DEBUG_CHECKS=1`` it also gathers every rank's digest of
+its ``req_to_token`` table and free list (``tp_state_digests``), so tests can see that the
+ranks stayed identical.
 """
 
 from kara_patches._patch import Patch
 from kara_sglang import adapter
+from kara_sglang.tp import digest_state
 
 
 def pool_accounting(scheduler) -> dict:
@@ -18,10 +22,17 @@ def pool_accounting(scheduler) -> dict:
         "evictable_tokens": int(tree.evictable_size()),
         "protected_tokens": int(tree.protected_size()),
         "kv_policy": getattr(scheduler.server_args, "kv_policy", None) or "none",
+        # --dp-size N: one entry per replica, each with its own counters.
+        "dp_rank": int(getattr(getattr(scheduler, "ps", None), "dp_rank", None) or 0),
     }
     runtime = adapter.current()
     if runtime is not None:
         info.update(runtime.counters())
+        if runtime.debug_checks and runtime.tp is not None:
+            # Every TP rank answers this request (SGLang broadcasts it), so the gather is
+            # matched; rank 0's reply then shows whether the ranks' tables and free lists agree.
+            info["tp_state_digests"] = runtime.tp.gather(
+                digest_state(runtime.req_to_token_pool.req_to_token, scheduler.token_to_kv_pool_allocator))
     return info
 
 

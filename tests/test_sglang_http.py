@@ -43,6 +43,12 @@ def test_help_lists_the_policy_flags():
     (["--kara-window", "64", "--kara-buffer", "64"], "error: --kara-buffer: buffer U=64 must be smaller than window W=64"),
     (["--enable-mixed-chunk"], "error: --kv-policy kara: not supported together with --enable-mixed-chunk"),
     (["--kara-scope", "reasoning"], "error: --kara-scope: reasoning needs --reasoning-parser"),
+    (["--disaggregation-mode", "prefill"],
+     "error: --kv-policy kara: a prefill server (--disaggregation-mode prefill) never decodes"),
+    (["--disaggregation-mode", "decode"],
+     "error: --kv-policy kara: --disaggregation-mode decode is not supported yet"),
+    (["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"],
+     "error: --kv-policy kara: not supported together with --enable-dp-attention"),
 ])
 def test_bad_flags_stop_the_launch_with_one_line(tiny_model, command, extra, message):
     proc = run_cli(command + ["--model-path", str(tiny_model), "--kv-policy", "kara"] + CPU_ARGS + extra)
@@ -76,16 +82,15 @@ def _get(url):
         return resp.read().decode()
 
 
-@pytest.fixture(scope="module")
-def kara_server(tiny_model, tmp_path_factory):
+def _serve(tiny_model, tmp_path_factory, extra=(), env=None):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = SERVER + ["--model-path", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
                      "--kv-policy", "kara", "--kara-window", "32", "--kara-buffer", "8",
                      "--kara-keep-ratio", "0.25", "--kara-chunk-size", "2", "--enable-metrics",
-                     "--decode-log-interval", "5"] + CPU_ARGS
+                     "--decode-log-interval", "5"] + CPU_ARGS + list(extra)
     with open(log, "w") as sink:
-        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -106,6 +111,11 @@ def kara_server(tiny_model, tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def kara_server(tiny_model, tmp_path_factory):
+    yield from _serve(tiny_model, tmp_path_factory)
 
 
 def test_http_generate_compresses_and_reports_it(kara_server):
@@ -141,3 +151,36 @@ def test_http_metrics_and_log_line(kara_server):
     info = json.loads(_get(base + "/server_info"))
     state = info["internal_states"][0]["kara"]
     assert state["kv_policy"] == "kara" and state["compression_events"] > 0
+
+
+def _series(metrics, name):
+    """{dp_rank: value} of one kara counter on /metrics."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        rf'^{re.escape(name)}\{{[^}}]*dp_rank="(\d+)"[^}}]*\}} ([0-9.e+]+)$', metrics, re.M)}
+
+
+@pytest.mark.slow
+def test_http_data_parallel_replicas_report_their_own_and_the_sum(tiny_model, tmp_path_factory):
+    from support.engines import parallel_env
+
+    server = _serve(tiny_model, tmp_path_factory, ["--dp-size", "2"], env=parallel_env(1))
+    base, proc, log = next(server)
+    try:
+        for text in ("the first step is", "one two three", "water long little", "they were called"):
+            status, out = _post(base + "/generate", {"text": text, "sampling_params": {
+                "temperature": 0, "max_new_tokens": 100, "ignore_eos": True}})
+            assert status == 200 and out["meta_info"]["kv_tokens_evicted"][-1] > 0
+        time.sleep(1)  # the last step's counters reach the multiprocess registry
+        states = [s["kara"] for s in json.loads(_get(base + "/server_info"))["internal_states"]]
+        assert sorted(s["dp_rank"] for s in states) == [0, 1]  # replicas answer in any order
+        assert all(s["compression_events"] > 0 for s in states), states  # round robin: both worked
+        for _ in range(20):  # exported on SGLang's decode-log cadence
+            metrics = _get(base + "/metrics")
+            events = _series(metrics, "kara:compression_events_total")
+            if events == {str(s["dp_rank"]): float(s["compression_events"]) for s in states}:
+                break
+            time.sleep(0.5)
+        # One series per replica, each equal to that replica's own count: sum() is the server's.
+        assert events == {str(s["dp_rank"]): float(s["compression_events"]) for s in states}, metrics[-3000:]
+    finally:
+        server.close()

@@ -18,8 +18,17 @@ TEST_ENV = {
 }
 
 
+# KARA_TEST_DEVICE=cuda runs the same engine suites on GPUs (benchmarks/gpu/run_tp.sh):
+# real sgl_kernel, CUDA graphs, NCCL; only SGLang's and Kara's strict checks are kept.
+ON_GPU = os.environ.get("KARA_TEST_DEVICE", "cpu") == "cuda"
+
+
 def use_cpu_sglang() -> None:
     """Make ``import sglang`` work here and in spawned schedulers (call before importing it)."""
+    if ON_GPU:
+        os.environ.update({k: v for k, v in TEST_ENV.items()
+                           if k not in ("SGLANG_USE_CPU_ENGINE", "TRITON_INTERPRET")})
+        return
     os.environ.update(TEST_ENV)
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if STANDIN not in paths:
@@ -33,6 +42,22 @@ ENGINE_DEFAULTS = dict(
     disable_overlap_schedule=True, max_total_tokens=20000, mem_fraction_static=0.3,
     skip_server_warmup=True, log_level="error", random_seed=0,
 )
+if ON_GPU:
+    ENGINE_DEFAULTS.update(device="cuda", attention_backend="triton", disable_cuda_graph=False)
+
+
+def parallel_env(tp_size: int) -> dict:
+    """What SGLang's CPU path needs for ``--tp-size``/``--dp-size`` > 1 on this machine.
+
+    - ``SGLANG_NCCL_SO_PATH`` nowhere: the CUDA build of torch installed here finds NCCL, and
+      SGLang's pynccl then asks for a CUDA device (``Expected a cuda device, but got: cpu``).
+      Without a loadable NCCL it falls back to gloo, as on a CPU-only install.
+    - ``SGLANG_CPU_OMP_THREADS_BIND``: without it SGLang wants one NUMA node per TP rank
+      (this machine has one); with it, one core list per TP rank ("all" = no binding).
+    """
+    cores = os.cpu_count() or 1
+    bind = "|".join(str(r % cores) for r in range(tp_size)) if tp_size > 1 else "all"
+    return {"SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so.2", "SGLANG_CPU_OMP_THREADS_BIND": bind}
 
 
 def make_engine(model_path, **overrides):
@@ -40,28 +65,41 @@ def make_engine(model_path, **overrides):
 
     kwargs = dict(ENGINE_DEFAULTS, model_path=str(model_path))
     kwargs.update(overrides)
+    if not ON_GPU and (kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1):
+        os.environ.update(parallel_env(kwargs.get("tp_size", 1)))  # read by the spawned schedulers
     return sglang.Engine(**kwargs)
 
 
+def pool_states(engine) -> list:
+    """The pool accounting the Kara plugin adds to ``/server_info``: one per DP replica."""
+    return [s["kara"] for s in engine.get_server_info()["internal_states"]]
+
+
 def pool_state(engine) -> dict:
-    """The pool accounting the Kara plugin adds to ``/server_info``."""
-    return engine.get_server_info()["internal_states"][0]["kara"]
+    """The accounting summed over DP replicas (one replica: its own)."""
+    states = pool_states(engine)
+    total = dict(states[0])
+    for state in states[1:]:
+        for key, value in state.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("tp_size", "dp_rank"):
+                total[key] += value
+    return total
 
 
 def assert_pool_consistent(engine) -> dict:
-    """Every slot is free, or owned by the radix tree (the server is idle)."""
-    state = pool_state(engine)
-    owned = state["available_tokens"] + state["evictable_tokens"] + state["protected_tokens"]
-    assert owned == state["max_total_tokens"], state
-    return state
+    """In every replica, every slot is free or owned by the radix tree (the server is idle)."""
+    for state in pool_states(engine):
+        owned = state["available_tokens"] + state["evictable_tokens"] + state["protected_tokens"]
+        assert owned == state["max_total_tokens"], state
+    return pool_state(engine)
 
 
 def assert_pool_back_to_idle(engine) -> None:
     """After flushing the tree, the allocator's free count is exactly the pool size again."""
     flush(engine)
-    state = pool_state(engine)
-    assert state["available_tokens"] == state["max_total_tokens"], state
-    assert state["evictable_tokens"] == 0 and state["protected_tokens"] == 0, state
+    for state in pool_states(engine):
+        assert state["available_tokens"] == state["max_total_tokens"], state
+        assert state["evictable_tokens"] == 0 and state["protected_tokens"] == 0, state
 
 
 def flush(engine, attempts: int = 50) -> None:

@@ -1,0 +1,213 @@
+"""A multi-turn agent workload through SGLang's own router, vanilla vs Kara: prefix-cache hits.
+
+    python benchmarks/router/multi_turn_router.py --out docs/results/router.json          # CPU, tiny model
+    python benchmarks/router/multi_turn_router.py --device cuda --model-path M --replicas 2 ...  # GPU
+
+Starts ``--replicas`` SGLang HTTP servers (same flags, one policy) and ``sglang_router``
+(``--policy cache_aware``) in front of them, then runs ``--conversations`` agent conversations
+of ``--turns`` turns through the router: each turn sends the conversation so far (system prompt,
+earlier turns' tool outputs and the model's own replies, as text) and appends the reply and a new
+tool output for the next turn. All conversations of a turn run concurrently.
+
+Per turn it records SGLang's ``cached_tokens`` (radix-tree hits on the worker the router chose)
+over ``prompt_tokens``, and which worker served each conversation. Under Kara a compressed reply
+never enters the radix tree (only exact tokens do), so the next turn can hit the earlier prompt
+but not the reply; what matters here is that the router keeps each conversation on the worker
+that holds its prefix, so the hits on the exact part survive replication.
+
+The model is the tiny random one from ``kara_sglang.demo_model`` on the CPU (hit ratios do not
+depend on the weights), or any ``--model-path`` on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+POLICIES = {"vanilla": [], "kara": ["--kv-policy", "kara"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict, timeout: float = 600) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def wait_up(url: str, procs, log: Path, seconds: float = 600) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"a process exited; see {log}")
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not come up; see {log}")
+
+
+def wait_routable(base: str, seconds: float = 180) -> None:
+    """The router answers /health before its first worker health check passes (503 until then)."""
+    end = time.time() + seconds
+    while True:
+        try:
+            post(base + "/generate", {"text": "ready", "sampling_params": {"max_new_tokens": 1}}, timeout=60)
+            return
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or time.time() > end:
+                raise
+            time.sleep(2)
+
+
+def start(cmd, log: Path, env=None) -> subprocess.Popen:
+    sink = open(log, "w")
+    return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+                            start_new_session=True)
+
+
+def stop(procs) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def server_cmd(args, port: int, policy: str) -> list:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_path,
+           "--host", "127.0.0.1", "--port", str(port), "--skip-server-warmup",
+           "--max-total-tokens", str(args.max_total_tokens)] + POLICIES[policy]
+    if policy != "vanilla":
+        cmd += ["--kara-window", str(args.window), "--kara-buffer", str(args.buffer),
+                "--kara-keep-ratio", str(args.keep), "--kara-chunk-size", "2"]
+    if args.device == "cpu":
+        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+                "--mem-fraction-static", "0.3"]
+    return cmd + args.server_arg
+
+
+def words(rng, n: int) -> str:
+    from kara_sglang.demo_model import WORDS
+
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def run(policy: str, args, logs: Path) -> dict:
+    ports = [free_port() for _ in range(args.replicas)]
+    procs = []
+    try:
+        # One at a time: on a small machine concurrent start-ups time each other out.
+        for i, port in enumerate(ports):
+            procs.append(start(server_cmd(args, port, policy), logs / f"{policy}-server{i}.log"))
+            wait_up(f"http://127.0.0.1:{port}/health", procs, logs / f"{policy}-server{i}.log")
+        router_port = free_port()
+        workers = [f"http://127.0.0.1:{p}" for p in ports]
+        procs.append(start([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                            "--port", str(router_port), "--policy", "cache_aware", "--worker-urls", *workers,
+                            "--log-level", "warn"], logs / f"{policy}-router.log"))
+        base = f"http://127.0.0.1:{router_port}"
+        wait_up(base + "/health", procs, logs / f"{policy}-router.log")
+        wait_routable(base)
+
+        rng = random.Random(args.seed)
+        convs = [words(rng, args.system) + " " + words(rng, args.tool) for _ in range(args.conversations)]
+        tools = [[words(rng, args.tool) for _ in range(args.turns)] for _ in convs]
+        sampling = {"temperature": 0, "max_new_tokens": args.reply, "ignore_eos": True}
+        per_turn = []
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(convs)) as pool:
+            for turn in range(args.turns):
+                outs = list(pool.map(lambda text: post(base + "/generate", {"text": text, "sampling_params": sampling}),
+                                     convs))
+                prompt = sum(o["meta_info"]["prompt_tokens"] for o in outs)
+                cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
+                evicted = [o["meta_info"].get("kv_tokens_evicted") for o in outs]
+                evicted = sum((e[-1] if isinstance(e, list) else e) or 0 for e in evicted)
+                per_turn.append({"turn": turn + 1, "prompt_tokens": prompt, "cached_tokens": cached,
+                                 "hit_ratio": cached / prompt, "reply_tokens_evicted": evicted})
+                convs = [c + o["text"] + " " + tools[i][turn] for i, (c, o) in enumerate(zip(convs, outs))]
+        seconds = time.perf_counter() - t0
+        states = []
+        for port in ports:
+            info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30).read())
+            states.append(info["internal_states"][0].get("kara", {}))
+    finally:
+        stop(procs)
+    later = per_turn[1:]
+    return {"policy": policy, "replicas": args.replicas, "router_policy": "cache_aware", "seconds": seconds,
+            "turns": per_turn,
+            "hit_ratio_after_first": sum(t["cached_tokens"] for t in later) / max(1, sum(t["prompt_tokens"] for t in later)),
+            "compressions_per_replica": [s.get("compression_events", 0) for s in states]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-path", default=None, help="default: build the tiny CPU model")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--conversations", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--system", type=int, default=120, help="words of shared-nothing system prompt")
+    ap.add_argument("--tool", type=int, default=20, help="words of tool output per turn")
+    ap.add_argument("--reply", type=int, default=100, help="tokens generated per turn")
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--buffer", type=int, default=8)
+    ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("--max-total-tokens", type=int, default=20000)
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--server-arg", action="append", default=[], help="extra SGLang flag (repeatable)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.device == "cpu":
+        from support.engines import use_cpu_sglang
+
+        use_cpu_sglang()  # environment the servers inherit (stand-in sgl_kernel, CPU engine)
+    if args.model_path is None:
+        from kara_sglang.demo_model import build_tiny_model
+
+        args.model_path = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    logs = Path(tempfile.mkdtemp(prefix="router-logs-"))
+    rows = []
+    for policy in args.policies:
+        row = run(policy, args, logs)
+        row["settings"] = {k: v for k, v in vars(args).items() if k != "model_path"}
+        rows.append(row)
+        print(f"{policy:8} hit ratio per turn {[round(t['hit_ratio'], 3) for t in row['turns']]} "
+              f"(turns 2+: {row['hit_ratio_after_first']:.3f}) compressions per replica "
+              f"{row['compressions_per_replica']}  {row['seconds']:.1f} s  logs {logs}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
