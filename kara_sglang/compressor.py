@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from kara_kernels import compact_kv, merge_kv, window_scores
+from kara_kernels import compact_kv, longflow_decode, merge_kv, window_scores
 from kara_sglang.policies.base import KVPolicy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_sglang.window import CompressionTask
@@ -118,10 +118,13 @@ class Compressor:
         if policy.query_ring:
             query_rows = _to_device([it.query_row for it in items], device)
             start = self._clock(device)
-            scores = window_scores(
-                self.queries.data, query_rows, self.queries.k_buffers_of(self.layout.k_buffers),
-                old[:, : task.n_keys], self.sm_scale,
-            )
+            if policy.importance == "current_query":
+                scores = self._current_query_scores(items, query_rows, rows, starts, task, device)
+            else:
+                scores = window_scores(
+                    self.queries.data, query_rows, self.queries.k_buffers_of(self.layout.k_buffers),
+                    old[:, : task.n_keys], self.sm_scale,
+                )
             if self.profile:
                 self.stats.score_seconds += self._clock(device) - start
         keep, merges = policy.select_and_merge(scores, task, n, device)  # keep: [n, keep]
@@ -147,6 +150,26 @@ class Compressor:
         compact_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers),
                    moved, old[:, :new_len], n_moves)
         return self._whole_pages_past_end(items, device)
+
+    def _current_query_scores(self, items: List[DueRequest], query_rows: torch.Tensor, rows: torch.Tensor,
+                              starts: torch.Tensor, task: CompressionTask,
+                              device: torch.device) -> torch.Tensor:
+        """Importance of the region's tokens under each request's latest query (LongFlow).
+
+        The softmax runs over the request's whole KV (``old_end`` entries, prompt included),
+        as the model's attention did; only the region's tokens are scored. SGLang's backend
+        already produced this step's attention output, so the kernel's output is off.
+        """
+        if self.queries.ring != 1:
+            raise ValueError("current-query importance needs a query ring of 1 (the current query)")
+        kv_lens = _to_device([it.task.old_end for it in items], device)
+        _, scores = longflow_decode(
+            self.queries.data[:, :, 0], query_rows,
+            self.queries.buffers_of(self.layout.k_buffers), self.queries.buffers_of(self.layout.v_buffers),
+            self.layout.req_to_token, rows, kv_lens, self.sm_scale,
+            score_start=starts, n_scores=task.n_keys, with_output=False,
+        )
+        return scores
 
     def _merge(self, old: torch.Tensor, merges, n: int) -> None:
         """Write each merged entry (weighted sum of its members' K/V rows) into its target slot."""
