@@ -8,7 +8,7 @@ scores), and re-evaluated continuously during long generation. A custom kernel f
 FlashAttention, the importance estimate and token eviction into one operator. In the authors'
 code the importance of cached token ``j`` is the L1 norm of its contribution vector
 ``p_j v_j`` (``p_j`` its attention probability under the current query, ``v_j`` its value
-row), averaged over the layer's query heads; each layer keeps a fixed-size cache of ``budget``
+row), averaged over the layer's query heads (and divided by head_dim); each layer keeps a fixed-size cache of ``budget``
 entries, prompt included (the prompt is first cut to the budget by SnapKV), and at every
 decode step evicts its argmin token, whose slot the next step's token overwrites.
 
