@@ -47,6 +47,7 @@ def main() -> None:
         "kara 25% gamma=1": KaraConfig(policy="kara", window=w, buffer=u, keep_ratio=0.25, chunk_size=1),
         f"threshold {matched}": KaraConfig(policy="threshold", budget=matched, buffer=u),
         f"streaming {matched}": KaraConfig(policy="streaming", budget=matched, buffer=u),
+        f"longflow {matched}": KaraConfig(policy="longflow", budget=matched, buffer=u),
     }
     print(f"device={device} interpreter={os.environ.get('TRITON_INTERPRET', '0')} "
           f"requests={args.requests} prompt={args.prompt} decode_steps={args.steps} "

@@ -79,7 +79,7 @@ class KaraRuntime:
         if self.policy.query_ring:
             self.queries = QueryBuffer(
                 rows, config.resolve_vote_layers(num_layers), self.policy.query_ring, q_heads,
-                kv_heads, head_dim, config.vote_heads, pool.dtype, device)
+                kv_heads, head_dim, self.policy.query_heads, pool.dtype, device)
             self._last_vote_layer = self.queries.vote_layers[-1]
             self.ring_pos = torch.zeros(rows, dtype=torch.int64, device=device)
             mb = self.queries.data.numel() * self.queries.data.element_size() / 2**20

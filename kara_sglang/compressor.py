@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from kara_kernels import compact_kv, merge_kv, window_scores
+from kara_kernels import compact_kv, longflow_decode, merge_kv, window_scores
 from kara_sglang.policies.base import KVPolicy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_sglang.window import CompressionTask
@@ -168,10 +168,16 @@ class Compressor:
         start = self._clock(device)
         for g, view in zip(scoring, flat.split(sizes)):
             query_rows = _to_device([it.query_row for it in g.items], device)
-            g.scores = window_scores(
-                self.queries.data, query_rows, self.queries.k_buffers_of(self.layout.k_buffers),
-                g.old[:, : g.task.n_keys], self.sm_scale, out=view.view(len(g.items), g.task.n_keys),
-            )
+            out = view.view(len(g.items), g.task.n_keys)
+            if g.policy.importance == "current_query":
+                out.copy_(self._current_query_scores(g.items, query_rows, g.rows, g.columns[:, 0],
+                                                     g.task, device))
+                g.scores = out
+            else:
+                g.scores = window_scores(
+                    self.queries.data, query_rows, self.queries.k_buffers_of(self.layout.k_buffers),
+                    g.old[:, : g.task.n_keys], self.sm_scale, out=out,
+                )
         if self.profile:
             self.stats.score_seconds += self._clock(device) - start
         if self.reduce_scores is not None:
@@ -222,6 +228,26 @@ class Compressor:
         first = torch.tensor([it.first for it in items], device=keep.device)
         known = torch.where(first, torch.iinfo(torch.int64).max, exact_prefix[rows])
         exact_prefix[rows] = torch.minimum(known, starts + leading)
+
+    def _current_query_scores(self, items: List[DueRequest], query_rows: torch.Tensor, rows: torch.Tensor,
+                              starts: torch.Tensor, task: CompressionTask,
+                              device: torch.device) -> torch.Tensor:
+        """Importance of the region's tokens under each request's latest query (LongFlow).
+
+        The softmax runs over the request's whole KV (``old_end`` entries, prompt included),
+        as the model's attention did; only the region's tokens are scored. SGLang's backend
+        already produced this step's attention output, so the kernel's output is off.
+        """
+        if self.queries.ring != 1:
+            raise ValueError("current-query importance needs a query ring of 1 (the current query)")
+        kv_lens = _to_device([it.task.old_end for it in items], device)
+        _, scores = longflow_decode(
+            self.queries.data[:, :, 0], query_rows,
+            self.queries.buffers_of(self.layout.k_buffers), self.queries.buffers_of(self.layout.v_buffers),
+            self.layout.req_to_token, rows, kv_lens, self.sm_scale,
+            score_start=starts, n_scores=task.n_keys, with_output=False,
+        )
+        return scores
 
     def _merge(self, old: torch.Tensor, merges, n: int) -> None:
         """Write each merged entry (weighted sum of its members' K/V rows) into its target slot."""

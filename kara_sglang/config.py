@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
-POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask")
+POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask", "longflow")
 VOTE_HEAD_MODES = ("group", "all")
 SCOPES = ("auto", "reasoning", "all")
 
@@ -20,6 +20,8 @@ MAX_WINDOW = 1024
 
 # Policies that compress the decode tail window by window (W + U trigger, budget per window).
 WINDOW_POLICIES = ("kara", "cask")
+# Policies that hold the whole decode cache to a budget (budget + U trigger, --kara-budget required).
+DECODE_CACHE_POLICIES = ("streaming", "threshold", "longflow")
 
 
 class KaraConfigError(ValueError):
@@ -39,7 +41,8 @@ class KaraConfig:
         window: W, tokens compressed at once.
         buffer: U, newest tokens left uncompressed (they also vote as queries).
         keep_ratio: fraction of W kept; ignored when ``budget`` is given.
-        budget: tokens kept per window (Kara) or per decode cache (threshold, streaming).
+        budget: tokens kept per window (Kara) or per decode cache (threshold, streaming,
+            longflow).
             ``None`` means ``round(keep_ratio * window)``.
         chunk_size: gamma, the longest contiguous chunk Token2Chunk grows (1 disables it).
         chunk_fraction: share of the budget spent on chunks; the rest goes to single
@@ -158,13 +161,13 @@ class KaraConfig:
             fail("kara-scope", f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if not isinstance(self.sink, int) or self.sink < 0:
             fail("kara-sink", f"must be an integer >= 0, got {self.sink!r}")
-        if self.policy in ("streaming", "threshold") and self.budget is None:
+        if self.policy in DECODE_CACHE_POLICIES and self.budget is None:
             fail("kara-budget", f"the {self.policy} policy needs a decode-cache budget in tokens")
         if self.policy == "streaming" and self.sink >= self.window_budget:
             fail("kara-sink", f"sink {self.sink} must be smaller than the budget {self.window_budget}")
-        if self.policy == "threshold" and self.window_budget <= self.buffer:
+        if self.policy in ("threshold", "longflow") and self.window_budget <= self.buffer:
             fail(
                 "kara-budget",
-                f"threshold policy keeps the last U={self.buffer} tokens as its observation "
-                f"window, so its budget must exceed U (got {self.window_budget})",
+                f"{self.policy} policy keeps the last U={self.buffer} tokens (never evicted), "
+                f"so its budget must exceed U (got {self.window_budget})",
             )

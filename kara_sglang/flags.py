@@ -34,11 +34,14 @@ FLAGS = (
     Flag("kv_policy", "policy", str, "KV-cache policy applied while decoding (none = vanilla SGLang).",
          POLICY_NAMES, per_request=True),
     Flag("kara_window", "window", int, "Kara window W: decode tokens compressed at once (default 512)."),
-    Flag("kara_buffer", "buffer", int, "Kara buffer U: newest tokens kept uncompressed (default 64)."),
+    Flag("kara_buffer", "buffer", int,
+         "Kara buffer U: newest tokens kept uncompressed (default 64); threshold, streaming, "
+         "longflow: the decode cache is cut back to the budget when it reaches budget + U."),
     Flag("kara_keep_ratio", "keep_ratio", float, "Share of each window kept, in (0, 1] (default 0.25).",
          per_request=True),
     Flag("kara_budget", "budget", int,
-         "Tokens kept per window (kara) or per decode cache (threshold, streaming: required).",
+         "Tokens kept per window (kara) or per decode cache (threshold, streaming, longflow: "
+         "required).",
          per_request=True),
     Flag("kara_chunk_size", "chunk_size", int, "Token2Chunk chunk length gamma; 1 disables chunks (default 8).",
          per_request=True),
@@ -50,7 +53,8 @@ FLAGS = (
     Flag("kara_vote_layers", "vote_layers", _layer_list, "Comma-separated layer ids whose queries vote."),
     Flag("kara_num_vote_layers", "num_vote_layers", int,
          "Layers that vote, spread evenly, when --kara-vote-layers is not given (default 4)."),
-    Flag("kara_vote_heads", "vote_heads", str, "group: one query per KV head; all: every query head.",
+    Flag("kara_vote_heads", "vote_heads", str, "group: one query per KV head; all: every query head "
+         "(longflow always stores every head).",
          VOTE_HEAD_MODES),
     Flag("kara_sink", "sink", int, "streaming: first decode tokens always kept (default 4)."),
     Flag("kara_scope", "scope", str,

@@ -43,7 +43,11 @@ class QueryBuffer:
 
     def k_buffers_of(self, k_buffers: Sequence[torch.Tensor]) -> list:
         """The voting layers' K buffers, in the buffer's layer order."""
-        return [k_buffers[layer] for layer in self.vote_layers]
+        return self.buffers_of(k_buffers)
+
+    def buffers_of(self, buffers: Sequence[torch.Tensor]) -> list:
+        """The voting layers' entries of a per-layer list (K or V buffers), in layer order."""
+        return [buffers[layer] for layer in self.vote_layers]
 
     def capture(self, layer_id: int, q: torch.Tensor, rows: torch.Tensor,
                 ring_pos: torch.Tensor) -> None:

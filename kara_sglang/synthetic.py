@@ -92,7 +92,7 @@ class SyntheticDecode:
         if self.policy.query_ring:
             self.queries = QueryBuffer(n, config.resolve_vote_layers(num_layers),
                                        self.policy.query_ring, q_heads, kv_heads, head_dim,
-                                       config.vote_heads, dtype, device)
+                                       self.policy.query_heads, dtype, device)
         self.compressor = Compressor(self.policy, layout, self.queries, head_dim ** -0.5, profile)
         self.requests = [SyntheticRequest(i, WindowState(prompt_len=p)) for i, p in enumerate(prompt_lens)]
         self.exact_prefix = torch.zeros(n, dtype=torch.int64, device=device)  # as the adapter keeps it

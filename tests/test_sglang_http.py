@@ -34,7 +34,7 @@ def test_help_lists_the_policy_flags():
     for flag in ("--kv-policy", "--kara-window", "--kara-buffer", "--kara-keep-ratio", "--kara-budget",
                  "--kara-chunk-size", "--kara-chunk-fraction", "--kara-vote-layers", "--kara-vote-heads"):
         assert flag in out
-    assert "{none,kara,streaming,threshold,cask}" in out
+    assert "{none,kara,streaming,threshold,cask,longflow}" in out
 
 
 @pytest.mark.parametrize("command", [SERVER, SERVE], ids=["launch_server", "sglang_serve"])

@@ -1,4 +1,4 @@
-"""Paged KV (page size 16) and the baseline policies, through real SGLang.
+"""Paged KV (page size 16), the baseline policies and longflow, through real SGLang.
 
 One engine at a time: SGLang's ``Engine.shutdown()`` ends every scheduler process of the
 test process.
@@ -36,8 +36,23 @@ def test_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model):
         assert p["output_ids"] == r["output_ids"]
 
 
+LONGFLOW = dict(kv_policy="longflow", kara_budget=24, kara_buffer=8, kara_num_vote_layers=2)
+
+
+def test_longflow_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model):
+    n = 24 + 5 * 8 + 3
+    ref, _ = generate_once(tiny_model, PROMPTS[:3], greedy(n), **LONGFLOW)
+    ours, state = generate_once(tiny_model, PROMPTS[:3], greedy(n), page_size=16, **LONGFLOW)
+    assert state["compression_events"] > 0
+    for p, r in zip(ours, ref):
+        # Same importance (same KV rows, read by slot), same evictions, KV kept in whole pages.
+        assert last(p["meta_info"], "kv_tokens_evicted") == last(r["meta_info"], "kv_tokens_evicted") > 0
+        assert p["output_ids"] == r["output_ids"]
+
+
 @pytest.mark.parametrize("policy", [dict(kv_policy="threshold", kara_budget=24, kara_buffer=8),
-                                    dict(kv_policy="streaming", kara_budget=24, kara_buffer=8)])
+                                    dict(kv_policy="streaming", kara_budget=24, kara_buffer=8),
+                                    LONGFLOW])
 def test_baseline_policies_run_through_the_scheduler(tiny_model, policy):
     outs, state = generate_once(tiny_model, PROMPTS[:3], greedy(100), **policy)
     assert state["compression_events"] > 0

@@ -16,7 +16,7 @@
    decoding would have reproduced the line. Grid: ``L`` x ``d`` (Figure 6 of the paper, CPU-sized).
 
 Kara runs its keep ratios and gamma as per-request overrides of one engine per (W, U); the
-threshold and streaming baselines get, per request, the decode budget whose average KV matches
+threshold, streaming and longflow baselines get, per request, the decode budget whose average KV matches
 the average KV Kara actually held (measured in the scheduler at every position). Rows are
 merged into ``--out``: rows of other harnesses (``free_running.py``) are kept.
 """
@@ -285,7 +285,9 @@ def main() -> None:
             mean = summarise(requests, r, buckets)["kv_decode_mean_tokens"]
             budgets[k] = matched_budget(mean, u, positions)
             print(f"  Kara {k}: mean decode KV {mean:.1f} tokens -> baseline budget {budgets[k]}", flush=True)
-    for policy in ("threshold", "streaming"):
+    # longflow holds the decode cache like threshold (grows to B + U, cut to B), so the same
+    # budgets match the same average KV.
+    for policy in ("threshold", "streaming", "longflow"):
         print(f"{policy}: budgets {budgets}", flush=True)
         res = run_engine(args.model, dict(kv_policy=policy, kara_budget=max(budgets.values()), kara_buffer=u),
                          requests, [{"kara_budget": b} for b in budgets.values()])

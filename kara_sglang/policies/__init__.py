@@ -4,10 +4,12 @@ from kara_sglang.config import KaraConfig
 from kara_sglang.policies.base import KVPolicy, NoCompression
 from kara_sglang.policies.cask import CaskPolicy
 from kara_sglang.policies.kara import KaraPolicy
+from kara_sglang.policies.longflow import LongFlowPolicy
 from kara_sglang.policies.streaming import StreamingPolicy
 from kara_sglang.policies.threshold import ThresholdPolicy
 
-POLICIES = {cls.name: cls for cls in (NoCompression, KaraPolicy, StreamingPolicy, ThresholdPolicy, CaskPolicy)}
+POLICIES = {cls.name: cls for cls in (NoCompression, KaraPolicy, StreamingPolicy, ThresholdPolicy, CaskPolicy,
+                                      LongFlowPolicy)}
 
 
 def make_policy(config: KaraConfig) -> KVPolicy:

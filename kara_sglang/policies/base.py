@@ -21,6 +21,10 @@ class KVPolicy(ABC):
     """Decides when and what to compress for one configuration."""
 
     name: str = ""
+    # Which kernel turns captured queries into scores: "window" = the bidirectional window
+    # scorer (kernels/scorer.py), "current_query" = the current query's attention
+    # contributions over the whole KV (kernels/longflow.py).
+    importance: str = "window"
 
     def __init__(self, config: KaraConfig) -> None:
         self.config = config
@@ -29,6 +33,11 @@ class KVPolicy(ABC):
     def query_ring(self) -> int:
         """Queries captured per request (the newest ones); 0 if the policy needs no scores."""
         return 0
+
+    @property
+    def query_heads(self) -> str:
+        """How captured queries are stored: ``"group"`` (mean per KV head) or ``"all"`` heads."""
+        return self.config.vote_heads
 
     @abstractmethod
     def plan(self, state: WindowState) -> Optional[CompressionTask]:
