@@ -171,6 +171,10 @@ def longflow_decode(
     device = req_to_token.device
     if score_start is None:
         score_start = torch.zeros(n, dtype=torch.int64, device=device)
+    # The kernel indexes these by request id: a strided view (a column of a 2-D index
+    # tensor) would be read as if packed.
+    query_rows, pool_rows, kv_lens, score_start = (
+        t.contiguous() for t in (query_rows, pool_rows, kv_lens, score_start))
     importance = torch.zeros(n, n_scores, dtype=torch.float32, device=device)
     out = (torch.empty(n, n_vote, q_heads, head_dim, dtype=torch.float32, device=device)
            if with_output else None)
