@@ -186,6 +186,15 @@ class SyntheticDecode:
         marks = self.v[0][slots, 0, :2].long()
         return (marks[:, 0] * 256 + marks[:, 1]).tolist()
 
+    def owned_pages(self) -> set:
+        """Pages holding some request's live KV: after any compression, exactly the pages
+        the allocator has in use (a leak or a double free shows up as a difference)."""
+        page = self.alloc.page_size
+        pages = set()
+        for req in self.requests:
+            pages |= {s // page for s in self.req_to_token[req.pool_row, : req.state.kv_len].tolist()}
+        return pages
+
     def finish_all(self) -> None:
         """Free every request's pages, as SGLang does when requests finish."""
         for req in self.requests:

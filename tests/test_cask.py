@@ -144,14 +144,6 @@ class RecordingDecode(SyntheticDecode):
         return self.keep_of[item.pool_row]
 
 
-def owned_pages(sim):
-    page = sim.alloc.page_size
-    pages = set()
-    for req in sim.requests:
-        pages |= {s // page for s in sim.req_to_token[req.pool_row, : req.state.kv_len].tolist()}
-    return pages
-
-
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, device):
@@ -223,7 +215,7 @@ def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, de
                     else:
                         assert torch.equal(got, want)
         # No leak, no double free (the toy allocator raises): every page in use is owned.
-        assert owned_pages(sim) == sim.alloc.in_use
+        assert sim.owned_pages() == sim.alloc.in_use
     assert events >= 6 and merged_rows > 0
     sim.finish_all()
     assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use

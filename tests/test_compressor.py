@@ -31,15 +31,6 @@ def expected_layout(sim, item):
     return alive[: t.kv_start] + [region[j] for j in keep] + alive[t.kv_start + t.n_keys:]
 
 
-def owned_pages(sim):
-    page = sim.alloc.page_size
-    pages = set()
-    for req in sim.requests:
-        slots = sim.req_to_token[req.pool_row, : req.state.kv_len].tolist()
-        pages |= {s // page for s in slots}
-    return pages
-
-
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("name", sorted(POLICY_CONFIGS))
 def test_compression_keeps_the_selected_tokens_and_leaks_nothing(name, page_size, device):
@@ -69,7 +60,7 @@ def test_compression_keeps_the_selected_tokens_and_leaks_nothing(name, page_size
                 exact = next((j for j, p in enumerate(stored) if p != j), len(stored))
                 assert int(sim.exact_prefix[req.pool_row]) == exact >= req.state.prompt_len
         # No leak mid-run: every page in use belongs to some request's live KV.
-        assert owned_pages(sim) == sim.alloc.in_use
+        assert sim.owned_pages() == sim.alloc.in_use
     assert events > 0
     sim.finish_all()
     assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use

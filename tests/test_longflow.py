@@ -235,14 +235,6 @@ def test_longflow_config_needs_a_budget_and_is_refused_with_one_line():
 from kara_sglang.synthetic import SyntheticDecode  # noqa: E402
 
 
-def owned_pages(sim):
-    page = sim.alloc.page_size
-    pages = set()
-    for req in sim.requests:
-        pages |= {s // page for s in sim.req_to_token[req.pool_row, : req.state.kv_len].tolist()}
-    return pages
-
-
 def reference_importance(sim, item):
     """Float64 importance of the item's candidates under its current query (all KV attended)."""
     t = item.task
@@ -297,7 +289,7 @@ def test_whole_evictions_keep_the_most_important_and_leak_nothing(page_size, dty
             for buf, old_rows in zip(buffers, rows):
                 assert torch.equal(buf.cpu()[new_slots], old_rows[old_index])
         # No leak, no double free (the toy allocator raises): every page in use is owned.
-        assert owned_pages(sim) == sim.alloc.in_use
+        assert sim.owned_pages() == sim.alloc.in_use
     assert events >= 3 * 6
     sim.finish_all()
     assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use

@@ -61,16 +61,16 @@ Where we differ from the paper, and why:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from kara_kernels import evict_lowest
-from kara_sglang.policies.base import DecodeCacheBudgetPolicy
-from kara_sglang.window import CompressionTask, WindowState
+from kara_sglang.policies.threshold import ThresholdPolicy
 
 
-class LongFlowPolicy(DecodeCacheBudgetPolicy):
+class LongFlowPolicy(ThresholdPolicy):
+    """``threshold``'s schedule and task shape (so rows compare at matched budgets); only the
+    importance differs."""
+
     name = "longflow"
     importance = "current_query"
 
@@ -81,18 +81,6 @@ class LongFlowPolicy(DecodeCacheBudgetPolicy):
     @property
     def query_heads(self) -> str:
         return "all"
-
-    def plan(self, state: WindowState) -> Optional[CompressionTask]:
-        cfg = self.config
-        if not self.is_due(state):
-            return None
-        return CompressionTask(
-            kv_start=state.prompt_len,
-            n_keys=state.decode_kv - cfg.buffer,
-            keep=cfg.window_budget - cfg.buffer,
-            n_suffix=cfg.buffer,
-            n_queries=1,
-        )
 
     def select(self, scores, task, n_windows, device) -> torch.Tensor:
         return evict_lowest(scores, task.n_evicted)

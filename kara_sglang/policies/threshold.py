@@ -35,7 +35,7 @@ class ThresholdPolicy(DecodeCacheBudgetPolicy):
             n_keys=state.decode_kv - cfg.buffer,
             keep=cfg.window_budget - cfg.buffer,
             n_suffix=cfg.buffer,
-            n_queries=cfg.buffer,
+            n_queries=self.query_ring,
         )
 
     def select(self, scores, task, n_windows, device) -> torch.Tensor:
