@@ -86,7 +86,7 @@ class KaraRuntime:
             logger.info("kara: query buffer %s = %.1f MiB (%d rows, layers %s)",
                         tuple(self.queries.data.shape), mb, rows, self.queries.vote_layers)
         self.evicted_by_row = torch.zeros(rows, dtype=torch.int64, device=device)
-        # Where each compressed request's exact KV prefix ends (set at its first compression).
+        # Where each compressed request's exact KV prefix ends (kept by the compressor).
         self.exact_prefix_by_row = torch.zeros(rows, dtype=torch.int64, device=device)
         self.rows_with_evictions = 0
         self.sm_scale = head_dim ** -0.5
@@ -335,8 +335,8 @@ class KaraRuntime:
 
         Runs before SGLang's ``release_kv_cache`` (finish, abort, retraction). The tree
         assumes column ``j`` of the request's row holds token ``j``; after compression that
-        holds for the prompt and for the leading decode tokens the first compression kept in
-        place (the longest exact prefix), so the row is cut there and the rest is freed. The
+        holds for the prompt and for the leading decode tokens its compressions kept in place
+        (the longest exact prefix), so the row is cut there and the rest is freed. The
         next turn of a conversation (or a retracted request's re-prefill) matches that much.
         """
         state: Optional[RequestKV] = getattr(req, "kara", None)
