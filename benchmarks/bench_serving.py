@@ -161,6 +161,10 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="triton")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--max-total-tokens", type=int, default=None,
+                    help="pin the KV pool size (same workload fit on an H100 and an H200)")
+    ap.add_argument("--disable-prefill-cuda-graph", action="store_true",
+                    help="skip capturing prefill CUDA graphs (86 s of a cold start-up; decode graphs stay)")
     ap.add_argument("--log-file", default=None, help="where this process's stderr goes (for peaks)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp-size", type=int, default=1, help="SGLang --tp-size (one GPU per rank)")
@@ -179,6 +183,8 @@ def main() -> None:
                      num_key_value_heads=2, head_dim=64, vocab_size=128256)
         device_args = dict(device="cpu", disable_cuda_graph=True, max_total_tokens=6000)
         args.attention_backend = "torch_native"
+    if args.max_total_tokens:
+        device_args["max_total_tokens"] = args.max_total_tokens
 
     import sglang
     import torch
@@ -200,6 +206,7 @@ def main() -> None:
         attention_backend=args.attention_backend, sampling_backend="pytorch", grammar_backend="none",
         mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
         disable_overlap_schedule=True, incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, tp_size=args.tp_size, dp_size=args.dp_size,
+        disable_prefill_cuda_graph=args.disable_prefill_cuda_graph,
         **device_args, **kara)
     startup = time.time() - t0
     max_total_tokens = engine.get_server_info()["internal_states"][0]["kara"]["max_total_tokens"]
@@ -247,6 +254,7 @@ def main() -> None:
                 "startup_s": startup,
                 "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
                 "max_running_requests": args.max_running_requests,
+                "prefill_cuda_graph": not args.disable_prefill_cuda_graph,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                 "sglang_version": sglang.__version__,
             })

@@ -18,11 +18,27 @@ if [ ! -f $SITE/.done ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $SITE .whl/kara/*.whl 2>&1 | grep -v "already exists"
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH  # $SITE/bin: ninja for FlashInfer's JIT
-for config in "$@"; do
-  IFS=: read -r name seconds args <<<"$config"
+# A configuration named NAME@G runs on GPU G (CUDA_VISIBLE_DEVICES); the configurations of
+# each GPU run one after another, different GPUs side by side (a 2-GPU machine measures two
+# policies per call). Without @G everything runs in order on the default devices.
+run_config() {
+  IFS=: read -r name seconds args <<<"$1"
+  name=${name%@*}  # files are named without the GPU
   echo "=== $name ($seconds s): $args"
-  t0=$(date +%s)
+  local t0=$(date +%s)
   timeout "$seconds" python3 benchmarks/bench_serving.py $args \
     --log-file $OUT/log-$name.txt --out $OUT/row-$name.json > $OUT/log-$name.txt 2>&1
-  echo "rc=$? after $(( $(date +%s) - t0 )) s"; grep -E '^\{|Error|error:' $OUT/log-$name.txt | cut -c1-300 | tail -6
+  echo "$name rc=$? after $(( $(date +%s) - t0 )) s"; grep -E '^\{|Error|error:' $OUT/log-$name.txt | cut -c1-300 | tail -6
+}
+declare -A lanes
+for config in "$@"; do
+  name=${config%%:*}
+  if [[ $name == *@* ]]; then lanes[${name##*@}]+="$config"$'\n'; else run_config "$config"; fi
 done
+for gpu in "${!lanes[@]}"; do
+  ( export CUDA_VISIBLE_DEVICES=$gpu
+    while IFS= read -r config; do [ -n "$config" ] && run_config "$config"; done <<<"${lanes[$gpu]}"
+  ) > $OUT/lane-gpu$gpu.txt 2>&1 &
+done
+wait
+cat $OUT/lane-gpu*.txt 2>/dev/null
