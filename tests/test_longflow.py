@@ -10,6 +10,10 @@ from hypothesis import strategies as st
 from kara_kernels import evict_lowest, evict_lowest_reference, longflow_decode, longflow_decode_reference
 from kara_kernels._buffers import interpreting
 
+# The kernels run where the tests run: on a GPU when there is one (bf16 included), else on
+# Triton's CPU interpreter. Inputs are drawn on the CPU (seeded generator), then moved.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def paged_rows(gen, lens, page_size, num_pages, max_context):
     """``req_to_token`` rows of a paged allocator: fresh pages, ``slot % P == position % P``."""
@@ -35,7 +39,8 @@ def random_decode_inputs(gen, lens, q_heads, kv_heads, head_dim, n_vote, dtype, 
     query_rows = torch.randperm(len(lens) + extra_rows, generator=gen)[: len(lens)]
     req_to_token = torch.cat([torch.zeros(extra_rows, max_context, dtype=torch.int32), req_to_token])
     pool_rows = torch.arange(extra_rows, extra_rows + len(lens))
-    return queries, query_rows, k, v, req_to_token, pool_rows, torch.tensor(lens)
+    return tuple(x.to(DEVICE) if torch.is_tensor(x) else [t.to(DEVICE) for t in x]
+                 for x in (queries, query_rows, k, v, req_to_token, pool_rows, torch.tensor(lens)))
 
 
 DECODE_CASES = [
@@ -56,8 +61,8 @@ def test_longflow_decode_matches_float64_reference(case, dtype, page_size):
     gen = torch.Generator().manual_seed(torch.seed())
     inputs = random_decode_inputs(gen, lens, q_heads, kv_heads, head_dim, n_vote, dtype, page_size)
     # Score a ragged region of each request: from a random start to the end of its KV.
-    starts = torch.tensor([int(torch.randint(0, n, (1,), generator=gen)) for n in lens])
-    n_scores = int((torch.tensor(lens) - starts).min())
+    starts = torch.tensor([int(torch.randint(0, n, (1,), generator=gen)) for n in lens], device=DEVICE)
+    n_scores = int((torch.tensor(lens) - starts.cpu()).min())
     scale = head_dim ** -0.5
     out, imp = longflow_decode(*inputs, scale, score_start=starts, n_scores=n_scores, block_n=16)
     ref_out, ref_imp = longflow_decode_reference(*inputs, scale, score_start=starts, n_scores=n_scores)
@@ -77,10 +82,11 @@ def test_importance_of_the_whole_kv_sums_to_the_value_norms():
     gen = torch.Generator().manual_seed(torch.seed())
     q, rows, k, v, rtt, pool_rows, lens = random_decode_inputs(gen, [23, 40], 8, 2, 32, 2,
                                                                torch.float32, 1)
-    v = [torch.full_like(b, 0.5) * torch.sign(torch.randn(b.shape, generator=gen)) for b in v]
-    _, imp = longflow_decode(q, rows, k, v, rtt, pool_rows, torch.tensor([23, 23]), 0.2, n_scores=23)
+    v = [torch.full_like(b, 0.5) * torch.sign(torch.randn(b.shape, generator=gen)).to(DEVICE) for b in v]
+    _, imp = longflow_decode(q, rows, k, v, rtt, pool_rows, torch.tensor([23, 23], device=DEVICE), 0.2,
+                             n_scores=23)
     expected = 2 * 8 * 0.5 * 32  # layers x heads x |v|_1
-    assert torch.allclose(imp.sum(dim=1), torch.full((2,), float(expected)), rtol=1e-5)
+    assert torch.allclose(imp.sum(dim=1).cpu(), torch.full((2,), float(expected)), rtol=1e-5)
 
 
 SGL_CASES = [(4, 4, 32, [1, 37, 70]), (8, 2, 64, [100, 17, 64]), (16, 2, 16, [33, 80]), (8, 1, 32, [45, 3])]
@@ -91,13 +97,14 @@ def sglang_decode_attention(q, k, v, req_to_token, pool_rows, lens, scale, page_
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
 
     n, heads, head_dim = q.shape
-    kv_indptr = torch.zeros(n + 1, dtype=torch.int32)
+    dev = q.device
+    kv_indptr = torch.zeros(n + 1, dtype=torch.int32, device=dev)
     kv_indptr[1:] = lens.cumsum(0)
     kv_indices = torch.cat([req_to_token[int(r), : int(l)] for r, l in zip(pool_rows, lens)]).long()
-    out = torch.zeros(n, heads, head_dim, dtype=q.dtype)
-    logits = torch.empty(n, heads, max_splits, head_dim, dtype=torch.float32)
-    lse = torch.empty(n, heads, max_splits, dtype=torch.float32)
-    splits = torch.randint(1, max_splits + 1, (n,), dtype=torch.int32)  # split-KV as on the GPU
+    out = torch.zeros(n, heads, head_dim, dtype=q.dtype, device=dev)
+    logits = torch.empty(n, heads, max_splits, head_dim, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, heads, max_splits, dtype=torch.float32, device=dev)
+    splits = torch.randint(1, max_splits + 1, (n,), dtype=torch.int32).to(dev)  # split-KV as on the GPU
     decode_attention_fwd(q, k, v, out, kv_indptr, kv_indices, logits, lse, splits, max_splits,
                          scale, 1.0, 1.0, page_size=page_size)
     return out
@@ -157,7 +164,7 @@ def test_evict_lowest_is_a_stable_ascending_sort(rows, n, frac, levels, seed, bl
     # Few levels: many exact ties, broken by position (the older token is evicted first).
     importance = torch.randint(0, levels, (rows, n), generator=gen).float() / levels
     n_evict = int(frac * n)
-    keep = evict_lowest(importance, n_evict, block=block)
+    keep = evict_lowest(importance.to(DEVICE), n_evict, block=block).cpu()
     assert keep.shape == (rows, n - n_evict) and keep.dtype == torch.int64
     assert torch.equal(keep, evict_lowest_reference(importance, n_evict))
     for b in range(rows):
@@ -170,7 +177,7 @@ def test_evict_lowest_is_a_stable_ascending_sort(rows, n, frac, levels, seed, bl
 
 def test_evict_lowest_refuses_impossible_counts():
     with pytest.raises(ValueError, match="cannot evict"):
-        evict_lowest(torch.zeros(1, 4), 5)
+        evict_lowest(torch.zeros(1, 4, device=DEVICE), 5)
 
 
 # ---------------------------------------------------------------------------- the policy

@@ -41,4 +41,4 @@ for gpu in "${!lanes[@]}"; do
   ) > $OUT/lane-gpu$gpu.txt 2>&1 &
 done
 wait
-cat $OUT/lane-gpu*.txt 2>/dev/null
+cat $OUT/lane-gpu*.txt 2>/dev/null; true
