@@ -142,6 +142,13 @@ def test_attention_output_equals_sglang_decode_attention(case, dtype, page_size)
                                      scale, page_size)
     eps = torch.finfo(dtype).eps
     group = q_heads // kv_heads
+    # On a GPU, SGLang's grouped kernel (GQA > 1) multiplies float32 q.k and p.v with tl.dot,
+    # i.e. in TF32 (10 mantissa bits): the rounding bound is TF32's, and p.v adds its own
+    # rounding of p and v (eps per product, at most eps * max|v| on the output). Measured on
+    # an H100: differences up to 4.2e-3 for float32 with GQA 4-8, none for GQA 1.
+    tf32 = DEVICE == "cuda" and dtype == torch.float32 and group > 1
+    if tf32:
+        eps = 2.0 ** -10
     for b, (row, n) in enumerate(zip(pool_rows.tolist(), lens)):
         slots = rtt[row, :n].long()
         qb = q[int(rows[b]), 0].double()  # [H, D]
@@ -150,9 +157,11 @@ def test_attention_output_equals_sglang_decode_attention(case, dtype, page_size)
         delta = eps / 2 * scale * (qb.abs()[None] * kb.abs()).sum(-1).amax(0)  # [H]
         bound = (torch.expm1(2 * delta) * vb.abs().amax(dim=(0, 2)))[:, None] \
             + eps / 2 * theirs[b].double().abs() + 2e-6
+        if tf32:
+            bound = bound + eps * vb.abs().amax(dim=(0, 2))[:, None]
         diff = (ours[b, 0].double() - theirs[b].double()).abs()
         assert bool((diff <= bound).all()), (diff - bound).max()
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not tf32:
         assert torch.allclose(ours[:, 0], theirs, rtol=0, atol=1e-5)
 
 
