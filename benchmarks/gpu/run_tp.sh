@@ -17,7 +17,7 @@ export PYTHONPATH=$SITE:$PWD/tests PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 nvidia-smi -L > $OUT/gpus.txt
 
 echo "=== 0. LongFlow kernel vs SGLang decode attention (GPU, bf16 included)"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_longflow.py > $OUT/longflow_gpu.txt 2>&1
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_longflow.py -k "not real_sglang" > $OUT/longflow_gpu.txt 2>&1
 echo "rc=$?"; tail -2 $OUT/longflow_gpu.txt
 
 echo "=== 1. invariant suite, tp_size=2 and dp_size=2"
@@ -30,8 +30,8 @@ timeout 60 python3 benchmarks/gpu/bench_tp_allreduce.py --gpus 2 --out $OUT/tp_a
 echo "rc=$?"; tail -6 $OUT/tp_allreduce.txt
 
 echo "=== 3. throughput at tp_size=2"
-timeout ${CONFIG_TIMEOUT:-230} python3 benchmarks/bench_serving.py --policy kara --keep-ratio 0.25 --tp-size 2 \
-  --max-total-tokens 423494 --disable-prefill-cuda-graph \
-  ${WORKLOADS:-"--workload 128x1024+4096~none --workload 128x1024+4096~kara,keep=0.25"} \
+WORKLOADS=${WORKLOADS:-"--workload 128x1024+4096~none --workload 128x1024+4096~kara,keep=0.25"}
+timeout ${CONFIG_TIMEOUT:-240} python3 benchmarks/bench_serving.py --policy kara --keep-ratio 0.25 --tp-size 2 \
+  --max-total-tokens 423494 --disable-prefill-cuda-graph $WORKLOADS \
   --log-file $OUT/log-tp2.txt --out $OUT/row-tp2.json > $OUT/log-tp2.txt 2>&1
 echo "tp2 rc=$?"; grep -E '^\{|Error|error:' $OUT/log-tp2.txt | cut -c1-400 | tail -4
