@@ -210,6 +210,10 @@ def main() -> None:
         **device_args, **kara)
     startup = time.time() - t0
     max_total_tokens = engine.get_server_info()["internal_states"][0]["kara"]["max_total_tokens"]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    # For rows rebuilt from this log when the process is killed before writing them.
+    print("BENCH-ENV " + json.dumps({"device": device, "sglang_version": sglang.__version__,
+                                     "max_total_tokens": max_total_tokens}), file=sys.stderr, flush=True)
     rows = []
     rng = random.Random(0)
     loop = engine.loop  # the tokenizer manager's receive loop runs on the engine's own loop
@@ -255,8 +259,7 @@ def main() -> None:
                 "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
                 "max_running_requests": args.max_running_requests,
                 "prefill_cuda_graph": not args.disable_prefill_cuda_graph,
-                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "sglang_version": sglang.__version__,
+                "device": device, "sglang_version": sglang.__version__,
             })
             print(json.dumps(rows[-1]), flush=True)
             write_rows(rows, args)

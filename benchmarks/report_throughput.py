@@ -101,6 +101,15 @@ def server_config(log: str, text: str):
             "attention_backend": "triton", "mem_fraction_static": 0.85, "max_running_requests": 256}
 
 
+def run_env(text: str) -> dict:
+    """Device, SGLang version and pool of a run, from its log's BENCH-ENV line. Logs written
+    before that line existed (2026-11-25) are all from the same H100 image with SGLang 0.5.17."""
+    m = re.search(r"^BENCH-ENV (.*)$", text, re.M)
+    if m:
+        return json.loads(m.group(1))
+    return {"device": "NVIDIA H100 80GB HBM3", "sglang_version": "0.5.17"}
+
+
 def add_gains(rows) -> None:
     """Gain over vanilla on the same workload (same run if it has one) vs the bytes model's;
     the share is measured gain / model gain (the target: >= 0.9). Where the run offered each
@@ -167,7 +176,7 @@ def collect(raw_dir: str):
                 "attention_backend": server["attention_backend"],
                 "mem_fraction_static": server["mem_fraction_static"],
                 "max_running_requests": server["max_running_requests"],
-                "device": "NVIDIA H100 80GB HBM3", "sglang_version": "0.5.17",
+                **run_env(text),
             })
     for row in rows:
         avg, peak = kv_profile(row["policy"], row["prompt_len"], row["output_len"], row.get("keep_ratio"),
