@@ -174,12 +174,16 @@ def plot(path, table, buckets, lengths, depths):
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     mids = [(a + b) / 2 for a, b in zip(buckets[:-1], buckets[1:])]
-    for label, m in table:
+    # One colour per row (tab20), one marker per policy; Kara and full solid, the others dashed.
+    colours = [plt.cm.tab20(k % 20) for k in range(len(table))]
+    markers = {"full": "o", "Kara": "o", "threshold": "s", "streaming": "^", "longflow": "D", "cask": "v"}
+    for (label, m), colour in zip(table, colours):
         style = "-" if label.startswith(("full", "Kara")) else "--"
+        marker = markers.get(label.split()[0], "o")
         axes[0].plot(mids, [100 * m[f"tf_top1_agreement@[{a},{b})"] for a, b in zip(buckets[:-1], buckets[1:])],
-                     style, marker="o", label=label)
+                     style, marker=marker, color=colour, label=label)
         axes[1].plot(mids, [m[f"tf_nll@[{a},{b})"] for a, b in zip(buckets[:-1], buckets[1:])],
-                     style, marker="o", label=label)
+                     style, marker=marker, color=colour, label=label)
     axes[0].set(title="Teacher-forced top-1 agreement with full KV", xlabel="decode position",
                 ylabel="% positions")
     axes[1].set(title="Teacher-forced NLL of the full-KV continuation", xlabel="decode position",
@@ -189,7 +193,8 @@ def plot(path, table, buckets, lengths, depths):
     width = 0.8 / len(table)
     for k, (label, m) in enumerate(table):
         axes[2].bar([i + k * width for i in range(len(cells))],
-                    [100 * m[f"needle_token_accuracy@L={L},depth={d}"] for L, d in cells], width, label=label)
+                    [100 * m[f"needle_token_accuracy@L={L},depth={d}"] for L, d in cells], width, label=label,
+                    color=colours[k])
     axes[2].set_xticks([i + 0.4 - width / 2 for i in range(len(cells))],
                        [f"L={L}\nd={d}" for L, d in cells], fontsize=8)
     axes[2].set(title="Needle in its own CoT: answer-token accuracy", ylabel="% tokens")
