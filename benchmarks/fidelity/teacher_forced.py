@@ -131,13 +131,33 @@ def matched_budget(target_mean, buffer, positions):
 
 
 # ------------------------------------------------------------------------- metrics
-def summarise(requests, results, buckets):
-    """Metrics of one configuration: {metric: value}."""
+def first_compression(requests, results):
+    """Latest position, over the curve requests, at which the KV held first shrank (None: never)."""
+    firsts = []
+    for r, (o, rec) in zip(requests, results):
+        if not r["curve"]:
+            continue
+        held = [decode_held(x, o["meta_info"]["prompt_tokens"]) for x in rec]
+        firsts.append(next((p for p in range(1, len(held)) if held[p] < held[p - 1]), None))
+    return None if not firsts or None in firsts else max(firsts)
+
+
+def summarise(requests, results, buckets, all_compressed_from=None):
+    """Metrics of one configuration: {metric: value}.
+
+    ``all_compressed_from``: the position from which every compared policy has compressed at
+    least once (measured); the ``@after_all_compressed`` metrics cover [it, end), where the
+    rows differ in how well they choose rather than in when they start.
+    """
     m = {}
     curve = [(r, o, rec) for r, (o, rec) in zip(requests, results) if r["curve"]]
-    for lo, hi in [(0, buckets[-1])] + list(zip(buckets[:-1], buckets[1:])):
+    spans = [(0, buckets[-1])] + list(zip(buckets[:-1], buckets[1:]))
+    if all_compressed_from is not None:
+        spans.append((all_compressed_from, buckets[-1]))
+    for i, (lo, hi) in enumerate(spans):
         recs = [x for _, _, rec in curve for x in rec[lo:hi]]
-        tag = "" if (lo, hi) == (0, buckets[-1]) else f"@[{lo},{hi})"
+        tag = "" if i == 0 else "@after_all_compressed" if i == len(spans) - 1 and all_compressed_from is not None \
+            else f"@[{lo},{hi})"
         nll = -sum(x["logp"] for x in recs) / len(recs)
         m["tf_top1_agreement" + tag] = sum(x["argmax"] == x["ref"] for x in recs) / len(recs)
         m["tf_nll" + tag] = nll
@@ -357,14 +377,22 @@ def main() -> None:
 
     # 4. Rows, table, plot (the raw records are kept under data/, git-ignored).
     checkpoint()
-    full_m = summarise(requests, full, buckets)
+    firsts = {c[0]: first_compression(requests, c[7]) for c in configs if c[1] != "full"}
+    late = max((f for f in firsts.values() if f is not None), default=None)
+    if late is not None:
+        print(f"first compression (latest curve request) per row: {firsts}; every row has compressed "
+              f"from position {late}", flush=True)
+    full_m = summarise(requests, full, buckets, late)
     rows, table = [], []
     for label, policy, k, win, b, g, budget, r in configs:
         # (No record before Kara's first decode step: nothing was compressed yet.)
         if policy != "full" and any(rec[-1]["kv"] is None for _, rec in r):
             # The processor reads Kara's window state; without it the KV held is not measured.
             raise RuntimeError(f"{label}: the KV held was not recorded (Kara's request state moved?)")
-        m = summarise(requests, r, buckets)
+        m = summarise(requests, r, buckets, late)
+        if late is not None:
+            m["all_compressed_from"] = late
+            m["first_compression_pos"] = firsts.get(label) if policy != "full" else None
         m["window"] = win
         table.append((label, m))
         print(f"{label:28s} top1 {100 * m['tf_top1_agreement']:6.2f}%  nll {m['tf_nll']:.4f}  "
@@ -375,7 +403,7 @@ def main() -> None:
                 continue
             rows.append({"policy": policy, "keep_ratio": k, "window": win, "buffer": b, "chunk": g,
                          "budget": budget, "model": MODEL_NAME, "metric": metric, "value": value,
-                         "full_kv_value": full_m[metric], "harness": HARNESS, "run_window": w})
+                         "full_kv_value": full_m.get(metric), "harness": HARNESS, "run_window": w})
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
     # A run replaces the rows of the earlier run at the same Kara window W (its baselines are
