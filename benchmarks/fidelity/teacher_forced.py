@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
 HARNESS = "teacher_forced"
+POLICIES = ["full", "kara", "threshold", "streaming", "longflow", "cask"]  # table order
 
 # Prompts whose greedy continuations are long, varied and line-structured (needles are lines).
 # (The free-running harness's animal list is left out: SmolLM2-135M soon repeats one animal,
@@ -130,13 +131,33 @@ def matched_budget(target_mean, buffer, positions):
 
 
 # ------------------------------------------------------------------------- metrics
-def summarise(requests, results, buckets):
-    """Metrics of one configuration: {metric: value}."""
+def first_compression(requests, results):
+    """Latest position, over the curve requests, at which the KV held first shrank (None: never)."""
+    firsts = []
+    for r, (o, rec) in zip(requests, results):
+        if not r["curve"]:
+            continue
+        held = [decode_held(x, o["meta_info"]["prompt_tokens"]) for x in rec]
+        firsts.append(next((p for p in range(1, len(held)) if held[p] < held[p - 1]), None))
+    return None if not firsts or None in firsts else max(firsts)
+
+
+def summarise(requests, results, buckets, all_compressed_from=None):
+    """Metrics of one configuration: {metric: value}.
+
+    ``all_compressed_from``: the position from which every compared policy has compressed at
+    least once (measured); the ``@after_all_compressed`` metrics cover [it, end), where the
+    rows differ in how well they choose rather than in when they start.
+    """
     m = {}
     curve = [(r, o, rec) for r, (o, rec) in zip(requests, results) if r["curve"]]
-    for lo, hi in [(0, buckets[-1])] + list(zip(buckets[:-1], buckets[1:])):
+    spans = [(0, buckets[-1])] + list(zip(buckets[:-1], buckets[1:]))
+    if all_compressed_from is not None:
+        spans.append((all_compressed_from, buckets[-1]))
+    for i, (lo, hi) in enumerate(spans):
         recs = [x for _, _, rec in curve for x in rec[lo:hi]]
-        tag = "" if (lo, hi) == (0, buckets[-1]) else f"@[{lo},{hi})"
+        tag = "" if i == 0 else "@after_all_compressed" if i == len(spans) - 1 and all_compressed_from is not None \
+            else f"@[{lo},{hi})"
         nll = -sum(x["logp"] for x in recs) / len(recs)
         m["tf_top1_agreement" + tag] = sum(x["argmax"] == x["ref"] for x in recs) / len(recs)
         m["tf_nll" + tag] = nll
@@ -173,12 +194,16 @@ def plot(path, table, buckets, lengths, depths):
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     mids = [(a + b) / 2 for a, b in zip(buckets[:-1], buckets[1:])]
-    for label, m in table:
+    # One colour per row (tab20), one marker per policy; Kara and full solid, the others dashed.
+    colours = [plt.cm.tab20(k % 20) for k in range(len(table))]
+    markers = {"full": "o", "Kara": "o", "threshold": "s", "streaming": "^", "longflow": "D", "cask": "v"}
+    for (label, m), colour in zip(table, colours):
         style = "-" if label.startswith(("full", "Kara")) else "--"
+        marker = markers.get(label.split()[0], "o")
         axes[0].plot(mids, [100 * m[f"tf_top1_agreement@[{a},{b})"] for a, b in zip(buckets[:-1], buckets[1:])],
-                     style, marker="o", label=label)
+                     style, marker=marker, color=colour, label=label)
         axes[1].plot(mids, [m[f"tf_nll@[{a},{b})"] for a, b in zip(buckets[:-1], buckets[1:])],
-                     style, marker="o", label=label)
+                     style, marker=marker, color=colour, label=label)
     axes[0].set(title="Teacher-forced top-1 agreement with full KV", xlabel="decode position",
                 ylabel="% positions")
     axes[1].set(title="Teacher-forced NLL of the full-KV continuation", xlabel="decode position",
@@ -188,7 +213,8 @@ def plot(path, table, buckets, lengths, depths):
     width = 0.8 / len(table)
     for k, (label, m) in enumerate(table):
         axes[2].bar([i + k * width for i in range(len(cells))],
-                    [100 * m[f"needle_token_accuracy@L={L},depth={d}"] for L, d in cells], width, label=label)
+                    [100 * m[f"needle_token_accuracy@L={L},depth={d}"] for L, d in cells], width, label=label,
+                    color=colours[k])
     axes[2].set_xticks([i + 0.4 - width / 2 for i in range(len(cells))],
                        [f"L={L}\nd={d}" for L, d in cells], fontsize=8)
     axes[2].set(title="Needle in its own CoT: answer-token accuracy", ylabel="% tokens")
@@ -210,6 +236,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "fidelity.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "fidelity.png"))
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="policies to run now (full is the reference of every row's full_kv_value)")
+    ap.add_argument("--reuse", default=None,
+                    help="raw records of an earlier run at the same W (data/fidelity_teacher_forced_raw_w<W>.json): "
+                         "its requests (same references, prompts, lengths) and the records of every policy "
+                         "not in --policies are reused, and the baselines' budgets are matched to its Kara rows")
     args = ap.parse_args()
 
     import teacher_forcing as tf
@@ -224,58 +256,90 @@ def main() -> None:
     depths = [float(x) for x in args.depths.split(",")]
     buffers = [int(x) for x in args.buffers.split(",")]
     w, u = args.window, buffers[0]
-    tok = AutoTokenizer.from_pretrained(args.model)
-    prompt_ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
-                  for t in PROMPTS[:args.prompts]]
+    policies = [x for x in args.policies.split(",") if x]
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        raise SystemExit(f"unknown policies {sorted(unknown)}; choose from {POLICIES}")
+    raw = ROOT / "data" / f"fidelity_teacher_forced_raw_w{w}.json"
+    configs = []  # (label, policy, keep, window, buffer, chunk, budget, results)
 
-    # 1. Full-KV greedy reference continuations.
-    print("reference generation (full KV)", flush=True)
-    engine = make_engine(args.model, max_total_tokens=40000)
-    try:
-        refs = [o["output_ids"] for o in engine.generate(
-            input_ids=prompt_ids, sampling_params={"temperature": 0, "ignore_eos": True,
-                                                   "max_new_tokens": max(lengths)})]
-    finally:
-        engine.shutdown()
+    if args.reuse:
+        # The stored run's requests (its references, prompts, lengths and needles) and the
+        # records of the policies not run now: rows stay comparable with the stored ones.
+        stored = json.loads(Path(args.reuse).read_text())
+        if stored.get("window", 128) != w:
+            raise SystemExit(f"{args.reuse} is a W={stored.get('window', 128)} run, not W={w}")
+        requests = stored["requests"]
+        lengths = sorted({r["length"] for r in requests})
+        depths = sorted({r["depth"] for r in requests})
+        for c in stored["configs"]:
+            if c[1] not in policies:
+                configs.append(tuple(c[:7]) + ([({"meta_info": meta}, rec) for meta, rec in c[7]],))
+        print(f"reusing {args.reuse}: {len(requests)} requests, stored rows "
+              f"{[c[0] for c in configs]}", flush=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        prompt_ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+                      for t in PROMPTS[:args.prompts]]
 
-    # 2. Requests: one needle probe per (prompt, L, d); the curve comes from the forced
-    # context of the longest L (its first max(L) positions are the reference continuation).
-    requests = []
-    for p, ref in zip(prompt_ids, refs):
-        for L in lengths:
-            for i, d in enumerate(depths):
-                r = needle_request(tok, p, ref, L, d, args.prefix_tokens, args.answer_tokens)
-                r["curve"] = L == max(lengths) and i == 0
-                requests.append(r)
+        # 1. Full-KV greedy reference continuations.
+        print("reference generation (full KV)", flush=True)
+        engine = make_engine(args.model, max_total_tokens=40000)
+        try:
+            refs = [o["output_ids"] for o in engine.generate(
+                input_ids=prompt_ids, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                       "max_new_tokens": max(lengths)})]
+        finally:
+            engine.shutdown()
+
+        # 2. Requests: one needle probe per (prompt, L, d); the curve comes from the forced
+        # context of the longest L (its first max(L) positions are the reference continuation).
+        requests = []
+        for p, ref in zip(prompt_ids, refs):
+            for L in lengths:
+                for i, d in enumerate(depths):
+                    r = needle_request(tok, p, ref, L, d, args.prefix_tokens, args.answer_tokens)
+                    r["curve"] = L == max(lengths) and i == 0
+                    requests.append(r)
     buckets = list(range(0, max(lengths) + 1, args.bucket))
     if buckets[-1] != max(lengths):
         buckets.append(max(lengths))
 
-    configs = []  # (label, policy, keep, window, buffer, chunk, budget, results)
-
     def add(label, policy, keep, window, buffer, chunk, budget, results):
         configs.append((label, policy, keep, window, buffer, chunk, budget, results))
+        checkpoint()
 
-    print("full KV, teacher-forced (self-check)", flush=True)
-    [full] = run_engine(args.model, {}, requests, [{}])
-    add("full KV", "full", None, None, None, None, None, full)
-    for (r, (o, rec)) in zip(requests, full):
-        n = len(r["forced"])
-        bad = [x["pos"] for x in rec[:max(lengths)] if x["argmax"] != x["ref"]]
-        if r["curve"] and bad:
-            print(f"  SELF-CHECK: full KV disagrees with its own reference at {bad[:10]}", flush=True)
+    def checkpoint():
+        # The raw records after every engine (git-ignored, under data/): a run stopped later
+        # can be finished or summarised with --reuse.
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            raw.write_text(json.dumps({"window": w, "requests": requests, "configs": [
+                list(c[:7]) + [[[o["meta_info"], rec] for o, rec in c[7]]] for c in configs]}, default=str))
+        except (OSError, TypeError, ValueError) as err:
+            print(f"  raw records not saved: {err}", flush=True)
+
+    if "full" in policies:
+        print("full KV, teacher-forced (self-check)", flush=True)
+        [full] = run_engine(args.model, {}, requests, [{}])
+        add("full KV", "full", None, None, None, None, None, full)
+        for (r, (o, rec)) in zip(requests, full):
+            bad = [x["pos"] for x in rec[:max(lengths)] if x["argmax"] != x["ref"]]
+            if r["curve"] and bad:
+                print(f"  SELF-CHECK: full KV disagrees with its own reference at {bad[:10]}", flush=True)
 
     kara_grid = [(0.5, 8), (0.25, 8), (0.125, 8), (0.25, 1)]
-    print(f"Kara W={w} U={u}: keep/gamma {kara_grid}", flush=True)
-    res = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u),
-                     requests, [{"kara_keep_ratio": k, "kara_chunk_size": g} for k, g in kara_grid])
-    for (k, g), r in zip(kara_grid, res):
-        add(f"Kara {k:g} γ={g}" + (f" U={u}" if len(buffers) > 1 else ""), "kara", k, w, u, g, None, r)
-    for u2 in buffers[1:]:
-        print(f"Kara W={w} U={u2}: keep 0.25 gamma 8", flush=True)
-        [r] = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u2), requests,
-                         [{"kara_keep_ratio": 0.25, "kara_chunk_size": 8}])
-        add(f"Kara 0.25 γ=8 U={u2}", "kara", 0.25, w, u2, 8, None, r)
+    if "kara" in policies:
+        print(f"Kara W={w} U={u}: keep/gamma {kara_grid}", flush=True)
+        res = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u),
+                         requests, [{"kara_keep_ratio": k, "kara_chunk_size": g} for k, g in kara_grid])
+        for (k, g), r in zip(kara_grid, res):
+            add(f"Kara {k:g} γ={g}" + (f" U={u}" if len(buffers) > 1 else ""), "kara", k, w, u, g, None, r)
+        for u2 in buffers[1:]:
+            print(f"Kara W={w} U={u2}: keep 0.25 gamma 8", flush=True)
+            [r] = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u2), requests,
+                             [{"kara_keep_ratio": 0.25, "kara_chunk_size": 8}])
+            add(f"Kara 0.25 γ=8 U={u2}", "kara", 0.25, w, u2, 8, None, r)
 
     # 3. Baselines at the average decode KV Kara held (measured), U as Kara's.
     positions = list(range(max(lengths)))
@@ -288,28 +352,47 @@ def main() -> None:
     # longflow holds the decode cache like threshold (grows to B + U, cut to B), so the same
     # budgets match the same average KV.
     for policy in ("threshold", "streaming", "longflow"):
+        if policy not in policies:
+            continue
+        if not budgets:
+            raise SystemExit(f"{policy}: no Kara rows at U={u} to match budgets to (run kara or --reuse)")
         print(f"{policy}: budgets {budgets}", flush=True)
         res = run_engine(args.model, dict(kv_policy=policy, kara_budget=max(budgets.values()), kara_buffer=u),
                          requests, [{"kara_budget": b} for b in budgets.values()])
         for (k, b), r in zip(budgets.items(), res):
             add(f"{policy} B={b} (≈Kara {k:g})", policy, None, None, u, None, b, r)
+    # cask is a window policy like Kara (same W, U, trigger, scorer): same keep ratios, its
+    # own merged scratch instead of Token2Chunk (core fraction 0.5, the default).
+    if "cask" in policies:
+        cask_keeps = [0.5, 0.25, 0.125]
+        print(f"cask W={w} U={u}: keep {cask_keeps}", flush=True)
+        res = run_engine(args.model, dict(kv_policy="cask", kara_window=w, kara_buffer=u),
+                         requests, [{"kara_keep_ratio": k} for k in cask_keeps])
+        for k, r in zip(cask_keeps, res):
+            add(f"cask {k:g}", "cask", k, w, u, None, None, r)
+    configs.sort(key=lambda c: POLICIES.index(c[1]))
+    full = next((c[7] for c in configs if c[1] == "full"), None)
+    if full is None:
+        raise SystemExit("no full-KV records: run full or --reuse a run that has them")
 
     # 4. Rows, table, plot (the raw records are kept under data/, git-ignored).
-    raw = ROOT / "data" / "fidelity_teacher_forced_raw.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        raw.write_text(json.dumps({"requests": requests, "configs": [
-            list(c[:7]) + [[[o["meta_info"], rec] for o, rec in c[7]]] for c in configs]}, default=str))
-    except (OSError, TypeError, ValueError) as err:
-        print(f"  raw records not saved: {err}", flush=True)
-    full_m = summarise(requests, full, buckets)
+    checkpoint()
+    firsts = {c[0]: first_compression(requests, c[7]) for c in configs if c[1] != "full"}
+    late = max((f for f in firsts.values() if f is not None), default=None)
+    if late is not None:
+        print(f"first compression (latest curve request) per row: {firsts}; every row has compressed "
+              f"from position {late}", flush=True)
+    full_m = summarise(requests, full, buckets, late)
     rows, table = [], []
     for label, policy, k, win, b, g, budget, r in configs:
         # (No record before Kara's first decode step: nothing was compressed yet.)
         if policy != "full" and any(rec[-1]["kv"] is None for _, rec in r):
             # The processor reads Kara's window state; without it the KV held is not measured.
             raise RuntimeError(f"{label}: the KV held was not recorded (Kara's request state moved?)")
-        m = summarise(requests, r, buckets)
+        m = summarise(requests, r, buckets, late)
+        if late is not None:
+            m["all_compressed_from"] = late
+            m["first_compression_pos"] = firsts.get(label) if policy != "full" else None
         m["window"] = win
         table.append((label, m))
         print(f"{label:28s} top1 {100 * m['tf_top1_agreement']:6.2f}%  nll {m['tf_nll']:.4f}  "
@@ -320,7 +403,7 @@ def main() -> None:
                 continue
             rows.append({"policy": policy, "keep_ratio": k, "window": win, "buffer": b, "chunk": g,
                          "budget": budget, "model": MODEL_NAME, "metric": metric, "value": value,
-                         "full_kv_value": full_m[metric], "harness": HARNESS, "run_window": w})
+                         "full_kv_value": full_m.get(metric), "harness": HARNESS, "run_window": w})
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
     # A run replaces the rows of the earlier run at the same Kara window W (its baselines are
