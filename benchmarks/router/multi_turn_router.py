@@ -241,9 +241,9 @@ def main() -> None:
               f"{row['compressions_per_replica']} workers {row['worker_per_conversation_turn']} "
               f"retractions {row['retractions_per_replica']} errors {len(row['errors'])} "
               f"{row['seconds']:.1f} s  logs {logs}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        if args.out:  # after each policy, so a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
