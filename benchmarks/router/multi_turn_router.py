@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-POLICIES = {"vanilla": [], "kara": ["--kv-policy", "kara"]}
+POLICIES = {"vanilla": [], "kara": ["--kv-policy", "kara", "--kara-scope", "all"]}
 
 
 def free_port() -> int:
@@ -69,16 +69,19 @@ def wait_up(url: str, procs, log: Path, seconds: float = 600) -> None:
     raise RuntimeError(f"{url} did not come up; see {log}")
 
 
-def wait_routable(base: str, seconds: float = 180) -> None:
-    """The router answers /health before its first worker health check passes (503 until then)."""
+def wait_routable(base: str, procs, log: Path, seconds: float = 180) -> None:
+    """The router answers /health at once, before it has registered its workers (its workflow
+    probes each one, gRPC first, then HTTP), so wait until a /generate through it succeeds."""
     end = time.time() + seconds
     while True:
         try:
             post(base + "/generate", {"text": "ready", "sampling_params": {"max_new_tokens": 1}}, timeout=60)
             return
-        except urllib.error.HTTPError as err:
-            if err.code != 503 or time.time() > end:
-                raise
+        except (urllib.error.HTTPError, OSError) as err:  # 503/500 until a worker is active
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a process exited; see {log}") from err
+            if time.time() > end:
+                raise RuntimeError(f"router at {base} never routed a request ({err}); see {log}") from err
             time.sleep(2)
 
 
@@ -104,7 +107,9 @@ def stop(procs) -> None:
 def server_cmd(args, port: int, policy: str) -> list:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_path,
            "--host", "127.0.0.1", "--port", str(port), "--skip-server-warmup",
-           "--max-total-tokens", str(args.max_total_tokens)] + POLICIES[policy]
+           "--max-total-tokens", str(args.max_total_tokens),
+           # rids in the log say which worker served each request
+           "--log-requests", "--log-requests-level", "0"] + POLICIES[policy]
     if policy != "vanilla":
         cmd += ["--kara-window", str(args.window), "--kara-buffer", str(args.buffer),
                 "--kara-keep-ratio", str(args.keep), "--kara-chunk-size", "2"]
@@ -135,35 +140,65 @@ def run(policy: str, args, logs: Path) -> dict:
                             "--log-level", "warn"], logs / f"{policy}-router.log"))
         base = f"http://127.0.0.1:{router_port}"
         wait_up(base + "/health", procs, logs / f"{policy}-router.log")
-        wait_routable(base)
+        wait_routable(base, procs, logs / f"{policy}-router.log")
 
         rng = random.Random(args.seed)
         convs = [words(rng, args.system) + " " + words(rng, args.tool) for _ in range(args.conversations)]
         tools = [[words(rng, args.tool) for _ in range(args.turns)] for _ in convs]
         sampling = {"temperature": 0, "max_new_tokens": args.reply, "ignore_eos": True}
-        per_turn = []
+        per_turn, errors = [], []
+
+        def send(i, turn, text):
+            rid = f"{policy}-c{i}-t{turn + 1}"
+            try:
+                return post(base + "/generate", {"text": text, "rid": rid, "sampling_params": sampling})
+            except (urllib.error.HTTPError, OSError) as err:
+                body = err.read().decode(errors="replace")[:300] if isinstance(err, urllib.error.HTTPError) else ""
+                errors.append({"rid": rid, "error": f"{err} {body}".strip()})
+                return None
+
         t0 = time.perf_counter()
         with ThreadPoolExecutor(len(convs)) as pool:
             for turn in range(args.turns):
-                outs = list(pool.map(lambda text: post(base + "/generate", {"text": text, "sampling_params": sampling}),
-                                     convs))
+                outs = list(pool.map(lambda ic: send(ic[0], turn, ic[1]), enumerate(convs)))
+                if any(o is None for o in outs):
+                    break  # a conversation without its reply cannot go on
                 prompt = sum(o["meta_info"]["prompt_tokens"] for o in outs)
                 cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
                 evicted = [o["meta_info"].get("kv_tokens_evicted") for o in outs]
                 evicted = sum((e[-1] if isinstance(e, list) else e) or 0 for e in evicted)
                 per_turn.append({"turn": turn + 1, "prompt_tokens": prompt, "cached_tokens": cached,
-                                 "hit_ratio": cached / prompt, "reply_tokens_evicted": evicted})
+                                 "hit_ratio": cached / prompt, "reply_tokens_evicted": evicted,
+                                 "hit_ratio_per_conversation": [round(o["meta_info"]["cached_tokens"] /
+                                                                      o["meta_info"]["prompt_tokens"], 3) for o in outs]})
                 convs = [c + o["text"] + " " + tools[i][turn] for i, (c, o) in enumerate(zip(convs, outs))]
         seconds = time.perf_counter() - t0
+        opt_out = None
+        if policy == "kara":  # does a per-request opt-out (sampling_params.custom_params) pass the router?
+            o = post(base + "/generate", {"text": convs[0], "rid": f"{policy}-optout", "sampling_params": dict(
+                sampling, custom_params={"kv_policy": "none"})})
+            ev = o["meta_info"].get("kv_tokens_evicted")
+            opt_out = {"reply_tokens": args.reply, "kv_tokens_evicted": ev[-1] if isinstance(ev, list) else ev}
         states = []
         for port in ports:
             info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30).read())
             states.append(info["internal_states"][0].get("kara", {}))
     finally:
         stop(procs)
+    # Which worker served each conversation's turns, and retractions, from the servers' logs.
+    served, retracted = {}, []
+    for w in range(args.replicas):
+        text = (logs / f"{policy}-server{w}.log").read_text(errors="replace")
+        retracted.append(text.count("Retract requests"))
+        for i in range(args.conversations):
+            for turn in range(args.turns):
+                if f"{policy}-c{i}-t{turn + 1}'" in text or f'{policy}-c{i}-t{turn + 1}"' in text:
+                    served.setdefault(f"c{i}", [None] * args.turns)[turn] = w
     later = per_turn[1:]
     return {"policy": policy, "replicas": args.replicas, "router_policy": "cache_aware", "seconds": seconds,
-            "turns": per_turn,
+            "turns": per_turn, "worker_per_conversation_turn": dict(sorted(served.items())),
+            "conversations_on_one_worker": sum(len(set(ws)) == 1 and None not in ws for ws in served.values()),
+            "retractions_per_replica": retracted, "errors": errors, "opt_out_through_router": opt_out,
             "hit_ratio_after_first": sum(t["cached_tokens"] for t in later) / max(1, sum(t["prompt_tokens"] for t in later)),
             "compressions_per_replica": [s.get("compression_events", 0) for s in states]}
 
@@ -178,8 +213,8 @@ def main() -> None:
     ap.add_argument("--system", type=int, default=120, help="words of shared-nothing system prompt")
     ap.add_argument("--tool", type=int, default=20, help="words of tool output per turn")
     ap.add_argument("--reply", type=int, default=100, help="tokens generated per turn")
-    ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--buffer", type=int, default=8)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--buffer", type=int, default=16)
     ap.add_argument("--keep", type=float, default=0.25)
     ap.add_argument("--max-total-tokens", type=int, default=20000)
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
@@ -203,10 +238,12 @@ def main() -> None:
         rows.append(row)
         print(f"{policy:8} hit ratio per turn {[round(t['hit_ratio'], 3) for t in row['turns']]} "
               f"(turns 2+: {row['hit_ratio_after_first']:.3f}) compressions per replica "
-              f"{row['compressions_per_replica']}  {row['seconds']:.1f} s  logs {logs}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+              f"{row['compressions_per_replica']} workers {row['worker_per_conversation_turn']} "
+              f"retractions {row['retractions_per_replica']} errors {len(row['errors'])} "
+              f"{row['seconds']:.1f} s  logs {logs}", flush=True)
+        if args.out:  # after each policy, so a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
