@@ -151,13 +151,11 @@ def summarise(requests, results, buckets, all_compressed_from=None):
     """
     m = {}
     curve = [(r, o, rec) for r, (o, rec) in zip(requests, results) if r["curve"]]
-    spans = [(0, buckets[-1])] + list(zip(buckets[:-1], buckets[1:]))
+    spans = [("", 0, buckets[-1])] + [(f"@[{lo},{hi})", lo, hi) for lo, hi in zip(buckets[:-1], buckets[1:])]
     if all_compressed_from is not None:
-        spans.append((all_compressed_from, buckets[-1]))
-    for i, (lo, hi) in enumerate(spans):
+        spans.append(("@after_all_compressed", all_compressed_from, buckets[-1]))
+    for tag, lo, hi in spans:
         recs = [x for _, _, rec in curve for x in rec[lo:hi]]
-        tag = "" if i == 0 else "@after_all_compressed" if i == len(spans) - 1 and all_compressed_from is not None \
-            else f"@[{lo},{hi})"
         nll = -sum(x["logp"] for x in recs) / len(recs)
         m["tf_top1_agreement" + tag] = sum(x["argmax"] == x["ref"] for x in recs) / len(recs)
         m["tf_nll" + tag] = nll
