@@ -31,7 +31,5 @@ echo "rc=$?"; tail -6 $OUT/tp_allreduce.txt
 
 echo "=== 3. throughput at tp_size=2"
 WORKLOADS=${WORKLOADS:-"--workload 128x1024+4096~none --workload 128x1024+4096~kara,keep=0.25"}
-timeout ${CONFIG_TIMEOUT:-240} python3 benchmarks/bench_serving.py --policy kara --keep-ratio 0.25 --tp-size 2 \
-  --max-total-tokens 423494 --disable-prefill-cuda-graph $WORKLOADS \
-  --log-file $OUT/log-tp2.txt --out $OUT/row-tp2.json > $OUT/log-tp2.txt 2>&1
-echo "tp2 rc=$?"; grep -E '^\{|Error|error:' $OUT/log-tp2.txt | cut -c1-400 | tail -4
+bash benchmarks/gpu/run_serving.sh "tp2:${CONFIG_TIMEOUT:-240}:--policy kara --keep-ratio 0.25 --tp-size 2 \
+--max-total-tokens 423494 --disable-prefill-cuda-graph $WORKLOADS"
