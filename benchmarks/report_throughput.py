@@ -115,9 +115,11 @@ def add_gains(rows) -> None:
     the share is measured gain / model gain (the target: >= 0.9). Where the run offered each
     policy its own request count (one wave at that policy's pool limit, the 1k + 16k rows), the
     vanilla row of the same prompt/output/rate/TP size in that run is the baseline, named in
-    ``vanilla_workload``."""
+    ``vanilla_workload``. A run without its own vanilla row uses another run's (same device
+    kind and settings); rows are only compared within one attention backend."""
     def shape(r):
-        return r["prompt_len"], r["output_len"], r.get("request_rate"), r.get("tp_size") or 1
+        return (r["prompt_len"], r["output_len"], r.get("request_rate"), r.get("tp_size") or 1,
+                r.get("attention_backend", "triton"))
 
     vanilla = [r for r in rows if r["policy"] == "vanilla" and r.get("model_tok_per_s")]
     for row in rows:
@@ -126,7 +128,7 @@ def add_gains(rows) -> None:
         if same_count:
             base = [v for v in same_count if v.get("run") == row.get("run")] or same_count
         else:
-            base = [v for v in base if v.get("run") == row.get("run")]
+            base = [v for v in base if v.get("run") == row.get("run")] or base
         if row["policy"] == "vanilla" or not base or not row.get("model_tok_per_s"):
             continue
         v = base[0]
