@@ -196,7 +196,8 @@ def run(policy: str, args, logs: Path, save=lambda row: None) -> dict:
         workers = [f"http://127.0.0.1:{p}" for p in ports]
         procs.append(start([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
                             "--port", str(router_port), "--policy", "cache_aware", "--worker-urls", *workers,
-                            "--log-level", "warn"], logs / f"{policy}-router.log"))
+                            # its metrics port is fixed (29000) otherwise: a second router on the machine panics
+                            "--prometheus-port", str(free_port()), "--log-level", "warn"], logs / f"{policy}-router.log"))
         base = f"http://127.0.0.1:{router_port}"
         wait_up(base + "/health", procs, logs / f"{policy}-router.log")
         wait_routable(base, procs, logs / f"{policy}-router.log")
