@@ -4,8 +4,8 @@
     python benchmarks/router/report_router.py RUN/router.json [...] --merge  # add a run (e.g. a GPU call's $OUT)
 
 A row is identified by its device (``"device"``: ``cpu`` or the GPU's name; rows written before
-that field existed take ``settings.device``) and policy: a merged row replaces the stored row of the
-same device and policy and leaves every other row (the CPU rows included) as it was. One table per
+that field existed take ``settings.device``), model and policy: a merged row replaces the stored row
+of the same device, model and policy and leaves every other row (the CPU rows included) as it was. One table per
 device and model, with the columns of docs/benchmarks.md's router table.
 """
 
@@ -24,8 +24,12 @@ def device_of(row: dict) -> str:
     return row.get("device") or row["settings"]["device"]
 
 
+def model_of(row: dict) -> str:
+    return row.get("model") or "tiny random Qwen2 (kara_sglang.demo_model)"  # rows before the field: CPU
+
+
 def key(row: dict) -> tuple:
-    return device_of(row), row["policy"]
+    return device_of(row), model_of(row), row["policy"]
 
 
 def merge(stored: list, new: list) -> list:
@@ -75,14 +79,14 @@ def table_row(row: dict) -> str:
 def tables(rows: list) -> str:
     groups: dict = {}
     for row in rows:
-        groups.setdefault((device_of(row), row.get("model", "")), []).append(row)
+        groups.setdefault((device_of(row), model_of(row)), []).append(row)
     out = []
     for (device, model), group in groups.items():
         s = group[0]["settings"]
         ext = f"W = {s['window']}, U = {s['buffer']}, keep {pct(s['keep'])}, chunk {s.get('chunk_size', 2)}"
-        out.append(f"{device}{', ' + model if model else ''}: {s['conversations']} conversations x "
+        out.append(f"{device}, {model}: {s['conversations']} conversations x "
                    f"{s['turns']} turns, {s['reply']}-token replies, {s['replicas']} replicas; Kara {ext}\n")
-        turns = "1 / ... / " + str(s["turns"]) if s["turns"] > 3 else " / ".join(str(t + 1) for t in range(s["turns"]))
+        turns = " / ".join(str(t + 1) for t in range(s["turns"]))
         conv = (" ".join(f"c{i}" for i in range(s["conversations"])) + f", turns 1-{s['turns']}"
                 if s["conversations"] <= 4 else "all conversations")
         where = "CPU" if device == "cpu" else device
