@@ -34,7 +34,14 @@ def device():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """Folder of a tiny random-weight Qwen2 model + tokenizer (SGLang tests)."""
+    """Folder of a tiny random-weight Qwen2 model + tokenizer (SGLang tests).
+
+    KARA_TEST_MODEL names another model folder instead: FlashInfer's kernels on the GPU do not
+    take the tiny model's head_dim of 32, so the FlashInfer run of the suites uses SmolLM2."""
+    import os
+
+    if os.environ.get("KARA_TEST_MODEL"):
+        return os.environ["KARA_TEST_MODEL"]
     from kara_sglang.demo_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

@@ -43,7 +43,9 @@ ENGINE_DEFAULTS = dict(
     skip_server_warmup=True, log_level="error", random_seed=0,
 )
 if ON_GPU:
-    ENGINE_DEFAULTS.update(device="cuda", attention_backend="triton", disable_cuda_graph=False)
+    # KARA_TEST_ATTENTION_BACKEND=flashinfer runs the suites on FlashInfer's paged attention.
+    ENGINE_DEFAULTS.update(device="cuda", disable_cuda_graph=False,
+                           attention_backend=os.environ.get("KARA_TEST_ATTENTION_BACKEND", "triton"))
 
 
 def parallel_env(tp_size: int) -> dict:
