@@ -7,9 +7,9 @@
 # cask at Kara's keep ratios (first U). Generations of 2048 and 4096 tokens (SmolLM2's context
 # is 8192), 4 prompts, needles at depths 0.1/0.5/0.9 of each.
 #
-# Before it, on the same warm machine: the wheels in /tmp/wheels (run_serving.sh's parts) and
-# the GGUF's first part, .whl/model/part-aa, copied to /tmp/gguf by an earlier call; this call
-# carries .whl/model/part-ab (and .whl/kara, .whl/parts/part-ad as run_serving.sh wants).
+# Before it, on the same warm machine: the wheels in /tmp/wheels (run_serving.sh's parts; any
+# .whl/parts/part-* this call carries are added) and the GGUF's first part, .whl/model/part-aa,
+# copied to /tmp/gguf by an earlier call; this call carries .whl/model/part-ab and .whl/kara.
 # The converted model stays in /tmp/models while the machine is warm; so do finished lanes'
 # records (/tmp/fid/w<W>): calling again with the same W runs only the lanes still missing
 # (FRESH=1 starts over), then re-summarises.
@@ -53,6 +53,8 @@ if [ -z "${FID_CPU_SMOKE:-}" ]; then
     ts "earlier call on this warm machine (mkdir -p /tmp/gguf && cp .whl/model/part-aa /tmp/gguf/) and part-ab in this one"
     exit 2
   fi
+  # SGLang's wheel parts carried in this call (e.g. .whl/parts/part-ad) join the earlier ones.
+  [ -f /tmp/site/.done ] || { mkdir -p /tmp/wheels; for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/; done; }
   bash benchmarks/gpu/run_serving.sh; [ -f /tmp/site/.done ] || { ts "SGLang wheels not installed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD/tests PYTHONUNBUFFERED=1 KARA_TEST_DEVICE=cuda OMP_NUM_THREADS=2
   ts "installed"
