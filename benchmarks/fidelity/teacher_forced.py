@@ -19,11 +19,19 @@ Kara runs its keep ratios and gamma as per-request overrides of one engine per (
 threshold, streaming and longflow baselines get, per request, the decode budget whose average KV matches
 the average KV Kara actually held (measured in the scheduler at every position). Rows are
 merged into ``--out``: rows of other harnesses (``free_running.py``) are kept.
+
+On a GPU (``KARA_TEST_DEVICE=cuda``, ``benchmarks/gpu/run_fidelity.sh``) the engines are
+sized for the GPU (KV pool from the requests, prefill CUDA graphs off), rows carry the GPU's
+name in ``device`` (CPU rows: ``"cpu"``), and a run can be split over processes that run side
+by side: ``--raw`` names each process's raw records (``.json.gz``: compact), ``--raw-new-only``
+keeps only the rows it ran, and ``--reuse A,B,...`` joins several such files (the first's
+requests; every file's rows, the first of a label wins).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -50,6 +58,64 @@ PROMPTS = [
     "Write a long travel journal of a trip through ten countries, one entry per day.",
 ]
 QUESTION = 'Repeat word for word the part of your answer that starts with "{prefix}".'
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    """A line with the wall clock and the seconds since this process started (GPU time budget)."""
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:5.0f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------- raw records
+def read_raw(path) -> dict:
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return json.loads(text)
+
+
+def write_raw(path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, default=str)
+    tmp = path.with_name(path.name + ".tmp")  # a process killed mid-write keeps the last whole file
+    tmp.write_bytes(gzip.compress(text.encode(), 6) if path.suffix == ".gz" else text.encode())
+    tmp.replace(path)
+
+
+def pack(o, rec, compact):
+    """One request's stored form: its meta_info and records (compact: columns, small meta)."""
+    meta = o["meta_info"]
+    if not compact:
+        return [meta, rec]
+    small = {k: (v[-1] if isinstance(v, list) and v else v) for k, v in meta.items()
+             if k in ("prompt_tokens", "completion_tokens", "kv_tokens_kept", "kv_tokens_evicted")}
+    # logp to 8 significant digits: the processor computes it in float32 (about 7).
+    return [small, {"logp": [float(f"{x['logp']:.8g}") for x in rec], "argmax": [x["argmax"] for x in rec],
+                    "kv": [x["kv"] for x in rec]}]
+
+
+def unpack(item, request):
+    """(output, records) of one stored request, in either stored form."""
+    meta, rec = item
+    if isinstance(rec, dict):  # compact: rebuild the processor's records
+        forced = request["forced"]
+        rec = [{"pos": p, "ref": int(forced[p]) if p < len(forced) else -1, "argmax": a, "logp": lp, "kv": kv}
+               for p, (lp, a, kv) in enumerate(zip(rec["logp"], rec["argmax"], rec["kv"]))]
+    return {"meta_info": meta}, rec
+
+
+def engine_kwargs(requests, base_tokens: int, mem_fraction_static: float) -> dict:
+    """CPU: the pool sizes the CPU runs used. GPU: a pool that holds every request at full
+    length at once (no request ever waits or is retracted: a retracted request would be
+    re-prefilled with full KV and change what is measured), prefill CUDA graphs off (their
+    capture costs start-up time; every request here is one short prefill and a long decode)."""
+    from support.engines import ON_GPU
+
+    if not ON_GPU:
+        return dict(max_total_tokens=base_tokens)
+    need = sum(len(r["input_ids"]) + len(r["forced"]) + r.get("free", 0) + 8 for r in requests)
+    return dict(max_total_tokens=need + 4096, mem_fraction_static=mem_fraction_static,
+                disable_prefill_cuda_graph=True, max_running_requests=max(64, len(requests) + 8))
 
 
 # ------------------------------------------------------------------------- requests
@@ -92,19 +158,23 @@ def needle_request(tok, prompt_ids, ref, length, depth, prefix_len, answer_len):
 
 
 # ------------------------------------------------------------------------- engines
-def run_engine(model, engine_args, requests, per_request_params):
-    """One engine: the requests teacher-forced, each with its own custom_params overrides."""
+def run_engine(model, engine_args, requests, per_request_params, engine=None, mem_fraction_static=0.85):
+    """One engine: the requests teacher-forced, each with its own custom_params overrides
+    (``engine``: use this running engine, and shut it down after)."""
     import teacher_forcing as tf
     from support.engines import make_engine
 
-    engine = make_engine(model, max_total_tokens=100000, enable_custom_logit_processor=True,
-                         **engine_args)
+    batch = [dict(r, params=p) for r in requests for p in per_request_params]
+    if engine is None:
+        t0 = time.time()
+        engine = make_engine(model, enable_custom_logit_processor=True,
+                             **engine_kwargs(batch, 100000, mem_fraction_static), **engine_args)
+        log(f"  engine {engine_args or 'none'} started in {time.time() - t0:.0f} s")
     try:
-        batch = [dict(r, params=p) for r in requests for p in per_request_params]
         t0 = time.time()
         outs, recs = tf.teacher_forced(engine, batch)
-        print(f"  {len(batch)} requests, {sum(len(r['forced']) for r in batch)} tokens, "
-              f"{time.time() - t0:.0f} s", flush=True)
+        log(f"  {len(batch)} requests, {sum(len(r['forced']) for r in batch)} tokens, "
+            f"{time.time() - t0:.0f} s")
     finally:
         engine.shutdown()
     n = len(per_request_params)
@@ -229,6 +299,12 @@ def main() -> None:
     ap.add_argument("--bucket", type=int, default=128, help="position bucket of the curves")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--buffers", default="32", help="Kara buffers U; the first is the baselines' too")
+    ap.add_argument("--grid", choices=("cpu", "full"), default="cpu",
+                    help="Kara rows: cpu = keep 0.5/0.25/0.125 at gamma 8 and 0.25 at gamma 1 for the first U, "
+                         "0.25 gamma 8 for the others; full = every keep in --keeps x gamma 1 and 8, for every U")
+    ap.add_argument("--keeps", default="0.5,0.25,0.125", help="Kara (and cask) keep ratios of --grid full")
+    ap.add_argument("--match-keeps", default="0.5,0.25",
+                    help="Kara keep ratios (gamma 8, first U) whose measured average KV the baselines' budgets match")
     ap.add_argument("--prefix-tokens", type=int, default=4)
     ap.add_argument("--answer-tokens", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=3)
@@ -237,17 +313,29 @@ def main() -> None:
     ap.add_argument("--policies", default=",".join(POLICIES),
                     help="policies to run now (full is the reference of every row's full_kv_value)")
     ap.add_argument("--reuse", default=None,
-                    help="raw records of an earlier run at the same W (data/fidelity_teacher_forced_raw_w<W>.json): "
-                         "its requests (same references, prompts, lengths) and the records of every policy "
-                         "not in --policies are reused, and the baselines' budgets are matched to its Kara rows")
+                    help="raw records of earlier runs at the same W (data/fidelity_teacher_forced_raw_w<W>.json; "
+                         "comma-separated: joined, the first one's requests): their requests (same references, "
+                         "prompts, lengths) and the records of every policy not in --policies are reused, and the "
+                         "baselines' budgets are matched to their Kara rows")
+    ap.add_argument("--raw", default=None,
+                    help="where the raw records go (default data/fidelity_teacher_forced_raw_w<W>.json; "
+                         "a .gz name writes them compact and gzipped)")
+    ap.add_argument("--raw-new-only", action="store_true",
+                    help="the raw file holds only the rows run now (processes side by side, joined by --reuse)")
+    ap.add_argument("--mem-fraction-static", type=float, default=0.85, help="GPU only (SGLang's setting)")
+    ap.add_argument("--device-label", default=None,
+                    help="rows' device field (default: the GPU's name, or cpu; a --reuse run keeps the stored one)")
     args = ap.parse_args()
 
     import teacher_forcing as tf
-    from support.engines import make_engine, use_cpu_sglang
+    from support.engines import ON_GPU, flush, make_engine, use_cpu_sglang
     from transformers import AutoTokenizer
 
     use_cpu_sglang()
     os.environ.pop("KARA_DEBUG_CHECKS", None)
+    if ON_GPU:  # SGLang's per-step pool checks (the test suites' setting) scale with the GPU-sized pool
+        for var in ("SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY", "SGLANG_CHECK_KV_PAGE_INVARIANTS"):
+            os.environ.pop(var, None)
     tf.importable()
     t_start = time.time()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -258,36 +346,88 @@ def main() -> None:
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise SystemExit(f"unknown policies {sorted(unknown)}; choose from {POLICIES}")
-    raw = ROOT / "data" / f"fidelity_teacher_forced_raw_w{w}.json"
+    raw = Path(args.raw) if args.raw else ROOT / "data" / f"fidelity_teacher_forced_raw_w{w}.json"
+    compact = raw.suffix == ".gz"
+    mfs = args.mem_fraction_static
+    device = args.device_label
+    if device is None and ON_GPU:
+        import torch
+
+        device = torch.cuda.get_device_name(0)
     configs = []  # (label, policy, keep, window, buffer, chunk, budget, results)
+    reused = set()  # labels taken from --reuse
 
     if args.reuse:
         # The stored run's requests (its references, prompts, lengths and needles) and the
         # records of the policies not run now: rows stay comparable with the stored ones.
-        stored = json.loads(Path(args.reuse).read_text())
-        if stored.get("window", 128) != w:
-            raise SystemExit(f"{args.reuse} is a W={stored.get('window', 128)} run, not W={w}")
-        requests = stored["requests"]
+        requests = None
+        for path in args.reuse.split(","):
+            stored = read_raw(path)
+            if stored.get("window", 128) != w:
+                raise SystemExit(f"{path} is a W={stored.get('window', 128)} run, not W={w}")
+            if requests is None:
+                requests = stored["requests"]
+                if args.device_label is None:
+                    device = stored.get("device", device)
+            elif [r["forced"] for r in stored["requests"]] != [r["forced"] for r in requests]:
+                raise SystemExit(f"{path}: other requests than {args.reuse.split(',')[0]} (another reference run)")
+            for c in stored["configs"]:
+                if c[1] not in policies and c[0] not in reused:
+                    reused.add(c[0])
+                    configs.append(tuple(c[:7]) + ([unpack(item, r) for item, r in zip(c[7], requests)],))
         lengths = sorted({r["length"] for r in requests})
         depths = sorted({r["depth"] for r in requests})
-        for c in stored["configs"]:
-            if c[1] not in policies:
-                configs.append(tuple(c[:7]) + ([({"meta_info": meta}, rec) for meta, rec in c[7]],))
-        print(f"reusing {args.reuse}: {len(requests)} requests, stored rows "
-              f"{[c[0] for c in configs]}", flush=True)
-    else:
+        log(f"reusing {args.reuse}: {len(requests)} requests, stored rows {[c[0] for c in configs]}")
+    device = device or "cpu"
+    buckets = list(range(0, max(lengths) + 1, args.bucket))
+    if buckets[-1] != max(lengths):
+        buckets.append(max(lengths))
+
+    def add(label, policy, keep, window, buffer, chunk, budget, results):
+        configs.append((label, policy, keep, window, buffer, chunk, budget, results))
+        checkpoint()
+
+    def checkpoint():
+        # The raw records after every engine (data/ is git-ignored; on the GPU, --raw under
+        # $OUT): a run stopped later can be finished or summarised with --reuse.
+        keep = [c for c in configs if not (args.raw_new_only and c[0] in reused)]
+        try:
+            write_raw(raw, {"window": w, "device": device, "requests": requests, "configs": [
+                list(c[:7]) + [[pack(o, rec, compact) for o, rec in c[7]]] for c in keep]})
+        except (OSError, TypeError, ValueError) as err:
+            print(f"  raw records not saved: {err}", flush=True)
+
+    full_engine = None
+    if not args.reuse:
         tok = AutoTokenizer.from_pretrained(args.model)
         prompt_ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
                       for t in PROMPTS[:args.prompts]]
 
-        # 1. Full-KV greedy reference continuations.
-        print("reference generation (full KV)", flush=True)
-        engine = make_engine(args.model, max_total_tokens=40000)
+        # 1. Full-KV greedy reference continuations. With full in --policies the same engine
+        # (full KV) then runs the teacher-forced self-check: one start-up less.
+        log("reference generation (full KV)")
+        t0 = time.time()
+        n_probe = len(lengths) * len(depths) * len(prompt_ids)
+        sizing = [{"input_ids": p, "forced": [0] * (max(lengths) + 64)} for p in prompt_ids
+                  for _ in range(n_probe // len(prompt_ids))]
+        engine = make_engine(args.model, enable_custom_logit_processor=True,
+                             **engine_kwargs(sizing, 100000 if "full" in policies else 40000, mfs))
+        log(f"  engine started in {time.time() - t0:.0f} s")
         try:
+            t0 = time.time()
             refs = [o["output_ids"] for o in engine.generate(
                 input_ids=prompt_ids, sampling_params={"temperature": 0, "ignore_eos": True,
                                                        "max_new_tokens": max(lengths)})]
-        finally:
+            log(f"  {len(prompt_ids)} references of {max(lengths)} tokens, {time.time() - t0:.0f} s")
+        except BaseException:
+            engine.shutdown()
+            raise
+        if "full" in policies:
+            # Forget the references' KV: the self-check prefills its prompts afresh, as every
+            # other row's engine does (a radix-cache hit computes the last prompt token alone).
+            flush(engine)
+            full_engine = engine
+        else:
             engine.shutdown()
 
         # 2. Requests: one needle probe per (prompt, L, d); the curve comes from the forced
@@ -299,54 +439,40 @@ def main() -> None:
                     r = needle_request(tok, p, ref, L, d, args.prefix_tokens, args.answer_tokens)
                     r["curve"] = L == max(lengths) and i == 0
                     requests.append(r)
-    buckets = list(range(0, max(lengths) + 1, args.bucket))
-    if buckets[-1] != max(lengths):
-        buckets.append(max(lengths))
-
-    def add(label, policy, keep, window, buffer, chunk, budget, results):
-        configs.append((label, policy, keep, window, buffer, chunk, budget, results))
-        checkpoint()
-
-    def checkpoint():
-        # The raw records after every engine (git-ignored, under data/): a run stopped later
-        # can be finished or summarised with --reuse.
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            raw.write_text(json.dumps({"window": w, "requests": requests, "configs": [
-                list(c[:7]) + [[[o["meta_info"], rec] for o, rec in c[7]]] for c in configs]}, default=str))
-        except (OSError, TypeError, ValueError) as err:
-            print(f"  raw records not saved: {err}", flush=True)
+        checkpoint()  # the requests alone: the references are the expensive part to redo
 
     if "full" in policies:
-        print("full KV, teacher-forced (self-check)", flush=True)
-        [full] = run_engine(args.model, {}, requests, [{}])
+        log("full KV, teacher-forced (self-check)")
+        [full] = run_engine(args.model, {}, requests, [{}], engine=full_engine, mem_fraction_static=mfs)
         add("full KV", "full", None, None, None, None, None, full)
         for (r, (o, rec)) in zip(requests, full):
             bad = [x["pos"] for x in rec[:max(lengths)] if x["argmax"] != x["ref"]]
             if r["curve"] and bad:
                 print(f"  SELF-CHECK: full KV disagrees with its own reference at {bad[:10]}", flush=True)
 
-    kara_grid = [(0.5, 8), (0.25, 8), (0.125, 8), (0.25, 1)]
+    keeps = [float(x) for x in args.keeps.split(",")]
     if "kara" in policies:
-        print(f"Kara W={w} U={u}: keep/gamma {kara_grid}", flush=True)
-        res = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u),
-                         requests, [{"kara_keep_ratio": k, "kara_chunk_size": g} for k, g in kara_grid])
-        for (k, g), r in zip(kara_grid, res):
-            add(f"Kara {k:g} γ={g}" + (f" U={u}" if len(buffers) > 1 else ""), "kara", k, w, u, g, None, r)
-        for u2 in buffers[1:]:
-            print(f"Kara W={w} U={u2}: keep 0.25 gamma 8", flush=True)
-            [r] = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=u2), requests,
-                             [{"kara_keep_ratio": 0.25, "kara_chunk_size": 8}])
-            add(f"Kara 0.25 γ=8 U={u2}", "kara", 0.25, w, u2, 8, None, r)
+        for j, b in enumerate(buffers):
+            if args.grid == "full":
+                grid = [(k, g) for k in keeps for g in (8, 1)]
+            else:
+                grid = [(0.5, 8), (0.25, 8), (0.125, 8), (0.25, 1)] if j == 0 else [(0.25, 8)]
+            log(f"Kara W={w} U={b}: keep/gamma {grid}")
+            res = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=b), requests,
+                             [{"kara_keep_ratio": k, "kara_chunk_size": g} for k, g in grid], mem_fraction_static=mfs)
+            for (k, g), r in zip(grid, res):
+                tag = f" U={b}" if len(buffers) > 1 or args.grid == "full" else ""
+                add(f"Kara {k:g} γ={g}{tag}", "kara", k, w, b, g, None, r)
 
     # 3. Baselines at the average decode KV Kara held (measured), U as Kara's.
     positions = list(range(max(lengths)))
+    match = [float(x) for x in args.match_keeps.split(",") if x]
     budgets = {}
     for label, policy, k, _, b, g, _, r in configs:
-        if policy == "kara" and g == 8 and b == u and k in (0.5, 0.25):
+        if policy == "kara" and g == 8 and b == u and k in match and k not in budgets:
             mean = summarise(requests, r, buckets)["kv_decode_mean_tokens"]
             budgets[k] = matched_budget(mean, u, positions)
-            print(f"  Kara {k}: mean decode KV {mean:.1f} tokens -> baseline budget {budgets[k]}", flush=True)
+            log(f"  Kara {k}: mean decode KV {mean:.1f} tokens -> baseline budget {budgets[k]}")
     # longflow holds the decode cache like threshold (grows to B + U, cut to B), so the same
     # budgets match the same average KV.
     for policy in ("threshold", "streaming", "longflow"):
@@ -354,18 +480,18 @@ def main() -> None:
             continue
         if not budgets:
             raise SystemExit(f"{policy}: no Kara rows at U={u} to match budgets to (run kara or --reuse)")
-        print(f"{policy}: budgets {budgets}", flush=True)
+        log(f"{policy}: budgets {budgets}")
         res = run_engine(args.model, dict(kv_policy=policy, kara_budget=max(budgets.values()), kara_buffer=u),
-                         requests, [{"kara_budget": b} for b in budgets.values()])
+                         requests, [{"kara_budget": b} for b in budgets.values()], mem_fraction_static=mfs)
         for (k, b), r in zip(budgets.items(), res):
             add(f"{policy} B={b} (≈Kara {k:g})", policy, None, None, u, None, b, r)
     # cask is a window policy like Kara (same W, U, trigger, scorer): same keep ratios, its
     # own merged scratch instead of Token2Chunk (core fraction 0.5, the default).
     if "cask" in policies:
-        cask_keeps = [0.5, 0.25, 0.125]
-        print(f"cask W={w} U={u}: keep {cask_keeps}", flush=True)
+        cask_keeps = keeps if args.grid == "full" else [0.5, 0.25, 0.125]
+        log(f"cask W={w} U={u}: keep {cask_keeps}")
         res = run_engine(args.model, dict(kv_policy="cask", kara_window=w, kara_buffer=u),
-                         requests, [{"kara_keep_ratio": k} for k in cask_keeps])
+                         requests, [{"kara_keep_ratio": k} for k in cask_keeps], mem_fraction_static=mfs)
         for k, r in zip(cask_keeps, res):
             add(f"cask {k:g}", "cask", k, w, u, None, None, r)
     configs.sort(key=lambda c: POLICIES.index(c[1]))
@@ -399,14 +525,18 @@ def main() -> None:
         for metric, value in m.items():
             if metric == "window":
                 continue
-            rows.append({"policy": policy, "keep_ratio": k, "window": win, "buffer": b, "chunk": g,
-                         "budget": budget, "model": MODEL_NAME, "metric": metric, "value": value,
-                         "full_kv_value": full_m.get(metric), "harness": HARNESS, "run_window": w})
+            row = {"policy": policy, "keep_ratio": k, "window": win, "buffer": b, "chunk": g,
+                   "budget": budget, "model": MODEL_NAME, "metric": metric, "value": value,
+                   "full_kv_value": full_m.get(metric), "harness": HARNESS, "run_window": w}
+            if device != "cpu":  # CPU rows stay as they were stored (no device field means cpu)
+                row["device"] = device
+            rows.append(row)
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
-    # A run replaces the rows of the earlier run at the same Kara window W (its baselines are
-    # matched to that W); rows of other windows and other harnesses stay.
-    merged = [row for row in old if row.get("harness") != HARNESS or row.get("run_window", 128) != w] + rows
+    # A run replaces the rows of the earlier run at the same Kara window W on the same device
+    # (its baselines are matched to that W); rows of other windows, devices and harnesses stay.
+    merged = [row for row in old if row.get("harness") != HARNESS or row.get("run_window", 128) != w
+              or row.get("device", "cpu") != device] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(merged, indent=1))
     needles = [{"prompt": i // (len(lengths) * len(depths)), "L": r["length"], "depth": r["depth"],
@@ -414,7 +544,7 @@ def main() -> None:
     print(json.dumps(needles, ensure_ascii=False), flush=True)
     if args.plot:
         plot(args.plot, table, buckets, lengths, depths)
-    print(f"total {time.time() - t_start:.0f} s", flush=True)
+    log(f"total {time.time() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -52,27 +52,18 @@ class ForceAndRecord(CustomLogitProcessor):
     """Record the raw log-likelihood of the reference token and the argmax, then force it."""
 
     def __call__(self, logits, custom_param_list: Optional[List[Dict[str, Any]]] = None):
-        import torch
-
         if not custom_param_list:
             return logits
+        rows = [(i, params) for i, params in enumerate(custom_param_list) if params and "tf_ref" in params]
+        if not rows:
+            return logits
+        if logits.is_cuda:
+            values = self._batched(logits, rows)
+        else:
+            values = [self._one(logits, i, params) for i, params in rows]
         lines: Dict[str, List[str]] = defaultdict(list)
-        for i, params in enumerate(custom_param_list):
-            if not params or "tf_ref" not in params:
-                continue
+        for (i, params), (pos, ref, top, logp) in zip(rows, values):
             req = params["__req__"]
-            pos = len(req.output_ids)
-            row = logits[i].detach().float().clone()  # the raw row, before any forcing
-            lse = torch.logsumexp(row, dim=-1)
-            top = int(torch.argmax(row))
-            ref_ids = params["tf_ref"]
-            if pos < len(ref_ids):
-                ref = int(ref_ids[pos])
-                logits[i, :] = float("-inf")
-                logits[i, ref] = 0.0
-                logp = float(row[ref] - lse)
-            else:  # free-running tail: greedy, nothing forced
-                ref, logp = -1, float(row[top] - lse)
             # KV the request holds while this token's logits were computed (Kara's window
             # state; None without a policy). meta_info's per-token lists are exact per token only
             # when a request streams; in a batch call they are filled in blocks.
@@ -81,10 +72,55 @@ class ForceAndRecord(CustomLogitProcessor):
             lines[params["tf_log"]].append(json.dumps(
                 {"tag": params.get("tf_tag", req.rid), "pos": pos, "ref": ref, "argmax": top,
                  "logp": logp, "kv": kv, "len": len(req.origin_input_ids) + pos}))
-        for path, rows in lines.items():
+        for path, recs in lines.items():
             with open(path, "a") as f:
-                f.write("\n".join(rows) + "\n")
+                f.write("\n".join(recs) + "\n")
         return logits
+
+    @staticmethod
+    def _one(logits, i, params):
+        """One row (the CPU path: the values of the stored CPU runs, bit for bit)."""
+        import torch
+
+        pos = len(params["__req__"].output_ids)
+        row = logits[i].detach().float().clone()  # the raw row, before any forcing
+        lse = torch.logsumexp(row, dim=-1)
+        top = int(torch.argmax(row))
+        ref_ids = params["tf_ref"]
+        if pos < len(ref_ids):
+            ref = int(ref_ids[pos])
+            logits[i, :] = float("-inf")
+            logits[i, ref] = 0.0
+            return pos, ref, top, float(row[ref] - lse)
+        return pos, -1, top, float(row[top] - lse)  # free-running tail: greedy, nothing forced
+
+    @staticmethod
+    def _batched(logits, rows):
+        """All rows at once, one device sync per step (the GPU path; same quantities)."""
+        import torch
+
+        idx, refs, poss = [], [], []
+        for i, params in rows:
+            pos = len(params["__req__"].output_ids)
+            ref_ids = params["tf_ref"]
+            idx.append(i)
+            poss.append(pos)
+            refs.append(int(ref_ids[pos]) if pos < len(ref_ids) else -1)
+        dev = logits.device
+        index = torch.tensor(idx, device=dev)
+        raw = logits.index_select(0, index).detach().float()  # the raw rows, before any forcing
+        lse = torch.logsumexp(raw, dim=-1)
+        top = torch.argmax(raw, dim=-1)
+        ref_t = torch.tensor(refs, device=dev)
+        pick = torch.where(ref_t >= 0, ref_t, top)  # free-running tail: greedy, nothing forced
+        logp = raw.gather(1, pick[:, None])[:, 0] - lse
+        forced = [k for k, r in enumerate(refs) if r >= 0]
+        if forced:
+            f_rows = index[forced]
+            logits[f_rows] = float("-inf")
+            logits[f_rows, ref_t[forced]] = 0.0
+        tops, logps = top.tolist(), logp.tolist()
+        return [(p, r, t, lp) for p, r, t, lp in zip(poss, refs, tops, logps)]
 
 
 def read_records(path) -> Dict[str, List[dict]]:
