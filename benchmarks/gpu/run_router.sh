@@ -34,7 +34,8 @@ export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH
 stamp "=== 2. sglang-router 0.3.2 into $SITE"
 timeout -k 5 60 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $SITE \
   .whl/router/sglang_router-*.whl 2>&1 | grep -v "already exists"
-# Its launcher imports aiohttp (not among SGLang's wheels): add only what the image lacks.
+# The launcher imports aiohttp and SGLang's HTTP server soundfile (neither among SGLang's wheels,
+# which the Engine-based benchmarks do not need): add only what the image lacks.
 for whl in .whl/router/deps/*.whl; do
   [ -f "$whl" ] || continue
   mod=$(basename "$whl"); mod=${mod%%-*}; [ "$mod" = attrs ] && mod=attr
