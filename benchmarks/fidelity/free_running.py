@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+HARNESS = "free_running"  # the rows' tag in docs/results/fidelity.json
 
 TASKS = {
     "count": "Count from 1 to 400, writing every number, separated by commas.",
@@ -119,10 +120,14 @@ def main() -> None:
                          "window": w if policy != "full" else None, "buffer": u if policy != "full" else None,
                          "chunk": chunk, "budget": budget if policy in ("threshold", "streaming") else None,
                          "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", "metric": metric,
-                         "value": value, "full_kv_value": full_values[metric]})
+                         "value": value, "full_kv_value": full_values[metric], "harness": HARNESS})
         print(policy, ratio, chunk, {k: round(v, 3) for k, v in metrics.items()}, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Replace only this harness's rows (stored ones from before the field have none).
+    old = json.loads(out.read_text()) if out.exists() else []
+    kept = [r for r in old if r.get("harness") not in (None, HARNESS)]
+    out.write_text(json.dumps(kept + rows, indent=1))
 
 
 if __name__ == "__main__":
