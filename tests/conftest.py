@@ -36,8 +36,8 @@ def device():
 def tiny_model(tmp_path_factory):
     """Folder of a tiny random-weight Qwen2 model + tokenizer (SGLang tests).
 
-    KARA_TEST_MODEL names another model folder instead: FlashInfer's kernels on the GPU do not
-    take the tiny model's head_dim of 32, so the FlashInfer run of the suites uses SmolLM2."""
+    KARA_TEST_MODEL names another model folder instead: the FlashInfer run of the suites on a
+    GPU uses SmolLM2 (head size 64, one FlashInfer is built for; the tiny model has 32)."""
     import os
 
     if os.environ.get("KARA_TEST_MODEL"):
