@@ -53,8 +53,6 @@ if [ -z "${FID_CPU_SMOKE:-}" ]; then
     ts "earlier call on this warm machine (mkdir -p /tmp/gguf && cp .whl/model/part-aa /tmp/gguf/) and part-ab in this one"
     exit 2
   fi
-  # SGLang's wheel parts carried in this call (e.g. .whl/parts/part-ad) join the earlier ones.
-  [ -f /tmp/site/.done ] || { mkdir -p /tmp/wheels; for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/; done; }
   bash benchmarks/gpu/run_serving.sh; [ -f /tmp/site/.done ] || { ts "SGLang wheels not installed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD/tests PYTHONUNBUFFERED=1 KARA_TEST_DEVICE=cuda OMP_NUM_THREADS=2
   ts "installed"

@@ -24,9 +24,6 @@ ROUTER_ARGS=${ROUTER_ARGS:-"--conversations 16 --turns 4 --reply 1200 --system 1
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
 stamp "=== 1. SGLang and this repo's wheel into $SITE"
-if [ ! -f $SITE/.done ] && ls .whl/parts/part-* > /dev/null 2>&1; then
-  mkdir -p /tmp/wheels && cp .whl/parts/part-* /tmp/wheels/
-fi
 timeout -k 10 $(( $(left) - 120 )) bash benchmarks/gpu/run_serving.sh
 [ -f $SITE/.done ] || { stamp "SGLang is not installed (are parts aa-ad in /tmp/wheels?)"; exit 1; }
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH

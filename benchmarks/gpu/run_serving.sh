@@ -10,6 +10,8 @@ SITE=/tmp/site
 if [ ! -f $SITE/.done ]; then
   t0=$(date +%s)
   mkdir -p /tmp/wheels/dl
+  # Parts carried in this call (e.g. .whl/parts/part-ad) join those earlier calls left.
+  for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/; done
   cat /tmp/wheels/part-* | tar -C /tmp/wheels/dl -xf - || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE /tmp/wheels/dl/*.whl 2>&1 | grep -v "already exists" ; [ -d $SITE/sglang ] || exit 1
   python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" /tmp/wheels/dl/sgl_kernel_slim.zip $SITE || exit 1
