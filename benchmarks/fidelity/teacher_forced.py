@@ -385,7 +385,6 @@ def main() -> None:
 
     def add(label, policy, keep, window, buffer, chunk, budget, results):
         configs.append((label, policy, keep, window, buffer, chunk, budget, results))
-        checkpoint()
 
     def checkpoint():
         # The raw records after every engine (data/ is git-ignored; on the GPU, --raw under
@@ -445,6 +444,7 @@ def main() -> None:
         log("full KV, teacher-forced (self-check)")
         [full] = run_engine(args.model, {}, requests, [{}], engine=full_engine, mem_fraction_static=mfs)
         add("full KV", "full", None, None, None, None, None, full)
+        checkpoint()
         for (r, (o, rec)) in zip(requests, full):
             bad = [x["pos"] for x in rec[:max(lengths)] if x["argmax"] != x["ref"]]
             if r["curve"] and bad:
@@ -463,6 +463,7 @@ def main() -> None:
             for (k, g), r in zip(grid, res):
                 tag = f" U={b}" if len(buffers) > 1 or args.grid == "full" else ""
                 add(f"Kara {k:g} γ={g}{tag}", "kara", k, w, b, g, None, r)
+            checkpoint()
 
     # 3. Baselines at the average decode KV Kara held (measured), U as Kara's.
     positions = list(range(max(lengths)))
@@ -485,6 +486,7 @@ def main() -> None:
                          requests, [{"kara_budget": b} for b in budgets.values()], mem_fraction_static=mfs)
         for (k, b), r in zip(budgets.items(), res):
             add(f"{policy} B={b} (≈Kara {k:g})", policy, None, None, u, None, b, r)
+        checkpoint()
     # cask is a window policy like Kara (same W, U, trigger, scorer): same keep ratios, its
     # own merged scratch instead of Token2Chunk (core fraction 0.5, the default).
     if "cask" in policies:
@@ -495,12 +497,12 @@ def main() -> None:
         for k, r in zip(cask_keeps, res):
             add(f"cask {k:g}", "cask", k, w, u, None, None, r)
     configs.sort(key=lambda c: POLICIES.index(c[1]))
+    checkpoint()  # cask's engine included
     full = next((c[7] for c in configs if c[1] == "full"), None)
     if full is None:
         raise SystemExit("no full-KV records: run full or --reuse a run that has them")
 
     # 4. Rows, table, plot (the raw records are kept under data/, git-ignored).
-    checkpoint()
     firsts = {c[0]: first_compression(requests, c[7]) for c in configs if c[1] != "full"}
     late = max((f for f in firsts.values() if f is not None), default=None)
     if late is not None:
