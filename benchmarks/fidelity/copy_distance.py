@@ -6,16 +6,19 @@ text: tight loops, mid-range copies, long-range copies, or new text).
         "Kara 0.25 γ=8 U=64" "threshold B=787 (≈Kara 0.25)"
 
 Reads teacher_forced.py's raw records (the curve requests only) and counts the positions from
-``--from`` on (default: where every row of the run is compressing), so the split compares
-how policies choose, not when they start.
+``--from`` on (default: where every row of the run has compressed, measured as the harness
+does), so the split compares how policies choose, not when they start.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_forced import first_compression, read_raw, unpack  # noqa: E402  (the records' one reader)
 
 BUCKETS = ((64, "loop: < 64 back"), (576, "64-575 back"), (1500, "576-1,499 back"),
            (None, ">= 1,500 back"))
@@ -45,21 +48,22 @@ def main() -> None:
     ap.add_argument("--from", dest="start", type=int, default=None,
                     help="first position counted (default: the run's all-compressed position)")
     args = ap.parse_args()
-    data = json.loads(gzip.decompress(open(args.raw, "rb").read()))
-    configs = {c[0]: c for c in data["configs"]}
-    curve = [i for i, r in enumerate(data["requests"]) if r["curve"]]
-    budgets = [c[6] for c in data["configs"] if c[6]]
-    start = args.start if args.start is not None else max(budgets, default=0) + 33
-    full = configs["full KV"]
+    data = read_raw(args.raw)
+    requests = data["requests"]
+    results = {c[0]: [unpack(item, r) for item, r in zip(c[7], requests)] for c in data["configs"]}
+    start = args.start
+    if start is None:
+        firsts = [first_compression(requests, res) for label, res in results.items() if label != "full KV"]
+        start = max((f for f in firsts if f is not None), default=0)
+    curve = [i for i, r in enumerate(requests) if r["curve"]]
     for label in args.labels:
         delta, count = defaultdict(float), defaultdict(int)
         for i in curve:
-            forced = data["requests"][i]["forced"]
-            dist = bigram_distances(forced)
-            ours, ref = configs[label][7][i][1]["logp"], full[7][i][1]["logp"]
-            for p in range(start, min(len(ours), len(ref), len(forced))):
+            dist = bigram_distances(requests[i]["forced"])
+            ours, ref = results[label][i][1], results["full KV"][i][1]
+            for p in range(start, min(len(ours), len(ref), len(dist))):
                 b = bucket_of(dist[p])
-                delta[b] += ref[p] - ours[p]  # NLL(policy) - NLL(full)
+                delta[b] += ref[p]["logp"] - ours[p]["logp"]  # NLL(policy) - NLL(full)
                 count[b] += 1
         names = [name for _, name in BUCKETS] + [NEW]
         print(f"{label:32} " + "  ".join(f"{n}: {delta[n] / count[n]:+.4f} ({count[n]})"
