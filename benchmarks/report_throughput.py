@@ -124,11 +124,8 @@ def add_gains(rows) -> None:
     vanilla = [r for r in rows if r["policy"] == "vanilla" and r.get("model_tok_per_s")]
     for row in rows:
         base = [v for v in vanilla if shape(v) == shape(row)]
-        same_count = [v for v in base if v["num_requests"] == row["num_requests"]]
-        if same_count:
-            base = [v for v in same_count if v.get("run") == row.get("run")] or same_count
-        else:
-            base = [v for v in base if v.get("run") == row.get("run")] or base
+        base = [v for v in base if v["num_requests"] == row["num_requests"]] or base
+        base = [v for v in base if v.get("run") == row.get("run")] or base
         if row["policy"] == "vanilla" or not base or not row.get("model_tok_per_s"):
             continue
         v = base[0]
