@@ -38,8 +38,6 @@ def tiny_model(tmp_path_factory):
 
     KARA_TEST_MODEL names another model folder instead: the FlashInfer run of the suites on a
     GPU uses SmolLM2 (head size 64, one FlashInfer is built for; the tiny model has 32)."""
-    import os
-
     if os.environ.get("KARA_TEST_MODEL"):
         return os.environ["KARA_TEST_MODEL"]
     from kara_sglang.demo_model import build_tiny_model
