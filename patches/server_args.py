@@ -55,8 +55,9 @@ def check_supported(server_args) -> None:
         refuse.append("--attn-cp-size > 1")
     if getattr(server_args, "enable_hierarchical_cache", False):
         refuse.append("--enable-hierarchical-cache")
-    if getattr(server_args, "enable_dp_attention", False):
-        refuse.append("--enable-dp-attention")
+    # --enable-dp-attention works: each DP rank compresses its own requests, and scores are
+    # summed over the attention-TP group only (kara_sglang/tp.py), so a rank running an idle
+    # batch for the MLP's collectives never waits in a Kara collective.
     if not server_args.disable_overlap_schedule:
         refuse.append("overlap scheduling (internal error: it should have been turned off)")
     if refuse:

@@ -47,8 +47,6 @@ def test_help_lists_the_policy_flags():
      "error: --kv-policy kara: a prefill server (--disaggregation-mode prefill) never decodes"),
     (["--disaggregation-mode", "decode"],
      "error: --kv-policy kara: --disaggregation-mode decode is not supported yet"),
-    (["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"],
-     "error: --kv-policy kara: not supported together with --enable-dp-attention"),
 ])
 def test_bad_flags_stop_the_launch_with_one_line(tiny_model, command, extra, message):
     proc = run_cli(command + ["--model-path", str(tiny_model), "--kv-policy", "kara"] + CPU_ARGS + extra)

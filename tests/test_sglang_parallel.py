@@ -17,13 +17,18 @@ cache-aware placement across replicas is the router's job (benchmarks/router).
 import pytest
 
 import test_sglang_engine as suite
-from support.engines import make_engine, pool_state, pool_states, use_cpu_sglang
+from support.engines import ON_GPU, make_engine, pool_state, pool_states, use_cpu_sglang
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 use_cpu_sglang()
 
 LAYOUTS = {"tp2": dict(tp_size=2), "dp2": dict(dp_size=2)}
+if ON_GPU:
+    # DP attention: two DP ranks, each its own scheduler and attention (attention-TP size 1),
+    # the MLP tensor-parallel over both. SGLang's CPU path does not run it (its torch_native
+    # backend lacks the CUDA-graph fill value DP attention asks for), so GPUs only.
+    LAYOUTS["dpa2"] = dict(tp_size=2, dp_size=2, enable_dp_attention=True)
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
