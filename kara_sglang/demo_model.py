@@ -1,4 +1,4 @@
-"""A tiny random-weight Qwen2 model and a locally trained BPE tokenizer, for CPU demos and tests.
+"""A tiny random-weight Qwen2 (or Qwen3) model and a locally trained BPE tokenizer, for CPU demos and tests.
 
 No model hub is reachable here, so tests build their own model folder (seconds) that SGLang
 loads like any Hugging Face checkpoint.
@@ -17,12 +17,16 @@ WORDS = ("the of and to in is that it for was on are as with his they at be this
          "zero one two three four five six seven eight nine ten plus minus equals step answer").split()
 
 
-def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed: int = 0,
+                     arch: str = "qwen2") -> Path:
+    """``arch="qwen3"``: the same shape as Qwen3, whose SGLang model shards attention over the
+    attention-TP group, so it runs with DP attention (SGLang's Qwen2 model does not)."""
     import random
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     folder = Path(folder)
     if (folder / "config.json").exists():
@@ -41,13 +45,15 @@ def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed:
     fast.save_pretrained(folder)
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    config = config_cls(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        torch_dtype="bfloat16", **({"head_dim": 32} if arch == "qwen3" else {}),
     )
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model = model_cls(config).to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():  # larger weights: sharper, token-dependent attention
             p.normal_(0, 0.08)

@@ -33,6 +33,14 @@ def device():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_model(tmp_path_factory):
+    """The tiny model in Qwen3's architecture (DP attention needs it in SGLang)."""
+    from kara_sglang.demo_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_model"), arch="qwen3")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Folder of a tiny random-weight Qwen2 model + tokenizer (SGLang tests).
 

@@ -26,8 +26,9 @@ use_cpu_sglang()
 LAYOUTS = {"tp2": dict(tp_size=2), "dp2": dict(dp_size=2)}
 if ON_GPU:
     # DP attention: two DP ranks, each its own scheduler and attention (attention-TP size 1),
-    # the MLP tensor-parallel over both. SGLang's CPU path does not run it (its torch_native
-    # backend lacks the CUDA-graph fill value DP attention asks for), so GPUs only.
+    # the MLP tensor-parallel over both, on the Qwen3-shaped model (SGLang's Qwen2 model shards
+    # attention over the whole TP group and fails under DP attention). SGLang's CPU path does
+    # not run DP attention (torch_native lacks the CUDA-graph fill value it asks for).
     LAYOUTS["dpa2"] = dict(tp_size=2, dp_size=2, enable_dp_attention=True)
 
 
@@ -37,8 +38,13 @@ def layout(request):
 
 
 @pytest.fixture(scope="module")
-def vanilla(tiny_model, layout):
-    engine = make_engine(tiny_model, **LAYOUTS[layout])
+def model(layout, request):
+    return request.getfixturevalue("tiny_qwen3_model" if layout == "dpa2" else "tiny_model")
+
+
+@pytest.fixture(scope="module")
+def vanilla(model, layout):
+    engine = make_engine(model, **LAYOUTS[layout])
     try:
         yield {
             "short": engine.generate(suite.PROMPTS, suite.greedy(suite.SHORT)),
@@ -51,8 +57,8 @@ def vanilla(tiny_model, layout):
 
 
 @pytest.fixture(scope="module")
-def kara(tiny_model, layout, vanilla):
-    engine = make_engine(tiny_model, **LAYOUTS[layout], **suite.KARA)
+def kara(model, layout, vanilla):
+    engine = make_engine(model, **LAYOUTS[layout], **suite.KARA)
     yield engine
     engine.shutdown()
 
