@@ -7,7 +7,8 @@ report_decode_stats`` (AFTER), on SGLang's own cadence (``--decode-log-interval`
 Parallel servers: under ``--tp-size N`` every rank of a TP group runs the same compressions,
 so only the group's first rank (SGLang's stats-logging rank) logs and exports, or the fleet
 sum would count each compression N times. Under ``--dp-size N`` every replica exports its
-own series, labelled ``dp_rank``; ``sum()`` over them is the server's total.
+own series, labelled ``dp_rank``; ``sum()`` over them is the server's total. With DP attention
+each DP rank is the first rank of its own attention-TP group, so each exports once.
 """
 
 from kara_patches._patch import Patch

@@ -1,6 +1,7 @@
 """The engine invariant suite (tests/test_sglang_engine.py) again, on parallel layouts of
 real SGLang on the CPU: ``tp_size=2`` (two TP ranks, gloo) and ``dp_size=2`` (two replicas
-behind SGLang's DP controller).
+behind SGLang's DP controller); on GPUs (``KARA_TEST_DEVICE=cuda``) also ``dpa2``: DP attention
+with two DP ranks over a TP group of two.
 
 The same test functions run against engines built here: token identity with vanilla until
 the first compression, eviction counts on schedule, opt-out, streaming, bad per-request
@@ -9,9 +10,10 @@ makes every compression compare the ranks' keep sets, freed slots and ``req_to_t
 (a divergence kills the scheduler), and the test below compares the ranks' whole tables and
 free lists at the end.
 
-Left out for DP: the shared-prefix test. Requests alternate between replicas (round robin),
-so a later turn may land on the replica that never saw its prefix, with or without Kara;
-cache-aware placement across replicas is the router's job (benchmarks/router).
+Left out for DP and DP attention: the shared-prefix test. Requests alternate between
+replicas (round robin), so a later turn may land on the replica that never saw its prefix,
+with or without Kara; cache-aware placement across replicas is the router's job
+(benchmarks/router).
 """
 
 import pytest

@@ -4,7 +4,8 @@
 # .whl/test/ (pytest, pluggy, iniconfig, packaging, hypothesis, attrs, sortedcontainers):
 #   0. LongFlow's kernel against SGLang's own decode attention in bf16 (the cases the CPU
 #      interpreter cannot run),
-#   1. the engine invariant suite at tp_size=2 and dp_size=2 on the GPUs (NCCL, CUDA graphs),
+#   1. the engine invariant suite at tp_size=2, dp_size=2 and DP attention (tp 2, dp 2) on the
+#      GPUs (NCCL, CUDA graphs),
 #   2. the NCCL cost of the per-step score all-reduce,
 #   3. TP=2 throughput, vanilla and Kara 25% on one server (per-request policies), the KV
 #      pool pinned to the one-GPU runs' 423,494 tokens so the rows compare with them.
@@ -20,8 +21,8 @@ echo "=== 0. LongFlow kernel vs SGLang decode attention (GPU, bf16 included)"
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_longflow.py -k "not real_sglang" > $OUT/longflow_gpu.txt 2>&1
 echo "rc=$?"; tail -2 $OUT/longflow_gpu.txt
 
-echo "=== 1. invariant suite, tp_size=2 and dp_size=2"
-KARA_TEST_DEVICE=cuda timeout ${SUITE_TIMEOUT:-270} python3 -m pytest -q -p no:cacheprovider tests/test_sglang_parallel.py \
+echo "=== 1. invariant suite, tp_size=2, dp_size=2, DP attention"
+KARA_TEST_DEVICE=cuda timeout ${SUITE_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider tests/test_sglang_parallel.py \
   > $OUT/invariants.txt 2>&1
 echo "rc=$?"; tail -3 $OUT/invariants.txt
 

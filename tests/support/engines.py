@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -62,11 +63,18 @@ def parallel_env(tp_size: int) -> dict:
     return {"SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so.2", "SGLANG_CPU_OMP_THREADS_BIND": bind}
 
 
+# DP attention derives its ZMQ and NCCL ports from ``port`` (default 30000) instead of picking
+# free ones, so two live DP-attention engines (a vanilla and a Kara one) would collide.
+_DP_ATTENTION_PORTS = itertools.count(31000, 1000)
+
+
 def make_engine(model_path, **overrides):
     import sglang
 
     kwargs = dict(ENGINE_DEFAULTS, model_path=str(model_path))
     kwargs.update(overrides)
+    if kwargs.get("enable_dp_attention"):
+        kwargs.setdefault("port", next(_DP_ATTENTION_PORTS))
     if not ON_GPU and (kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1):
         os.environ.update(parallel_env(kwargs.get("tp_size", 1)))  # read by the spawned schedulers
     return sglang.Engine(**kwargs)
