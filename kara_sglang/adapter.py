@@ -178,8 +178,12 @@ class KaraRuntime:
                 # First decode step: everything before this step's token is prompt (or a
                 # re-prefilled retraction) and stays untouched.
                 policy = self.policy_for(req)
-                if self.reasoning_end is not None and self.reasoning_end.closed_in_prompt(req.origin_input_ids):
-                    policy = None  # the template closed thinking: the whole reply is answer
+                if self.reasoning_end is not None and (
+                        self.reasoning_end.closed_in_prompt(req.origin_input_ids)
+                        or self.reasoning_end.emitted_in(req.output_ids)):
+                    # The template closed thinking (the whole reply is answer), or a request
+                    # re-prefilled after a retraction had already left it.
+                    policy = None
                 state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), policy)
                 req.kara = state
             state.window.on_decode()
@@ -340,6 +344,14 @@ class KaraRuntime:
         next turn of a conversation (or a retracted request's re-prefill) matches that much.
         """
         state: Optional[RequestKV] = getattr(req, "kara", None)
+        if state is not None and getattr(req, "kara_offloaded", None) is not None \
+                and req.req_pool_idx is not None:
+            # Retracted on a PD decode server, its kept KV on the host: it resumes with this
+            # state (kara_sglang/decode_offload.py); SGLang frees its whole row.
+            if state.window.evicted:
+                self.rows_with_evictions -= 1
+                self.evicted_by_row[req.req_pool_idx] = 0
+            return
         req.kara = None
         if state is None or req.kv is None or req.req_pool_idx is None:
             return

@@ -35,6 +35,12 @@ class ReasoningEnd:
         return bool(output_ids) and output_ids[-1] == self._last and \
             tuple(output_ids[-n:]) == self.ids
 
+    def emitted_in(self, output_ids: Sequence[int]) -> bool:
+        """Is the marker anywhere in ``output_ids``? (Once per request, at its first decode step.)"""
+        n, ids = len(self.ids), self.ids
+        return any(output_ids[i] == self._last and tuple(output_ids[i - n + 1:i + 1]) == ids
+                   for i in range(n - 1, len(output_ids)))
+
     def closed_in_prompt(self, prompt_ids: Sequence[int]) -> bool:
         """Does the prompt's tail already close the thinking segment?"""
         tail = tuple(prompt_ids[-(len(self.ids) + PROMPT_TAIL_SLACK):])

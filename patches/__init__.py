@@ -13,6 +13,7 @@ from kara_patches import (
     admission,
     attention_capture,
     decode_positions,
+    decode_retraction,
     decode_step,
     metrics,
     output_meta,
@@ -26,4 +27,4 @@ from kara_patches import (
 ALWAYS = server_args.PATCHES + scheduler_init.PATCHES + server_info.PATCHES
 RUNTIME = (attention_capture.PATCHES + decode_positions.PATCHES + decode_step.PATCHES
            + release.PATCHES + admission.PATCHES + request_params.PATCHES
-           + output_meta.PATCHES + metrics.PATCHES)
+           + output_meta.PATCHES + metrics.PATCHES + decode_retraction.PATCHES)

@@ -21,20 +21,17 @@ logger = logging.getLogger("kara_sglang")
 
 
 def check_disaggregation(policy: str, mode) -> None:
-    """Prefill/decode disaggregation: Kara compresses decode tails, so only decode servers
-    could run it, and that path is not verified yet (see the README's limits)."""
+    """Prefill/decode disaggregation: Kara compresses decode tails, so it runs on decode
+    servers; a prefill server has nothing to compress."""
     mode = str(mode or "null")
-    if policy == "none" or mode in ("null", "None"):
+    if policy == "none" or mode in ("null", "None", "decode"):
         return
     if mode == "prefill":
         raise KaraConfigError(
             f"--kv-policy {policy}: a prefill server (--disaggregation-mode prefill) never decodes, so "
             f"there is nothing to compress; start prefill servers with --kv-policy none and put the "
             f"policy on the decode servers")
-    raise KaraConfigError(
-        f"--kv-policy {policy}: --disaggregation-mode {mode} is not supported yet: a decode server "
-        f"receives its prompt KV through SGLang's transfer queues, and Kara's request bookkeeping has "
-        f"not been verified on that path; serve Kara without disaggregation for now")
+    raise KaraConfigError(f"--kv-policy {policy}: unknown --disaggregation-mode {mode}")
 
 
 def check_supported(server_args) -> None:
@@ -58,6 +55,12 @@ def check_supported(server_args) -> None:
     # --enable-dp-attention works: each DP rank compresses its own requests, and scores are
     # summed over the attention-TP group only (kara_sglang/tp.py), so a rank running an idle
     # batch for the MLP's collectives never waits in a Kara collective.
+    # On a decode server the radix cache and the host KV offload would store compacted rows
+    # under their full token ids (their inserts do not go through release_kv_cache).
+    if getattr(server_args, "disaggregation_decode_enable_radix_cache", False):
+        refuse.append("--disaggregation-decode-enable-radix-cache")
+    if getattr(server_args, "disaggregation_decode_enable_offload_kvcache", False):
+        refuse.append("--disaggregation-decode-enable-offload-kvcache")
     if not server_args.disable_overlap_schedule:
         refuse.append("overlap scheduling (internal error: it should have been turned off)")
     if refuse:

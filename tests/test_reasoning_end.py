@@ -22,6 +22,14 @@ def test_prompt_closing_thinking_is_recognised_within_a_few_tokens_of_its_end():
     assert not end.closed_in_prompt([1, 2, 3])
 
 
+def test_marker_anywhere_in_a_reply_is_found():
+    # A request re-prefilled after a retraction that had already left its thinking.
+    end = ReasoningEnd([5, 6, 7])
+    assert end.emitted_in([5, 6, 7]) and end.emitted_in([1, 5, 6, 7, 2, 3])
+    assert not end.emitted_in([5, 6, 1, 7]) and not end.emitted_in([6, 7]) and not end.emitted_in([])
+    assert ReasoningEnd([7]).emitted_in([1, 7, 2])
+
+
 def test_empty_marker_is_refused():
     with pytest.raises(ValueError):
         ReasoningEnd([])

@@ -45,8 +45,8 @@ def test_help_lists_the_policy_flags():
     (["--kara-scope", "reasoning"], "error: --kara-scope: reasoning needs --reasoning-parser"),
     (["--disaggregation-mode", "prefill"],
      "error: --kv-policy kara: a prefill server (--disaggregation-mode prefill) never decodes"),
-    (["--disaggregation-mode", "decode"],
-     "error: --kv-policy kara: --disaggregation-mode decode is not supported yet"),
+    (["--disaggregation-mode", "decode", "--disaggregation-decode-enable-radix-cache"],
+     "error: --kv-policy kara: not supported together with --disaggregation-decode-enable-radix-cache"),
 ])
 def test_bad_flags_stop_the_launch_with_one_line(tiny_model, command, extra, message):
     proc = run_cli(command + ["--model-path", str(tiny_model), "--kv-policy", "kara"] + CPU_ARGS + extra)
