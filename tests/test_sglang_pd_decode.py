@@ -12,6 +12,7 @@ checks and Kara's debug checks are on throughout.
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,31 +31,49 @@ PROMPTS = [[random.Random(i).randrange(10, 500) for _ in range(12 + 3 * i)] for 
 
 @pytest.fixture(scope="module", autouse=True)
 def fake_prefill_plugin():
-    """Spawned schedulers load the fake-prefill plugin from PYTHONPATH (restored after)."""
+    """Spawned schedulers load the fake-prefill plugin (restored after). They start with this
+    process's ``sys.path`` (multiprocessing's spawn copies it), so both are extended."""
     before = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([FAKE_PREFILL] + [p for p in before.split(os.pathsep) if p])
+    sys.path.insert(0, FAKE_PREFILL)
     yield
+    sys.path.remove(FAKE_PREFILL)
     os.environ["PYTHONPATH"] = before
 
 
-def generate(engine, prompts, n):
+def generate(engine, prompts, n, **params):
     """Requests as a PD router would send them, bootstrap fields naming the fake prefill."""
     k = len(prompts)
-    return engine.generate(input_ids=prompts, sampling_params=greedy(n), bootstrap_host=["2.2.2.2"] * k,
+    return engine.generate(input_ids=prompts, sampling_params=greedy(n, **params), bootstrap_host=["2.2.2.2"] * k,
                            bootstrap_port=[0] * k, bootstrap_room=list(range(1, k + 1)))
 
 
+# SGLang's Engine.shutdown() ends every scheduler process of the test process, so the
+# reference engines run to completion, one at a time, before the Kara engine starts.
 @pytest.fixture(scope="module")
 def vanilla():
     engine = make_engine(_model(), **DECODE)
     try:
-        yield {"short": generate(engine, PROMPTS, SHORT), "long": generate(engine, PROMPTS, LONG)}
+        return {"short": generate(engine, PROMPTS, SHORT), "long": generate(engine, PROMPTS, LONG)}
     finally:
         engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def kara():
+def tight(vanilla):
+    """Kara's replies from a decode server whose pool runs out: a third of what the batch
+    needs uncompressed, almost no decode reservation at admission, so SGLang retracts."""
+    engine = make_engine(_model(), **DECODE, **KARA, max_total_tokens=320, num_reserved_decode_tokens=2)
+    try:
+        outs = generate(engine, PROMPTS, LONG)
+        assert_pool_back_to_idle(engine)
+        return outs
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def kara(vanilla, tight):
     engine = make_engine(_model(), **DECODE, **KARA)
     yield engine
     engine.shutdown()
@@ -87,17 +106,24 @@ def test_a_decode_server_compresses_on_schedule_and_matches_vanilla_until_then(v
     assert_pool_back_to_idle(kara)
 
 
-def test_a_request_retracted_on_a_decode_server_resumes_compressed(kara):
+def test_a_request_retracted_on_a_decode_server_resumes_compressed(kara, tight):
+    assert sum(o["meta_info"]["num_retractions"] for o in tight) > 0  # the pool really ran out
     roomy = generate(kara, PROMPTS, LONG)
-    # A pool a third of what the batch needs uncompressed, and almost no decode reservation
-    # at admission: the running requests outgrow it and SGLang retracts some of them.
-    tight = make_engine(_model(), **DECODE, **KARA, max_total_tokens=320, num_reserved_decode_tokens=2)
-    try:
-        outs = generate(tight, PROMPTS, LONG)
-        assert sum(o["meta_info"]["num_retractions"] for o in outs) > 0  # the pool really ran out
-        for ref, ours in zip(roomy, outs):
-            assert ours["output_ids"] == ref["output_ids"]
-            assert last(ours["meta_info"], "kv_tokens_evicted") == last(ref["meta_info"], "kv_tokens_evicted")
-        assert_pool_back_to_idle(tight)
-    finally:
-        tight.shutdown()
+    for ref, ours in zip(roomy, tight):
+        assert ours["output_ids"] == ref["output_ids"]
+        assert last(ours["meta_info"], "kv_tokens_evicted") == last(ref["meta_info"], "kv_tokens_evicted")
+
+
+def test_bad_per_request_values_on_a_decode_server_get_a_clean_error(kara):
+    with pytest.raises(ValueError, match="kara-sglang: invalid custom_params") as err:
+        generate(kara, PROMPTS[:1], 20, custom_params={"kara_keep_ratio": 2.0})
+    assert "\n" not in str(err.value)
+    (good,) = generate(kara, PROMPTS[:1], 20)
+    assert good["meta_info"]["finish_reason"]["type"] == "length"
+    assert_pool_back_to_idle(kara)
+
+
+def test_opt_out_on_a_decode_server_is_vanilla(vanilla, kara):
+    outs = generate(kara, PROMPTS, LONG, custom_params={"kv_policy": "none"})
+    assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in vanilla["long"]]
+    assert all(last(o["meta_info"], "kv_tokens_evicted") == 0 for o in outs)
