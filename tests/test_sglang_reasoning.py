@@ -66,3 +66,30 @@ def test_reasoning_scope_never_compresses_the_answer(tiny_model):
     assert tail == list(range(tail[0], tail[0] + len(tail)))
     # Thinking closed by the prompt: nothing of the reply is compressed.
     assert evictions(closed) == []
+
+
+def test_a_request_retracted_after_its_thinking_stays_uncompressed(tiny_model):
+    # SGLang re-prefills a retracted request (its output so far becomes prompt); one that had
+    # already emitted the marker must not start compressing its answer afterwards.
+    from transformers import AutoTokenizer
+
+    marker = AutoTokenizer.from_pretrained(tiny_model).encode("</think>", add_special_tokens=False)
+    rng = random.Random(12)
+
+    def ids(n):
+        return [rng.randrange(10, 500) for _ in range(n)]
+
+    importable()
+    # A tiny pool and optimistic admission: the answers outgrow it and SGLang retracts.
+    engine = make_engine(tiny_model, kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=0.25,
+                         kara_chunk_size=2, reasoning_parser="deepseek-r1", enable_custom_logit_processor=True,
+                         max_total_tokens=600, schedule_conservativeness=0.02)
+    try:
+        # Thinking shorter than W + U (never compressed), then a long answer.
+        outs, records = teacher_forced(engine, [{"input_ids": ids(24), "forced": ids(4) + marker + ids(150)}
+                                                for _ in range(12)])
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
+    assert sum(o["meta_info"]["num_retractions"] for o in outs) > 0  # the pool really ran out
+    assert all(evictions(r) == [] for r in records)
