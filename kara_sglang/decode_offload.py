@@ -1,13 +1,14 @@
-"""Retraction on a PD decode server: a compressed request leaves and comes back compressed.
+"""Retraction on a PD decode server: a request leaves and comes back with its Kara state.
 
 A decode server (``--disaggregation-mode decode``) cannot re-prefill a retracted request:
 SGLang copies its KV to the host (``Req.offload_kv_cache``), frees its slots, and later
 allocates ``prompt + output - 1`` slots again and copies the KV back (``load_kv_cache``).
 For a request Kara compressed, that length is ``evicted`` tokens too long, and its row is a
-compacted one, so SGLang's copy would bring back garbage past the kept tokens. Here the
-request keeps its Kara state across the retraction: only its kept KV goes to the host, the
-re-allocation is for exactly that many tokens, and its per-row state (evicted count, exact
-prefix, the tail's captured queries) moves to the row it gets on resume.
+compacted one, so SGLang's copy would bring back garbage past the kept tokens. Here every
+request Kara tracks keeps its state across the retraction (and goes on compressing where it
+stopped): only its kept KV goes to the host, the re-allocation is for exactly that many
+tokens, and its per-row state (evicted count, exact prefix, the tail's captured queries)
+moves to the row it gets on resume.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 @dataclass
 class OffloadedRow:
-    """A compressed request's per-row device state while it is retracted (host copies)."""
+    """A tracked request's per-row device state while it is retracted (host copies)."""
 
     kv_len: int
     evicted: int

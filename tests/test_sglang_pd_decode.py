@@ -51,8 +51,8 @@ def generate(engine, prompts, n, **params):
 # SGLang's Engine.shutdown() ends every scheduler process of the test process, so the
 # reference engines run to completion, one at a time, before the Kara engine starts.
 @pytest.fixture(scope="module")
-def vanilla():
-    engine = make_engine(_model(), **DECODE)
+def vanilla(tiny_model):
+    engine = make_engine(tiny_model, **DECODE)
     try:
         return {"short": generate(engine, PROMPTS, SHORT), "long": generate(engine, PROMPTS, LONG)}
     finally:
@@ -60,10 +60,10 @@ def vanilla():
 
 
 @pytest.fixture(scope="module")
-def tight(vanilla):
+def tight(tiny_model, vanilla):
     """Kara's replies from a decode server whose pool runs out: a third of what the batch
     needs uncompressed, almost no decode reservation at admission, so SGLang retracts."""
-    engine = make_engine(_model(), **DECODE, **KARA, max_total_tokens=320, num_reserved_decode_tokens=2)
+    engine = make_engine(tiny_model, **DECODE, **KARA, max_total_tokens=320, num_reserved_decode_tokens=2)
     try:
         outs = generate(engine, PROMPTS, LONG)
         assert_pool_back_to_idle(engine)
@@ -73,16 +73,10 @@ def tight(vanilla):
 
 
 @pytest.fixture(scope="module")
-def kara(vanilla, tight):
-    engine = make_engine(_model(), **DECODE, **KARA)
+def kara(tiny_model, vanilla, tight):
+    engine = make_engine(tiny_model, **DECODE, **KARA)
     yield engine
     engine.shutdown()
-
-
-def _model():
-    from kara_sglang.demo_model import build_tiny_model
-
-    return build_tiny_model(Path(os.environ.get("KARA_TINY_MODEL_DIR", "/tmp/kara-tiny-model-pd")))
 
 
 def test_short_generations_on_a_decode_server_are_vanilla(vanilla, kara):

@@ -291,7 +291,7 @@ def plot(path, table, buckets, lengths, depths):
 
 
 # ------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "data" / "models" / "smollm2-135m-instruct"))
     ap.add_argument("--lengths", default="320,640", help="generation lengths L of the needle grid")
@@ -325,192 +325,210 @@ def main() -> None:
     ap.add_argument("--mem-fraction-static", type=float, default=0.85, help="GPU only (SGLang's setting)")
     ap.add_argument("--device-label", default=None,
                     help="rows' device field (default: the GPU's name, or cpu; a --reuse run keeps the stored one)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import teacher_forcing as tf
-    from support.engines import ON_GPU, flush, make_engine, use_cpu_sglang
-    from transformers import AutoTokenizer
 
-    use_cpu_sglang()
-    os.environ.pop("KARA_DEBUG_CHECKS", None)
-    if ON_GPU:  # SGLang's per-step pool checks (the test suites' setting) scale with the GPU-sized pool
-        for var in ("SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY", "SGLANG_CHECK_KV_PAGE_INVARIANTS"):
-            os.environ.pop(var, None)
-    tf.importable()
-    t_start = time.time()
-    lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
-    buffers = [int(x) for x in args.buffers.split(",")]
-    w, u = args.window, buffers[0]
-    policies = [x for x in args.policies.split(",") if x]
-    unknown = set(policies) - set(POLICIES)
-    if unknown:
-        raise SystemExit(f"unknown policies {sorted(unknown)}; choose from {POLICIES}")
-    raw = Path(args.raw) if args.raw else ROOT / "data" / f"fidelity_teacher_forced_raw_w{w}.json"
-    compact = raw.suffix == ".gz"
-    mfs = args.mem_fraction_static
-    device = args.device_label
-    if device is None and ON_GPU:
-        import torch
+class Run:
+    """One harness run: its settings, requests, and the rows' records as engines finish them.
 
-        device = torch.cuda.get_device_name(0)
-    configs = []  # (label, policy, keep, window, buffer, chunk, budget, results)
-    reused = set()  # labels taken from --reuse
+    ``configs`` holds one ``(label, policy, keep, window, buffer, chunk, budget, results)``
+    per row; ``checkpoint()`` saves them all as raw records after every engine (data/ is
+    git-ignored; on the GPU, ``--raw`` under $OUT), so a run stopped later can be finished
+    or summarised with ``--reuse``.
+    """
 
-    if args.reuse:
-        # The stored run's requests (its references, prompts, lengths and needles) and the
-        # records of the policies not run now: rows stay comparable with the stored ones.
-        requests = None
-        for path in args.reuse.split(","):
-            stored = read_raw(path)
-            if stored.get("window", 128) != w:
-                raise SystemExit(f"{path} is a W={stored.get('window', 128)} run, not W={w}")
-            if requests is None:
-                requests = stored["requests"]
-                if args.device_label is None:
-                    device = stored.get("device", device)
-            elif [r["forced"] for r in stored["requests"]] != [r["forced"] for r in requests]:
-                raise SystemExit(f"{path}: other requests than {args.reuse.split(',')[0]} (another reference run)")
-            for c in stored["configs"]:
-                if c[1] not in policies and c[0] not in reused:
-                    reused.add(c[0])
-                    configs.append(tuple(c[:7]) + ([unpack(item, r) for item, r in zip(c[7], requests)],))
-        lengths = sorted({r["length"] for r in requests})
-        depths = sorted({r["depth"] for r in requests})
-        log(f"reusing {args.reuse}: {len(requests)} requests, stored rows {[c[0] for c in configs]}")
-    device = device or "cpu"
-    buckets = list(range(0, max(lengths) + 1, args.bucket))
-    if buckets[-1] != max(lengths):
-        buckets.append(max(lengths))
+    def __init__(self, args: argparse.Namespace, on_gpu: bool) -> None:
+        self.args = args
+        self.lengths = [int(x) for x in args.lengths.split(",")]
+        self.depths = [float(x) for x in args.depths.split(",")]
+        self.buffers = [int(x) for x in args.buffers.split(",")]
+        self.w, self.u = args.window, self.buffers[0]
+        self.policies = [x for x in args.policies.split(",") if x]
+        unknown = set(self.policies) - set(POLICIES)
+        if unknown:
+            raise SystemExit(f"unknown policies {sorted(unknown)}; choose from {POLICIES}")
+        self.raw = Path(args.raw) if args.raw else ROOT / "data" / f"fidelity_teacher_forced_raw_w{self.w}.json"
+        self.compact = self.raw.suffix == ".gz"
+        self.mfs = args.mem_fraction_static
+        self.device = args.device_label
+        if self.device is None and on_gpu:
+            import torch
 
-    def add(label, policy, keep, window, buffer, chunk, budget, results):
-        configs.append((label, policy, keep, window, buffer, chunk, budget, results))
+            self.device = torch.cuda.get_device_name(0)
+        self.configs: list = []
+        self.reused: set = set()  # labels taken from --reuse
+        self.requests = None
+        self.buckets: list = []
 
-    def checkpoint():
-        # The raw records after every engine (data/ is git-ignored; on the GPU, --raw under
-        # $OUT): a run stopped later can be finished or summarised with --reuse.
-        keep = [c for c in configs if not (args.raw_new_only and c[0] in reused)]
+    def add(self, label, policy, keep, window, buffer, chunk, budget, results) -> None:
+        self.configs.append((label, policy, keep, window, buffer, chunk, budget, results))
+
+    def checkpoint(self) -> None:
+        keep = [c for c in self.configs if not (self.args.raw_new_only and c[0] in self.reused)]
         try:
-            write_raw(raw, {"window": w, "device": device, "requests": requests, "configs": [
-                list(c[:7]) + [[pack(o, rec, compact) for o, rec in c[7]]] for c in keep]})
+            write_raw(self.raw, {"window": self.w, "device": self.device, "requests": self.requests, "configs": [
+                list(c[:7]) + [[pack(o, rec, self.compact) for o, rec in c[7]]] for c in keep]})
         except (OSError, TypeError, ValueError) as err:
             print(f"  raw records not saved: {err}", flush=True)
 
-    full_engine = None
-    if not args.reuse:
-        tok = AutoTokenizer.from_pretrained(args.model)
-        prompt_ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
-                      for t in PROMPTS[:args.prompts]]
+    def run_engine(self, engine_args: dict, per_request_params: list, engine=None) -> list:
+        return run_engine(self.args.model, engine_args, self.requests, per_request_params, engine=engine,
+                          mem_fraction_static=self.mfs)
 
-        # 1. Full-KV greedy reference continuations. With full in --policies the same engine
-        # (full KV) then runs the teacher-forced self-check: one start-up less.
-        log("reference generation (full KV)")
+
+def load_reused(run: Run) -> None:
+    """The stored run's requests (its references, prompts, lengths and needles) and the
+    records of the policies not run now: rows stay comparable with the stored ones."""
+    args = run.args
+    for path in args.reuse.split(","):
+        stored = read_raw(path)
+        if stored.get("window", 128) != run.w:
+            raise SystemExit(f"{path} is a W={stored.get('window', 128)} run, not W={run.w}")
+        if run.requests is None:
+            run.requests = stored["requests"]
+            if args.device_label is None:
+                run.device = stored.get("device", run.device)
+        elif [r["forced"] for r in stored["requests"]] != [r["forced"] for r in run.requests]:
+            raise SystemExit(f"{path}: other requests than {args.reuse.split(',')[0]} (another reference run)")
+        for c in stored["configs"]:
+            if c[1] not in run.policies and c[0] not in run.reused:
+                run.reused.add(c[0])
+                run.configs.append(tuple(c[:7]) + ([unpack(item, r) for item, r in zip(c[7], run.requests)],))
+    run.lengths = sorted({r["length"] for r in run.requests})
+    run.depths = sorted({r["depth"] for r in run.requests})
+    log(f"reusing {args.reuse}: {len(run.requests)} requests, stored rows {[c[0] for c in run.configs]}")
+
+
+def make_requests(run: Run, make_engine, flush):
+    """Full-KV greedy references, then one needle probe per (prompt, L, d); the curve comes
+    from the forced context of the longest L (its first max(L) positions are the reference
+    continuation). Returns the reference engine when full KV runs next (one start-up less)."""
+    from transformers import AutoTokenizer
+
+    args, lengths, depths = run.args, run.lengths, run.depths
+    tok = AutoTokenizer.from_pretrained(args.model)
+    prompt_ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+                  for t in PROMPTS[:args.prompts]]
+    log("reference generation (full KV)")
+    t0 = time.time()
+    n_probe = len(lengths) * len(depths) * len(prompt_ids)
+    sizing = [{"input_ids": p, "forced": [0] * (max(lengths) + 64)} for p in prompt_ids
+              for _ in range(n_probe // len(prompt_ids))]
+    engine = make_engine(args.model, enable_custom_logit_processor=True,
+                         **engine_kwargs(sizing, 100000 if "full" in run.policies else 40000, run.mfs))
+    log(f"  engine started in {time.time() - t0:.0f} s")
+    try:
         t0 = time.time()
-        n_probe = len(lengths) * len(depths) * len(prompt_ids)
-        sizing = [{"input_ids": p, "forced": [0] * (max(lengths) + 64)} for p in prompt_ids
-                  for _ in range(n_probe // len(prompt_ids))]
-        engine = make_engine(args.model, enable_custom_logit_processor=True,
-                             **engine_kwargs(sizing, 100000 if "full" in policies else 40000, mfs))
-        log(f"  engine started in {time.time() - t0:.0f} s")
-        try:
-            t0 = time.time()
-            refs = [o["output_ids"] for o in engine.generate(
-                input_ids=prompt_ids, sampling_params={"temperature": 0, "ignore_eos": True,
-                                                       "max_new_tokens": max(lengths)})]
-            log(f"  {len(prompt_ids)} references of {max(lengths)} tokens, {time.time() - t0:.0f} s")
-        except BaseException:
-            engine.shutdown()
-            raise
-        if "full" in policies:
-            # Forget the references' KV: the self-check prefills its prompts afresh, as every
-            # other row's engine does (a radix-cache hit computes the last prompt token alone).
-            flush(engine)
-            full_engine = engine
+        refs = [o["output_ids"] for o in engine.generate(
+            input_ids=prompt_ids, sampling_params={"temperature": 0, "ignore_eos": True,
+                                                   "max_new_tokens": max(lengths)})]
+        log(f"  {len(prompt_ids)} references of {max(lengths)} tokens, {time.time() - t0:.0f} s")
+    except BaseException:
+        engine.shutdown()
+        raise
+    full_engine = None
+    if "full" in run.policies:
+        # Forget the references' KV: the self-check prefills its prompts afresh, as every
+        # other row's engine does (a radix-cache hit computes the last prompt token alone).
+        flush(engine)
+        full_engine = engine
+    else:
+        engine.shutdown()
+    run.requests = []
+    for p, ref in zip(prompt_ids, refs):
+        for L in lengths:
+            for i, d in enumerate(depths):
+                r = needle_request(tok, p, ref, L, d, args.prefix_tokens, args.answer_tokens)
+                r["curve"] = L == max(lengths) and i == 0
+                run.requests.append(r)
+    run.checkpoint()  # the requests alone: the references are the expensive part to redo
+    return full_engine
+
+
+def run_full(run: Run, engine) -> None:
+    """Full KV teacher-forced: the reference of every row, and the harness's self-check."""
+    log("full KV, teacher-forced (self-check)")
+    [full] = run.run_engine({}, [{}], engine=engine)
+    run.add("full KV", "full", None, None, None, None, None, full)
+    run.checkpoint()
+    for (r, (o, rec)) in zip(run.requests, full):
+        bad = [x["pos"] for x in rec[:max(run.lengths)] if x["argmax"] != x["ref"]]
+        if r["curve"] and bad:
+            print(f"  SELF-CHECK: full KV disagrees with its own reference at {bad[:10]}", flush=True)
+
+
+def run_kara(run: Run, keeps: list) -> None:
+    """One engine per U; keep ratios and gamma as per-request overrides."""
+    w = run.w
+    for j, b in enumerate(run.buffers):
+        if run.args.grid == "full":
+            grid = [(k, g) for k in keeps for g in (8, 1)]
         else:
-            engine.shutdown()
+            grid = [(0.5, 8), (0.25, 8), (0.125, 8), (0.25, 1)] if j == 0 else [(0.25, 8)]
+        log(f"Kara W={w} U={b}: keep/gamma {grid}")
+        res = run.run_engine(dict(kv_policy="kara", kara_window=w, kara_buffer=b),
+                             [{"kara_keep_ratio": k, "kara_chunk_size": g} for k, g in grid])
+        for (k, g), r in zip(grid, res):
+            tag = f" U={b}" if len(run.buffers) > 1 or run.args.grid == "full" else ""
+            run.add(f"Kara {k:g} γ={g}{tag}", "kara", k, w, b, g, None, r)
+        run.checkpoint()
 
-        # 2. Requests: one needle probe per (prompt, L, d); the curve comes from the forced
-        # context of the longest L (its first max(L) positions are the reference continuation).
-        requests = []
-        for p, ref in zip(prompt_ids, refs):
-            for L in lengths:
-                for i, d in enumerate(depths):
-                    r = needle_request(tok, p, ref, L, d, args.prefix_tokens, args.answer_tokens)
-                    r["curve"] = L == max(lengths) and i == 0
-                    requests.append(r)
-        checkpoint()  # the requests alone: the references are the expensive part to redo
 
-    if "full" in policies:
-        log("full KV, teacher-forced (self-check)")
-        [full] = run_engine(args.model, {}, requests, [{}], engine=full_engine, mem_fraction_static=mfs)
-        add("full KV", "full", None, None, None, None, None, full)
-        checkpoint()
-        for (r, (o, rec)) in zip(requests, full):
-            bad = [x["pos"] for x in rec[:max(lengths)] if x["argmax"] != x["ref"]]
-            if r["curve"] and bad:
-                print(f"  SELF-CHECK: full KV disagrees with its own reference at {bad[:10]}", flush=True)
-
-    keeps = [float(x) for x in args.keeps.split(",")]
-    if "kara" in policies:
-        for j, b in enumerate(buffers):
-            if args.grid == "full":
-                grid = [(k, g) for k in keeps for g in (8, 1)]
-            else:
-                grid = [(0.5, 8), (0.25, 8), (0.125, 8), (0.25, 1)] if j == 0 else [(0.25, 8)]
-            log(f"Kara W={w} U={b}: keep/gamma {grid}")
-            res = run_engine(args.model, dict(kv_policy="kara", kara_window=w, kara_buffer=b), requests,
-                             [{"kara_keep_ratio": k, "kara_chunk_size": g} for k, g in grid], mem_fraction_static=mfs)
-            for (k, g), r in zip(grid, res):
-                tag = f" U={b}" if len(buffers) > 1 or args.grid == "full" else ""
-                add(f"Kara {k:g} γ={g}{tag}", "kara", k, w, b, g, None, r)
-            checkpoint()
-
-    # 3. Baselines at the average decode KV Kara held (measured), U as Kara's.
-    positions = list(range(max(lengths)))
-    match = [float(x) for x in args.match_keeps.split(",") if x]
+def baseline_budgets(run: Run) -> dict:
+    """Per matched Kara keep ratio (gamma 8, first U): the decode budget whose average KV
+    equals the average KV that Kara row actually held."""
+    positions = list(range(max(run.lengths)))
+    match = [float(x) for x in run.args.match_keeps.split(",") if x]
     budgets = {}
-    for label, policy, k, _, b, g, _, r in configs:
-        if policy == "kara" and g == 8 and b == u and k in match and k not in budgets:
-            mean = summarise(requests, r, buckets)["kv_decode_mean_tokens"]
-            budgets[k] = matched_budget(mean, u, positions)
+    for label, policy, k, _, b, g, _, r in run.configs:
+        if policy == "kara" and g == 8 and b == run.u and k in match and k not in budgets:
+            mean = summarise(run.requests, r, run.buckets)["kv_decode_mean_tokens"]
+            budgets[k] = matched_budget(mean, run.u, positions)
             log(f"  Kara {k}: mean decode KV {mean:.1f} tokens -> baseline budget {budgets[k]}")
-    # longflow holds the decode cache like threshold (grows to B + U, cut to B), so the same
-    # budgets match the same average KV.
+    return budgets
+
+
+def run_baselines(run: Run, budgets: dict) -> None:
+    """threshold, streaming and longflow at the matched budgets, U as Kara's (longflow holds
+    the decode cache like threshold: grows to B + U, cut to B, so the same budgets match)."""
     for policy in ("threshold", "streaming", "longflow"):
-        if policy not in policies:
+        if policy not in run.policies:
             continue
         if not budgets:
-            raise SystemExit(f"{policy}: no Kara rows at U={u} to match budgets to (run kara or --reuse)")
+            raise SystemExit(f"{policy}: no Kara rows at U={run.u} to match budgets to (run kara or --reuse)")
         log(f"{policy}: budgets {budgets}")
-        res = run_engine(args.model, dict(kv_policy=policy, kara_budget=max(budgets.values()), kara_buffer=u),
-                         requests, [{"kara_budget": b} for b in budgets.values()], mem_fraction_static=mfs)
+        res = run.run_engine(dict(kv_policy=policy, kara_budget=max(budgets.values()), kara_buffer=run.u),
+                             [{"kara_budget": b} for b in budgets.values()])
         for (k, b), r in zip(budgets.items(), res):
-            add(f"{policy} B={b} (≈Kara {k:g})", policy, None, None, u, None, b, r)
-        checkpoint()
-    # cask is a window policy like Kara (same W, U, trigger, scorer): same keep ratios, its
-    # own merged scratch instead of Token2Chunk (core fraction 0.5, the default).
-    if "cask" in policies:
-        cask_keeps = keeps if args.grid == "full" else [0.5, 0.25, 0.125]
-        log(f"cask W={w} U={u}: keep {cask_keeps}")
-        res = run_engine(args.model, dict(kv_policy="cask", kara_window=w, kara_buffer=u),
-                         requests, [{"kara_keep_ratio": k} for k in cask_keeps], mem_fraction_static=mfs)
-        for k, r in zip(cask_keeps, res):
-            add(f"cask {k:g}", "cask", k, w, u, None, None, r)
-    configs.sort(key=lambda c: POLICIES.index(c[1]))
-    checkpoint()  # cask's engine included
-    full = next((c[7] for c in configs if c[1] == "full"), None)
+            run.add(f"{policy} B={b} (≈Kara {k:g})", policy, None, None, run.u, None, b, r)
+        run.checkpoint()
+
+
+def run_cask(run: Run, keeps: list) -> None:
+    """cask is a window policy like Kara (same W, U, trigger, scorer): same keep ratios, its
+    own merged scratch instead of Token2Chunk (core fraction 0.5, the default)."""
+    cask_keeps = keeps if run.args.grid == "full" else [0.5, 0.25, 0.125]
+    log(f"cask W={run.w} U={run.u}: keep {cask_keeps}")
+    res = run.run_engine(dict(kv_policy="cask", kara_window=run.w, kara_buffer=run.u),
+                         [{"kara_keep_ratio": k} for k in cask_keeps])
+    for k, r in zip(cask_keeps, res):
+        run.add(f"cask {k:g}", "cask", k, run.w, run.u, None, None, r)
+
+
+def write_results(run: Run) -> None:
+    """Rows into --out (replacing this W's and device's earlier rows), table, plot."""
+    args, requests, buckets = run.args, run.requests, run.buckets
+    full = next((c[7] for c in run.configs if c[1] == "full"), None)
     if full is None:
         raise SystemExit("no full-KV records: run full or --reuse a run that has them")
-
-    # 4. Rows, table, plot (the raw records are kept under data/, git-ignored).
-    firsts = {c[0]: first_compression(requests, c[7]) for c in configs if c[1] != "full"}
+    firsts = {c[0]: first_compression(requests, c[7]) for c in run.configs if c[1] != "full"}
     late = max((f for f in firsts.values() if f is not None), default=None)
     if late is not None:
         print(f"first compression (latest curve request) per row: {firsts}; every row has compressed "
               f"from position {late}", flush=True)
     full_m = summarise(requests, full, buckets, late)
     rows, table = [], []
-    for label, policy, k, win, b, g, budget, r in configs:
+    for label, policy, k, win, b, g, budget, r in run.configs:
         # (No record before Kara's first decode step: nothing was compressed yet.)
         if policy != "full" and any(rec[-1]["kv"] is None for _, rec in r):
             # The processor reads Kara's window state; without it the KV held is not measured.
@@ -529,23 +547,58 @@ def main() -> None:
                 continue
             row = {"policy": policy, "keep_ratio": k, "window": win, "buffer": b, "chunk": g,
                    "budget": budget, "model": MODEL_NAME, "metric": metric, "value": value,
-                   "full_kv_value": full_m.get(metric), "harness": HARNESS, "run_window": w}
-            if device != "cpu":  # CPU rows stay as they were stored (no device field means cpu)
-                row["device"] = device
+                   "full_kv_value": full_m.get(metric), "harness": HARNESS, "run_window": run.w}
+            if run.device != "cpu":  # CPU rows stay as they were stored (no device field means cpu)
+                row["device"] = run.device
             rows.append(row)
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
     # A run replaces the rows of the earlier run at the same Kara window W on the same device
     # (its baselines are matched to that W); rows of other windows, devices and harnesses stay.
-    merged = [row for row in old if row.get("harness") != HARNESS or row.get("run_window", 128) != w
-              or row.get("device", "cpu") != device] + rows
+    merged = [row for row in old if row.get("harness") != HARNESS or row.get("run_window", 128) != run.w
+              or row.get("device", "cpu") != run.device] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(merged, indent=1))
+    lengths, depths = run.lengths, run.depths
     needles = [{"prompt": i // (len(lengths) * len(depths)), "L": r["length"], "depth": r["depth"],
                 "needle_pos": r["needle_pos"], "needle": r["needle"]} for i, r in enumerate(requests)]
     print(json.dumps(needles, ensure_ascii=False), flush=True)
     if args.plot:
         plot(args.plot, table, buckets, lengths, depths)
+
+
+def main() -> None:
+    args = parse_args()
+    import teacher_forcing as tf
+    from support.engines import ON_GPU, flush, make_engine, use_cpu_sglang
+
+    use_cpu_sglang()
+    os.environ.pop("KARA_DEBUG_CHECKS", None)
+    if ON_GPU:  # SGLang's per-step pool checks (the test suites' setting) scale with the GPU-sized pool
+        for var in ("SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY", "SGLANG_CHECK_KV_PAGE_INVARIANTS"):
+            os.environ.pop(var, None)
+    tf.importable()
+    t_start = time.time()
+    run = Run(args, ON_GPU)
+    if args.reuse:
+        load_reused(run)
+    run.device = run.device or "cpu"
+    run.buckets = list(range(0, max(run.lengths) + 1, args.bucket))
+    if run.buckets[-1] != max(run.lengths):
+        run.buckets.append(max(run.lengths))
+
+    full_engine = None if args.reuse else make_requests(run, make_engine, flush)
+    if "full" in run.policies:
+        run_full(run, full_engine)
+    keeps = [float(x) for x in args.keeps.split(",")]
+    if "kara" in run.policies:
+        run_kara(run, keeps)
+    run_baselines(run, baseline_budgets(run))
+    if "cask" in run.policies:
+        run_cask(run, keeps)
+    run.configs.sort(key=lambda c: POLICIES.index(c[1]))
+    run.checkpoint()  # cask's engine included
+    write_results(run)
     log(f"total {time.time() - t_start:.0f} s")
 
 
