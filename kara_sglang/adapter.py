@@ -241,13 +241,8 @@ class KaraRuntime:
             delta[i] = e
             rows.append(req.req_pool_idx)
             evicted.append(window.evicted)
+        shrink_seq_lens(batch, delta)
         device = batch.seq_lens.device
-        # New tensors, as SGLang itself does, so nothing holding the old ones sees a change.
-        batch.seq_lens = batch.seq_lens - delta.to(device, batch.seq_lens.dtype)
-        batch.seq_lens_cpu = batch.seq_lens_cpu - delta.to(batch.seq_lens_cpu.dtype)
-        if getattr(batch, "orig_seq_lens", None) is not None:
-            batch.orig_seq_lens = batch.orig_seq_lens - delta.to(device, batch.orig_seq_lens.dtype)
-        batch.seq_lens_sum = None
         self.evicted_by_row[torch.tensor(rows, device=device)] = torch.tensor(evicted, device=device)
 
     def _check_free(self, slots: torch.Tensor, allocator: Any) -> None:
@@ -377,6 +372,17 @@ class KaraRuntime:
             allocator.free(slots)
         req.kv_committed_len = exact
         req.kv.kv_allocated_len = exact
+
+
+def shrink_seq_lens(batch: Any, delta: torch.Tensor) -> None:
+    """Take ``delta[i]`` evicted tokens off request ``i``'s lengths in ``batch`` (int64, host)."""
+    device = batch.seq_lens.device
+    # New tensors, as SGLang itself does, so nothing holding the old ones sees a change.
+    batch.seq_lens = batch.seq_lens - delta.to(device, batch.seq_lens.dtype)
+    batch.seq_lens_cpu = batch.seq_lens_cpu - delta.to(batch.seq_lens_cpu.dtype)
+    if getattr(batch, "orig_seq_lens", None) is not None:
+        batch.orig_seq_lens = batch.orig_seq_lens - delta.to(device, batch.orig_seq_lens.dtype)
+    batch.seq_lens_sum = None  # SGLang recomputes it from seq_lens_cpu (ForwardBatch.init_new)
 
 
 def install(config: KaraConfig, model_runner: Any, page_size: int,

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from kara_sglang.adapter import shrink_seq_lens
+
 
 @dataclass
 class OffloadedRow:
@@ -77,11 +79,5 @@ def fix_prebuilt_lengths(batch: Any) -> None:
     """The prebuilt batch's sequence lengths, less each resumed compressed request's evictions."""
     delta = torch.tensor([req.kara.window.evicted if tracked(req) else 0 for req in batch.reqs],
                          dtype=torch.int64)
-    if not bool(delta.any()):
-        return
-    device = batch.seq_lens.device
-    batch.seq_lens = batch.seq_lens - delta.to(device, batch.seq_lens.dtype)
-    batch.seq_lens_cpu = batch.seq_lens_cpu - delta.to(batch.seq_lens_cpu.dtype)
-    if getattr(batch, "orig_seq_lens", None) is not None:
-        batch.orig_seq_lens = batch.orig_seq_lens - delta.to(device, batch.orig_seq_lens.dtype)
-    batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+    if bool(delta.any()):
+        shrink_seq_lens(batch, delta)
