@@ -20,6 +20,7 @@ import torch
 from kara_sglang.compressor import Compressor, DueRequest, KVLayout, page_ceil
 from kara_sglang.config import KaraConfig, KaraConfigError
 from kara_sglang.flags import request_overrides
+from kara_sglang.kept_positions import KeptPositions, block_size_from_env
 from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
@@ -45,12 +46,13 @@ class RequestKV:
     whole batch every step, on the host).
     """
 
-    __slots__ = ("window", "policy", "countdown")
+    __slots__ = ("window", "policy", "countdown", "kept")
 
-    def __init__(self, window: WindowState, policy: Optional[KVPolicy]) -> None:
+    def __init__(self, window: WindowState, policy: Optional[KVPolicy], track_kept: bool = False) -> None:
         self.window = window
         self.policy = policy  # None: the request opted out
         self.countdown = policy.steps_until_due(window) if policy is not None else -1
+        self.kept: Optional[KeptPositions] = KeptPositions() if track_kept else None
 
 
 class KaraRuntime:
@@ -99,6 +101,10 @@ class KaraRuntime:
                 self.compressor.check_keep = lambda keep: self.tp.check_same("a keep set", keep)
         self.freed_total = 0
         self.overhead = OverheadMeter(device)
+        self.kept_block = block_size_from_env()  # evaluation only: block coverage per request
+        self._kept_by_row: Dict[int, KeptPositions] = {}
+        if self.kept_block is not None:
+            self.compressor.on_keep = self._record_keep
         logger.info("kara: %s", config)
 
     # ------------------------------------------------------------------ set-up
@@ -184,9 +190,12 @@ class KaraRuntime:
                     # The template closed thinking (the whole reply is answer), or a request
                     # re-prefilled after a retraction had already left it.
                     policy = None
-                state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), policy)
+                state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), policy,
+                                  track_kept=self.kept_block is not None)
                 req.kara = state
             state.window.on_decode()
+            if state.kept is not None:
+                state.kept.on_decode()
             if self.reasoning_end is not None and state.policy is not None \
                     and self.reasoning_end.just_emitted(req.output_ids):
                 state.policy, state.countdown = None, -1  # answer from here on: never compressed
@@ -212,6 +221,8 @@ class KaraRuntime:
 
     def _compress(self, batch: Any, allocator: Any, due) -> None:
         self.compressor.layout = self._layout()
+        if self.kept_block is not None:
+            self._kept_by_row = {e[2].pool_row: e[1] for e in due}
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[3]), []).append(entry)
@@ -244,6 +255,18 @@ class KaraRuntime:
         shrink_seq_lens(batch, delta)
         device = batch.seq_lens.device
         self.evicted_by_row[torch.tensor(rows, device=device)] = torch.tensor(evicted, device=device)
+
+    def _record_keep(self, items: List[DueRequest], keep: torch.Tensor) -> None:
+        for item, row in zip(items, keep.tolist()):
+            req = self._kept_by_row[item.pool_row]
+            req.kara.kept.apply(item.task.kv_start - req.kara.window.prompt_len, item.task.n_keys, row)
+
+    def kept_per_block(self, req: Any) -> Optional[List[int]]:
+        """Block coverage of a request (``KARA_TRACK_KEPT``), or ``None`` when not tracked."""
+        state: Optional[RequestKV] = getattr(req, "kara", None)
+        if self.kept_block is None or state is None or state.kept is None:
+            return None
+        return state.kept.per_block(self.kept_block)
 
     def _check_free(self, slots: torch.Tensor, allocator: Any) -> None:
         """Debug: every slot freed is distinct, real, and not already free."""
@@ -350,6 +373,8 @@ class KaraRuntime:
         req.kara = None
         if state is None or req.kv is None or req.req_pool_idx is None:
             return
+        if state.kept is not None:
+            req.kara_kept_blocks = state.kept.per_block(self.kept_block)
         # The last step's token is counted by SGLang (released before after_decode sees it).
         req.kara_kv = (req.kv_committed_len, state.window.evicted)
         if state.window.evicted == 0:

@@ -110,6 +110,8 @@ class Compressor:
         # heads in place, and (debug) checks that every rank chose the same keep set.
         self.reduce_scores: Optional[Callable[[torch.Tensor], None]] = None
         self.check_keep: Optional[Callable[[torch.Tensor], None]] = None
+        # Evaluation (kara_sglang.kept_positions): told each group's keep set.
+        self.on_keep: Optional[Callable[[List[DueRequest], torch.Tensor], None]] = None
 
     def run(self, due: Sequence[DueRequest], policy: Optional[KVPolicy] = None,
             exact_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -190,6 +192,8 @@ class Compressor:
         keep, merges = g.policy.select_and_merge(g.scores, task, n, device)  # keep: [n, keep]
         if self.check_keep is not None:
             self.check_keep(keep)
+        if self.on_keep is not None:
+            self.on_keep(g.items, keep)
         if merges is not None:
             # Policies that merge (cask): merged rows go into slots of the keep set first, so
             # the compaction below moves them like any kept row (merge reads only its own

@@ -2,7 +2,8 @@
 
 Wraps ``sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.
 stream_output`` (BEFORE). SGLang forwards ``req.customized_info[key]`` (one value per output
-token) to ``meta_info[key]``; the last value is the final count.
+token) to ``meta_info[key]``; the last value is the final count. With ``KARA_TRACK_KEPT``
+(kara_sglang/kept_positions.py) a finished request also gets ``kv_kept_per_block``.
 """
 
 from kara_patches._patch import Patch
@@ -30,6 +31,10 @@ def _stream_output(streamer, reqs, *args, **kwargs):
         for key, value in zip(KEYS, counts):
             values = info.setdefault(key, [])
             values.extend([value] * (n - len(values)))
+        blocks = getattr(req, "kara_kept_blocks", None)  # KARA_TRACK_KEPT: at the last token only
+        if blocks is not None and req.finished():
+            values = info.setdefault("kv_kept_per_block", [])
+            values.extend([None] * (n - 1 - len(values)) + [blocks])
     return None
 
 
