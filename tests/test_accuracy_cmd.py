@@ -212,6 +212,21 @@ def test_bad_inputs_exit_2_with_one_line_before_any_request(tmp_path, capsys, co
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
+def test_prompt_template_and_client_side_chat_template(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kara_sglang.accuracy.prompts import make_prompt_builder
+
+    assert make_prompt_builder("Q: {question} in \\boxed{}", None)("1+1") == {"text": "Q: 1+1 in \\boxed{}"}
+    with pytest.raises(InputError, match="has no chat template"):
+        make_prompt_builder("{question}", str(tiny_model))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% for m in messages %}user: {{ m.content }}{% endfor %} answer:"
+    tokenizer.save_pretrained(tmp_path / "chat")
+    ids = make_prompt_builder("{question} step", str(tmp_path / "chat"))("one two")["input_ids"]
+    assert tokenizer.decode(ids) == "user: one two step answer:"
+
+
 # ------------------------------------------------------------------ end to end, real SGLang
 
 PROMPTS = ["the first step is", "one two three", "water long little", "they were called",
@@ -230,7 +245,8 @@ def accuracy_server(tiny_model, tmp_path_factory):
 @pytest.mark.sglang
 def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_path, capsys):
     base, proc, log = accuracy_server
-    common = ["--url", base, "--max-new-tokens", "120", "--concurrency", "3", "--no-progress",
+    # One batch per setting (concurrency = problems) keeps the CPU run short.
+    common = ["--url", base, "--max-new-tokens", "120", "--concurrency", str(len(PROMPTS)), "--no-progress",
               # ignore_eos: every output is 120 tokens long, so Kara (window 32) compresses
               "--sampling-params", '{"ignore_eos": true}', "--extract", r"regex:(\S+)\s*$"]
     # 1. References: the vanilla (opted-out, full KV) outputs' last word, through the command.
