@@ -227,6 +227,98 @@ def test_prompt_template_and_client_side_chat_template(tiny_model, tmp_path):
     assert tokenizer.decode(ids) == "user: one two step answer:"
 
 
+class _FakeServer:
+    """A stand-in SGLang without the plugin: answers \\boxed{4}, no KV lists; a prompt with
+    'fail' gets an HTTP 400. Records the requests it saw."""
+
+    def __init__(self, policy=None):
+        import http.server
+        import threading
+
+        seen = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _json(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/get_model_info":
+                    self._json(200, {"model_path": "fake-model"})
+                elif self.path == "/server_info" and policy:
+                    self._json(200, {"internal_states": [{"kara": {"kv_policy": policy}}]})
+                else:
+                    self._json(404, {"detail": "Not Found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                seen.append(body)
+                if "fail" in body["text"]:
+                    self._json(400, {"error": {"message": "kara_keep_ratio: must be in (0, 1]"}})
+                else:
+                    self._json(200, {"text": "so \\boxed{4}.", "meta_info": {"prompt_tokens": 3, "completion_tokens": 5}})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_server():
+    server = _FakeServer()
+    yield server
+    server.close()
+
+
+def test_failed_requests_count_as_errors_and_no_kv_lists_read_na(fake_server, tmp_path, capsys):
+    data = _jsonl(tmp_path / "p.jsonl", [{"problem": "2+2", "answer": "4"}, {"problem": "fail 2+3", "answer": "5"},
+                                         {"problem": "2*2", "answer": "4.0"}])
+    out = tmp_path / "out.json"
+    assert main(["--url", fake_server.url + "/", "--data", str(data), "--settings", "vanilla;server;kara:keep=0.5",
+                 "--stop", "</s>", "--sampling-params", '{"top_p": 0.9}', "--max-new-tokens", "7",
+                 "--no-progress", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert json.loads(out.read_text())["model"] == "fake-model"
+    for row in rows:
+        assert (row["n"], row["correct"], row["errors"]) == (3, 2, 1)
+        assert row["first_error"] == "HTTP 400: kara_keep_ratio: must be in (0, 1]"
+        assert row["kv_mean_fraction"] is None and row["kv_mean_tokens"] is None and row["kv_measured"] == 0
+        assert row["output_tokens_mean"] == 5
+    assert "KV n/a" in table and "vanilla: 1 failed, first: HTTP 400" in table
+    # What went out: greedy + the flags, custom_params per setting (none for 'server').
+    params = [r["sampling_params"] for r in fake_server.requests]
+    assert all(p["temperature"] == 0 and p["max_new_tokens"] == 7 and p["stop"] == ["</s>"] and p["top_p"] == 0.9
+               for p in params)
+    assert [p.get("custom_params") for p in params[::3]] == [{"kv_policy": "none"}, None, {"kara_keep_ratio": 0.5}]
+
+
+@pytest.mark.parametrize("policy, settings, message", [
+    ("kara", "threshold:budget=64", "the server runs --kv-policy kara"),
+    ("none", "kara:keep=0.5", "the server runs --kv-policy none"),
+])
+def test_settings_that_do_not_fit_the_server_stop_before_any_request(tmp_path, capsys, policy, settings, message):
+    server = _FakeServer(policy)
+    try:
+        data = _jsonl(tmp_path / "p.jsonl", [{"problem": "2+2", "answer": "4"}])
+        assert main(["--url", server.url, "--data", str(data), "--settings", settings, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and not server.requests
+    finally:
+        server.close()
+
+
 # ------------------------------------------------------------------ end to end, real SGLang
 
 PROMPTS = ["the first step is", "one two three", "water long little", "they were called",
@@ -264,7 +356,9 @@ def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_pa
     out, records = tmp_path / "results.json", tmp_path / "records.jsonl"
     assert main(common + ["--data", str(data), "--settings", "vanilla;kara:keep=0.5;kara:keep=0.25",
                           "--out", str(out), "--records", str(records)]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    assert "kv_policy kara" in captured.err  # read from /server_info
     result = json.loads(out.read_text())
     assert set(result) == {"server", "model", "data", "rows"}
     assert result["server"] == base and result["model"] == str(accuracy_server_model(base)) and result["data"] == str(data)
@@ -289,6 +383,13 @@ def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_pa
     assert sum(r["correct"] for r in lines if r["setting"] == "kara:keep=0.25") == quarter["correct"]
     assert all(r["kv_final_evicted"] > 0 for r in lines if r["setting"] != "vanilla")
     assert all(r["kv_final_evicted"] == 0 for r in lines if r["setting"] == "vanilla")
+
+    # 3. A value the server refuses: every request fails with its 400, counted, not a crash.
+    assert main(common + ["--data", str(data), "--settings", "kara:keep=2", "--limit", "2", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["n"], row["correct"], row["errors"]) == (2, 0, 2)
+    assert row["first_error"].startswith("HTTP 400") and "--kara-keep-ratio" in row["first_error"], row
+    assert proc.poll() is None
 
 
 def accuracy_server_model(base):

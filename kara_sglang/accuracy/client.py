@@ -102,9 +102,16 @@ def generate_all(url: str, payloads: List[Dict[str, Any]], concurrency: int, tim
                  on_done: Callable[[], None] = lambda: None) -> List[Reply]:
     """Replies in the order of ``payloads``, ``concurrency`` requests in flight."""
     replies: List[Optional[Reply]] = [None] * len(payloads)
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
         futures = {pool.submit(generate, url, p, timeout): i for i, p in enumerate(payloads)}
         for future in as_completed(futures):
             replies[futures[future]] = future.result()
             on_done()
+    except BaseException:
+        # Ctrl-C: drop the queued requests instead of waiting for all of them (the ones in
+        # flight end with the process).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return replies  # type: ignore[return-value]

@@ -76,11 +76,15 @@ def parse_settings(text: str) -> List[Setting]:
 
 
 def check_against_server(settings: List[Setting], server_policy: Optional[str]) -> None:
-    """A NAME that is neither the server's policy nor ``kara`` would mislabel its row."""
+    """A NAME that is neither the server's policy nor ``kara`` would mislabel its row, and on a
+    server without a policy it would measure nothing but vanilla."""
     if server_policy is None:
         return
     for setting in settings:
         name = setting.policy_name
+        if name is not None and server_policy == "none":
+            raise InputError(f"--settings: {setting.label!r}: the server runs --kv-policy none, which "
+                             f"compresses nothing; start it with a policy (vanilla is the per-request opt-out)")
         if name is not None and name not in (server_policy, GENERIC_NAME):
             raise InputError(f"--settings: {setting.label!r}: the server runs --kv-policy {server_policy}; "
                              f"a request cannot switch policy (name it {server_policy} or {GENERIC_NAME})")
