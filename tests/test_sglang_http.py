@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +12,15 @@ import urllib.request
 import pytest
 
 from support.engines import use_cpu_sglang
+from support.http_server import CPU_ARGS, SERVER
+from support.http_server import get as _get
+from support.http_server import serve as _serve
 
 pytestmark = pytest.mark.sglang
 
 use_cpu_sglang()
 
-SERVER = [sys.executable, "-m", "sglang.launch_server"]
 SERVE = [os.path.join(os.path.dirname(sys.executable), "sglang"), "serve"]
-CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-            "--max-total-tokens", "20000", "--skip-server-warmup", "--mem-fraction-static", "0.3"]
 
 
 def run_cli(args, timeout=240):
@@ -60,12 +58,6 @@ def test_unknown_policy_is_refused_by_the_parser(tiny_model):
     assert proc.returncode == 2 and "invalid choice: 'snapkv'" in proc.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, payload):
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -73,42 +65,6 @@ def _post(url, payload):
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
-
-
-def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        return resp.read().decode()
-
-
-def _serve(tiny_model, tmp_path_factory, extra=(), env=None):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    args = SERVER + ["--model-path", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
-                     "--kv-policy", "kara", "--kara-window", "32", "--kara-buffer", "8",
-                     "--kara-keep-ratio", "0.25", "--kara-chunk-size", "2", "--enable-metrics",
-                     "--decode-log-interval", "5"] + CPU_ARGS + list(extra)
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                raise AssertionError("server exited:\n" + log.read_text()[-3000:])
-            try:
-                _get(base + "/health")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("server did not come up:\n" + log.read_text()[-3000:])
-        yield base, proc, log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
