@@ -65,6 +65,20 @@ def batch_for_step(tokenizer, step: int, rank: int, tokens: int, eos_id: int):
     return pad(ids, eos_id), pad(labels, -100), used
 
 
+class Batches(torch.utils.data.Dataset):
+    """Step i's batch of this rank, built in DataLoader workers (the CPU work overlaps the GPU's)."""
+
+    def __init__(self, tokenizer, rank: int, tokens: int, eos_id: int, steps: int) -> None:
+        self.args, self.steps = (tokenizer, rank, tokens, eos_id), steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        tokenizer, rank, tokens, eos_id = self.args
+        return batch_for_step(tokenizer, step, rank, tokens, eos_id)
+
+
 def loss_on_completion(model, ids, labels):
     hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
     target = labels[:, 1:]
@@ -80,7 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", default="auto", help="optimizer steps, or auto (fit --seconds)")
     ap.add_argument("--seconds", type=float, default=420, help="training time for --steps auto")
     ap.add_argument("--tokens-per-step", type=int, default=131072, help="summed over GPUs")
-    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
@@ -105,12 +119,16 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     per_rank = a.tokens_per_step // world
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loader = iter(torch.utils.data.DataLoader(Batches(tokenizer, rank, per_rank, eos_id, 999), batch_size=None,
+                                              num_workers=6, prefetch_factor=4))
+
     def step_once(step: int, total: int) -> float:
         warm = min(30, total // 10)
         scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
         for group in opt.param_groups:
             group["lr"] = a.lr * scale
-        ids, labels, used = batch_for_step(tokenizer, step, rank, per_rank, eos_id)
+        ids, labels, used = next(loader)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_on_completion(model, ids.to(device), labels.to(device))
         loss.backward()

@@ -118,6 +118,8 @@ def record(setting: Setting, outcome: Outcome) -> Dict[str, Any]:
         "kv_mean_tokens": kv.mean_tokens if kv else None,
         "kv_final_kept": kv.final_kept if kv else None,
         "kv_final_evicted": kv.final_evicted if kv else None,
+        # Decode KV held per block of decode tokens at the end (servers run with KARA_TRACK_KEPT).
+        "kv_kept_per_block": next((v for v in reversed(meta.get("kv_kept_per_block") or []) if v is not None), None),
         "error": outcome.reply.error,
     }
 

