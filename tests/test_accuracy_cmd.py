@@ -52,6 +52,8 @@ def test_custom_fields_and_limit_and_blank_lines(tmp_path):
     path.write_text('{"prompt": "a", "target": "x"}\n\n{"prompt": "b", "target": "y"}\n{"prompt": "c", "target": "z"}\n')
     problems = load_problems(path, question_field="prompt", answer_field="target", limit=2)
     assert [(p.question, p.reference, p.line) for p in problems] == [("a", "x", 1), ("b", "y", 3)]
+    path = _jsonl(tmp_path / "one.jsonl", [{"prompt": "a", "answer": 3}])  # one field named
+    assert [(p.question, p.reference) for p in load_problems(path, question_field="prompt")] == [("a", "3")]
 
 
 @pytest.mark.parametrize("content, layout, message", [
@@ -60,6 +62,7 @@ def test_custom_fields_and_limit_and_blank_lines(tmp_path):
     ('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": \n', "auto", "line 2: not valid JSON"),
     ('{"problem": "a", "answer": "1"}\n[1, 2]\n', "auto", "line 2: expected a JSON object"),
     ('{"problem": "a", "answer": "1"}\n{"problem": "b"}\n', "math500", "line 2: no field 'answer' (has: problem)"),
+    ('{"problem": "a", "answer": null}\n', "auto", "line 1: field 'answer' is null"),
     ('{"question": "a", "answer": "no marks"}\n', "gsm8k", "line 1: gsm8k answer has no '#### <answer>'"),
     ('{"text": "a"}\n', "auto", "line 1: cannot tell the layout from fields text"),
 ])

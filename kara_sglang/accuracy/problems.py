@@ -7,7 +7,9 @@ Layouts (field names matched case-insensitively, so AIME 2024's ``Problem``/``An
 - ``gsm8k``: ``question`` / ``answer``; the reference is what follows ``####`` in the answer
 - ``auto``: picked from the first record's fields (gsm8k when its answer has ``####``)
 
-``--question-field`` / ``--answer-field`` name other fields; they override the layout's.
+``--question-field`` / ``--answer-field`` name other fields; they override the layout's (a
+file of another layout with only one of them named takes ``problem`` or ``question`` /
+``answer`` for the other).
 """
 
 from __future__ import annotations
@@ -101,19 +103,23 @@ def load_problems(path: str | Path, layout: str = "auto", question_field: Option
             break
         if chosen is None:
             chosen = _detect_layout(record)
+            if chosen is None and (question_field or answer_field):
+                chosen = "custom"  # one field named; the other takes the usual names
             if chosen is None:
                 raise InputError(
                     f"{path} line {number}: cannot tell the layout from fields "
                     f"{', '.join(sorted(record)) or '(none)'}; pass --layout or "
                     f"--question-field/--answer-field")
-        q_names, a_names = LAYOUTS.get(chosen, ((), ()))
+        q_names, a_names = LAYOUTS.get(chosen, LAYOUTS["aime"])  # custom: problem or question / answer
         q_key = _field(record, (question_field,) if question_field else q_names)
         a_key = _field(record, (answer_field,) if answer_field else a_names)
         for key, wanted in ((q_key, question_field or " or ".join(q_names)),
                             (a_key, answer_field or " or ".join(a_names))):
-            if key is None or record[key] is None:
+            if key is None:
                 raise InputError(f"{path} line {number}: no field {wanted!r} "
                                  f"(has: {', '.join(sorted(record)) or 'none'})")
+            if record[key] is None:
+                raise InputError(f"{path} line {number}: field {key!r} is null")
         reference = record[a_key]
         if isinstance(reference, (dict, list)):
             raise InputError(f"{path} line {number}: field {a_key!r} is not a string or number")
