@@ -11,8 +11,9 @@ style after the other. Greedy decoding; every server tracks block coverage
 decode KV over the reference traces equals Kara 25%'s (W = 512, U = 64), simulated with the
 policies' own code (:func:`matched_budget`); the measured KV of every row is reported beside it.
 
-Each lane's rows go to ``OUT/rows-<lane>-<style>.json`` and its per-problem records to
-``OUT/records-<lane>-<style>.jsonl``; ``report.py`` turns them into the results file.
+Each (lane, style, setting) runs as its own accuracy process, all at once; its row goes to
+``OUT/rows-<lane>-<style>-<k>.json`` and its per-problem records to ``OUT/records-...jsonl``;
+``report.py`` turns them into the results file.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
              settings=same("kara:keep=0.25")),
         dict(name="kara-w512-u64-b", gpu=1, pool=1_200_000, args=["--kv-policy", "kara"],
              settings=same("kara:keep=0.5;kara:keep=0.25,chunk=1")),
-        dict(name="cask", gpu=1, pool=900_000, args=["--kv-policy", "cask"], settings=same("cask:keep=0.25")),
+        dict(name="cask", gpu=0, pool=900_000, args=["--kv-policy", "cask"], settings=same("cask:keep=0.25")),
     ]
     for policy in ("threshold", "streaming", "longflow"):
         out.append(dict(name=policy, gpu=1, pool=900_000,
@@ -142,7 +143,7 @@ def start_server(model: str, lane: dict, out: Path, backend: str, cpu_smoke: boo
         cmd += CPU_SMOKE_ARGS
     else:
         cmd += ["--attention-backend", backend, "--max-total-tokens", str(lane["pool"]),
-                "--mem-fraction-static", "0.88", "--max-running-requests", "256", "--cuda-graph-max-bs", "256",
+                "--mem-fraction-static", "0.9", "--max-running-requests", "256", "--cuda-graph-max-bs", "256",
                 "--disable-prefill-cuda-graph"]
     log = open(out / f"server-{lane['name']}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -161,25 +162,34 @@ def wait_healthy(lane: dict, proc: subprocess.Popen, seconds: float) -> bool:
     return False
 
 
+def accuracy_command(url: str, data: Path, setting: str, max_new_tokens: int, concurrency: int,
+                     out: Path, tag: str, extract: str = EXTRACT) -> List[str]:
+    return [sys.executable, "-m", "kara_sglang.accuracy", "--url", url, "--data", str(data), "--extract", extract,
+            "--settings", setting, "--max-new-tokens", str(max_new_tokens), "--concurrency", str(concurrency),
+            "--no-progress", "--out", str(out / f"rows-{tag}.json"), "--records", str(out / f"records-{tag}.jsonl")]
+
+
 def run_lane(lane: dict, info: Dict[str, dict], out: Path, concurrency: int, styles: List[str]) -> None:
+    """Every (style, setting) of the lane at once, one accuracy process each: a setting's wall
+    time is bounded by its longest trace, so running them one after another would add those up."""
     url = f"http://127.0.0.1:{lane['port']}"
+    jobs = []
     for style in styles:
-        t0 = time.time()
-        cmd = [sys.executable, "-m", "kara_sglang.accuracy", "--url", url, "--data", str(out / f"data-{style}.jsonl"),
-               "--extract", EXTRACT, "--settings", lane["settings"][style],
-               "--max-new-tokens", str(info[style]["max_new_tokens"]), "--concurrency", str(concurrency),
-               "--out", str(out / f"rows-{lane['name']}-{style}.json"),
-               "--records", str(out / f"records-{lane['name']}-{style}.jsonl")]
-        with open(out / f"client-{lane['name']}-{style}.log", "w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-        print(f"[{time.strftime('%T')}] {lane['name']} {style}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+        for k, setting in enumerate(lane["settings"][style].split(";")):
+            tag = f"{lane['name']}-{style}-{k}"
+            cmd = accuracy_command(url, out / f"data-{style}.jsonl", setting, info[style]["max_new_tokens"],
+                                   concurrency, out, tag)
+            jobs.append((tag, time.time(), subprocess.Popen(cmd, stdout=open(out / f"client-{tag}.log", "w"),
+                                                            stderr=subprocess.STDOUT)))
         if lane["name"] == "kara-w512-u64":  # the prompt alone (no reasoning), vanilla
-            cmd = [sys.executable, "-m", "kara_sglang.accuracy", "--url", url,
-                   "--data", str(out / f"notrace-{style}.jsonl"), "--extract", r"regex:(\d\d)",
-                   "--settings", "vanilla", "--max-new-tokens", "4", "--concurrency", str(concurrency),
-                   "--out", str(out / f"rows-notrace-{style}.json")]
-            with open(out / f"client-notrace-{style}.log", "w") as log:
-                subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            tag = f"notrace-{style}"
+            cmd = accuracy_command(url, out / f"notrace-{style}.jsonl", "vanilla", 4, concurrency, out, tag,
+                                   extract=r"regex:(\d\d)")
+            jobs.append((tag, time.time(), subprocess.Popen(cmd, stdout=open(out / f"client-{tag}.log", "w"),
+                                                            stderr=subprocess.STDOUT)))
+    for tag, t0, proc in jobs:
+        rc = proc.wait()
+        print(f"[{time.strftime('%T')}] {tag}: rc={rc} after {time.time() - t0:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -188,9 +198,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=500, help="held-out problems per style")
     ap.add_argument("--gpus", type=int, default=1)
-    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=128, help="per accuracy process (one per setting)")
     ap.add_argument("--attention-backend", default="triton")
-    ap.add_argument("--styles", default=",".join(ledger.STYLES))
+    ap.add_argument("--styles", default="verbose,dense")
     ap.add_argument("--lanes", default="", help="comma-separated lane names to run (default all)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="override (default: longest reference + 256)")
     ap.add_argument("--cpu-smoke", action="store_true", help="SGLang's CPU path: checks the plumbing only")
