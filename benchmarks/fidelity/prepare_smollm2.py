@@ -53,6 +53,10 @@ def main(gguf: Optional[Path] = None, out: Path = OUT) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     out.mkdir(parents=True, exist_ok=True)
+    # The weights are dequantised in memory; newer transformers (5.17) still refuse to save a
+    # model loaded from GGUF unless its quantiser marker is dropped.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(out)

@@ -51,7 +51,7 @@ train)
       --gguf /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf --out $MODEL > $R/convert.log 2>&1 || { tail $R/convert.log; exit 1; }
     ts "converted: $(du -sh $MODEL | cut -f1)"
   fi
-  setsid nohup python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/reasoning/train.py --model $MODEL \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True setsid nohup python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/reasoning/train.py --model $MODEL \
     --out $REASONER --steps auto --seconds "${TRAIN_SECONDS:-240}" > $R/train.log 2>&1 < /dev/null &
   sleep 60; ts "training started on $NGPU GPUs"; tail -5 $R/train.log ;;
 wheels)
@@ -63,7 +63,8 @@ wheels)
 grid|wait)
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
   [ -f /tmp/site/.done ] || { ts "SGLang wheels not installed"; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/kara/*.whl 2>&1 | grep -v "already exists"
+  # SGLang's HTTP server also imports soundfile (+ cffi, pycparser): carried in .whl/extra.
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/kara/*.whl $(ls .whl/extra/*.whl 2>/dev/null) 2>&1 | grep -v "already exists"
   T0=$(date +%s)
   if [ "$PHASE" = grid ] && [ ! -f $R/grid.started ]; then
     while [ ! -f $REASONER/training.json ]; do

@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", default="auto", help="optimizer steps, or auto (fit --seconds)")
     ap.add_argument("--seconds", type=float, default=420, help="training time for --steps auto")
-    ap.add_argument("--tokens-per-step", type=int, default=131072, help="summed over GPUs")
+    ap.add_argument("--tokens-per-step", type=int, default=65536, help="summed over GPUs")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
