@@ -65,6 +65,7 @@ class Problem:
     # Answer-bearing reads: (char in completion where the target's balance is written again
     # from memory, chars of every earlier copy of that balance in the completion).
     target_reads: List[Tuple[int, List[int]]] = field(default_factory=list)
+    all_reads: List[Tuple[int, str, List[int]]] = field(default_factory=list)  # every account's
 
 
 def _name(i: int) -> str:
@@ -142,23 +143,26 @@ class _Writer:
 
     def __init__(self, target: str) -> None:
         self.target, self.text = target, ""
-        self.copies: List[int] = []  # char positions holding the target's current balance
-        self.reads: List[Tuple[int, List[int]]] = []
+        self.copies: Dict[str, List[int]] = {}  # account -> chars holding its current balance
+        self.all_reads: List[Tuple[int, str, List[int]]] = []  # (char, account, source chars)
+
+    @property
+    def reads(self) -> List[Tuple[int, List[int]]]:
+        return [(c, src) for c, acct, src in self.all_reads if acct == self.target]
 
     def put(self, *pieces: str, write: str = "", read: str = "", account: str = "") -> None:
         """Append ``pieces``; the piece equal to ``write``/``read`` is a write/read of ``account``."""
         for piece in pieces:
-            if account == self.target and piece == read and read and self.copies:
-                self.reads.append((len(self.text), list(self.copies)))
+            if piece == read and read and self.copies.get(account):
+                self.all_reads.append((len(self.text), account, list(self.copies[account])))
                 read = ""  # one read per call
-            if account == self.target and piece == write and write:
-                self.copies.append(len(self.text))
+            if piece == write and write:
+                self.copies.setdefault(account, []).append(len(self.text))
                 write = ""
             self.text += piece
 
     def changed(self, account: str) -> None:
-        if account == self.target:
-            self.copies = []
+        self.copies[account] = []
 
 
 def _dense_step(w: _Writer, st: Step) -> None:
@@ -217,6 +221,7 @@ def render_trace(p: Problem) -> Tuple[str, List[Tuple[int, List[int]]]]:
         w.put(f"All {len(p.steps)} steps done.\n")
     w.put(THINK_END + "\nAnswer: ")
     w.put(p.answer, read=p.answer, account=p.target)
+    p.all_reads = w.all_reads
     return w.text, w.reads
 
 

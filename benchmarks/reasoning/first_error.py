@@ -1,0 +1,155 @@
+"""Where a wrong answer went wrong: the first place a reply leaves the reference trace.
+
+Each step line of a reply is parsed (account, starting balance, amount, new balance) and
+compared with the reference steps (ledger.py; full KV reproduces them almost always); the
+first step that differs is the first mistake, classified as:
+
+- ``recall``: the starting balance read back from an earlier step is wrong: the long-range
+  read compression can break (``start``: the same for a start balance, read from the prompt);
+- ``arithmetic``: the new balance; ``prompt``: the step's account or amount is not the prompt's;
+- ``format``: a garbled or missing step line; ``answer``: every step right, the answer wrong.
+
+For ``recall`` mistakes it reports how far back (in tokens of the reference) the nearest copy
+of the balance was written, and how many of those copies lay in a window that Kara's schedule
+(W, U; W = 256 / U = 32 for those lanes) had already compressed when the balance was read: for
+the window policies (kara, cask) that separates "the scorer dropped it" from "it was still in
+the uncompressed tail" (a mistake the compression did not cause directly).
+
+    python benchmarks/reasoning/first_error.py --records DIR --model MODEL_DIR [--window 512 --buffer 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import glob
+import json
+import re
+import statistics
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ledger  # noqa: E402
+from train import EVAL_SEED0  # noqa: E402
+
+DENSE = re.compile(r"^(\d+) (\w\w) @(\w+) (\d\d)([+-])(\d)=(\d\d)$")
+VERBOSE_STEP = re.compile(r"^Step (\d+)")
+VERBOSE_MATH = re.compile(r"So (\w\w) is now (\d\d) ([+-]) (\d) = (\d\d)\.")
+
+
+def parse_steps(style: str, output: str):
+    """(step, account, before, delta, after) per step line of a reply; None for a garbled line."""
+    steps = []
+    for line in output.split(ledger.THINK_END)[0].split("\n"):
+        if style == "dense":
+            if not line.strip():
+                continue
+            m = DENSE.match(line)
+            steps.append(None if m is None else (int(m[1]), m[2], int(m[4]),
+                                                 int(m[6]) * (1 if m[5] == "+" else -1), int(m[7])))
+        elif VERBOSE_STEP.match(line):
+            m = VERBOSE_MATH.search(line)
+            steps.append(None if m is None else (int(VERBOSE_STEP.match(line)[1]), m[1], int(m[2]),
+                                                 int(m[4]) * (1 if m[3] == "+" else -1), int(m[5])))
+    return steps
+
+
+def classify(problem: ledger.Problem, output: str):
+    """(kind, step) of a reply's first mistake against the reference steps, or None.
+
+    kind: ``prompt`` (the step's account or amount is not the prompt's), ``recall`` (the
+    balance it starts from is wrong), ``start`` (the same, for a start balance read from the
+    prompt), ``arithmetic``, ``format`` (a garbled or missing step line), ``answer``."""
+    got = parse_steps(problem.style, output)
+    for k, ref in enumerate(problem.steps):
+        if k >= len(got) or got[k] is None:
+            return "format", ref
+        index, account, before, delta, after = got[k]
+        if index != ref.index or account != ref.account or delta != ref.delta:
+            return "prompt", ref
+        if before != ref.before:
+            return ("start" if ref.prev == 0 else "recall"), ref
+        if after != (before + delta) % 100:
+            return "arithmetic", ref
+    return "answer", None
+
+
+def source_distance(problem: ledger.Problem, step: ledger.Step, offsets) -> Optional[Tuple[int, int, int]]:
+    """Tokens of the reference's read of ``step``'s starting balance, of its nearest earlier
+    copy, and of the step that computed it (the one the prompt points to)."""
+    line_start = problem.completion.find(f"\n{step.index} ") + 1 if problem.style == "dense" \
+        else problem.completion.find(f"Step {step.index}")
+    for char, account, sources in problem.all_reads:
+        if char >= line_start and account == step.account:
+            t = bisect.bisect_right(offsets, char) - 1
+            token = lambda c: bisect.bisect_right(offsets, c) - 1  # noqa: E731
+            return t, token(max(c for c in sources if c < char)), token(min(sources))
+    return None
+
+
+def in_compressed_window(read: int, source: int, window: int, buffer: int) -> bool:
+    """Was decode token ``source`` inside a window Kara/CASK had already compressed when token
+    ``read`` was written? (Windows [kW, (k+1)W) compress once W + U tokens past kW exist.)"""
+    done = max(0, (read - buffer) // window) * window
+    return source < done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--records", required=True, help="folder of run_grid.py's records-*.jsonl")
+    ap.add_argument("--model", required=True, help="folder with the tokenizer")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--buffer", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    problems, offsets = {}, {}
+    rows = []
+    for path in sorted(glob.glob(f"{a.records}/records-*.jsonl")):
+        if "notrace" in path:
+            continue
+        lane = Path(path).stem[len("records-"):]
+        style = "dense" if "-dense" in lane else "verbose"
+        window = 256 if "w256" in lane else a.window
+        buffer = 32 if "u32" in lane else a.buffer
+        kinds, far, far_first, dist, wrong, n, on_target = Counter(), 0, 0, [], 0, 0, 0
+        setting = None
+        for line in open(path):
+            rec = json.loads(line)
+            setting, n = rec["setting"], n + 1
+            if rec["correct"]:
+                continue
+            wrong += 1
+            key = (style, rec["index"])
+            if key not in problems:
+                p = problems[key] = ledger.make_problem(style, EVAL_SEED0 + rec["index"])
+                offsets[key] = [s for s, _ in tok(p.completion, return_offsets_mapping=True)["offset_mapping"]]
+            kind, step = classify(problems[key], rec["output"] or "")
+            kinds[kind] += 1
+            if step is not None and step.account == problems[key].target:
+                on_target += 1
+            if kind == "recall":
+                got = source_distance(problems[key], step, offsets[key])
+                if got is not None:
+                    dist.append(got[0] - got[1])
+                    far += in_compressed_window(got[0], got[1], window, buffer)
+                    far_first += in_compressed_window(got[0], got[2], window, buffer)
+        row = {"lane": lane, "style": style, "setting": setting, "n": n, "wrong": wrong,
+               "first_error": dict(kinds), "first_error_on_queried_account": on_target,
+               "recall_errors_measured": len(dist),
+               "recall_source_median_tokens_back": statistics.median(dist) if dist else None,
+               "recall_nearest_copy_in_compressed_window": far,
+               "recall_computing_step_in_compressed_window": far_first}
+        rows.append(row)
+        print(json.dumps(row))
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

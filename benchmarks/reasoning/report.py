@@ -1,0 +1,143 @@
+"""run_grid.py's rows and records -> docs/results/reasoning_accuracy.json, a plot, a table.
+
+    python benchmarks/reasoning/report.py --grid DIR --device "NVIDIA H200" \
+        --out docs/results/reasoning_accuracy.json --plot docs/reasoning_accuracy.png \
+        --per-problem docs/results/raw-2026-11-30/reasoning_per_problem.json.gz
+
+Rows carry the issue's fields (task, style, policy, keep_ratio, window, buffer, chunk, budget,
+n, accuracy, ci_low, ci_high, kv_mean_fraction, full_kv_accuracy, device, sglang_version) plus
+the mean decode KV in tokens and block coverage: the share of whole 512-token blocks of the
+reasoning that hold no KV at all when the request ends (servers ran with KARA_TRACK_KEPT=512).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+from pathlib import Path
+
+W, U, GAMMA = 512, 64, 8
+SGLANG_VERSION = "0.5.17"
+
+
+def lane_config(lane: str) -> dict:
+    """Server-level settings of a lane (run_grid.lanes names them)."""
+    policy = lane.split("-")[0]
+    return {"policy": "full" if policy == "notrace" else policy, "window": 256 if "w256" in lane else W,
+            "buffer": 32 if "u32" in lane else U}
+
+
+def row_for(lane: str, style: str, row: dict, device: str) -> dict:
+    cfg = lane_config(lane)
+    params = row["custom_params"] or {}
+    vanilla = params.get("kv_policy") == "none"
+    policy = "full" if vanilla else cfg["policy"]
+    low, high = row["ci95"]
+    return {
+        "task": "ledger", "style": style, "policy": policy, "setting": row["setting"],
+        "keep_ratio": None if vanilla else params.get("kara_keep_ratio"),
+        # W only shapes the window policies; U is every policy's uncompressed buffer.
+        "window": cfg["window"] if policy in ("kara", "cask") else None, "buffer": None if vanilla else cfg["buffer"],
+        "chunk": None if vanilla or policy not in ("kara", "cask") else params.get("kara_chunk_size", GAMMA),
+        "budget": params.get("kara_budget"), "n": row["n"], "correct": row["correct"],
+        "accuracy": row["accuracy"], "ci_low": low, "ci_high": high,
+        "kv_mean_fraction": row["kv_mean_fraction"], "kv_mean_tokens": row["kv_mean_tokens"],
+        "output_tokens_mean": row["output_tokens_mean"], "errors": row["errors"],
+        "device": device, "sglang_version": SGLANG_VERSION,
+    }
+
+
+def empty_block_share(records: list) -> float | None:
+    """Share of whole blocks (all but each request's last, partial one) holding no KV."""
+    empty = total = 0
+    for rec in records:
+        blocks = rec.get("kv_kept_per_block")
+        if blocks:
+            whole = blocks[:-1]
+            empty += sum(1 for b in whole if b == 0)
+            total += len(whole)
+    return empty / total if total else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--grid", required=True, help="run_grid.py's output folder")
+    ap.add_argument("--device", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--per-problem", default=None, help="gzipped JSON of every (row, problem): correct, KV")
+    a = ap.parse_args()
+
+    rows, per_problem = [], {}
+    for path in sorted(glob.glob(f"{a.grid}/rows-*.json")):
+        tag = Path(path).stem[len("rows-"):]
+        notrace = tag.startswith("notrace-")
+        style = tag.split("-")[1] if notrace else ("dense" if "-dense-" in tag else "verbose")
+        lane = tag if notrace else tag.split(f"-{style}-")[0]
+        records = [json.loads(line) for line in open(Path(a.grid) / f"records-{tag}.jsonl")]
+        for r in json.load(open(path))["rows"]:
+            row = row_for(lane, style, r, a.device)
+            if notrace:
+                row.update(policy="full, answer without reasoning", setting="no-trace")
+            row["empty_block_share"] = empty_block_share(records)
+            rows.append(row)
+            per_problem[f"{style}/{row['setting']}/{lane}"] = [
+                [rec["index"], rec["correct"], rec["completion_tokens"], rec["kv_fraction"]] for rec in records]
+    full = {r["style"]: r["accuracy"] for r in rows if r["policy"] == "full"}
+    for r in rows:
+        r["full_kv_accuracy"] = full.get(r["style"])
+    order = {"full": 0, "kara": 1, "cask": 2, "threshold": 3, "streaming": 4, "longflow": 5}
+    rows.sort(key=lambda r: (r["style"] != "verbose", order.get(r["policy"], 9), -(r["keep_ratio"] or 0),
+                             r["window"] or 0, -(r["buffer"] or 0), -(r["chunk"] or 0)))
+    Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+    print("| style | policy | setting | W | U | γ | accuracy | 95% CI | decode KV kept | empty 512-blocks |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['style']} | {r['policy']} | {r['setting']} | {r['window'] or '—'} | {r['buffer'] or '—'} | "
+              f"{r['chunk'] or '—'} | {100 * r['accuracy']:.1f}% | {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}% | "
+              f"{100 * r['kv_mean_fraction']:.1f}% | "
+              f"{'—' if r['empty_block_share'] is None else format(100 * r['empty_block_share'], '.1f') + '%'} |")
+    if a.per_problem:
+        Path(a.per_problem).parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(a.per_problem, "wt") as f:
+            json.dump({"fields": ["index", "correct", "completion_tokens", "kv_fraction"], "rows": per_problem}, f)
+    if a.plot:
+        plot(rows, a.plot)
+
+
+def plot(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    marks = {"kara": "o-", "cask": "s", "threshold": "^", "streaming": "v", "longflow": "D"}
+    for ax, style in zip(axes, ("verbose", "dense")):
+        mine = [r for r in rows if r["style"] == style]
+        full = next(r for r in mine if r["policy"] == "full")
+        ax.axhline(100 * full["accuracy"], color="k", ls="--", lw=1, label="full KV")
+        kara = sorted((r for r in mine if r["policy"] == "kara" and r["window"] == W and r["buffer"] == U
+                       and r["chunk"] == GAMMA), key=lambda r: r["kv_mean_fraction"])
+        for name, group in [("kara", kara)] + [(p, [r for r in mine if r["policy"] == p])
+                                               for p in ("cask", "threshold", "streaming", "longflow")]:
+            if not group:
+                continue
+            x = [100 * r["kv_mean_fraction"] for r in group]
+            y = [100 * r["accuracy"] for r in group]
+            err = [[100 * (r["accuracy"] - r["ci_low"]) for r in group], [100 * (r["ci_high"] - r["accuracy"]) for r in group]]
+            ax.errorbar(x, y, yerr=err, fmt=marks[name], capsize=3,
+                        label="Kara (keep 12.5/25/50%)" if name == "kara" else name)
+        ax.set_title(f"ledger, {style} traces (n = {full['n']} each)")
+        ax.set_xlabel("mean decode KV kept (% of full, measured by the server)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final-answer accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
