@@ -1,0 +1,69 @@
+"""The ledger reasoning task (benchmarks/reasoning): what its measurements rely on.
+
+The answer follows from the prompt alone by the task's rules (so the model can learn it), but
+only through the intermediate balances the trace writes; the reads the properties count point
+at earlier copies of the same value; the first-error parser sees a reference as all right and
+a changed recall as a recall mistake. Fresh random seeds each run.
+"""
+
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reasoning"))
+import first_error  # noqa: E402
+import ledger  # noqa: E402
+
+SEEDS = [random.randrange(10**6) for _ in range(6)]
+
+
+def solve_from_prompt(prompt: str) -> str:
+    """The final balance asked for, by the rules stated in the prompt."""
+    balance = {name: int(v) for name, v in re.findall(r"(\w\w)=(\d\d)", prompt.split("\n")[1])}
+    for _, account, sign, amount, _ in re.findall(r"^(\d+) (\w\w)([+-])(\d) @(\w+)$", prompt, re.M):
+        balance[account] = (balance[account] + (int(amount) if sign == "+" else -int(amount))) % 100
+    target = re.search(r"final balance of (\w\w)\?", prompt)[1]
+    return f"{balance[target]:02d}"
+
+
+@pytest.mark.parametrize("style", ledger.STYLES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_problem_is_deterministic_and_its_answer_follows_from_the_prompt(style, seed):
+    p = ledger.make_problem(style, seed)
+    again = ledger.make_problem(style, seed)
+    assert (p.prompt, p.completion) == (again.prompt, again.completion)
+    assert solve_from_prompt(p.prompt) == p.answer
+    assert p.completion.endswith(f"{ledger.THINK_END}\nAnswer: {p.answer}")
+    # No balance after the start is in the prompt: the prompt lines carry amounts and pointers.
+    assert all(re.fullmatch(r"\d+ \w\w[+-]\d @(\d+|s)", line) for line in p.prompt.split("\n")[2:-3])
+
+
+@pytest.mark.parametrize("style", ledger.STYLES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_reads_point_back_to_copies_of_the_same_value(style, seed):
+    p = ledger.make_problem(style, seed)
+    assert p.target_reads, "every problem has at least its answer read"
+    for char, sources in p.target_reads:
+        value = p.completion[char:char + 2]
+        assert sources and all(c < char and p.completion[c:c + 2] == value for c in sources)
+    # The answer is the last read of the queried balance.
+    assert p.target_reads[-1][0] == len(p.completion) - 2
+
+
+@pytest.mark.parametrize("style", ledger.STYLES)
+def test_first_error_parser_finds_a_changed_recall(style):
+    p = ledger.make_problem(style, SEEDS[0])
+    assert first_error.classify(p, p.completion) == ("answer", None)
+    step = next(st for st in p.steps if st.prev > 0)
+    char = next(c for c, acct, _ in p.all_reads if acct == step.account and c > p.completion.find(
+        f"\n{step.index} " if style == "dense" else f"Step {step.index}"))
+    wrong = f"{(step.before + 1) % 100:02d}"
+    corrupted = p.completion[:char] + wrong + p.completion[char + 2:]
+    if style == "verbose":  # the balance the step computes from is the one in its "So ..." sentence
+        at = corrupted.find(f"So {step.account} is now ", char)
+        corrupted = corrupted[:at] + corrupted[at:].replace(f"is now {step.before:02d}", f"is now {wrong}", 1)
+    kind, where = first_error.classify(p, corrupted)
+    assert kind == "recall" and where.index == step.index
