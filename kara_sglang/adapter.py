@@ -20,6 +20,7 @@ import torch
 from kara_sglang.compressor import Compressor, DueRequest, KVLayout, page_ceil
 from kara_sglang.config import KaraConfig, KaraConfigError
 from kara_sglang.flags import request_overrides
+from kara_sglang.fp8_kv import FP8_DTYPES
 from kara_sglang.kept_positions import KeptPositions, block_size_from_env
 from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
@@ -65,7 +66,10 @@ class KaraRuntime:
         self.policy = make_policy(config)
         self.page_size = page_size
         pool = model_runner.token_to_kv_pool
-        self._check_supported(pool)
+        self._check_supported(pool, config)
+        # FP8 caches are stored as bytes; queries stay in the model's dtype (kara_sglang/fp8_kv.py).
+        self.fp8_dtype = pool.dtype if pool.dtype in FP8_DTYPES else None
+        query_dtype = model_runner.dtype if self.fp8_dtype is not None else pool.dtype
         self.kv_pool = pool
         self.req_to_token_pool = model_runner.req_to_token_pool
         device = self.req_to_token_pool.req_to_token.device
@@ -81,12 +85,13 @@ class KaraRuntime:
         if self.policy.query_ring:
             self.queries = QueryBuffer(
                 rows, config.resolve_vote_layers(num_layers), self.policy.query_ring, q_heads,
-                kv_heads, head_dim, self.policy.query_heads, pool.dtype, device)
+                kv_heads, head_dim, self.policy.query_heads, query_dtype, device)
             self._last_vote_layer = self.queries.vote_layers[-1]
             self.ring_pos = torch.zeros(rows, dtype=torch.int64, device=device)
             mb = self.queries.data.numel() * self.queries.data.element_size() / 2**20
             logger.info("kara: query buffer %s = %.1f MiB (%d rows, layers %s)",
                         tuple(self.queries.data.shape), mb, rows, self.queries.vote_layers)
+        self.k_scales = [1.0] * num_layers  # FP8: each layer's k_scale, read as the layers run
         self.evicted_by_row = torch.zeros(rows, dtype=torch.int64, device=device)
         # Where each compressed request's exact KV prefix ends (kept by the compressor).
         self.exact_prefix_by_row = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -109,7 +114,7 @@ class KaraRuntime:
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _check_supported(pool: Any) -> None:
+    def _check_supported(pool: Any, config: KaraConfig) -> None:
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
         device = pool.k_buffer[0].device
@@ -121,13 +126,15 @@ class KaraRuntime:
             raise KaraConfigError(
                 f"--kv-policy: needs a plain multi-head KV pool (MHATokenToKVPool); this model uses "
                 f"{type(pool).__name__} (MLA, hybrid SWA/mamba and quantised pools are not supported)")
-        if pool.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise KaraConfigError(f"--kv-policy: needs a bf16/fp16 KV cache, not {pool.dtype} (--kv-cache-dtype)")
+        if pool.dtype not in (torch.bfloat16, torch.float16, torch.float32) + FP8_DTYPES:
+            raise KaraConfigError(f"--kv-cache-dtype: Kara needs a bf16/fp16/fp8 KV cache, not {pool.dtype}")
+        if pool.dtype in FP8_DTYPES and config.policy in ("cask", "longflow"):  # refused at start-up already
+            raise KaraConfigError(f"--kv-cache-dtype: --kv-policy {config.policy} does not support an FP8 KV cache")
 
     def _layout(self) -> KVLayout:
         # Read the buffers each time: SGLang may reallocate the pool after graph capture.
         return KVLayout(self.req_to_token_pool.req_to_token, self.kv_pool.k_buffer,
-                        self.kv_pool.v_buffer, self.page_size)
+                        self.kv_pool.v_buffer, self.page_size, self.fp8_dtype, self.k_scales)
 
     def policy_for(self, req: Any) -> Optional[KVPolicy]:
         """The request's policy (``None`` if it opted out); its config was validated on arrival."""
@@ -155,6 +162,9 @@ class KaraRuntime:
             return
         self.sm_scale = float(layer.scaling)
         self.compressor.sm_scale = self.sm_scale
+        if self.fp8_dtype is not None:  # host work: runs once when CUDA graphs are captured
+            scale = layer.k_scale_float if layer.k_scale_float is not None else layer.k_scale
+            self.k_scales[layer.layer_id] = 1.0 if scale is None else float(scale)
         rows = forward_batch.req_pool_indices
         pos = self.ring_pos[rows]
         self.queries.capture(layer.layer_id, q, rows, pos)

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from kara_kernels import compact_kv, longflow_decode, merge_kv, window_scores
+from kara_sglang.fp8_kv import dequantized_window_keys
 from kara_sglang.policies.base import KVPolicy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_sglang.window import CompressionTask
@@ -41,6 +42,10 @@ class KVLayout:
     k_buffers: Sequence[torch.Tensor]
     v_buffers: Sequence[torch.Tensor]
     page_size: int = 1
+    # FP8 caches (kara_sglang/fp8_kv.py): the buffers hold bytes of this float8 type, each
+    # layer's keys scaled by k_scales[layer]. None: the buffers hold the real values.
+    fp8_dtype: Optional[torch.dtype] = None
+    k_scales: Optional[Sequence[float]] = None
 
 
 @dataclass(frozen=True)
@@ -176,10 +181,12 @@ class Compressor:
                                                      g.task, device))
                 g.scores = out
             else:
-                g.scores = window_scores(
-                    self.queries.data, query_rows, self.queries.k_buffers_of(self.layout.k_buffers),
-                    g.old[:, : g.task.n_keys], self.sm_scale, out=out,
-                )
+                k_buffers, slots = self.queries.k_buffers_of(self.layout.k_buffers), g.old[:, : g.task.n_keys]
+                if self.layout.fp8_dtype is not None:
+                    scales = self.queries.buffers_of(self.layout.k_scales)
+                    k_buffers, slots = dequantized_window_keys(k_buffers, scales, slots, self.layout.fp8_dtype,
+                                                               self.queries.data.dtype)
+                g.scores = window_scores(self.queries.data, query_rows, k_buffers, slots, self.sm_scale, out=out)
         if self.profile:
             self.stats.score_seconds += self._clock(device) - start
         if self.reduce_scores is not None:

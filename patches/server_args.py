@@ -65,6 +65,10 @@ def check_supported(server_args) -> None:
         refuse.append("overlap scheduling (internal error: it should have been turned off)")
     if refuse:
         raise KaraConfigError(f"--kv-policy {config.policy}: not supported together with {', '.join(refuse)}")
+    if str(getattr(server_args, "kv_cache_dtype", "auto")).startswith("fp8") and config.policy in ("cask", "longflow"):
+        raise KaraConfigError(
+            f"--kv-cache-dtype: --kv-policy {config.policy} does not support an FP8 KV cache yet (cask merges "
+            f"K/V entries, longflow reads V); kara, threshold and streaming do")
     parser = getattr(server_args, "reasoning_parser", None)
     if config.scope == "reasoning" and not parser:
         raise KaraConfigError("--kara-scope: reasoning needs --reasoning-parser (it names the "
