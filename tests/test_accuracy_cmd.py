@@ -215,6 +215,7 @@ def test_bad_inputs_exit_2_with_one_line_before_any_request(tmp_path, capsys, co
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.sglang  # transformers and tokenizers come with the [sglang] extra
 def test_prompt_template_and_client_side_chat_template(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 

@@ -117,6 +117,7 @@ def sglang_decode_attention(q, k, v, req_to_token, pool_rows, lens, scale, page_
         interpreting(), reason="SGLang's decode kernel needs bf16, which Triton 3.6's interpreter lacks")),
 ])
 @pytest.mark.parametrize("case", SGL_CASES)
+@pytest.mark.sglang  # imports SGLang's own decode kernel
 def test_attention_output_equals_sglang_decode_attention(case, dtype, page_size):
     """The exactness check: our output against SGLang's ``decode_attention_fwd``.
 
