@@ -66,7 +66,7 @@ class KaraRuntime:
         self.policy = make_policy(config)
         self.page_size = page_size
         pool = model_runner.token_to_kv_pool
-        self._check_supported(pool, config)
+        self._check_supported(pool)
         # FP8 caches are stored as bytes; queries stay in the model's dtype (kara_sglang/fp8_kv.py).
         self.fp8_dtype = pool.dtype if pool.dtype in FP8_DTYPES else None
         query_dtype = model_runner.dtype if self.fp8_dtype is not None else pool.dtype
@@ -107,14 +107,14 @@ class KaraRuntime:
         self.freed_total = 0
         self.overhead = OverheadMeter(device)
         self.kept_block = block_size_from_env()  # evaluation only: block coverage per request
-        self._kept_by_row: Dict[int, KeptPositions] = {}
+        self._kept_by_row: Dict[int, Any] = {}  # the compression step's requests by req_to_token row
         if self.kept_block is not None:
             self.compressor.on_keep = self._record_keep
         logger.info("kara: %s", config)
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _check_supported(pool: Any, config: KaraConfig) -> None:
+    def _check_supported(pool: Any) -> None:
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
         device = pool.k_buffer[0].device
@@ -126,10 +126,9 @@ class KaraRuntime:
             raise KaraConfigError(
                 f"--kv-policy: needs a plain multi-head KV pool (MHATokenToKVPool); this model uses "
                 f"{type(pool).__name__} (MLA, hybrid SWA/mamba and quantised pools are not supported)")
+        # FP8 with cask / longflow is refused from the flags (patches/server_args.py).
         if pool.dtype not in (torch.bfloat16, torch.float16, torch.float32) + FP8_DTYPES:
             raise KaraConfigError(f"--kv-cache-dtype: Kara needs a bf16/fp16/fp8 KV cache, not {pool.dtype}")
-        if pool.dtype in FP8_DTYPES and config.policy in ("cask", "longflow"):  # refused at start-up already
-            raise KaraConfigError(f"--kv-cache-dtype: --kv-policy {config.policy} does not support an FP8 KV cache")
 
     def _layout(self) -> KVLayout:
         # Read the buffers each time: SGLang may reallocate the pool after graph capture.
@@ -270,13 +269,6 @@ class KaraRuntime:
         for item, row in zip(items, keep.tolist()):
             req = self._kept_by_row[item.pool_row]
             req.kara.kept.apply(item.task.kv_start - req.kara.window.prompt_len, item.task.n_keys, row)
-
-    def kept_per_block(self, req: Any) -> Optional[List[int]]:
-        """Block coverage of a request (``KARA_TRACK_KEPT``), or ``None`` when not tracked."""
-        state: Optional[RequestKV] = getattr(req, "kara", None)
-        if self.kept_block is None or state is None or state.kept is None:
-            return None
-        return state.kept.per_block(self.kept_block)
 
     def _check_free(self, slots: torch.Tensor, allocator: Any) -> None:
         """Debug: every slot freed is distinct, real, and not already free."""

@@ -27,7 +27,7 @@ import json
 import re
 import statistics
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Tuple
 
