@@ -10,6 +10,7 @@ call lives here; the patches stay one-liners around it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from kara_sglang.compressor import Compressor, DueRequest, KVLayout, page_ceil
+from kara_sglang.compressor import Compressor, DueRequest, KVLayout, page_ceil, to_device
 from kara_sglang.config import KaraConfig, KaraConfigError
 from kara_sglang.flags import request_overrides
 from kara_sglang.fp8_kv import FP8_DTYPES
@@ -56,12 +57,38 @@ class RequestKV:
         self.kept: Optional[KeptPositions] = KeptPositions() if track_kept else None
 
 
+class OverlapView:
+    """What Kara needs of SGLang's overlap scheduler (``Scheduler.event_loop_overlap``).
+
+    With overlap on, SGLang prepares step N+1 (one more KV slot for every running request,
+    its lengths + 1) and launches it *before* it processes step N's results, where Kara
+    compresses. A compression at the end of step N therefore (1) runs after step N+1 on the
+    GPU, which still reads the uncompressed rows and writes the new token's KV and query;
+    (2) slides that in-flight column left with the rest of the tail; (3) shortens the lengths
+    of the batch SGLang already prepared (its running batch), not only those of the copy of
+    step N it hands to result processing.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def prepared_batch(self) -> Any:
+        return getattr(self._scheduler, "running_batch", None)
+
+    def follow_forward(self) -> None:
+        """Order the current stream's next work after the forward step in flight (no host wait)."""
+        stream = getattr(self._scheduler, "forward_stream", None)
+        if isinstance(stream, torch.cuda.Stream):
+            torch.cuda.current_stream().wait_stream(stream)
+
+
 class KaraRuntime:
     """Per-scheduler state: config, query buffer, compressor, counters."""
 
     def __init__(self, config: KaraConfig, model_runner: Any, page_size: int,
-                 reasoning_end: Optional[ReasoningEnd] = None) -> None:
+                 reasoning_end: Optional[ReasoningEnd] = None, overlap: Optional[OverlapView] = None) -> None:
         self.config = config
+        self.overlap = overlap  # set: SGLang's overlap scheduler runs one step ahead
         self.reasoning_end = reasoning_end  # set: compress only the thinking segment
         self.policy = make_policy(config)
         self.page_size = page_size
@@ -184,14 +211,17 @@ class KaraRuntime:
         self.overhead.step_done(time.perf_counter() - start)
 
     def _after_decode(self, batch: Any, allocator: Any) -> None:
-        due: List[Tuple[int, Any, DueRequest, KVPolicy]] = []
-        for i, req in enumerate(batch.reqs):
+        due: List[Tuple[Any, DueRequest, KVPolicy, Any]] = []
+        for req in batch.reqs:
             if req.kv is None or req.req_pool_idx is None:
                 continue  # released this step
             state: Optional[RequestKV] = getattr(req, "kara", None)
             if state is None:
                 # First decode step: everything before this step's token is prompt (or a
-                # re-prefilled retraction) and stays untouched.
+                # re-prefilled retraction) and stays untouched. Every token but the newest
+                # sampled one has its KV written by now; SGLang's own count may already
+                # include the next step's slot (overlap scheduling).
+                kv_now = len(req.origin_input_ids) + len(req.output_ids) - 1 if self.overlap else req.kv_committed_len
                 policy = self.policy_for(req)
                 if self.reasoning_end is not None and (
                         self.reasoning_end.closed_in_prompt(req.origin_input_ids)
@@ -199,7 +229,7 @@ class KaraRuntime:
                     # The template closed thinking (the whole reply is answer), or a request
                     # re-prefilled after a retraction had already left it.
                     policy = None
-                state = RequestKV(WindowState(prompt_len=req.kv_committed_len - 1), policy,
+                state = RequestKV(WindowState(prompt_len=kv_now - 1), policy,
                                   track_kept=self.kept_block is not None)
                 req.kara = state
             state.window.on_decode()
@@ -208,7 +238,9 @@ class KaraRuntime:
             if self.reasoning_end is not None and state.policy is not None \
                     and self.reasoning_end.just_emitted(req.output_ids):
                 state.policy, state.countdown = None, -1  # answer from here on: never compressed
-            if self.debug_checks and state.window.kv_len != req.kv_committed_len:
+            # 1: the overlap scheduler already gave the request its next step's slot.
+            in_flight = req.kv_committed_len - state.window.kv_len
+            if self.debug_checks and not (in_flight == 0 or (in_flight == 1 and self.overlap)):
                 raise AssertionError(
                     f"kara: request {req.rid} holds {req.kv_committed_len} KV entries, kara counted "
                     f"{state.window.kv_len}")
@@ -221,8 +253,10 @@ class KaraRuntime:
                 continue
             if task.kv_start < req.cache_protected_len:
                 raise AssertionError(f"kara: refusing to touch radix-tree slots of request {req.rid}")
-            due.append((i, req, DueRequest(req.req_pool_idx, req.req_pool_idx, task,
-                                           first=state.window.evicted == 0), state.policy))
+            # The in-flight column (written by the step already launched) slides with the tail.
+            moved = dataclasses.replace(task, n_suffix=task.n_suffix + 1) if in_flight else task
+            due.append((req, DueRequest(req.req_pool_idx, req.req_pool_idx, moved,
+                                        first=state.window.evicted == 0), state.policy, task))
         if due:
             self.overhead.compress_begin()
             self._compress(batch, allocator, due)
@@ -231,39 +265,52 @@ class KaraRuntime:
     def _compress(self, batch: Any, allocator: Any, due) -> None:
         self.compressor.layout = self._layout()
         if self.kept_block is not None:
-            self._kept_by_row = {e[2].pool_row: e[1] for e in due}
+            self._kept_by_row = {e[1].pool_row: e[0] for e in due}
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
-            by_policy.setdefault(id(entry[3]), []).append(entry)
+            by_policy.setdefault(id(entry[2]), []).append(entry)
+        if self.overlap is not None:
+            self.overlap.follow_forward()
         # One step for all policies: under TP, one score all-reduce covers every window.
         freed_slots = self.compressor.run_batches(
-            [([e[2] for e in entries], entries[0][3]) for entries in by_policy.values()],
+            [([e[1] for e in entries], entries[0][2]) for entries in by_policy.values()],
             exact_prefix=self.exact_prefix_by_row)
         if self.debug_checks:
             self._check_free(freed_slots, allocator)
             if self.tp is not None:
                 self.tp.check_same("the freed slots and req_to_token rows", freed_slots,
-                                   self.req_to_token_pool.req_to_token[[e[1].req_pool_idx for e in due]])
+                                   self.req_to_token_pool.req_to_token[[e[0].req_pool_idx for e in due]])
         allocator.free(freed_slots)
         self.freed_total += int(freed_slots.numel())
 
-        delta = torch.zeros(len(batch.reqs), dtype=torch.int64)
+        evicted_by_req: Dict[int, int] = {}
         rows, evicted = [], []
-        for i, req, item, policy in due:
+        for req, item, policy, task in due:
             window = req.kara.window
             if window.evicted == 0:
                 self.rows_with_evictions += 1
-            window.apply(item.task, policy.tail_consumed(item.task))
+            window.apply(task, policy.tail_consumed(task))
             req.kara.countdown = policy.steps_until_due(window)
-            e = item.task.n_evicted
+            e = task.n_evicted
             req.kv_committed_len -= e
             req.kv.kv_allocated_len -= e
-            delta[i] = e
+            evicted_by_req[id(req)] = e
             rows.append(req.req_pool_idx)
             evicted.append(window.evicted)
-        shrink_seq_lens(batch, delta)
-        device = batch.seq_lens.device
-        self.evicted_by_row[torch.tensor(rows, device=device)] = torch.tensor(evicted, device=device)
+        # The processed batch, or under overlap the one already prepared from it (the
+        # processed one is then a copy without lengths).
+        batches = {id(batch): batch}
+        prepared = self.overlap.prepared_batch() if self.overlap is not None else None
+        if prepared is not None and prepared.reqs:
+            batches.setdefault(id(prepared), prepared)
+        for b in batches.values():
+            if b.seq_lens is None:
+                continue
+            delta = torch.tensor([evicted_by_req.get(id(r), 0) for r in b.reqs], dtype=torch.int64)
+            if bool(delta.any()):
+                shrink_seq_lens(b, delta)
+        device = self.evicted_by_row.device
+        self.evicted_by_row[to_device(rows, device)] = to_device(evicted, device)
 
     def _record_keep(self, items: List[DueRequest], keep: torch.Tensor) -> None:
         for item, row in zip(items, keep.tolist()):
@@ -377,8 +424,9 @@ class KaraRuntime:
             return
         if state.kept is not None:
             req.kara_kept_blocks = state.kept.per_block(self.kept_block)
-        # The last step's token is counted by SGLang (released before after_decode sees it).
-        req.kara_kv = (req.kv_committed_len, state.window.evicted)
+        # The last step's token is counted by SGLang (released before after_decode sees it);
+        # under overlap SGLang's count may also hold the slot of a step that will not run.
+        req.kara_kv = (min(req.kv_committed_len, state.window.kv_len + 1), state.window.evicted)
         if state.window.evicted == 0:
             return
         self.rows_with_evictions -= 1
@@ -403,17 +451,18 @@ class KaraRuntime:
 
 def shrink_seq_lens(batch: Any, delta: torch.Tensor) -> None:
     """Take ``delta[i]`` evicted tokens off request ``i``'s lengths in ``batch`` (int64, host)."""
-    device = batch.seq_lens.device
-    # New tensors, as SGLang itself does, so nothing holding the old ones sees a change.
-    batch.seq_lens = batch.seq_lens - delta.to(device, batch.seq_lens.dtype)
+    on_device = to_device(delta, batch.seq_lens.device)
+    # New tensors, as SGLang itself does, so nothing holding the old ones (a step in
+    # flight) sees a change.
+    batch.seq_lens = batch.seq_lens - on_device.to(batch.seq_lens.dtype)
     batch.seq_lens_cpu = batch.seq_lens_cpu - delta.to(batch.seq_lens_cpu.dtype)
     if getattr(batch, "orig_seq_lens", None) is not None:
-        batch.orig_seq_lens = batch.orig_seq_lens - delta.to(device, batch.orig_seq_lens.dtype)
+        batch.orig_seq_lens = batch.orig_seq_lens - on_device.to(batch.orig_seq_lens.dtype)
     batch.seq_lens_sum = None  # SGLang recomputes it from seq_lens_cpu (ForwardBatch.init_new)
 
 
 def install(config: KaraConfig, model_runner: Any, page_size: int,
-            reasoning_end: Optional[ReasoningEnd] = None) -> KaraRuntime:
+            reasoning_end: Optional[ReasoningEnd] = None, overlap: Optional[OverlapView] = None) -> KaraRuntime:
     global _RUNTIME
-    _RUNTIME = KaraRuntime(config, model_runner, page_size, reasoning_end)
+    _RUNTIME = KaraRuntime(config, model_runner, page_size, reasoning_end, overlap)
     return _RUNTIME

@@ -75,8 +75,13 @@ def page_ceil(position: int, page_size: int) -> int:
     return -(-position // page_size) * page_size
 
 
-def _to_device(values: List[int], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=torch.int64)
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """Host ints (a list or a CPU tensor) on ``device`` without blocking the host.
+
+    A plain copy from pageable memory waits for the stream's earlier work; under overlap
+    scheduling that is the forward step in flight, so the scheduler would lose the overlap.
+    """
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
@@ -159,8 +164,8 @@ class Compressor:
     def _gather(self, items: List[DueRequest], policy: KVPolicy, device: torch.device) -> "_Group":
         task = items[0].task
         span = task.n_keys + task.n_suffix
-        rows = _to_device([it.pool_row for it in items], device)
-        starts = _to_device([it.task.kv_start for it in items], device)
+        rows = to_device([it.pool_row for it in items], device)
+        starts = to_device([it.task.kv_start for it in items], device)
         columns = starts[:, None] + torch.arange(span, device=device)
         old = self.layout.req_to_token[rows[:, None], columns].long()  # [n, span]
         return _Group(items, policy, rows, columns, old)
@@ -174,7 +179,7 @@ class Compressor:
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
         start = self._clock(device)
         for g, view in zip(scoring, flat.split(sizes)):
-            query_rows = _to_device([it.query_row for it in g.items], device)
+            query_rows = to_device([it.query_row for it in g.items], device)
             out = view.view(len(g.items), g.task.n_keys)
             if g.policy.importance == "current_query":
                 out.copy_(self._current_query_scores(g.items, query_rows, g.rows, g.columns[:, 0],
@@ -236,7 +241,7 @@ class Compressor:
         leading = in_place.to(torch.int64).cumprod(dim=1).sum(dim=1)
         # Columns before the region are untouched, so a later compression can only shorten
         # the prefix (policies that re-compress their whole decode cache, e.g. threshold).
-        first = torch.tensor([it.first for it in items], device=keep.device)
+        first = to_device([it.first for it in items], keep.device).bool()
         known = torch.where(first, torch.iinfo(torch.int64).max, exact_prefix[rows])
         exact_prefix[rows] = torch.minimum(known, starts + leading)
 
@@ -251,7 +256,7 @@ class Compressor:
         """
         if self.queries.ring != 1:
             raise ValueError("current-query importance needs a query ring of 1 (the current query)")
-        kv_lens = _to_device([it.task.old_end for it in items], device)
+        kv_lens = to_device([it.task.old_end for it in items], device)
         _, scores = longflow_decode(
             self.queries.data[:, :, 0], query_rows,
             self.queries.buffers_of(self.layout.k_buffers), self.queries.buffers_of(self.layout.v_buffers),
@@ -291,4 +296,4 @@ class Compressor:
         if not positions:
             return torch.empty(0, dtype=torch.int64, device=device)
         return self.layout.req_to_token[
-            _to_device(pool_rows, device), _to_device(positions, device)].long()
+            to_device(pool_rows, device), to_device(positions, device)].long()

@@ -34,7 +34,11 @@ def buffer_offsets(buffers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch
         if delta % 16:
             raise ValueError("buffers must be 16-byte aligned relative to each other")
         offsets.append(delta // itemsize)
-    offsets_t = torch.tensor(offsets, dtype=torch.int64, device=base.device)
+    offsets_t = torch.tensor(offsets, dtype=torch.int64)
+    # Pinned and asynchronous: a pageable copy would wait for the stream (the forward step
+    # in flight under overlap scheduling); FP8 scoring builds new buffers every compression.
+    offsets_t = (offsets_t.pin_memory().to(base.device, non_blocking=True) if base.device.type == "cuda"
+                 else offsets_t.to(base.device))
     if len(_cache) > 64:
         _cache.clear()
     _cache[key] = offsets_t

@@ -44,8 +44,9 @@ def reasoning_end(scheduler, config):
 def _install(result, scheduler, *args, **kwargs):
     config = config_from_attrs(scheduler.server_args)
     if config.policy != "none":
+        overlap = adapter.OverlapView(scheduler) if scheduler.enable_overlap else None
         adapter.install(config, scheduler.tp_worker.model_runner, scheduler.page_size,
-                        reasoning_end(scheduler, config))
+                        reasoning_end(scheduler, config), overlap)
     return result
 
 

@@ -61,8 +61,8 @@ def check_supported(server_args) -> None:
         refuse.append("--disaggregation-decode-enable-radix-cache")
     if getattr(server_args, "disaggregation_decode_enable_offload_kvcache", False):
         refuse.append("--disaggregation-decode-enable-offload-kvcache")
-    if not server_args.disable_overlap_schedule:
-        refuse.append("overlap scheduling (internal error: it should have been turned off)")
+    if _decode_server(server_args) and not server_args.disable_overlap_schedule:
+        refuse.append("overlap scheduling on a PD decode server (internal error: it should have been turned off)")
     if refuse:
         raise KaraConfigError(f"--kv-policy {config.policy}: not supported together with {', '.join(refuse)}")
     if str(getattr(server_args, "kv_cache_dtype", "auto")).startswith("fp8") and config.policy in ("cask", "longflow"):
@@ -80,6 +80,10 @@ def check_supported(server_args) -> None:
 
 def _policy_on(values: dict) -> bool:
     return (values.get("kv_policy") or "none") != "none"
+
+
+def _decode_server(args) -> bool:
+    return str(getattr(args, "disaggregation_mode", None) or "null") == "decode"
 
 
 def _set_values(server_args, values: dict) -> None:
@@ -106,9 +110,10 @@ def _from_cli_args(original, cls, args, *a, **kw):
         # Before SGLang resolves the arguments: its disaggregation set-up may fail first on
         # a machine without a transfer backend, hiding the real reason.
         check_disaggregation(values.get("kv_policy") or "none", getattr(args, "disaggregation_mode", None))
-        if _policy_on(values):
-            # Compaction edits the running batch between steps; the overlap scheduler prepares
-            # the next step before the current one's results are processed.
+        if _policy_on(values) and _decode_server(args):
+            # Overlap scheduling works with every policy (kara_sglang/adapter.py, OverlapView),
+            # but not yet on a PD decode server: its prebuilt batches of resumed requests are
+            # prepared in SGLang's separate decode loop.
             args.disable_overlap_schedule = True
         server_args = original(cls, args, *a, **kw)
         _set_values(server_args, values)
@@ -123,7 +128,7 @@ def _from_cli_args(original, cls, args, *a, **kw):
 def _init(original, self, *args, **kwargs):
     values = {flag.attr: kwargs.pop(flag.attr, None) for flag in FLAGS}
     check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
-    if _policy_on(values):
+    if _policy_on(values) and str(kwargs.get("disaggregation_mode") or "null") == "decode":
         kwargs["disable_overlap_schedule"] = True  # see _from_cli_args
     original(self, *args, **kwargs)
     if any(v is not None for v in values.values()) or not hasattr(self, "kv_policy"):

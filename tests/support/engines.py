@@ -43,6 +43,11 @@ ENGINE_DEFAULTS = dict(
     disable_overlap_schedule=True, max_total_tokens=20000, mem_fraction_static=0.3,
     skip_server_warmup=True, log_level="error", random_seed=0,
 )
+# KARA_TEST_OVERLAP=1 runs the same suites with SGLang's overlap scheduler on (its default),
+# vanilla and Kara alike: Kara then compresses with the next step already prepared.
+OVERLAP = os.environ.get("KARA_TEST_OVERLAP", "0") not in ("", "0")
+if OVERLAP:
+    ENGINE_DEFAULTS["disable_overlap_schedule"] = False
 if ON_GPU:
     # KARA_TEST_ATTENTION_BACKEND=flashinfer runs the suites on FlashInfer's paged attention.
     ENGINE_DEFAULTS.update(device="cuda", disable_cuda_graph=False,
