@@ -14,6 +14,13 @@ so a run stopped by its time limit keeps the rows it finished.
 Every request streams, so TTFT and inter-token latency are measured the way
 ``sglang.bench_serving`` does (per streamed chunk, on the client side).
 
+Server settings of issue 17: ``--attention-backend default`` passes none (SGLang picks: fa3 on
+Hopper, which needs fetch_fa3.sh's parts on the GPU machine), ``--overlap on`` leaves SGLang's
+overlap scheduling on (its default; this script's default stays off, as every earlier row),
+``--kv-cache-dtype fp8_e4m3`` halves the KV bytes. Each row records what the server resolved
+(``attention_backend``, ``kv_cache_dtype``, ``overlap`` from ``/server_info``: a policy that turns
+overlap off shows it there) next to what was asked (``*_requested``), and the ``device``.
+
 Model: SGLang's ``--load-format dummy`` with Llama-3.1-8B's published shape (random weights,
 real shapes and speed), ``--skip-tokenizer-init`` with token ids. Peak running requests and
 KV tokens come from SGLang's own decode log lines (``--log-file`` names the file this
@@ -158,7 +165,11 @@ def main() -> None:
                     help="[K*]NxPROMPT+OUTPUT[@RATE][/CONCURRENCY][~POLICY[,keep=R][,budget=B]]")
     ap.add_argument("--warmup", type=parse_workload, default=parse_workload("16x256+640"),
                     help="run first, not recorded (JIT, caches; past W + U so compression kernels compile here)")
-    ap.add_argument("--attention-backend", default="triton")
+    ap.add_argument("--attention-backend", default="triton",
+                    help="SGLang's backend (triton, fa3, flashinfer, ...); 'default': no flag, SGLang picks")
+    ap.add_argument("--overlap", choices=("on", "off"), default="off",
+                    help="overlap scheduling: on is SGLang's default; off passes --disable-overlap-schedule")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="SGLang --kv-cache-dtype (auto, fp8_e4m3, ...)")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--max-total-tokens", type=int, default=None,
@@ -203,17 +214,20 @@ def main() -> None:
     t0 = time.time()
     engine = sglang.Engine(
         model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
-        attention_backend=args.attention_backend, sampling_backend="pytorch", grammar_backend="none",
+        attention_backend=None if args.attention_backend == "default" else args.attention_backend,
+        kv_cache_dtype=args.kv_cache_dtype, sampling_backend="pytorch", grammar_backend="none",
         mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
-        disable_overlap_schedule=True, incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, tp_size=args.tp_size, dp_size=args.dp_size,
+        disable_overlap_schedule=args.overlap == "off", incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, tp_size=args.tp_size, dp_size=args.dp_size,
         disable_prefill_cuda_graph=args.disable_prefill_cuda_graph,
         **device_args, **kara)
     startup = time.time() - t0
-    max_total_tokens = engine.get_server_info()["internal_states"][0]["kara"]["max_total_tokens"]
+    info = engine.get_server_info()
+    max_total_tokens = info["internal_states"][0]["kara"]["max_total_tokens"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    env = {"device": device, "sglang_version": sglang.__version__, "max_total_tokens": max_total_tokens,
+           **resolved_settings(info, args)}
     # For rows rebuilt from this log when the process is killed before writing them.
-    print("BENCH-ENV " + json.dumps({"device": device, "sglang_version": sglang.__version__,
-                                     "max_total_tokens": max_total_tokens}), file=sys.stderr, flush=True)
+    print("BENCH-ENV " + json.dumps(env), file=sys.stderr, flush=True)
     rows = []
     rng = random.Random(0)
     loop = engine.loop  # the tokenizer manager's receive loop runs on the engine's own loop
@@ -254,17 +268,33 @@ def main() -> None:
                 "tp_size": args.tp_size, "dp_size": args.dp_size,
                 "score_allreduces": spent["score_allreduces"],
                 "score_allreduce_host_s": spent["score_allreduce_host_s"],
-                "server_policy": args.policy, "attention_backend": args.attention_backend,
-                "startup_s": startup,
+                "server_policy": args.policy, "startup_s": startup,
                 "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
                 "max_running_requests": args.max_running_requests,
                 "prefill_cuda_graph": not args.disable_prefill_cuda_graph,
-                "device": device, "sglang_version": sglang.__version__,
+                **env,  # device, SGLang version, pool; backend, KV dtype and overlap as resolved
+                "attention_backend_requested": args.attention_backend,
+                "kv_cache_dtype_requested": args.kv_cache_dtype, "overlap_requested": args.overlap == "on",
             })
             print(json.dumps(rows[-1]), flush=True)
             write_rows(rows, args)
     engine.shutdown()
     write_rows(rows, args)
+
+
+def resolved_settings(info: dict, args) -> dict:
+    """Attention backend, KV dtype and overlap scheduling as the server resolved them (its
+    /server_info), else (older SGLang) SGLang's own "Use X backend by default" log line, else
+    what was asked."""
+    backend = info.get("decode_attention_backend") or info.get("attention_backend")
+    if not backend and args.log_file:
+        sys.stderr.flush()
+        m = re.search(r"Use (\S+) backend by default", open(args.log_file, errors="replace").read())
+        backend = m.group(1) if m else None
+    overlap = info.get("disable_overlap_schedule")
+    return {"attention_backend": backend or args.attention_backend,
+            "kv_cache_dtype": info.get("kv_cache_dtype") or args.kv_cache_dtype,
+            "overlap": args.overlap == "on" if overlap is None else not overlap}
 
 
 def write_rows(rows, args) -> None:

@@ -15,6 +15,12 @@ throughput(C) = C / ((weights + C x avg KV per request x bytes per token) / band
 the average over a request's life from Kara's own window bookkeeping. Each row is compared
 with vanilla on the same workload (same run when it has one): measured gain, the gain the model
 predicts at the two measured peak concurrencies, and the share of it reached.
+
+Server settings (issue 17): rows carry ``attention_backend``, ``kv_cache_dtype`` and ``overlap``
+as the server resolved them, and ``device``; rows from before those fields were Triton, auto
+(bf16) KV, overlap off, on the H100 (``with_defaults``). Rows are compared with vanilla of the
+same backend, KV dtype and device, preferring vanilla with overlap on (SGLang's default), and
+the bytes model counts 1 byte per KV element for FP8.
 """
 
 from __future__ import annotations
@@ -33,6 +39,18 @@ from bench_serving import parse_workload  # noqa: E402  (the workload grammar, o
 
 WEIGHT_BYTES = 16.06e9  # Llama-3.1-8B, bf16
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head_dim x (K, V) x bf16
+OLD_ROW = {"attention_backend": "triton", "kv_cache_dtype": "auto", "overlap": False,
+           "device": "NVIDIA H100 80GB HBM3"}  # what every row had before these fields
+
+
+def with_defaults(row: dict) -> dict:
+    for key, value in OLD_ROW.items():
+        row.setdefault(key, value)
+    return row
+
+
+def kv_bytes_per_token(row: dict) -> int:
+    return KV_BYTES_PER_TOKEN // 2 if str(row.get("kv_cache_dtype", "auto")).startswith("fp8") else KV_BYTES_PER_TOKEN
 BANDWIDTH = 2.998e12  # measured device-to-device copy bandwidth of the H100 (bench_kernels.py)
 DEFAULT_POOL_TOKENS = 423_494  # --mem-fraction-static 0.85 on the H100; rows carry their own
 BATCH_LINE = re.compile(r"\[(\S+ \S+)\] (Prefill|Decode) batch.*?#running-req: (\d+)")
@@ -58,8 +76,8 @@ def kv_profile(policy: str, prompt: int, output: int, keep=None, budget=None, wi
     return total / output, peak
 
 
-def model_tok_per_s(concurrency: float, avg_kv: float) -> float:
-    return concurrency * BANDWIDTH / (WEIGHT_BYTES + concurrency * avg_kv * KV_BYTES_PER_TOKEN)
+def model_tok_per_s(concurrency: float, avg_kv: float, kv_bytes: int = KV_BYTES_PER_TOKEN) -> float:
+    return concurrency * BANDWIDTH / (WEIGHT_BYTES + concurrency * avg_kv * kv_bytes)
 
 
 def partial_from_log(path: str, spec: str, num_requests: int, output_len: int):
@@ -119,17 +137,18 @@ def add_gains(rows) -> None:
     kind and settings); rows are only compared within one attention backend."""
     def shape(r):
         return (r["prompt_len"], r["output_len"], r.get("request_rate"), r.get("tp_size") or 1,
-                r.get("attention_backend", "triton"))
+                r["attention_backend"], r["kv_cache_dtype"], r["device"])
 
     vanilla = [r for r in rows if r["policy"] == "vanilla" and r.get("model_tok_per_s")]
     for row in rows:
         base = [v for v in vanilla if shape(v) == shape(row)]
         base = [v for v in base if v["num_requests"] == row["num_requests"]] or base
         base = [v for v in base if v.get("run") == row.get("run")] or base
+        base = [v for v in base if v["overlap"]] or base  # SGLang's default vanilla, where measured
         if row["policy"] == "vanilla" or not base or not row.get("model_tok_per_s"):
             continue
         v = base[0]
-        row["vanilla_workload"] = v["workload"]
+        row["vanilla_workload"], row["vanilla_overlap"] = v["workload"], v["overlap"]
         row["gain_vs_vanilla"] = row["output_tok_per_s"] / v["output_tok_per_s"]
         if row.get("request_rate"):
             continue  # Poisson arrivals: concurrency varies, the model's constant peak does not hold
@@ -147,7 +166,7 @@ def collect(raw_dir: str):
             if check and row["output_len"] >= 1024:
                 print(f"log-derived vs measured, {row['policy']} {row['keep_ratio']} {row['workload']}: "
                       f"{check['output_tok_per_s']:.0f} vs {row['output_tok_per_s']:.0f} tok/s")
-            rows.append(row)
+            rows.append(with_defaults(row))
     for log in sorted(glob.glob(os.path.join(raw_dir, "log-*.txt"))):
         text = open(log, errors="replace").read()
         server = server_config(log, text)
@@ -177,13 +196,15 @@ def collect(raw_dir: str):
                 "max_running_requests": server["max_running_requests"],
                 **run_env(text),
             })
+            with_defaults(rows[-1])
     for row in rows:
         avg, peak = kv_profile(row["policy"], row["prompt_len"], row["output_len"], row.get("keep_ratio"),
                                row.get("budget"))
         row["model_avg_kv_tokens"], row["model_peak_kv_tokens"] = round(avg), peak
         if row.get("peak_running_requests"):
             # Tensor parallel: each rank reads 1/tp of the weights and of every request's KV.
-            row["model_tok_per_s"] = (row.get("tp_size") or 1) * model_tok_per_s(row["peak_running_requests"], avg)
+            row["model_tok_per_s"] = (row.get("tp_size") or 1) * model_tok_per_s(
+                row["peak_running_requests"], avg, kv_bytes_per_token(row))
     return rows
 
 
@@ -209,7 +230,8 @@ def plot(rows, prompt: int, outputs, path: str) -> None:
             for row in rows:
                 if (row["policy"], row.get("keep_ratio"), row.get("budget"), row["prompt_len"],
                         row["output_len"]) == (policy, keep, budget, prompt, output) \
-                        and row.get("peak_running_requests") and row.get("attention_backend") == "triton" \
+                        and row.get("peak_running_requests") \
+                        and all(row.get(k, v) == v for k, v in OLD_ROW.items()) \
                         and (row.get("tp_size") or 1) == 1 and not row.get("request_rate"):
                     ax.scatter([row["peak_running_requests"]], [row["output_tok_per_s"]], color=color,
                                marker="o" if row["complete"] else "x", zorder=3)
@@ -231,18 +253,19 @@ def main() -> None:
     for r in rows:
         r["run"] = run
     out = os.path.join(ROOT, "docs", "results", "throughput.json")
-    old = [r for r in json.load(open(out)) if r.get("run") != run] if os.path.exists(out) else []
+    old = [with_defaults(r) for r in json.load(open(out)) if r.get("run") != run] if os.path.exists(out) else []
     everything = old + rows
     add_gains(everything)
     json.dump(everything, open(out, "w"), indent=1)
     plot(everything, 1024, (4096, 8192, 16384), os.path.join(ROOT, "docs", "throughput_vs_concurrency.png"))
-    print(f"{'run':16} {'policy':9} {'keep':>5} {'budget':>6} {'workload':30} {'tok/s':>6} {'model':>6} "
+    print(f"{'run':16} {'backend/kv/overlap':20} {'policy':9} {'keep':>5} {'budget':>6} {'workload':30} {'tok/s':>6} {'model':>6} "
           f"{'peak':>4} {'retr':>4} {'ITL':>6} {'done':>4} {'gain':>5} {'model':>5} {'share':>5}")
     for r in everything:
-        if r.get("attention_backend", "triton") != "triton" or r["output_len"] < 1024:
+        if r["output_len"] < 1024:
             continue
         share = r.get("share_of_model_gain")
-        print(f"{r['run']:16} {r['policy']:9} {str(r.get('keep_ratio')):>5} {str(r.get('budget')):>6} "
+        config = f"{r['attention_backend']}/{r['kv_cache_dtype']}/{'on' if r['overlap'] else 'off'}"
+        print(f"{r['run']:16} {config:20} {r['policy']:9} {str(r.get('keep_ratio')):>5} {str(r.get('budget')):>6} "
               f"{r['workload']:30} {r['output_tok_per_s']:6.0f} {r.get('model_tok_per_s', 0):6.0f} "
               f"{r.get('peak_running_requests', 0):4} {r.get('retractions', 0):4} "
               f"{r.get('itl_mean_ms') or 0:6.2f} {r.get('fraction_done', 1.0):4.2f} "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download (on a CPU machine with PyPI) everything SGLang 0.5.17 needs on the lent H100 that
 # its image lacks, as cp312 wheels, slim the 383 MB sglang-kernel wheel to what the Triton /
-# FlashInfer backends use, and pack it all into parts under 60 MB for the device tool's
-# 64 MiB-per-call limit. Nothing here is committed: .whl/ is ignored.
+# FlashInfer backends use, and pack it all into parts of 46 MiB for the device tool's
+# 64 MiB-per-call limit (about 11 MB of it is the working tree); FlashAttention-3 comes from
+# fetch_fa3.sh. Nothing here is committed: .whl/ is ignored.
 # Recipe: ../shared/notes/gpu-sglang-recipe.md (measured 2026-11-22).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,8 +36,8 @@ rm -rf "$out/slim" && mkdir -p "$out/slim" && (cd "$out/slim" && unzip -q "../..
 rm "$kernel"
 (cd "$out/slim" && zip -qr ../dl/sgl_kernel_slim.zip .)
 rm -rf "$out/slim"
-# Parts under 60 MB.
+# Parts of 46 MiB (one per call).
 rm -f $out/parts/*
-tar -C "$out/dl" -cf - . | split -b 60m - "$out/parts/part-"
+tar -C "$out/dl" -cf - . | split -b 46m - "$out/parts/part-"
 ls -la "$out/parts"
 du -sh "$out/dl"
