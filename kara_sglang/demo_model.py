@@ -18,7 +18,7 @@ WORDS = ("the of and to in is that it for was on are as with his they at be this
 
 
 def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed: int = 0,
-                     arch: str = "qwen2") -> Path:
+                     arch: str = "qwen2", head_dim: int = 32) -> Path:
     """``arch="qwen3"``: the same shape as Qwen3, whose SGLang model shards attention over the
     attention-TP group, so it runs with DP attention (SGLang's Qwen2 model does not)."""
     import random
@@ -48,10 +48,10 @@ def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed:
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     config = config_cls(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        vocab_size=vocab_size, hidden_size=4 * head_dim, intermediate_size=8 * head_dim, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, tie_word_embeddings=False,
-        torch_dtype="bfloat16", **({"head_dim": 32} if arch == "qwen3" else {}),
+        torch_dtype="bfloat16", **({"head_dim": head_dim} if arch == "qwen3" else {}),
     )
     model = model_cls(config).to(torch.bfloat16)
     with torch.no_grad():

@@ -50,4 +50,7 @@ def tiny_model(tmp_path_factory):
         return os.environ["KARA_TEST_MODEL"]
     from kara_sglang.demo_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    # KARA_TEST_HEAD_DIM=64: FlashAttention-3 (SGLang's default backend on Hopper) has no
+    # kernels for the default head size of 32.
+    head_dim = int(os.environ.get("KARA_TEST_HEAD_DIM", "32"))
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), head_dim=head_dim)

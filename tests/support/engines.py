@@ -49,9 +49,15 @@ OVERLAP = os.environ.get("KARA_TEST_OVERLAP", "0") not in ("", "0")
 if OVERLAP:
     ENGINE_DEFAULTS["disable_overlap_schedule"] = False
 if ON_GPU:
-    # KARA_TEST_ATTENTION_BACKEND=flashinfer runs the suites on FlashInfer's paged attention.
+    # KARA_TEST_ATTENTION_BACKEND=flashinfer runs the suites on FlashInfer's paged attention;
+    # =default leaves the choice to SGLang (fa3 on Hopper).
     ENGINE_DEFAULTS.update(device="cuda", disable_cuda_graph=False,
                            attention_backend=os.environ.get("KARA_TEST_ATTENTION_BACKEND", "triton"))
+    if ENGINE_DEFAULTS["attention_backend"] == "default":
+        del ENGINE_DEFAULTS["attention_backend"]
+# KARA_TEST_KV_DTYPE=fp8_e4m3 runs the suites on an FP8 KV cache (vanilla and Kara alike).
+if os.environ.get("KARA_TEST_KV_DTYPE"):
+    ENGINE_DEFAULTS["kv_cache_dtype"] = os.environ["KARA_TEST_KV_DTYPE"]
 
 
 def parallel_env(tp_size: int) -> dict:
