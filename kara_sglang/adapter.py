@@ -26,6 +26,7 @@ from kara_sglang.kept_positions import KeptPositions, block_size_from_env
 from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
+from kara_sglang import req_kv
 from kara_sglang.reasoning import ReasoningEnd
 from kara_sglang.tp import reducer_for
 from kara_sglang.window import WindowState
@@ -213,7 +214,8 @@ class KaraRuntime:
     def _after_decode(self, batch: Any, allocator: Any) -> None:
         due: List[Tuple[Any, DueRequest, KVPolicy, Any]] = []
         for req in batch.reqs:
-            if req.kv is None or req.req_pool_idx is None:
+            row = req_kv.pool_row(req)
+            if row is None:
                 continue  # released this step
             state: Optional[RequestKV] = getattr(req, "kara", None)
             if state is None:
@@ -221,7 +223,7 @@ class KaraRuntime:
                 # re-prefilled retraction) and stays untouched. Every token but the newest
                 # sampled one has its KV written by now; SGLang's own count may already
                 # include the next step's slot (overlap scheduling).
-                kv_now = len(req.origin_input_ids) + len(req.output_ids) - 1 if self.overlap else req.kv_committed_len
+                kv_now = len(req.origin_input_ids) + len(req.output_ids) - 1 if self.overlap else req_kv.committed_len(req)
                 policy = self.policy_for(req)
                 if self.reasoning_end is not None and (
                         self.reasoning_end.closed_in_prompt(req.origin_input_ids)
@@ -239,10 +241,11 @@ class KaraRuntime:
                     and self.reasoning_end.just_emitted(req.output_ids):
                 state.policy, state.countdown = None, -1  # answer from here on: never compressed
             # 1: the overlap scheduler already gave the request its next step's slot.
-            in_flight = req.kv_committed_len - state.window.kv_len
+            committed = req_kv.committed_len(req)
+            in_flight = committed - state.window.kv_len
             if self.debug_checks and not (in_flight == 0 or (in_flight == 1 and self.overlap)):
                 raise AssertionError(
-                    f"kara: request {req.rid} holds {req.kv_committed_len} KV entries, kara counted "
+                    f"kara: request {req.rid} holds {committed} KV entries, kara counted "
                     f"{state.window.kv_len}")
             state.countdown -= 1
             if state.countdown != 0:
@@ -251,11 +254,11 @@ class KaraRuntime:
             state.countdown = state.policy.steps_until_due(state.window) if task is None else 0
             if task is None:
                 continue
-            if task.kv_start < req.cache_protected_len:
+            if task.kv_start < req_kv.protected_len(req):
                 raise AssertionError(f"kara: refusing to touch radix-tree slots of request {req.rid}")
             # The in-flight column (written by the step already launched) slides with the tail.
             moved = dataclasses.replace(task, n_suffix=task.n_suffix + 1) if in_flight else task
-            due.append((req, DueRequest(req.req_pool_idx, req.req_pool_idx, moved,
+            due.append((req, DueRequest(row, row, moved,
                                         first=state.window.evicted == 0), state.policy, task))
         if due:
             if self.overlap is not None:
@@ -279,7 +282,7 @@ class KaraRuntime:
             self._check_free(freed_slots, allocator)
             if self.tp is not None:
                 self.tp.check_same("the freed slots and req_to_token rows", freed_slots,
-                                   self.req_to_token_pool.req_to_token[[e[0].req_pool_idx for e in due]])
+                                   self.req_to_token_pool.req_to_token[[e[1].pool_row for e in due]])
         allocator.free(freed_slots)
         self.freed_total += int(freed_slots.numel())
 
@@ -292,10 +295,9 @@ class KaraRuntime:
             window.apply(task, policy.tail_consumed(task))
             req.kara.countdown = policy.steps_until_due(window)
             e = task.n_evicted
-            req.kv_committed_len -= e
-            req.kv.kv_allocated_len -= e
+            req_kv.shorten(req, e)
             evicted_by_req[id(req)] = e
-            rows.append(req.req_pool_idx)
+            rows.append(item.pool_row)
             evicted.append(window.evicted)
         # The processed batch, or under overlap the one already prepared from it (the
         # processed one is then a copy without lengths).
@@ -398,7 +400,7 @@ class KaraRuntime:
         released = getattr(req, "kara_kv", None)  # set at release
         if released is not None:
             return released
-        return int(getattr(req, "kv_committed_len", 0) or 0), 0
+        return (req_kv.committed_len(req) if req_kv.pool_row(req) is not None else 0), 0
 
     # ----------------------------------------------------------------- release
     def before_release(self, req: Any, allocator: Any) -> None:
@@ -411,42 +413,41 @@ class KaraRuntime:
         next turn of a conversation (or a retracted request's re-prefill) matches that much.
         """
         state: Optional[RequestKV] = getattr(req, "kara", None)
-        if state is not None and getattr(req, "kara_offloaded", None) is not None \
-                and req.req_pool_idx is not None:
+        row = req_kv.pool_row(req)
+        if state is not None and getattr(req, "kara_offloaded", None) is not None and row is not None:
             # Retracted on a PD decode server, its kept KV on the host: it resumes with this
             # state (kara_sglang/decode_offload.py); SGLang frees its whole row.
             if state.window.evicted:
                 self.rows_with_evictions -= 1
-                self.evicted_by_row[req.req_pool_idx] = 0
+                self.evicted_by_row[row] = 0
             return
         req.kara = None
-        if state is None or req.kv is None or req.req_pool_idx is None:
+        if state is None or row is None:
             return
         if state.kept is not None:
             req.kara_kept_blocks = state.kept.per_block(self.kept_block)
         # The last step's token is counted by SGLang (released before after_decode sees it);
         # under overlap SGLang's count may also hold the slot of a step that will not run.
-        req.kara_kv = (min(req.kv_committed_len, state.window.kv_len + 1), state.window.evicted)
+        end = req_kv.committed_len(req)
+        req.kara_kv = (min(end, state.window.kv_len + 1), state.window.evicted)
         if state.window.evicted == 0:
             return
         self.rows_with_evictions -= 1
-        self.evicted_by_row[req.req_pool_idx] = 0
+        self.evicted_by_row[row] = 0
         # One small device read per finished compressed request (the batch's results were
         # already read to the host, so the GPU is not running ahead of it here).
-        exact = int(self.exact_prefix_by_row[req.req_pool_idx].item())
-        end = req.kv_committed_len
+        exact = int(self.exact_prefix_by_row[row].item())
         if not state.window.prompt_len <= exact <= end:
             raise AssertionError(f"kara: exact prefix {exact} outside [{state.window.prompt_len}, {end}]")
         first = page_ceil(exact, self.page_size)  # whole pages past the exact prefix
         if end > first:
-            slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, first:end].to(torch.int64)
+            slots = self.req_to_token_pool.req_to_token[row, first:end].to(torch.int64)
             if self.page_size > 1:
                 slots = slots[:: self.page_size]  # one slot names each whole page
             if self.debug_checks:
                 self._check_free(slots, allocator)
             allocator.free(slots)
-        req.kv_committed_len = exact
-        req.kv.kv_allocated_len = exact
+        req_kv.cut_to(req, exact)
 
 
 def shrink_seq_lens(batch: Any, delta: torch.Tensor) -> None:

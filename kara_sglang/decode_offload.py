@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from kara_sglang import req_kv
 from kara_sglang.adapter import shrink_seq_lens
 
 
@@ -39,7 +40,7 @@ def tracked(req: Any) -> bool:
 
 def offload(runtime: Any, req: Any, allocator: Any) -> None:
     """Copy the kept KV and the row state of tracked ``req`` to the host (before release)."""
-    row, kv_len = req.req_pool_idx, req.kv_committed_len
+    row, kv_len = req_kv.pool_row(req), req_kv.committed_len(req)
     slots = runtime.req_to_token_pool.req_to_token[row, :kv_len]
     req.kv_cache_cpu = allocator.get_cpu_copy(slots, mamba_indices=req.mamba_pool_idx)
     queries = runtime.queries.data[row].to("cpu", copy=True) if runtime.queries is not None else None
@@ -58,9 +59,9 @@ def fill_len(req: Any, full_len: int) -> int:
 def restore(runtime: Any, req: Any, allocator: Any) -> None:
     """Copy the kept KV back into the resumed request's new row and restore its row state."""
     saved: OffloadedRow = req.kara_offloaded
-    row = req.req_pool_idx
-    if req.kv_committed_len != saved.kv_len:
-        raise AssertionError(f"kara: request {req.rid} resumed with {req.kv_committed_len} KV slots, "
+    row = req_kv.pool_row(req)
+    if req_kv.committed_len(req) != saved.kv_len:
+        raise AssertionError(f"kara: request {req.rid} resumed with {req_kv.committed_len(req)} KV slots, "
                              f"{saved.kv_len} were offloaded")
     slots = runtime.req_to_token_pool.req_to_token[row, :saved.kv_len]
     allocator.load_cpu_copy(req.kv_cache_cpu, slots, mamba_indices=req.mamba_pool_idx)

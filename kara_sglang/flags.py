@@ -69,11 +69,17 @@ def cli_name(flag: Flag) -> str:
     return "--" + flag.attr.replace("_", "-")
 
 
+# The attribute of SGLang's ServerArgs that carries the flags' values (a dict by attr name).
+FLAGS_ATTR = "_kara_flags"
+
+
 def config_from_attrs(source: Any) -> KaraConfig:
-    """Build the server's config from an object with the flag attributes (``ServerArgs``)."""
+    """Build the server's config from SGLang's ``ServerArgs`` (the values it carries under
+    :data:`FLAGS_ATTR`) or from any object with the flag attributes (an argparse namespace)."""
+    carried = getattr(source, FLAGS_ATTR, None)
     values = {}
     for flag in FLAGS:
-        value = getattr(source, flag.attr, None)
+        value = carried.get(flag.attr) if carried is not None else getattr(source, flag.attr, None)
         if value is not None:
             values[flag.field] = flag.parse(value)
     if "policy" not in values:

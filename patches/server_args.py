@@ -14,8 +14,9 @@ import logging
 import sys
 
 from kara_patches._patch import Patch
+from kara_sglang import sglang_versions
 from kara_sglang.config import KaraConfigError
-from kara_sglang.flags import FLAGS, cli_name, config_from_attrs
+from kara_sglang.flags import FLAGS, FLAGS_ATTR, cli_name, config_from_attrs
 
 logger = logging.getLogger("kara_sglang")
 
@@ -39,7 +40,13 @@ def check_supported(server_args) -> None:
     config = config_from_attrs(server_args)
     if config.policy == "none":
         return
+    version = sglang_versions.installed()
+    sglang_versions.check_supported(version)
     check_disaggregation(config.policy, getattr(server_args, "disaggregation_mode", None))
+    if _decode_server(server_args) and version not in sglang_versions.PD_DECODE:
+        raise KaraConfigError(
+            f"--kv-policy {config.policy}: on a PD decode server (--disaggregation-mode decode) "
+            f"kara-sglang is verified with SGLang {', '.join(sglang_versions.PD_DECODE)} only, not {version}")
     refuse = []
     if getattr(server_args, "speculative_algorithm", None):
         refuse.append("--speculative-algorithm")
@@ -87,9 +94,22 @@ def _decode_server(args) -> bool:
 
 
 def _set_values(server_args, values: dict) -> None:
-    # ServerArgs is read-only once resolved; these are not its fields, so set them directly.
-    for attr, value in values.items():
-        object.__setattr__(server_args, attr, value)
+    # Not SGLang's fields: they ride as one private attribute, which pickles with the
+    # ServerArgs into the scheduler processes on every release (0.5.17's dataclass, which is
+    # read-only once resolved; the msgspec Struct of later releases, which accepts only
+    # underscore bookkeeping attributes once its input is sealed).
+    try:
+        setattr(server_args, FLAGS_ATTR, dict(values))
+    except (AttributeError, TypeError):
+        object.__setattr__(server_args, FLAGS_ATTR, dict(values))
+
+
+def _force_overlap_off_on_decode_servers(values: dict, kwargs: dict) -> None:
+    # Overlap scheduling works with every policy (kara_sglang/adapter.py, OverlapView), but
+    # not yet on a PD decode server: its prebuilt batches of resumed requests are prepared in
+    # SGLang's separate decode loop.
+    if _policy_on(values) and str(kwargs.get("disaggregation_mode") or "null") == "decode":
+        kwargs["disable_overlap_schedule"] = True
 
 
 def _add_cli_args(result, parser):
@@ -111,10 +131,7 @@ def _from_cli_args(original, cls, args, *a, **kw):
         # a machine without a transfer backend, hiding the real reason.
         check_disaggregation(values.get("kv_policy") or "none", getattr(args, "disaggregation_mode", None))
         if _policy_on(values) and _decode_server(args):
-            # Overlap scheduling works with every policy (kara_sglang/adapter.py, OverlapView),
-            # but not yet on a PD decode server: its prebuilt batches of resumed requests are
-            # prepared in SGLang's separate decode loop.
-            args.disable_overlap_schedule = True
+            args.disable_overlap_schedule = True  # see _force_overlap_off_on_decode_servers
         server_args = original(cls, args, *a, **kw)
         _set_values(server_args, values)
         check_supported(server_args)
@@ -126,18 +143,40 @@ def _from_cli_args(original, cls, args, *a, **kw):
 
 
 def _init(original, self, *args, **kwargs):
+    """``ServerArgs(kv_policy=...)`` where ServerArgs is a dataclass (0.5.17); a msgspec
+    ServerArgs never calls this wrap, so :func:`_engine_init` covers ``sglang.Engine``."""
     values = {flag.attr: kwargs.pop(flag.attr, None) for flag in FLAGS}
     check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
-    if _policy_on(values) and str(kwargs.get("disaggregation_mode") or "null") == "decode":
-        kwargs["disable_overlap_schedule"] = True  # see _from_cli_args
+    _force_overlap_off_on_decode_servers(values, kwargs)
     original(self, *args, **kwargs)
-    if any(v is not None for v in values.values()) or not hasattr(self, "kv_policy"):
+    if any(v is not None for v in values.values()) or getattr(self, FLAGS_ATTR, None) is None:
         _set_values(self, values)
     check_supported(self)
+
+
+def _engine_init(original, engine, *args, **kwargs):
+    """``sglang.Engine(kv_policy=...)``: take the Kara keywords out before SGLang builds its
+    ServerArgs from the rest, and put them on that ServerArgs before anything reads it."""
+    values = {flag.attr: kwargs.pop(flag.attr) for flag in FLAGS if flag.attr in kwargs}
+    if not values:
+        return original(engine, *args, **kwargs)
+    check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
+    _force_overlap_off_on_decode_servers(values, kwargs)
+    build = type(engine).server_args_class
+
+    def server_args_with_flags(**server_kwargs):
+        server_args = build(**server_kwargs)
+        _set_values(server_args, {flag.attr: values.get(flag.attr) for flag in FLAGS})
+        check_supported(server_args)
+        return server_args
+
+    engine.server_args_class = server_args_with_flags  # this engine only
+    return original(engine, *args, **kwargs)
 
 
 PATCHES = (
     Patch("sglang.srt.server_args.ServerArgs.add_cli_args", "AFTER", _add_cli_args),
     Patch("sglang.srt.server_args.ServerArgs.from_cli_args", "AROUND", _from_cli_args),
     Patch("sglang.srt.server_args.ServerArgs.__init__", "AROUND", _init),
+    Patch("sglang.srt.entrypoints.engine.Engine.__init__", "AROUND", _engine_init),
 )

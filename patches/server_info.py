@@ -11,6 +11,7 @@ ranks stayed identical.
 
 from kara_patches._patch import Patch
 from kara_sglang import adapter
+from kara_sglang.flags import config_from_attrs
 from kara_sglang.tp import digest_state
 
 
@@ -21,7 +22,7 @@ def pool_accounting(scheduler) -> dict:
         "available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
         "evictable_tokens": int(tree.evictable_size()),
         "protected_tokens": int(tree.protected_size()),
-        "kv_policy": getattr(scheduler.server_args, "kv_policy", None) or "none",
+        "kv_policy": config_from_attrs(scheduler.server_args).policy,
         # --dp-size N: one entry per replica, each with its own counters.
         "dp_rank": int(getattr(getattr(scheduler, "ps", None), "dp_rank", None) or 0),
     }

@@ -89,7 +89,7 @@ def test_teacher_forced_kara_close_to_full_kv():
     tok = AutoTokenizer.from_pretrained(model)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
                for p in PROMPTS]
-    engine = make_engine(model, max_total_tokens=20000, enable_custom_logit_processor=True,
+    engine = make_engine(model, max_total_tokens=20000, **tf.ENGINE_ARGS,
                          kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=KEEP,
                          kara_chunk_size=CHUNK)
     try:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.sglang
 
 use_cpu_sglang()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity"))
-from teacher_forcing import importable, teacher_forced  # noqa: E402
+from teacher_forcing import ENGINE_ARGS, importable, teacher_forced  # noqa: E402
 
 W, U = 32, 8
 THINK, ANSWER = 100, 70  # decode tokens before the marker, and after it
@@ -44,7 +44,7 @@ def test_reasoning_scope_never_compresses_the_answer(tiny_model):
     answer = ids(ANSWER)
     importable()
     engine = make_engine(tiny_model, kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=0.25,
-                         kara_chunk_size=2, reasoning_parser="deepseek-r1", enable_custom_logit_processor=True)
+                         kara_chunk_size=2, reasoning_parser="deepseek-r1", **ENGINE_ARGS)
     try:
         _, (with_marker, no_marker, closed) = teacher_forced(engine, [
             {"input_ids": prompt, "forced": thinking + marker + answer},
@@ -82,7 +82,7 @@ def test_a_request_retracted_after_its_thinking_stays_uncompressed(tiny_model):
     importable()
     # A tiny pool and optimistic admission: the answers outgrow it and SGLang retracts.
     engine = make_engine(tiny_model, kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=0.25,
-                         kara_chunk_size=2, reasoning_parser="deepseek-r1", enable_custom_logit_processor=True,
+                         kara_chunk_size=2, reasoning_parser="deepseek-r1", **ENGINE_ARGS,
                          max_total_tokens=600, schedule_conservativeness=0.02)
     try:
         # Thinking shorter than W + U (never compressed), then a long answer.

@@ -167,7 +167,7 @@ def run_engine(model, engine_args, requests, per_request_params, engine=None, me
     batch = [dict(r, params=p) for r in requests for p in per_request_params]
     if engine is None:
         t0 = time.time()
-        engine = make_engine(model, enable_custom_logit_processor=True,
+        engine = make_engine(model, **tf.ENGINE_ARGS,
                              **engine_kwargs(batch, 100000, mem_fraction_static), **engine_args)
         log(f"  engine {engine_args or 'none'} started in {time.time() - t0:.0f} s")
     try:
@@ -414,7 +414,7 @@ def make_requests(run: Run, make_engine, flush):
     n_probe = len(lengths) * len(depths) * len(prompt_ids)
     sizing = [{"input_ids": p, "forced": [0] * (max(lengths) + 64)} for p in prompt_ids
               for _ in range(n_probe // len(prompt_ids))]
-    engine = make_engine(args.model, enable_custom_logit_processor=True,
+    engine = make_engine(args.model, **tf.ENGINE_ARGS,
                          **engine_kwargs(sizing, 100000 if "full" in run.policies else 40000, run.mfs))
     log(f"  engine started in {time.time() - t0:.0f} s")
     try:

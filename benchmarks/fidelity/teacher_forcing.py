@@ -17,7 +17,9 @@ runs free (greedy) and the processor records its argmax (``ref`` = ``-1``).
 
 The processor is serialised by ``dill`` by reference (module ``teacher_forcing``), so this
 folder must be importable in the scheduler: :func:`importable` puts it on ``sys.path`` and
-``PYTHONPATH`` before the engine starts. The engine needs ``enable_custom_logit_processor=True``.
+``PYTHONPATH`` before the engine starts. The engine needs :data:`ENGINE_ARGS`: custom logit
+processors on, and overlap scheduling off (under overlap SGLang samples step N+1 before it
+appends step N's token to ``output_ids``, so the processor would read the wrong position).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 HERE = str(Path(__file__).resolve().parent)
+ENGINE_ARGS = dict(enable_custom_logit_processor=True, disable_overlap_schedule=True)
 
 try:
     from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor

@@ -43,11 +43,10 @@ ENGINE_DEFAULTS = dict(
     disable_overlap_schedule=True, max_total_tokens=20000, mem_fraction_static=0.3,
     skip_server_warmup=True, log_level="error", random_seed=0,
 )
-# KARA_TEST_OVERLAP=1 runs the same suites with SGLang's overlap scheduler on (its default),
-# vanilla and Kara alike: Kara then compresses with the next step already prepared.
-OVERLAP = os.environ.get("KARA_TEST_OVERLAP", "0") not in ("", "0")
-if OVERLAP:
-    ENGINE_DEFAULTS["disable_overlap_schedule"] = False
+# SGLang's overlap scheduler is on, as by default (vanilla and Kara alike: Kara then compresses
+# with the next step already prepared); KARA_TEST_OVERLAP=0 runs the same suites without it.
+OVERLAP = os.environ.get("KARA_TEST_OVERLAP", "1") not in ("", "0")
+ENGINE_DEFAULTS["disable_overlap_schedule"] = not OVERLAP
 if ON_GPU:
     # KARA_TEST_ATTENTION_BACKEND=flashinfer runs the suites on FlashInfer's paged attention;
     # =default leaves the choice to SGLang (fa3 on Hopper).
