@@ -34,8 +34,10 @@ def _require_applied(targets: list) -> None:
 def register() -> None:
     """Called by SGLang's ``load_plugins()``; it applies the hooks right after."""
     import kara_patches
+    from kara_patches.server_args import install_engine_keywords
 
     _register(kara_patches.ALWAYS)
+    install_engine_keywords()
 
 
 def apply_runtime_patches() -> None:

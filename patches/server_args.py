@@ -144,7 +144,7 @@ def _from_cli_args(original, cls, args, *a, **kw):
 
 def _init(original, self, *args, **kwargs):
     """``ServerArgs(kv_policy=...)`` where ServerArgs is a dataclass (0.5.17); a msgspec
-    ServerArgs never calls this wrap, so :func:`_engine_init` covers ``sglang.Engine``."""
+    ServerArgs never calls this wrap, so :func:`engine_server_args` covers ``sglang.Engine``."""
     values = {flag.attr: kwargs.pop(flag.attr, None) for flag in FLAGS}
     check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
     _force_overlap_off_on_decode_servers(values, kwargs)
@@ -154,29 +154,43 @@ def _init(original, self, *args, **kwargs):
     check_supported(self)
 
 
-def _engine_init(original, engine, *args, **kwargs):
-    """``sglang.Engine(kv_policy=...)``: take the Kara keywords out before SGLang builds its
-    ServerArgs from the rest, and put them on that ServerArgs before anything reads it."""
-    values = {flag.attr: kwargs.pop(flag.attr) for flag in FLAGS if flag.attr in kwargs}
-    if not values:
-        return original(engine, *args, **kwargs)
-    check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
-    _force_overlap_off_on_decode_servers(values, kwargs)
-    build = type(engine).server_args_class
+def engine_server_args(build):
+    """``sglang.Engine(kv_policy=...)``: what ``Engine`` calls to build its ServerArgs. It takes
+    the Kara keywords out, builds SGLang's ServerArgs from the rest and puts the flags on it
+    before anything reads it (0.5.23's msgspec ServerArgs refuses unknown keywords)."""
 
-    def server_args_with_flags(**server_kwargs):
-        server_args = build(**server_kwargs)
+    def server_args_with_flags(**kwargs):
+        values = {flag.attr: kwargs.pop(flag.attr) for flag in FLAGS if flag.attr in kwargs}
+        if not values:
+            return build(**kwargs)
+        check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
+        _force_overlap_off_on_decode_servers(values, kwargs)
+        server_args = build(**kwargs)
         _set_values(server_args, {flag.attr: values.get(flag.attr) for flag in FLAGS})
         check_supported(server_args)
         return server_args
 
-    engine.server_args_class = server_args_with_flags  # this engine only
-    return original(engine, *args, **kwargs)
+    server_args_with_flags.kara_builds = build
+    return server_args_with_flags
+
+
+def install_engine_keywords() -> None:
+    """Point ``Engine.server_args_class`` at :func:`engine_server_args` (plugin load).
+
+    ``Engine.__init__`` loads the plugins and then, in the same call, builds its ServerArgs
+    with ``self.server_args_class(**kwargs)``: a hook on ``Engine.__init__`` would only reach
+    the second engine, and a registry hook on the class attribute would replace SGLang's
+    ``ServerArgs`` class everywhere. So the one attribute is set here, on ``Engine`` only.
+    """
+    from sglang.srt.entrypoints.engine import Engine
+
+    if not hasattr(Engine.server_args_class, "kara_builds"):
+        # staticmethod: Engine calls it as self.server_args_class(**kwargs).
+        Engine.server_args_class = staticmethod(engine_server_args(Engine.server_args_class))
 
 
 PATCHES = (
     Patch("sglang.srt.server_args.ServerArgs.add_cli_args", "AFTER", _add_cli_args),
     Patch("sglang.srt.server_args.ServerArgs.from_cli_args", "AROUND", _from_cli_args),
     Patch("sglang.srt.server_args.ServerArgs.__init__", "AROUND", _init),
-    Patch("sglang.srt.entrypoints.engine.Engine.__init__", "AROUND", _engine_init),
 )

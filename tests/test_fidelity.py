@@ -17,7 +17,8 @@ Tolerance (measured on this machine, 2 CPU cores; greedy, seeded, so the run rep
 50% kept top-1 agreement 99.38% (4 of 640 positions differ) and raised the mean NLL of the
 reference from 0.3961 by +0.0138 nats/token. A deliberately broken run, 8 of every 128-token
 window kept (``KARA_FIDELITY_KEEP=0.0625 KARA_FIDELITY_CHUNK=1 pytest tests/test_fidelity.py``),
-measured 97.97% and +0.0571, and fails. The bounds sit between the two: top-1 agreement
+measured 97.97% and +0.0571, and fails (both on SGLang 0.5.17; 0.5.23's numbers are next to
+MIN_TOP1_BY_RELEASE). The bounds sit between the two: top-1 agreement
 >= 98.5% (the good run may lose about 5 more positions of 640) and NLL increase <= 0.035
 nats/token (2.5x the good run's). Why so close: in 320 tokens Kara compresses only twice and
 the newest 32-160 tokens are never compressed, so even a bad policy loses little here; a
@@ -47,7 +48,11 @@ GEN = 320
 W, U = 128, 32
 KEEP = float(os.environ.get("KARA_FIDELITY_KEEP", "0.5"))
 CHUNK = int(os.environ.get("KARA_FIDELITY_CHUNK", "8"))
-MIN_TOP1 = 0.985
+# SGLang 0.5.23 (torch 2.14, transformers 5.19) computes a slightly different reference (full-KV
+# NLL 0.4147 vs 0.3961 on 0.5.17): there Kara 50% measured 97.97% top-1 and +0.0166 NLL, the
+# broken run (keep 1/16, gamma 1) 96.09% and +0.0684, so its top-1 bound sits between those.
+MIN_TOP1_BY_RELEASE = {"0.5.17": 0.985}
+MIN_TOP1_NEWER = 0.975
 MAX_NLL_INCREASE = 0.035
 
 
@@ -114,5 +119,8 @@ def test_teacher_forced_kara_close_to_full_kv():
     top1, increase = agreement(kara), nll(kara) - nll(full)
     print(f"keep {KEEP} gamma {CHUNK}: top-1 agreement {top1:.4f}, NLL full {nll(full):.4f}, "
           f"increase {increase:+.4f}")
-    assert top1 >= MIN_TOP1, f"top-1 agreement with full KV fell to {top1:.2%} (bound {MIN_TOP1:.1%})"
+    import sglang
+
+    min_top1 = MIN_TOP1_BY_RELEASE.get(sglang.__version__, MIN_TOP1_NEWER)
+    assert top1 >= min_top1, f"top-1 agreement with full KV fell to {top1:.2%} (bound {min_top1:.1%})"
     assert increase <= MAX_NLL_INCREASE, f"NLL rose by {increase:.4f} nats/token (bound {MAX_NLL_INCREASE})"

@@ -41,9 +41,15 @@ def test_scores_of_fp8_keys_match_float64_on_the_dequantised_keys(fp8, device):
 
 @pytest.mark.sglang
 def test_kara_on_an_fp8_cache_matches_vanilla_fp8_until_the_first_compression(tiny_model):
-    from support.engines import assert_pool_back_to_idle, last, make_engine, pool_state, use_cpu_sglang
+    from support.engines import ON_GPU, assert_pool_back_to_idle, last, make_engine, pool_state, use_cpu_sglang
 
     use_cpu_sglang()
+    import sglang
+
+    if not ON_GPU and sglang.__version__ != "0.5.17":
+        # Vanilla too: from 0.5.18 on SGLang's CPU engine keeps an FP8 cache in its own
+        # quantised CPU pool and only on Intel AMX. Tested on 0.5.17 (CI) and on the GPU.
+        pytest.skip(f"SGLang {sglang.__version__}'s CPU engine has no plain FP8 KV pool")
     W, U, n = 32, 8, 3 * 32 + 8 + 5
     prompts = ["the first step is", "one two three four five six"]
     params = dict(temperature=0, max_new_tokens=n, ignore_eos=True)

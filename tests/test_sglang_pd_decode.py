@@ -20,9 +20,18 @@ import pytest
 from support.engines import assert_pool_back_to_idle, last, make_engine, pool_state, use_cpu_sglang
 from test_sglang_engine import KARA, LONG, SHORT, U, W, expected_eviction, greedy
 
-pytestmark = pytest.mark.sglang
-
 use_cpu_sglang()
+
+import sglang  # noqa: E402
+
+from kara_sglang.config import KaraConfigError  # noqa: E402
+from kara_sglang.sglang_versions import PD_DECODE  # noqa: E402
+
+# Kara's PD decode path follows 0.5.17's retraction hooks; later releases refuse it at start-up.
+VERIFIED = sglang.__version__ in PD_DECODE
+pytestmark = pytest.mark.sglang
+verified_only = pytest.mark.skipif(not VERIFIED, reason=f"PD decode with a policy is refused on SGLang "
+                                                       f"{sglang.__version__} (verified: {', '.join(PD_DECODE)})")
 
 FAKE_PREFILL = str(Path(__file__).parent / "support" / "fake_prefill")
 DECODE = dict(disaggregation_mode="decode", disaggregation_transfer_backend="fake")
@@ -79,6 +88,7 @@ def kara(tiny_model, vanilla, tight):
     engine.shutdown()
 
 
+@verified_only
 def test_short_generations_on_a_decode_server_are_vanilla(vanilla, kara):
     outs = generate(kara, PROMPTS, SHORT)
     assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in vanilla["short"]]
@@ -86,6 +96,7 @@ def test_short_generations_on_a_decode_server_are_vanilla(vanilla, kara):
     assert_pool_back_to_idle(kara)
 
 
+@verified_only
 def test_a_decode_server_compresses_on_schedule_and_matches_vanilla_until_then(vanilla, kara):
     outs = generate(kara, PROMPTS, LONG)
     first = W + U + 1  # see test_sglang_engine: the first compression follows this token
@@ -100,6 +111,7 @@ def test_a_decode_server_compresses_on_schedule_and_matches_vanilla_until_then(v
     assert_pool_back_to_idle(kara)
 
 
+@verified_only
 def test_a_request_retracted_on_a_decode_server_resumes_compressed(kara, tight):
     assert sum(o["meta_info"]["num_retractions"] for o in tight) > 0  # the pool really ran out
     roomy = generate(kara, PROMPTS, LONG)
@@ -108,6 +120,7 @@ def test_a_request_retracted_on_a_decode_server_resumes_compressed(kara, tight):
         assert last(ours["meta_info"], "kv_tokens_evicted") == last(ref["meta_info"], "kv_tokens_evicted")
 
 
+@verified_only
 def test_bad_per_request_values_on_a_decode_server_get_a_clean_error(kara):
     with pytest.raises(ValueError, match="kara-sglang: invalid custom_params") as err:
         generate(kara, PROMPTS[:1], 20, custom_params={"kara_keep_ratio": 2.0})
@@ -117,7 +130,14 @@ def test_bad_per_request_values_on_a_decode_server_get_a_clean_error(kara):
     assert_pool_back_to_idle(kara)
 
 
+@verified_only
 def test_opt_out_on_a_decode_server_is_vanilla(vanilla, kara):
     outs = generate(kara, PROMPTS, LONG, custom_params={"kv_policy": "none"})
     assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in vanilla["long"]]
     assert all(last(o["meta_info"], "kv_tokens_evicted") == 0 for o in outs)
+
+
+@pytest.mark.skipif(VERIFIED, reason="this release runs Kara on PD decode servers (the tests above)")
+def test_a_decode_server_with_a_policy_is_refused_on_other_releases(tiny_model):
+    with pytest.raises(KaraConfigError, match="PD decode server .* verified with SGLang"):
+        make_engine(tiny_model, **KARA, **DECODE)
