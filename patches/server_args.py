@@ -43,10 +43,6 @@ def check_supported(server_args) -> None:
     version = sglang_versions.installed()
     sglang_versions.check_supported(version)
     check_disaggregation(config.policy, getattr(server_args, "disaggregation_mode", None))
-    if _decode_server(server_args) and version not in sglang_versions.PD_DECODE:
-        raise KaraConfigError(
-            f"--kv-policy {config.policy}: on a PD decode server (--disaggregation-mode decode) "
-            f"kara-sglang is verified with SGLang {', '.join(sglang_versions.PD_DECODE)} only, not {version}")
     refuse = []
     if getattr(server_args, "speculative_algorithm", None):
         refuse.append("--speculative-algorithm")
@@ -72,6 +68,10 @@ def check_supported(server_args) -> None:
         refuse.append("overlap scheduling on a PD decode server (internal error: it should have been turned off)")
     if refuse:
         raise KaraConfigError(f"--kv-policy {config.policy}: not supported together with {', '.join(refuse)}")
+    if _decode_server(server_args) and version not in sglang_versions.PD_DECODE:
+        raise KaraConfigError(
+            f"--kv-policy {config.policy}: on a PD decode server (--disaggregation-mode decode) "
+            f"kara-sglang is verified with SGLang {', '.join(sglang_versions.PD_DECODE)} only, not {version}")
     if str(getattr(server_args, "kv_cache_dtype", "auto")).startswith("fp8") and config.policy in ("cask", "longflow"):
         raise KaraConfigError(
             f"--kv-cache-dtype: --kv-policy {config.policy} does not support an FP8 KV cache yet (cask merges "
