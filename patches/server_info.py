@@ -21,6 +21,9 @@ def pool_accounting(scheduler) -> dict:
         "available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
         "evictable_tokens": int(tree.evictable_size()),
         "protected_tokens": int(tree.protected_size()),
+        # --enable-streaming-session: KV a session keeps between its turns, outside the tree
+        # (SGLang's own busy/idle check counts it the same way; 0 on other caches).
+        "session_held_tokens": int(tree.session_held_tokens()),
         "kv_policy": getattr(scheduler.server_args, "kv_policy", None) or "none",
         # --dp-size N: one entry per replica, each with its own counters.
         "dp_rank": int(getattr(getattr(scheduler, "ps", None), "dp_rank", None) or 0),
