@@ -15,6 +15,15 @@ from kara_sglang.flags import config_from_attrs
 from kara_sglang.tp import digest_state
 
 
+def session_held_tokens(scheduler) -> int:
+    """KV streaming sessions hold between turns: on the tree cache in 0.5.17, on the
+    scheduler's pool-stats observer in later releases."""
+    for owner in (scheduler.tree_cache, getattr(scheduler, "pool_stats_observer", None)):
+        if hasattr(owner, "session_held_tokens"):
+            return int(owner.session_held_tokens())
+    return 0
+
+
 def pool_accounting(scheduler) -> dict:
     tree = scheduler.tree_cache
     info = {
@@ -23,6 +32,9 @@ def pool_accounting(scheduler) -> dict:
         "evictable_tokens": int(tree.evictable_size()),
         "protected_tokens": int(tree.protected_size()),
         "kv_policy": config_from_attrs(scheduler.server_args).policy,
+        # --enable-streaming-session: KV a session keeps between its turns, outside the tree
+        # (SGLang's own busy/idle check counts it the same way; 0 on other caches).
+        "session_held_tokens": session_held_tokens(scheduler),
         # --dp-size N: one entry per replica, each with its own counters.
         "dp_rank": int(getattr(getattr(scheduler, "ps", None), "dp_rank", None) or 0),
     }

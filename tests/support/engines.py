@@ -107,9 +107,11 @@ def pool_state(engine) -> dict:
 
 
 def assert_pool_consistent(engine) -> dict:
-    """In every replica, every slot is free or owned by the radix tree (the server is idle)."""
+    """In every replica, every slot is free, owned by the radix tree or held by an open streaming
+    session between its turns (the server is idle)."""
     for state in pool_states(engine):
-        owned = state["available_tokens"] + state["evictable_tokens"] + state["protected_tokens"]
+        owned = (state["available_tokens"] + state["evictable_tokens"] + state["protected_tokens"]
+                 + state.get("session_held_tokens", 0))
         assert owned == state["max_total_tokens"], state
     return pool_state(engine)
 
@@ -120,6 +122,7 @@ def assert_pool_back_to_idle(engine) -> None:
     for state in pool_states(engine):
         assert state["available_tokens"] == state["max_total_tokens"], state
         assert state["evictable_tokens"] == 0 and state["protected_tokens"] == 0, state
+        assert state.get("session_held_tokens", 0) == 0, state
 
 
 def flush(engine, attempts: int = 50) -> None:
