@@ -90,7 +90,11 @@ def _policy_on(values: dict) -> bool:
 
 
 def _decode_server(args) -> bool:
-    return str(getattr(args, "disaggregation_mode", None) or "null") == "decode"
+    return _is_decode(getattr(args, "disaggregation_mode", None))
+
+
+def _is_decode(mode) -> bool:
+    return str(mode or "null") == "decode"
 
 
 def _set_values(server_args, values: dict) -> None:
@@ -104,12 +108,17 @@ def _set_values(server_args, values: dict) -> None:
         object.__setattr__(server_args, FLAGS_ATTR, dict(values))
 
 
-def _force_overlap_off_on_decode_servers(values: dict, kwargs: dict) -> None:
-    # Overlap scheduling works with every policy (kara_sglang/adapter.py, OverlapView), but
-    # not yet on a PD decode server: its prebuilt batches of resumed requests are prepared in
-    # SGLang's separate decode loop.
-    if _policy_on(values) and str(kwargs.get("disaggregation_mode") or "null") == "decode":
+def _take_flags(kwargs: dict, all_flags: bool) -> dict:
+    """Pop the Kara keywords out of ServerArgs keyword arguments (every flag, absent ones as
+    ``None``, when ``all_flags``), check the disaggregation mode, and turn overlap scheduling
+    off on a PD decode server: it works with every policy (kara_sglang/adapter.py,
+    OverlapView), but not yet there, where resumed requests' prebuilt batches are prepared in
+    SGLang's separate decode loop."""
+    values = {flag.attr: kwargs.pop(flag.attr, None) for flag in FLAGS if all_flags or flag.attr in kwargs}
+    check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
+    if _policy_on(values) and _is_decode(kwargs.get("disaggregation_mode")):
         kwargs["disable_overlap_schedule"] = True
+    return values
 
 
 def _add_cli_args(result, parser):
@@ -131,7 +140,7 @@ def _from_cli_args(original, cls, args, *a, **kw):
         # a machine without a transfer backend, hiding the real reason.
         check_disaggregation(values.get("kv_policy") or "none", getattr(args, "disaggregation_mode", None))
         if _policy_on(values) and _decode_server(args):
-            args.disable_overlap_schedule = True  # see _force_overlap_off_on_decode_servers
+            args.disable_overlap_schedule = True  # see _take_flags
         server_args = original(cls, args, *a, **kw)
         _set_values(server_args, values)
         check_supported(server_args)
@@ -145,9 +154,7 @@ def _from_cli_args(original, cls, args, *a, **kw):
 def _init(original, self, *args, **kwargs):
     """``ServerArgs(kv_policy=...)`` where ServerArgs is a dataclass (0.5.17); a msgspec
     ServerArgs never calls this wrap, so :func:`engine_server_args` covers ``sglang.Engine``."""
-    values = {flag.attr: kwargs.pop(flag.attr, None) for flag in FLAGS}
-    check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
-    _force_overlap_off_on_decode_servers(values, kwargs)
+    values = _take_flags(kwargs, all_flags=True)
     original(self, *args, **kwargs)
     if any(v is not None for v in values.values()) or getattr(self, FLAGS_ATTR, None) is None:
         _set_values(self, values)
@@ -160,11 +167,9 @@ def engine_server_args(build):
     before anything reads it (0.5.23's msgspec ServerArgs refuses unknown keywords)."""
 
     def server_args_with_flags(**kwargs):
-        values = {flag.attr: kwargs.pop(flag.attr) for flag in FLAGS if flag.attr in kwargs}
+        values = _take_flags(kwargs, all_flags=False)
         if not values:
             return build(**kwargs)
-        check_disaggregation(values.get("kv_policy") or "none", kwargs.get("disaggregation_mode"))
-        _force_overlap_off_on_decode_servers(values, kwargs)
         server_args = build(**kwargs)
         _set_values(server_args, {flag.attr: values.get(flag.attr) for flag in FLAGS})
         check_supported(server_args)
