@@ -52,6 +52,8 @@ def with_defaults(row: dict) -> dict:
 def kv_bytes_per_token(row: dict) -> int:
     return KV_BYTES_PER_TOKEN // 2 if str(row.get("kv_cache_dtype", "auto")).startswith("fp8") else KV_BYTES_PER_TOKEN
 BANDWIDTH = 2.998e12  # measured device-to-device copy bandwidth of the H100 (bench_kernels.py)
+# Measured copy bandwidth per device: the H200's is the device library's (KINDS.md, 4.3 TB/s).
+BANDWIDTH_BY_DEVICE = {"NVIDIA H100 80GB HBM3": BANDWIDTH, "NVIDIA H200": 4.3e12}
 DEFAULT_POOL_TOKENS = 423_494  # --mem-fraction-static 0.85 on the H100; rows carry their own
 BATCH_LINE = re.compile(r"\[(\S+ \S+)\] (Prefill|Decode) batch.*?#running-req: (\d+)")
 
@@ -76,11 +78,14 @@ def kv_profile(policy: str, prompt: int, output: int, keep=None, budget=None, wi
     return total / output, peak
 
 
-def model_tok_per_s(concurrency: float, avg_kv: float, kv_bytes: int = KV_BYTES_PER_TOKEN) -> float:
-    return concurrency * BANDWIDTH / (WEIGHT_BYTES + concurrency * avg_kv * kv_bytes)
+def model_tok_per_s(concurrency: float, avg_kv: float, kv_bytes: int = KV_BYTES_PER_TOKEN,
+                    bandwidth: float = BANDWIDTH) -> float:
+    return concurrency * bandwidth / (WEIGHT_BYTES + concurrency * avg_kv * kv_bytes)
 
 
-def partial_from_log(path: str, spec: str, num_requests: int, output_len: int):
+def partial_from_log(path: str, spec: str, num_requests: int, output_len: int, upto: float = 1.0):
+    """Output tok/s of ``spec`` from the decode log lines, over its first ``upto`` share of
+    the output tokens (like-for-like between waves cut at different points)."""
     lines = open(path, errors="replace").read().splitlines()
     try:
         start = lines.index(next(l for l in lines if l.endswith(f"BENCH-START {spec}")))
@@ -88,7 +93,7 @@ def partial_from_log(path: str, spec: str, num_requests: int, output_len: int):
         return None
     tokens, first, last, peak = 0, None, None, 0
     for line in lines[start:]:
-        if "BENCH-END" in line:
+        if "BENCH-END" in line or tokens >= upto * num_requests * output_len:
             break
         m = BATCH_LINE.match(line)
         if m:  # the time span starts at the first prefill, as the client's clock does
@@ -204,7 +209,8 @@ def collect(raw_dir: str):
         if row.get("peak_running_requests"):
             # Tensor parallel: each rank reads 1/tp of the weights and of every request's KV.
             row["model_tok_per_s"] = (row.get("tp_size") or 1) * model_tok_per_s(
-                row["peak_running_requests"], avg, kv_bytes_per_token(row))
+                row["peak_running_requests"], avg, kv_bytes_per_token(row),
+                BANDWIDTH_BY_DEVICE.get(row["device"], BANDWIDTH))
     return rows
 
 
@@ -246,7 +252,23 @@ def plot(rows, prompt: int, outputs, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def print_upto(raw: str, upto: float) -> None:
+    """Each wave's log-derived tok/s over its first ``upto`` of the output tokens."""
+    for log in sorted(glob.glob(os.path.join(raw, "log-*.txt"))):
+        text = open(log, errors="replace").read()
+        server = server_config(log, text)
+        for spec in re.findall(r"BENCH-START (\S+#\d+)", text) if server else ():
+            w = parse_workload(spec.split("#")[0])
+            part = None if spec.startswith(server["warmup"]) else partial_from_log(
+                log, spec, w.num_requests, w.output_len, upto)
+            if part and part["fraction_done"] >= upto:
+                print(f"{os.path.basename(log)[4:-4]:12} {spec:24} first {upto:.0%} of the tokens: "
+                      f"{part['output_tok_per_s']:.0f} tok/s at {part['peak_running_requests']} requests")
+
+
 def main() -> None:
+    if "--upto" in sys.argv:  # report_throughput.py DIR --upto 0.8: print only, JSON untouched
+        return print_upto(sys.argv[1], float(sys.argv[sys.argv.index("--upto") + 1]))
     raw = sys.argv[1]
     run = os.path.basename(raw.rstrip("/"))
     rows = collect(raw)
