@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", help="SGLang --kv-cache-dtype (auto, fp8_e4m3, ...)")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                    help="SGLang --cuda-graph-max-bs-decode (default: SGLang's; raise with --max-running-requests)")
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="pin the KV pool size (same workload fit on an H100 and an H200)")
     ap.add_argument("--disable-prefill-cuda-graph", action="store_true",
@@ -219,6 +221,7 @@ def main() -> None:
         mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
         disable_overlap_schedule=args.overlap == "off", incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, tp_size=args.tp_size, dp_size=args.dp_size,
         disable_prefill_cuda_graph=args.disable_prefill_cuda_graph,
+        **({"cuda_graph_max_bs_decode": args.cuda_graph_max_bs} if args.cuda_graph_max_bs else {}),
         **device_args, **kara)
     startup = time.time() - t0
     info = engine.get_server_info()
