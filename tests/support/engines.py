@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -85,9 +86,29 @@ def make_engine(model_path, **overrides):
     kwargs.update(overrides)
     if kwargs.get("enable_dp_attention"):
         kwargs.setdefault("port", next(_DP_ATTENTION_PORTS))
+    env = {}
     if not ON_GPU and (kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1):
-        os.environ.update(parallel_env(kwargs.get("tp_size", 1)))  # read by the spawned schedulers
-    return sglang.Engine(**kwargs)
+        env = parallel_env(kwargs.get("tp_size", 1))
+    with scoped_environ(env):  # read by the schedulers the engine spawns, and only by them
+        return sglang.Engine(**kwargs)
+
+
+@contextlib.contextmanager
+def scoped_environ(updates: dict):
+    """Set ``updates`` in os.environ, then restore it. A TP layout's one-core-list-per-rank
+    binding left behind made the next single-rank engine's scheduler fail at start-up (and
+    SGLang then kills the test process: ``pytest -m slow`` died with exit 137 at the stress
+    test after the parallel suite)."""
+    saved = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def pool_states(engine) -> list:
