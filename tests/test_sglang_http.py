@@ -117,7 +117,7 @@ def _series(metrics, name):
 def test_http_data_parallel_replicas_report_their_own_and_the_sum(tiny_model, tmp_path_factory):
     from support.engines import parallel_env
 
-    server = _serve(tiny_model, tmp_path_factory, ["--dp-size", "2"], env=parallel_env(1))
+    server = _serve(tiny_model, tmp_path_factory, ["--dp-size", "2"], env=parallel_env(1, 2))
     base, proc, log = next(server)
     try:
         for text in ("the first step is", "one two three", "water long little", "they were called"):

@@ -60,17 +60,21 @@ if os.environ.get("KARA_TEST_KV_DTYPE"):
     ENGINE_DEFAULTS["kv_cache_dtype"] = os.environ["KARA_TEST_KV_DTYPE"]
 
 
-def parallel_env(tp_size: int) -> dict:
+def parallel_env(tp_size: int, dp_size: int = 1) -> dict:
     """What SGLang's CPU path needs for ``--tp-size``/``--dp-size`` > 1 on this machine.
 
     - ``SGLANG_NCCL_SO_PATH`` nowhere: the CUDA build of torch installed here finds NCCL, and
       SGLang's pynccl then asks for a CUDA device (``Expected a cuda device, but got: cpu``).
       Without a loadable NCCL it falls back to gloo, as on a CPU-only install.
-    - ``SGLANG_CPU_OMP_THREADS_BIND``: without it SGLang wants one NUMA node per TP rank
-      (this machine has one); with it, one core list per TP rank ("all" = no binding).
+    - ``SGLANG_CPU_OMP_THREADS_BIND``: without it SGLang wants one NUMA node per rank (this
+      machine has one); with it, one core list per rank ("all" = unset). SGLang 0.5.17 counts
+      the TP ranks of one scheduler group; later releases count every rank of every DP worker.
     """
+    from importlib.metadata import version
+
+    ranks = tp_size if version("sglang") == "0.5.17" else tp_size * dp_size
     cores = os.cpu_count() or 1
-    bind = "|".join(str(r % cores) for r in range(tp_size)) if tp_size > 1 else "all"
+    bind = "|".join(str(r % cores) for r in range(ranks)) if ranks > 1 else "all"
     return {"SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so.2", "SGLANG_CPU_OMP_THREADS_BIND": bind}
 
 
@@ -88,7 +92,7 @@ def make_engine(model_path, **overrides):
         kwargs.setdefault("port", next(_DP_ATTENTION_PORTS))
     env = {}
     if not ON_GPU and (kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1):
-        env = parallel_env(kwargs.get("tp_size", 1))
+        env = parallel_env(kwargs.get("tp_size", 1), kwargs.get("dp_size", 1))
     with scoped_environ(env):  # read by the schedulers the engine spawns, and only by them
         return sglang.Engine(**kwargs)
 
