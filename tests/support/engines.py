@@ -70,9 +70,9 @@ def parallel_env(tp_size: int, dp_size: int = 1) -> dict:
       machine has one); with it, one core list per rank ("all" = unset). SGLang 0.5.17 counts
       the TP ranks of one scheduler group; later releases count every rank of every DP worker.
     """
-    from importlib.metadata import version
+    from kara_sglang.sglang_versions import installed
 
-    ranks = tp_size if version("sglang") == "0.5.17" else tp_size * dp_size
+    ranks = tp_size if installed() == "0.5.17" else tp_size * dp_size
     cores = os.cpu_count() or 1
     bind = "|".join(str(r % cores) for r in range(ranks)) if ranks > 1 else "all"
     return {"SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so.2", "SGLANG_CPU_OMP_THREADS_BIND": bind}
