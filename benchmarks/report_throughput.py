@@ -161,6 +161,19 @@ def add_gains(rows) -> None:
         row["share_of_model_gain"] = row["gain_vs_vanilla"] / row["model_gain"]
 
 
+def log_waves(raw_dir: str):
+    """(log, its text, server config, workload spec, parsed workload) of every measured wave
+    each bench log started (the warm-up left out)."""
+    for log in sorted(glob.glob(os.path.join(raw_dir, "log-*.txt"))):
+        text = open(log, errors="replace").read()
+        server = server_config(log, text)
+        if server is None:
+            continue
+        for spec in re.findall(r"BENCH-START (\S+#\d+)", text):
+            if not spec.startswith(server["warmup"]):
+                yield log, text, server, spec, parse_workload(spec.split("#")[0])
+
+
 def collect(raw_dir: str):
     rows = []
     for path in sorted(glob.glob(os.path.join(raw_dir, "row-*.json"))):
@@ -172,36 +185,30 @@ def collect(raw_dir: str):
                 print(f"log-derived vs measured, {row['policy']} {row['keep_ratio']} {row['workload']}: "
                       f"{check['output_tok_per_s']:.0f} vs {row['output_tok_per_s']:.0f} tok/s")
             rows.append(with_defaults(row))
-    for log in sorted(glob.glob(os.path.join(raw_dir, "log-*.txt"))):
-        text = open(log, errors="replace").read()
-        server = server_config(log, text)
-        if server is None:
-            continue
+    for log, text, server, spec, w in log_waves(raw_dir):
         row_file = log.replace("log-", "row-").replace(".txt", ".json")
         done = {r["workload"] for r in json.load(open(row_file))} if os.path.exists(row_file) else set()
-        for spec in re.findall(r"BENCH-START (\S+#\d+)", text):
-            if f"BENCH-END {spec}" in text or spec in done or spec.startswith(server["warmup"]):
-                continue
-            w = parse_workload(spec.split("#")[0])
-            part = partial_from_log(log, spec, w.num_requests, w.output_len)
-            if part is None:
-                continue
-            policy = w.policy or server["policy"]
-            rows.append({
-                "policy": "vanilla" if policy == "none" else policy,
-                "keep_ratio": (w.keep_ratio or server["keep_ratio"] or 0.25) if policy in ("kara", "cask") else None,
-                "budget": w.budget if w.policy else server["budget"],
-                "window": None if policy == "none" else server["window"],
-                "buffer": None if policy == "none" else server["buffer"], "workload": spec,
-                "prompt_len": w.prompt_len, "output_len": w.output_len, "num_requests": w.num_requests,
-                "request_rate": w.request_rate, "complete": False, **part,
-                "retractions": text.split(f"BENCH-START {spec}")[1].count("KV cache pool is full. Retract"),
-                "attention_backend": server["attention_backend"],
-                "mem_fraction_static": server["mem_fraction_static"],
-                "max_running_requests": server["max_running_requests"],
-                **run_env(text),
-            })
-            with_defaults(rows[-1])
+        if f"BENCH-END {spec}" in text or spec in done:
+            continue
+        part = partial_from_log(log, spec, w.num_requests, w.output_len)
+        if part is None:
+            continue
+        policy = w.policy or server["policy"]
+        rows.append({
+            "policy": "vanilla" if policy == "none" else policy,
+            "keep_ratio": (w.keep_ratio or server["keep_ratio"] or 0.25) if policy in ("kara", "cask") else None,
+            "budget": w.budget if w.policy else server["budget"],
+            "window": None if policy == "none" else server["window"],
+            "buffer": None if policy == "none" else server["buffer"], "workload": spec,
+            "prompt_len": w.prompt_len, "output_len": w.output_len, "num_requests": w.num_requests,
+            "request_rate": w.request_rate, "complete": False, **part,
+            "retractions": text.split(f"BENCH-START {spec}")[1].count("KV cache pool is full. Retract"),
+            "attention_backend": server["attention_backend"],
+            "mem_fraction_static": server["mem_fraction_static"],
+            "max_running_requests": server["max_running_requests"],
+            **run_env(text),
+        })
+        with_defaults(rows[-1])
     for row in rows:
         avg, peak = kv_profile(row["policy"], row["prompt_len"], row["output_len"], row.get("keep_ratio"),
                                row.get("budget"))
@@ -254,15 +261,10 @@ def plot(rows, prompt: int, outputs, path: str) -> None:
 
 def print_upto(raw: str, upto: float) -> None:
     """Each wave's log-derived tok/s over its first ``upto`` of the output tokens."""
-    for log in sorted(glob.glob(os.path.join(raw, "log-*.txt"))):
-        text = open(log, errors="replace").read()
-        server = server_config(log, text)
-        for spec in re.findall(r"BENCH-START (\S+#\d+)", text) if server else ():
-            w = parse_workload(spec.split("#")[0])
-            part = None if spec.startswith(server["warmup"]) else partial_from_log(
-                log, spec, w.num_requests, w.output_len, upto)
-            if part and part["fraction_done"] >= upto:
-                print(f"{os.path.basename(log)[4:-4]:12} {spec:24} first {upto:.0%} of the tokens: "
+    for log, _, _, spec, w in log_waves(raw):
+        part = partial_from_log(log, spec, w.num_requests, w.output_len, upto)
+        if part and part["fraction_done"] >= upto:
+            print(f"{os.path.basename(log)[4:-4]:12} {spec:24} first {upto:.0%} of the tokens: "
                       f"{part['output_tok_per_s']:.0f} tok/s at {part['peak_running_requests']} requests")
 
 
