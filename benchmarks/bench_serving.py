@@ -130,7 +130,19 @@ async def one_request(engine, ids, sampling, delay, gate, record):
                        "retractions": retractions, "evicted": evicted})
 
 
-async def run_workload(engine, w: Workload, rng: random.Random):
+async def profile_later(engine, at_s: float, steps: int, out_dir: str):
+    """SGLang's own torch profiler over `steps` forward passes, started `at_s` seconds into the
+    workload (the steady decode phase); it stops itself and writes a .trace.json.gz to out_dir."""
+    from sglang.srt.managers.io_struct import ProfileReq
+
+    await asyncio.sleep(at_s)
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"BENCH-PROFILE start {steps} steps -> {out_dir}", file=sys.stderr, flush=True)
+    await engine.tokenizer_manager.start_profile(ProfileReq(
+        output_dir=out_dir, num_steps=steps, activities=["CPU", "GPU"], with_stack=False, record_shapes=False))
+
+
+async def run_workload(engine, w: Workload, rng: random.Random, profile=None):
     prompts = [[rng.randrange(1000, 120000) for _ in range(w.prompt_len)] for _ in range(w.num_requests)]
     sampling = {"temperature": 0, "max_new_tokens": w.output_len, "ignore_eos": True}
     if w.custom_params():
@@ -143,8 +155,14 @@ async def run_workload(engine, w: Workload, rng: random.Random):
     gate = asyncio.Semaphore(w.max_concurrency or len(prompts))
     record = []
     t0 = time.perf_counter()
+    profiler = asyncio.ensure_future(profile_later(engine, *profile)) if profile else None
     await asyncio.gather(*(one_request(engine, p, sampling, d, gate, record)
                            for p, d in zip(prompts, delays)))
+    if profiler is not None and not profiler.done():
+        profiler.cancel()  # asked for later than the workload lasted: say so rather than wait
+        print("BENCH-PROFILE not started: the workload ended first", file=sys.stderr, flush=True)
+    elif profiler is not None:
+        profiler.result()  # a failed start fails loudly
     return time.perf_counter() - t0, record
 
 
@@ -182,6 +200,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp-size", type=int, default=1, help="SGLang --tp-size (one GPU per rank)")
     ap.add_argument("--dp-size", type=int, default=1, help="SGLang --dp-size (replicas)")
+    ap.add_argument("--profile-at", type=float, default=None,
+                    help="profile the first measured workload, starting this many seconds into it")
+    ap.add_argument("--profile-steps", type=int, default=20, help="forward passes to profile")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check this script on a CPU: a 2-layer model of the same family, tiny pool")
     args = ap.parse_args()
@@ -239,7 +260,10 @@ def main() -> None:
             tag = f"{w.spec}#{rep}"
             before = kara_counters(engine)
             print(f"BENCH-START {tag}", file=sys.stderr, flush=True)
-            wall, record = loop.run_until_complete(run_workload(engine, w, rng))
+            profile = None
+            if args.profile_at is not None and w is not args.warmup and not rows:
+                profile = (args.profile_at, args.profile_steps, os.path.splitext(args.out)[0] + "-profile")
+            wall, record = loop.run_until_complete(run_workload(engine, w, rng, profile))
             print(f"BENCH-END {tag}", file=sys.stderr, flush=True)
             if w is args.warmup:
                 continue
