@@ -13,6 +13,7 @@ each DP rank is the first rank of its own attention-TP group, so each exports on
 
 from kara_patches._patch import Patch
 from kara_sglang import adapter
+from kara_sglang.dp_rank import dp_rank
 
 
 def _report(result, reporter, *args, **kwargs):
@@ -21,7 +22,7 @@ def _report(result, reporter, *args, **kwargs):
         interval = getattr(reporter, "decode_log_interval", 40) or 40
         runtime.report(getattr(reporter, "forward_ct_decode", 0) % interval == 0,
                        getattr(reporter, "enable_metrics", False),
-                       dp_rank=getattr(reporter, "dp_rank", None) or 0)
+                       dp_rank=dp_rank(getattr(reporter, "scheduler", None)))
     return result
 
 

@@ -11,6 +11,7 @@ ranks stayed identical.
 
 from kara_patches._patch import Patch
 from kara_sglang import adapter
+from kara_sglang.dp_rank import dp_rank
 from kara_sglang.flags import config_from_attrs
 from kara_sglang.tp import digest_state
 
@@ -36,7 +37,7 @@ def pool_accounting(scheduler) -> dict:
         # (SGLang's own busy/idle check counts it the same way; 0 on other caches).
         "session_held_tokens": session_held_tokens(scheduler),
         # --dp-size N: one entry per replica, each with its own counters.
-        "dp_rank": int(getattr(getattr(scheduler, "ps", None), "dp_rank", None) or 0),
+        "dp_rank": dp_rank(scheduler),
     }
     runtime = adapter.current()
     if runtime is not None:
