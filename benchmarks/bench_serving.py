@@ -172,17 +172,13 @@ def kara_counters(engine) -> dict:
                                          "score_allreduces", "score_allreduce_host_s")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The server's settings (shared with benchmarks/agent/bench_agent.py)."""
     ap.add_argument("--policy", default="none")
     ap.add_argument("--keep-ratio", type=float, default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--buffer", type=int, default=64)
-    ap.add_argument("--workload", type=parse_workload, action="append", required=True,
-                    help="[K*]NxPROMPT+OUTPUT[@RATE][/CONCURRENCY][~POLICY[,keep=R][,budget=B]]")
-    ap.add_argument("--warmup", type=parse_workload, default=parse_workload("16x256+640"),
-                    help="run first, not recorded (JIT, caches; past W + U so compression kernels compile here)")
     ap.add_argument("--attention-backend", default="triton",
                     help="SGLang's backend (triton, fa3, flashinfer, ...); 'default': no flag, SGLang picks")
     ap.add_argument("--overlap", choices=("on", "off"), default="off",
@@ -200,13 +196,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp-size", type=int, default=1, help="SGLang --tp-size (one GPU per rank)")
     ap.add_argument("--dp-size", type=int, default=1, help="SGLang --dp-size (replicas)")
-    ap.add_argument("--profile-at", type=float, default=None,
-                    help="profile the first measured workload, starting this many seconds into it")
-    ap.add_argument("--profile-steps", type=int, default=20, help="forward passes to profile")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check this script on a CPU: a 2-layer model of the same family, tiny pool")
-    args = ap.parse_args()
 
+
+def start_engine(args, **extra):
+    """One sglang.Engine for the run's settings; returns it, the resolved settings (device,
+    release, pool, backend, KV dtype, overlap) and its start-up seconds."""
     shape, device_args = dict(LLAMA_31_8B), {}
     if args.cpu_smoke:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -243,7 +239,7 @@ def main() -> None:
         disable_overlap_schedule=args.overlap == "off", incremental_streaming_output=True, decode_log_interval=10, log_level="info", random_seed=0, tp_size=args.tp_size, dp_size=args.dp_size,
         disable_prefill_cuda_graph=args.disable_prefill_cuda_graph,
         **({"cuda_graph_max_bs_decode": args.cuda_graph_max_bs} if args.cuda_graph_max_bs else {}),
-        **device_args, **kara)
+        **device_args, **kara, **extra)
     startup = time.time() - t0
     info = engine.get_server_info()
     max_total_tokens = info["internal_states"][0]["kara"]["max_total_tokens"]
@@ -252,6 +248,22 @@ def main() -> None:
            **resolved_settings(info, args)}
     # For rows rebuilt from this log when the process is killed before writing them.
     print("BENCH-ENV " + json.dumps(env), file=sys.stderr, flush=True)
+    return engine, env, startup
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_server_args(ap)
+    ap.add_argument("--workload", type=parse_workload, action="append", required=True,
+                    help="[K*]NxPROMPT+OUTPUT[@RATE][/CONCURRENCY][~POLICY[,keep=R][,budget=B]]")
+    ap.add_argument("--warmup", type=parse_workload, default=parse_workload("16x256+640"),
+                    help="run first, not recorded (JIT, caches; past W + U so compression kernels compile here)")
+    ap.add_argument("--profile-at", type=float, default=None,
+                    help="profile the first measured workload, starting this many seconds into it")
+    ap.add_argument("--profile-steps", type=int, default=20, help="forward passes to profile")
+    args = ap.parse_args()
+    engine, env, startup = start_engine(args)
+    max_total_tokens = env["max_total_tokens"]
     rows = []
     rng = random.Random(0)
     loop = engine.loop  # the tokenizer manager's receive loop runs on the engine's own loop

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 
 def dp_rank(scheduler=None) -> int:
-    rank = getattr(getattr(scheduler, "ps", None), "dp_rank", None)
-    if rank is None:
-        try:
-            from sglang.srt.runtime_context import get_parallel
-        except ImportError:  # 0.5.17: no runtime context; a server without DP has no rank
-            return 0
+    ps = getattr(scheduler, "ps", None)
+    if ps is not None:  # 0.5.17 (its runtime context exists but raises on unpublished leaves)
+        return int(ps.dp_rank or 0)
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
         parallel = get_parallel()
         rank = parallel.dp_rank if parallel.dp_rank is not None else getattr(parallel, "attn_dp_rank", None)
+    except (ImportError, AttributeError):  # no runtime context, or no rank published: no DP
+        return 0
     return int(rank or 0)

@@ -1,0 +1,142 @@
+"""A KV-bound multi-turn agent workload through real SGLang (issue 19, item 3): conversations
+per minute, and per turn the prompt tokens prefilled again, TTFT and the KV each conversation
+holds.
+
+    python benchmarks/agent/bench_agent.py --policy kara --keep-ratio 0.25 --out row.json \\
+        --conversations 96 --turns 4 --system-len 1024 --reply-len 4096 --tool-len 256
+
+Every conversation starts at once and runs its turns one after another, as an agent loop with
+interleaved thinking does through an OpenAI-style API: turn 1's prompt is a system prompt
+shared by all conversations plus a task of its own; each later turn's prompt is the previous
+prompt + the whole reply (thinking kept) + a tool output. Replies are ``--reply-len`` tokens
+(``ignore_eos``), tool outputs random ids. Per turn it records SGLang's ``cached_tokens``
+(prefix-cache hits), the tokens prefilled (prompt - cached), TTFT, and the KV the request held
+at its end (Kara's ``kv_tokens_kept``; prompt + reply on a server without a policy). The
+server's settings and model (Llama-3.1-8B shape, dummy weights) are bench_serving.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_serving import add_server_args, kara_counters, percentile, start_engine  # noqa: E402
+
+
+async def one_turn(engine, ids, sampling) -> dict:
+    start = time.perf_counter()
+    first, out, meta = None, [], {}
+    gen = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True)
+    async for chunk in gen:  # incremental streaming: each chunk holds only new tokens
+        meta = chunk["meta_info"]
+        finish = meta.get("finish_reason") or {}
+        if finish.get("type") == "abort":  # a refused turn must not pass as a short one
+            raise RuntimeError(f"turn aborted: {finish.get('message')}")
+        if chunk["output_ids"] and first is None:
+            first = time.perf_counter() - start
+        out.extend(chunk["output_ids"])
+    kept = (meta.get("kv_tokens_kept") or [None])[-1]
+    return {"prompt_tokens": len(ids), "cached_tokens": meta.get("cached_tokens", 0),
+            "prefilled": len(ids) - meta.get("cached_tokens", 0), "ttft": first,
+            "latency": time.perf_counter() - start, "reply_tokens": len(out),
+            "kv_held": kept if kept is not None else len(ids) + len(out), "output_ids": out}
+
+
+async def conversation(engine, system, rng, args, sampling, gate, record, finished_at, t0):
+    async with gate:
+        history = system + [rng.randrange(1000, 120000) for _ in range(args.task_len)]
+        for turn in range(args.turns):
+            result = await one_turn(engine, history, sampling)
+            history = history + result.pop("output_ids") + [rng.randrange(1000, 120000) for _ in range(args.tool_len)]
+            record.append({"turn": turn, **result})
+            # A run stopped by its time limit keeps its finished turns in the log.
+            print("AGENT-TURN " + json.dumps(record[-1]), file=sys.stderr, flush=True)
+        finished_at.append(time.perf_counter() - t0)
+
+
+async def run(engine, args):
+    rng = random.Random(0)
+    system = [rng.randrange(1000, 120000) for _ in range(args.system_len)]
+    sampling = {"temperature": 0, "max_new_tokens": args.reply_len, "ignore_eos": True}
+    gate = asyncio.Semaphore(args.concurrency or args.conversations)
+    record, finished_at = [], []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(conversation(engine, system, random.Random(i + 1), args, sampling, gate, record,
+                                        finished_at, t0) for i in range(args.conversations)))
+    return time.perf_counter() - t0, record, finished_at
+
+
+def per_turn(record, turns):
+    rows = []
+    for turn in range(turns):
+        rs = [r for r in record if r["turn"] == turn]
+        ttfts = [r["ttft"] for r in rs if r["ttft"] is not None]
+        rows.append({
+            "turn": turn + 1, "n": len(rs),
+            "prompt_tokens_mean": statistics.fmean(r["prompt_tokens"] for r in rs),
+            "cached_tokens_mean": statistics.fmean(r["cached_tokens"] for r in rs),
+            "prefilled_mean": statistics.fmean(r["prefilled"] for r in rs),
+            "reply_tokens_mean": statistics.fmean(r["reply_tokens"] for r in rs),
+            "kv_held_mean": statistics.fmean(r["kv_held"] for r in rs),
+            "ttft_mean_s": statistics.fmean(ttfts), "ttft_p99_s": percentile(ttfts, 99),
+            "latency_mean_s": statistics.fmean(r["latency"] for r in rs),
+        })
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_server_args(ap)
+    ap.add_argument("--conversations", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=None, help="conversations in flight (default: all)")
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--system-len", type=int, default=1024, help="system prompt, shared by every conversation")
+    ap.add_argument("--task-len", type=int, default=128, help="each conversation's own first message")
+    ap.add_argument("--reply-len", type=int, default=4096, help="tokens of each reply (thinking + answer)")
+    ap.add_argument("--tool-len", type=int, default=256, help="tool output appended after each reply")
+    ap.add_argument("--warmup-conversations", type=int, default=4)
+    args = ap.parse_args()
+    engine, env, startup = start_engine(args)
+    loop = engine.loop  # the tokenizer manager's receive loop runs on the engine's own loop
+    warm = argparse.Namespace(**{**vars(args), "conversations": args.warmup_conversations, "concurrency": None,
+                                 "turns": 2, "reply_len": min(args.reply_len, 640)})
+    loop.run_until_complete(run(engine, warm))  # JIT and compression kernels, not recorded
+    engine.flush_cache()
+    before = kara_counters(engine)
+    print("BENCH-START agent", file=sys.stderr, flush=True)
+    wall, record, finished_at = loop.run_until_complete(run(engine, args))
+    print("BENCH-END agent", file=sys.stderr, flush=True)
+    after = kara_counters(engine)
+    produced = sum(r["reply_tokens"] for r in record)
+    row = {
+        "policy": args.policy if args.policy != "none" else "vanilla", "keep_ratio": args.keep_ratio,
+        "window": args.window if args.policy != "none" else None,
+        "buffer": args.buffer if args.policy != "none" else None,
+        "conversations": args.conversations, "concurrency": args.concurrency, "turns": args.turns,
+        "system_len": args.system_len, "task_len": args.task_len, "reply_len": args.reply_len,
+        "tool_len": args.tool_len, "wall_s": wall,
+        "conversations_per_min": 60 * args.conversations / wall,
+        "output_tok_per_s": produced / wall,
+        "prefilled_total": sum(r["prefilled"] for r in record),
+        "reply_tokens_total": produced,
+        "compression_events": after["compression_events"] - before["compression_events"],
+        "startup_s": startup, "per_turn": per_turn(record, args.turns),
+        "first_conversation_done_s": min(finished_at), **env,
+    }
+    with open(args.out, "w") as f:
+        json.dump(row, f, indent=1)
+    print(json.dumps({k: v for k, v in row.items() if k != "per_turn"}), flush=True)
+    for t in row["per_turn"]:
+        print(json.dumps(t), flush=True)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
