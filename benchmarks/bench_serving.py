@@ -104,20 +104,32 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+def random_ids(rng: random.Random, n: int) -> list:
+    """``n`` random token ids, clear of Llama-3's special and low ids (dummy weights: any id works)."""
+    return [rng.randrange(1000, 120000) for _ in range(n)]
+
+
+async def stream_chunks(engine, ids, sampling):
+    """A streamed generation's chunks, each holding only its new tokens (incremental streaming).
+    An aborted request raises: a refused request must not pass as a short one."""
+    gen = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True)
+    async for chunk in gen:
+        finish = chunk["meta_info"].get("finish_reason") or {}
+        if finish.get("type") == "abort":
+            raise RuntimeError(f"request aborted: {finish.get('message')}")
+        yield chunk
+
+
 async def one_request(engine, ids, sampling, delay, gate, record):
     await asyncio.sleep(delay)
     async with gate:
         start = time.perf_counter()
         last, first, gaps, n, evicted, retractions = start, None, [], 0, 0, 0
-        gen = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True)
-        async for chunk in gen:  # incremental streaming: each chunk holds only new tokens
+        async for chunk in stream_chunks(engine, ids, sampling):
             now = time.perf_counter()
             got = len(chunk["output_ids"])
             meta = chunk["meta_info"]
             retractions = meta.get("num_retractions", retractions)
-            finish = meta.get("finish_reason") or {}
-            if finish.get("type") == "abort":  # a refused request must not pass as a short one
-                raise RuntimeError(f"request aborted: {finish.get('message')}")
             evicted = (meta.get("kv_tokens_evicted") or [evicted])[-1]
             if got == 0:
                 continue
@@ -143,7 +155,7 @@ async def profile_later(engine, at_s: float, steps: int, out_dir: str):
 
 
 async def run_workload(engine, w: Workload, rng: random.Random, profile=None):
-    prompts = [[rng.randrange(1000, 120000) for _ in range(w.prompt_len)] for _ in range(w.num_requests)]
+    prompts = [random_ids(rng, w.prompt_len) for _ in range(w.num_requests)]
     sampling = {"temperature": 0, "max_new_tokens": w.output_len, "ignore_eos": True}
     if w.custom_params():
         sampling["custom_params"] = w.custom_params()

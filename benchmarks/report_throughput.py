@@ -265,7 +265,7 @@ def print_upto(raw: str, upto: float) -> None:
         part = partial_from_log(log, spec, w.num_requests, w.output_len, upto)
         if part and part["fraction_done"] >= upto:
             print(f"{os.path.basename(log)[4:-4]:12} {spec:24} first {upto:.0%} of the tokens: "
-                      f"{part['output_tok_per_s']:.0f} tok/s at {part['peak_running_requests']} requests")
+                  f"{part['output_tok_per_s']:.0f} tok/s at {part['peak_running_requests']} requests")
 
 
 def main() -> None:

@@ -27,18 +27,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_serving import add_server_args, kara_counters, percentile, start_engine  # noqa: E402
+from bench_serving import (add_server_args, kara_counters, percentile, random_ids, start_engine,  # noqa: E402
+                           stream_chunks)
 
 
 async def one_turn(engine, ids, sampling) -> dict:
     start = time.perf_counter()
     first, out, meta = None, [], {}
-    gen = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True)
-    async for chunk in gen:  # incremental streaming: each chunk holds only new tokens
+    async for chunk in stream_chunks(engine, ids, sampling):
         meta = chunk["meta_info"]
-        finish = meta.get("finish_reason") or {}
-        if finish.get("type") == "abort":  # a refused turn must not pass as a short one
-            raise RuntimeError(f"turn aborted: {finish.get('message')}")
         if chunk["output_ids"] and first is None:
             first = time.perf_counter() - start
         out.extend(chunk["output_ids"])
@@ -51,10 +48,10 @@ async def one_turn(engine, ids, sampling) -> dict:
 
 async def conversation(engine, system, rng, args, sampling, gate, record, finished_at, t0):
     async with gate:
-        history = system + [rng.randrange(1000, 120000) for _ in range(args.task_len)]
+        history = system + random_ids(rng, args.task_len)
         for turn in range(args.turns):
             result = await one_turn(engine, history, sampling)
-            history = history + result.pop("output_ids") + [rng.randrange(1000, 120000) for _ in range(args.tool_len)]
+            history = history + result.pop("output_ids") + random_ids(rng, args.tool_len)
             record.append({"turn": turn, **result})
             # A run stopped by its time limit keeps its finished turns in the log.
             print("AGENT-TURN " + json.dumps(record[-1]), file=sys.stderr, flush=True)
@@ -63,7 +60,7 @@ async def conversation(engine, system, rng, args, sampling, gate, record, finish
 
 async def run(engine, args):
     rng = random.Random(0)
-    system = [rng.randrange(1000, 120000) for _ in range(args.system_len)]
+    system = random_ids(rng, args.system_len)
     sampling = {"temperature": 0, "max_new_tokens": args.reply_len, "ignore_eos": True}
     gate = asyncio.Semaphore(args.concurrency or args.conversations)
     record, finished_at = [], []
