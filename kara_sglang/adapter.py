@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from array import array
 import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -26,7 +27,7 @@ from kara_sglang.kept_positions import KeptPositions, block_size_from_env
 from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
-from kara_sglang import req_kv
+from kara_sglang import req_kv, session_continue
 from kara_sglang.reasoning import ReasoningEnd
 from kara_sglang.tp import reducer_for
 from kara_sglang.window import WindowState
@@ -49,13 +50,23 @@ class RequestKV:
     whole batch every step, on the host).
     """
 
-    __slots__ = ("window", "policy", "countdown", "kept")
+    __slots__ = ("window", "policy", "countdown", "kept", "continues")
 
-    def __init__(self, window: WindowState, policy: Optional[KVPolicy], track_kept: bool = False) -> None:
+    def __init__(self, window: WindowState, policy: Optional[KVPolicy], track_kept: bool = False,
+                 continues: bool = False) -> None:
         self.window = window
         self.policy = policy  # None: the request opted out
         self.countdown = policy.steps_until_due(window) if policy is not None else -1
-        self.kept: Optional[KeptPositions] = KeptPositions() if track_kept else None
+        self.continues = continues  # its session keeps the compacted row (kara_session_continue)
+        # Which decode tokens the row still holds: for block coverage, and for the KV-space
+        # prompt of a continued session's next turn.
+        self.kept: Optional[KeptPositions] = KeptPositions() if track_kept or continues else None
+
+
+def base_evicted(req: Any) -> int:
+    """Tokens a continued session turn's prompt already lacks (0 for any other request)."""
+    history = getattr(req, "kara_prompt_history", None)
+    return history.evicted if history is not None else 0
 
 
 class OverlapView:
@@ -136,8 +147,7 @@ class KaraRuntime:
         self.overhead = OverheadMeter(device)
         self.kept_block = block_size_from_env()  # evaluation only: block coverage per request
         self._kept_by_row: Dict[int, Any] = {}  # the compression step's requests by req_to_token row
-        if self.kept_block is not None:
-            self.compressor.on_keep = self._record_keep
+        self.compressor.on_keep = self._record_keep  # a no-op unless a request tracks its kept tokens
         logger.info("kara: %s", config)
 
     # ------------------------------------------------------------------ set-up
@@ -178,9 +188,55 @@ class KaraRuntime:
         """One-line error for bad per-request settings, or ``None``."""
         try:
             self.policy_for(req)
+            continues = session_continue.requested(getattr(req.sampling_params, "custom_params", None))
         except KaraConfigError as err:
             return f"kara-sglang: invalid custom_params: {err}"
+        refusal = getattr(req, "kara_refusal", None)
+        if refusal is not None:
+            return refusal
+        if continues:
+            session = getattr(req, "session", None)
+            if session is None or not getattr(session, "streaming", False):
+                return (f"kara-sglang: {session_continue.KEY} needs a streaming session "
+                        "(open_session(streaming=True) on a server started with --enable-streaming-session)")
+            if self.tp is not None:
+                return f"kara-sglang: {session_continue.KEY} is not supported with --tp-size > 1"
         return None
+
+    def _continues(self, req: Any) -> bool:
+        """The request opted in to continuing its streaming session on compressed KV."""
+        session = getattr(req, "session", None)
+        if session is None or not getattr(session, "streaming", False):
+            return False
+        try:
+            return session_continue.requested(getattr(req.sampling_params, "custom_params", None))
+        except KaraConfigError:
+            return False
+
+    # ------------------------------------------------------------ session turns
+    def on_session_turn(self, session: Any, req: Any, new_ids: Any) -> None:
+        """A session built a turn's request: put its prompt in KV space if the session's row
+        holds a compressed conversation (``kara_sglang.session_continue``)."""
+        if req.to_finish is not None or not getattr(session, "streaming", False) or len(session.req_nodes) != 1:
+            return
+        [node] = session.req_nodes.values()
+        history: Optional[session_continue.History] = getattr(node.req, "kara_history", None)
+        if history is None:
+            return  # the row is the token-space conversation (nothing evicted): as vanilla
+        if not self._continues(req):
+            # Its row is no longer the token-space conversation, so a turn that reads it as
+            # one would attend to the wrong KV: refused (validate_request), not served.
+            req.kara_refusal = (
+                f"kara-sglang: this streaming session continues on compressed KV; set "
+                f"custom_params {{\"{session_continue.KEY}\": true}} on every later turn, or open a new session")
+            return
+        ids = history.ids + [int(t) for t in new_ids]
+        if isinstance(req.origin_input_ids, array):
+            ids = array(req.origin_input_ids.typecode, ids)
+        req.origin_input_ids = ids
+        req.origin_input_ids_unpadded = ids
+        req.full_untruncated_fill_ids = array("q")  # rebuilt from the new prompt on first use
+        req.kara_prompt_history = history
 
     # ------------------------------------------------------------ decode forward
     def capture(self, layer: Any, q: torch.Tensor, forward_batch: Any) -> None:
@@ -203,6 +259,36 @@ class KaraRuntime:
         if self.rows_with_evictions == 0:
             return None
         return self.evicted_by_row[req_pool_indices]
+
+    def extend_positions(self, reqs: List[Any], prefix_lens: List[int], extend_lens: List[int]) -> Optional[torch.Tensor]:
+        """RoPE positions of an extend batch that holds a continued session turn, or ``None``.
+
+        Its prompt is in KV space: column ``c`` sits at the history's position for it, and a
+        new token ``evicted`` past its column. The row's decode offset is set here too, so
+        the turn's first decode step (prepared right after this one) already has it.
+        """
+        if not any(getattr(r, "kara_prompt_history", None) is not None for r in reqs):
+            return None
+        positions: List[int] = []
+        for req, start, n in zip(reqs, prefix_lens, extend_lens):
+            history = getattr(req, "kara_prompt_history", None)
+            if history is None:
+                positions.extend(range(start, start + n))
+                continue
+            positions.extend(history.position(c) for c in range(start, start + n))
+            row = req_kv.pool_row(req)
+            if row is not None and getattr(req, "kara_offset", 0) != history.evicted:
+                self.set_offset(req, row, history.evicted)
+        return torch.tensor(positions, dtype=torch.int64)
+
+    def set_offset(self, req: Any, row: int, value: int) -> None:
+        """Write one row's decode position offset; ``rows_with_evictions`` counts the nonzero ones."""
+        old = getattr(req, "kara_offset", 0)
+        if old == value:
+            return
+        self.rows_with_evictions += (value != 0) - (old != 0)
+        self.evicted_by_row[row] = value
+        req.kara_offset = value
 
     # -------------------------------------------------------------- decode step
     def after_decode(self, batch: Any, allocator: Any) -> None:
@@ -232,7 +318,7 @@ class KaraRuntime:
                     # re-prefilled after a retraction had already left it.
                     policy = None
                 state = RequestKV(WindowState(prompt_len=kv_now - 1), policy,
-                                  track_kept=self.kept_block is not None)
+                                  track_kept=self.kept_block is not None, continues=self._continues(req))
                 req.kara = state
             state.window.on_decode()
             if state.kept is not None:
@@ -269,8 +355,7 @@ class KaraRuntime:
 
     def _compress(self, batch: Any, allocator: Any, due) -> None:
         self.compressor.layout = self._layout()
-        if self.kept_block is not None:
-            self._kept_by_row = {e[1].pool_row: e[0] for e in due}
+        self._kept_by_row = {e[1].pool_row: e[0] for e in due if e[0].kara.kept is not None}
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[2]), []).append(entry)
@@ -290,15 +375,16 @@ class KaraRuntime:
         rows, evicted = [], []
         for req, item, policy, task in due:
             window = req.kara.window
-            if window.evicted == 0:
-                self.rows_with_evictions += 1
             window.apply(task, policy.tail_consumed(task))
+            offset = base_evicted(req) + window.evicted
+            self.rows_with_evictions += (offset != 0) - (getattr(req, "kara_offset", 0) != 0)
+            req.kara_offset = offset
             req.kara.countdown = policy.steps_until_due(window)
             e = task.n_evicted
             req_kv.shorten(req, e)
             evicted_by_req[id(req)] = e
             rows.append(item.pool_row)
-            evicted.append(window.evicted)
+            evicted.append(req.kara_offset)
         # The processed batch, or under overlap the one already prepared from it (the
         # processed one is then a copy without lengths).
         batches = {id(batch): batch}
@@ -315,8 +401,12 @@ class KaraRuntime:
         self.evicted_by_row[to_device(rows, device)] = to_device(evicted, device)
 
     def _record_keep(self, items: List[DueRequest], keep: torch.Tensor) -> None:
+        if not any(item.pool_row in self._kept_by_row for item in items):
+            return  # nobody tracks: no device read
         for item, row in zip(items, keep.tolist()):
-            req = self._kept_by_row[item.pool_row]
+            req = self._kept_by_row.get(item.pool_row)
+            if req is None:
+                continue
             req.kara.kept.apply(item.task.kv_start - req.kara.window.prompt_len, item.task.n_keys, row)
 
     def _check_free(self, slots: torch.Tensor, allocator: Any) -> None:
@@ -396,11 +486,11 @@ class KaraRuntime:
         """
         state: Optional[RequestKV] = getattr(req, "kara", None)
         if state is not None:
-            return state.window.kv_len, state.window.evicted
+            return state.window.kv_len, base_evicted(req) + state.window.evicted
         released = getattr(req, "kara_kv", None)  # set at release
         if released is not None:
             return released
-        return (req_kv.committed_len(req) if req_kv.pool_row(req) is not None else 0), 0
+        return (req_kv.committed_len(req) if req_kv.pool_row(req) is not None else 0), base_evicted(req)
 
     # ----------------------------------------------------------------- release
     def before_release(self, req: Any, allocator: Any) -> None:
@@ -411,35 +501,75 @@ class KaraRuntime:
         holds for the prompt and for the leading decode tokens its compressions kept in place
         (the longest exact prefix), so the row is cut there and the rest is freed. The
         next turn of a conversation (or a retracted request's re-prefill) matches that much.
+        A turn that continues its streaming session (``kara_session_continue``) and finished
+        keeps its whole row instead, for the session's next turn.
         """
         state: Optional[RequestKV] = getattr(req, "kara", None)
         row = req_kv.pool_row(req)
+        if row is not None:
+            self.set_offset(req, row, 0)  # the row leaves the running batch
         if state is not None and getattr(req, "kara_offloaded", None) is not None and row is not None:
             # Retracted on a PD decode server, its kept KV on the host: it resumes with this
             # state (kara_sglang/decode_offload.py); SGLang frees its whole row.
-            if state.window.evicted:
-                self.rows_with_evictions -= 1
-                self.evicted_by_row[row] = 0
             return
         req.kara = None
-        if state is None or row is None:
+        if row is None:
             return
-        if state.kept is not None:
-            req.kara_kept_blocks = state.kept.per_block(self.kept_block)
+        prompt_history: Optional[session_continue.History] = getattr(req, "kara_prompt_history", None)
         # The last step's token is counted by SGLang (released before after_decode sees it);
         # under overlap SGLang's count may also hold the slot of a step that will not run.
         end = req_kv.committed_len(req)
-        req.kara_kv = (min(end, state.window.kv_len + 1), state.window.evicted)
-        if state.window.evicted == 0:
+        if state is None:
+            if prompt_history is not None and not self._finished(req):
+                # A continued turn leaving before its first decode step (abort, retraction).
+                self._cut(req, row, min(end, prompt_history.exact_len), end, allocator)
             return
-        self.rows_with_evictions -= 1
-        self.evicted_by_row[row] = 0
-        # One small device read per finished compressed request (the batch's results were
-        # already read to the host, so the GPU is not running ahead of it here).
-        exact = int(self.exact_prefix_by_row[row].item())
-        if not state.window.prompt_len <= exact <= end:
-            raise AssertionError(f"kara: exact prefix {exact} outside [{state.window.prompt_len}, {end}]")
-        first = page_ceil(exact, self.page_size)  # whole pages past the exact prefix
+        if state.kept is not None and self.kept_block is not None:
+            req.kara_kept_blocks = state.kept.per_block(self.kept_block)
+        evicted = base_evicted(req) + state.window.evicted
+        req.kara_kv = (min(end, state.window.kv_len + 1), evicted)
+        if state.continues and self._finished(req) and evicted:
+            self._keep_for_session(req, state, row, end, allocator)
+            return
+        exact = end
+        if state.window.evicted:
+            # One small device read per finished compressed request (the batch's results
+            # were already read to the host, so the GPU is not running ahead of it here).
+            exact = int(self.exact_prefix_by_row[row].item())
+            if not state.window.prompt_len <= exact <= end:
+                raise AssertionError(f"kara: exact prefix {exact} outside [{state.window.prompt_len}, {end}]")
+        if prompt_history is not None:
+            exact = min(exact, prompt_history.exact_len)  # the compressed history is not exact either
+        self._cut(req, row, exact, end, allocator)
+
+    @staticmethod
+    def _finished(req: Any) -> bool:
+        """Finished for good (length, stop): not aborted, not retracted."""
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        reason = req.finished_reason
+        return reason is not None and not isinstance(reason, FINISH_ABORT)
+
+    def _keep_for_session(self, req: Any, state: RequestKV, row: int, end: int, allocator: Any) -> None:
+        """Leave the compacted row to the streaming session, with its KV-space conversation."""
+        output = req.output_ids[: req.sampling_params.max_new_tokens]  # what the session appends
+        prompt_history = getattr(req, "kara_prompt_history", None)
+        prompt_positions = None
+        if prompt_history is not None:
+            prompt_positions = [prompt_history.position(c) for c in range(len(req.origin_input_ids))]
+        history = session_continue.after_turn(
+            req.origin_input_ids, prompt_positions, output, state.kept.decode_index, state.kept.decoded,
+            base_evicted(req) + state.window.evicted)
+        # As vanilla, the session holds every token's KV but the last one's (the next turn
+        # prefills it); SGLang's own finish clamp counts token-space lengths, so cut here.
+        self._cut(req, row, min(end, len(history.ids) - 1), end, allocator)
+        req.kara_history = history
+
+    def _cut(self, req: Any, row: int, length: int, end: int, allocator: Any) -> None:
+        """Free the row's whole pages past ``length`` and set the request's lengths to it."""
+        if length >= end:
+            return
+        first = page_ceil(length, self.page_size)  # whole pages past the kept prefix
         if end > first:
             slots = self.req_to_token_pool.req_to_token[row, first:end].to(torch.int64)
             if self.page_size > 1:
@@ -447,7 +577,7 @@ class KaraRuntime:
             if self.debug_checks:
                 self._check_free(slots, allocator)
             allocator.free(slots)
-        req_kv.cut_to(req, exact)
+        req_kv.cut_to(req, length)
 
 
 def shrink_seq_lens(batch: Any, delta: torch.Tensor) -> None:

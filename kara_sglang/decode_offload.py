@@ -66,13 +66,11 @@ def restore(runtime: Any, req: Any, allocator: Any) -> None:
     slots = runtime.req_to_token_pool.req_to_token[row, :saved.kv_len]
     allocator.load_cpu_copy(req.kv_cache_cpu, slots, mamba_indices=req.mamba_pool_idx)
     del req.kv_cache_cpu
-    runtime.evicted_by_row[row] = saved.evicted
     runtime.exact_prefix_by_row[row] = saved.exact_prefix
     if saved.queries is not None:
         runtime.queries.data[row] = saved.queries.to(runtime.queries.data.device)
         runtime.ring_pos[row] = saved.ring_pos
-    if saved.evicted:
-        runtime.rows_with_evictions += 1
+    runtime.set_offset(req, row, saved.evicted)
     req.kara_offloaded = None
 
 

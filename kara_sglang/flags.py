@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from kara_sglang.config import POLICY_NAMES, SCOPES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
+from kara_sglang.session_continue import KEY as SESSION_CONTINUE_KEY
 
 
 def _layer_list(text: Any):
@@ -98,6 +99,8 @@ def request_overrides(server: KaraConfig, custom_params: Optional[Mapping[str, A
     for key, value in custom_params.items():
         flag = FLAGS_BY_ATTR.get(key)
         if flag is None:
+            if key == SESSION_CONTINUE_KEY:
+                continue  # not a config field: read by kara_sglang.session_continue
             if key.startswith("kara_"):
                 raise KaraConfigError(f"{key}: unknown kara setting")
             continue

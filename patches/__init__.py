@@ -22,9 +22,11 @@ from kara_patches import (
     scheduler_init,
     server_args,
     server_info,
+    session_turns,
 )
 
 ALWAYS = server_args.PATCHES + scheduler_init.PATCHES + server_info.PATCHES
 RUNTIME = (attention_capture.PATCHES + decode_positions.PATCHES + decode_step.PATCHES
            + release.PATCHES + admission.PATCHES + request_params.PATCHES
-           + output_meta.PATCHES + metrics.PATCHES + decode_retraction.PATCHES)
+           + output_meta.PATCHES + metrics.PATCHES + decode_retraction.PATCHES
+           + session_turns.PATCHES)
