@@ -109,10 +109,11 @@ def random_ids(rng: random.Random, n: int) -> list:
     return [rng.randrange(1000, 120000) for _ in range(n)]
 
 
-async def stream_chunks(engine, ids, sampling):
+async def stream_chunks(engine, ids, sampling, session_params=None):
     """A streamed generation's chunks, each holding only its new tokens (incremental streaming).
     An aborted request raises: a refused request must not pass as a short one."""
-    gen = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True)
+    gen = await engine.async_generate(input_ids=ids, sampling_params=sampling, stream=True,
+                                      session_params=session_params)
     async for chunk in gen:
         finish = chunk["meta_info"].get("finish_reason") or {}
         if finish.get("type") == "abort":

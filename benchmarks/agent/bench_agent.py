@@ -13,6 +13,10 @@ prompt + the whole reply (thinking kept) + a tool output. Replies are ``--reply-
 (prefix-cache hits), the tokens prefilled (prompt - cached), TTFT, and the KV the request held
 at its end (Kara's ``kv_tokens_kept``; prompt + reply on a server without a policy). The
 server's settings and model (Llama-3.1-8B shape, dummy weights) are bench_serving.py's.
+
+``--session-continue`` runs each conversation as a streaming session that continues on its
+compressed KV (``custom_params: {"kara_session_continue": true}``): each later turn sends only
+the tool output, and its prompt (as SGLang reports it) is the conversation in KV space.
 """
 
 from __future__ import annotations
@@ -31,37 +35,64 @@ from bench_serving import (add_server_args, kara_counters, percentile, random_id
                            stream_chunks)
 
 
-async def one_turn(engine, ids, sampling) -> dict:
+async def one_turn(engine, ids, sampling, session_params=None) -> dict:
     start = time.perf_counter()
     first, out, meta = None, [], {}
-    async for chunk in stream_chunks(engine, ids, sampling):
+    async for chunk in stream_chunks(engine, ids, sampling, session_params):
         meta = chunk["meta_info"]
         if chunk["output_ids"] and first is None:
             first = time.perf_counter() - start
         out.extend(chunk["output_ids"])
     kept = (meta.get("kv_tokens_kept") or [None])[-1]
-    return {"prompt_tokens": len(ids), "cached_tokens": meta.get("cached_tokens", 0),
-            "prefilled": len(ids) - meta.get("cached_tokens", 0), "ttft": first,
+    # A session turn's prompt is built by the server (in KV space when it continues).
+    prompt = meta.get("prompt_tokens", len(ids)) if session_params else len(ids)
+    return {"prompt_tokens": prompt, "cached_tokens": meta.get("cached_tokens", 0),
+            "prefilled": prompt - meta.get("cached_tokens", 0), "ttft": first,
             "latency": time.perf_counter() - start, "reply_tokens": len(out),
-            "kv_held": kept if kept is not None else len(ids) + len(out), "output_ids": out}
+            "kv_held": kept if kept is not None else prompt + len(out), "output_ids": out}
 
 
 async def conversation(engine, system, rng, args, sampling, gate, record, finished_at, t0):
     async with gate:
         history = system + random_ids(rng, args.task_len)
+        session = await open_session(engine) if args.session_continue else None
         for turn in range(args.turns):
-            result = await one_turn(engine, history, sampling)
-            history = history + result.pop("output_ids") + random_ids(rng, args.tool_len)
+            if session is None:
+                result = await one_turn(engine, history, sampling)
+                history = history + result.pop("output_ids") + random_ids(rng, args.tool_len)
+            else:  # the session holds the conversation: send only what is new
+                result = await one_turn(engine, history, sampling, {"id": session})
+                result.pop("output_ids")
+                history = random_ids(rng, args.tool_len)
             record.append({"turn": turn, **result})
             # A run stopped by its time limit keeps its finished turns in the log.
             print("AGENT-TURN " + json.dumps(record[-1]), file=sys.stderr, flush=True)
+        if session is not None:
+            await close_session(engine, session)
         finished_at.append(time.perf_counter() - t0)
+
+
+async def open_session(engine) -> str:
+    from sglang.srt.managers.io_struct import OpenSessionReqInput
+
+    sid = f"agent-{random.getrandbits(48):012x}"
+    await engine.tokenizer_manager.open_session(
+        OpenSessionReqInput(capacity_of_str_len=1 << 30, session_id=sid, streaming=True), None)
+    return sid
+
+
+async def close_session(engine, sid: str) -> None:
+    from sglang.srt.managers.io_struct import CloseSessionReqInput
+
+    await engine.tokenizer_manager.close_session(CloseSessionReqInput(session_id=sid), None)
 
 
 async def run(engine, args):
     rng = random.Random(0)
     system = random_ids(rng, args.system_len)
     sampling = {"temperature": 0, "max_new_tokens": args.reply_len, "ignore_eos": True}
+    if args.session_continue:
+        sampling["custom_params"] = {"kara_session_continue": True}
     gate = asyncio.Semaphore(args.concurrency or args.conversations)
     record, finished_at = [], []
     t0 = time.perf_counter()
@@ -99,8 +130,10 @@ def main() -> None:
     ap.add_argument("--reply-len", type=int, default=4096, help="tokens of each reply (thinking + answer)")
     ap.add_argument("--tool-len", type=int, default=256, help="tool output appended after each reply")
     ap.add_argument("--warmup-conversations", type=int, default=4)
+    ap.add_argument("--session-continue", action="store_true",
+                    help="streaming sessions that continue on compressed KV (kara_session_continue)")
     args = ap.parse_args()
-    engine, env, startup = start_engine(args)
+    engine, env, startup = start_engine(args, **({"enable_streaming_session": True} if args.session_continue else {}))
     loop = engine.loop  # the tokenizer manager's receive loop runs on the engine's own loop
     warm = argparse.Namespace(**{**vars(args), "conversations": args.warmup_conversations, "concurrency": None,
                                  "turns": 2, "reply_len": min(args.reply_len, 640)})
@@ -116,7 +149,7 @@ def main() -> None:
         "policy": args.policy if args.policy != "none" else "vanilla", "keep_ratio": args.keep_ratio,
         "window": args.window if args.policy != "none" else None,
         "buffer": args.buffer if args.policy != "none" else None,
-        "conversations": args.conversations, "concurrency": args.concurrency, "turns": args.turns,
+        "session_continue": args.session_continue, "conversations": args.conversations, "concurrency": args.concurrency, "turns": args.turns,
         "system_len": args.system_len, "task_len": args.task_len, "reply_len": args.reply_len,
         "tool_len": args.tool_len, "wall_s": wall,
         "conversations_per_min": 60 * args.conversations / wall,
