@@ -69,6 +69,20 @@ def base_evicted(req: Any) -> int:
     return history.evicted if history is not None else 0
 
 
+def _in_streaming_session(req: Any) -> bool:
+    session = getattr(req, "session", None)
+    return session is not None and bool(getattr(session, "streaming", False))
+
+
+def _opted_in(req: Any) -> bool:
+    """The request's ``kara_session_continue`` value, parsed once and kept on the ``Req``
+    (a non-boolean raises ``KaraConfigError`` every time: the request is refused)."""
+    opted = getattr(req, "kara_opted_in", None)
+    if opted is None:
+        opted = req.kara_opted_in = session_continue.requested(getattr(req.sampling_params, "custom_params", None))
+    return opted
+
+
 class OverlapView:
     """What Kara needs of SGLang's overlap scheduler (``Scheduler.event_loop_overlap``).
 
@@ -188,30 +202,27 @@ class KaraRuntime:
         """One-line error for bad per-request settings, or ``None``."""
         try:
             self.policy_for(req)
-            continues = session_continue.requested(getattr(req.sampling_params, "custom_params", None))
+            opted_in = _opted_in(req)
         except KaraConfigError as err:
             return f"kara-sglang: invalid custom_params: {err}"
         refusal = getattr(req, "kara_refusal", None)
         if refusal is not None:
             return refusal
-        if continues:
-            session = getattr(req, "session", None)
-            if session is None or not getattr(session, "streaming", False):
+        if opted_in:
+            if not _in_streaming_session(req):
                 return (f"kara-sglang: {session_continue.KEY} needs a streaming session "
                         "(open_session(streaming=True) on a server started with --enable-streaming-session)")
             if self.tp is not None:
                 return f"kara-sglang: {session_continue.KEY} is not supported with --tp-size > 1"
         return None
 
-    def _continues(self, req: Any) -> bool:
+    @staticmethod
+    def _continues(req: Any) -> bool:
         """The request opted in to continuing its streaming session on compressed KV."""
-        session = getattr(req, "session", None)
-        if session is None or not getattr(session, "streaming", False):
-            return False
         try:
-            return session_continue.requested(getattr(req.sampling_params, "custom_params", None))
+            return _in_streaming_session(req) and _opted_in(req)
         except KaraConfigError:
-            return False
+            return False  # refused by validate_request
 
     # ------------------------------------------------------------ session turns
     def on_session_turn(self, session: Any, req: Any, new_ids: Any) -> None:
