@@ -228,3 +228,68 @@ class TestPage16:
         wait_for_sessions_released(engine_page16)
         assert_pool_consistent(engine_page16)
         assert_pool_back_to_idle(engine_page16)
+
+
+# ----------------------------------------------------------- many sessions, small pool
+# Four continued conversations at once in a 600-token pool with optimistic admission, half of
+# their second turns keeping everything. A streaming session's KV stays pinned to it between
+# turns (vanilla too), so the sessions' KV must fit the pool: turn 1 leaves about 60 tokens a
+# conversation, turn 2 at most about 190. Measured: neither release retracts here (a pool that
+# runs dry under continued turns is one their pinned KV nearly fills, and then it stalls as
+# vanilla's streaming sessions do), so retraction of a continued turn is not exercised.
+SMALL_POOL = dict(max_total_tokens=600, chunked_prefill_size=256, schedule_conservativeness=0.02,
+                  max_running_requests=16)  # a row per open session + one per running turn
+SMALL_POOL_TURNS = ((90, {}), (120, {"kara_keep_ratio": 1.0}))
+
+
+async def _continued_conversation(engine, i, prompt):
+    from sglang.srt.managers.io_struct import CloseSessionReqInput, OpenSessionReqInput
+
+    tm = engine.tokenizer_manager
+    sid = f"small-pool-{i}"
+    await tm.open_session(OpenSessionReqInput(capacity_of_str_len=1 << 20, session_id=sid, streaming=True), None)
+    turns = []
+    for (n, extra), new_ids in zip(SMALL_POOL_TURNS, (prompt, [21, 22])):
+        custom = {**CONTINUE, **(extra if i % 2 else {})}
+        out = await engine.async_generate(input_ids=new_ids, sampling_params=greedy(n, custom_params=custom),
+                                          session_params={"id": sid}, rid=rid(f"small-pool{i}"))
+        turns.append(out["meta_info"])
+    await tm.close_session(CloseSessionReqInput(session_id=sid), None)
+    return turns
+
+
+@pytest.fixture(scope="module")
+def engine_small_pool(tiny_model):
+    engine = make_engine(tiny_model, **SMALL_POOL, **STREAMING, **KARA)
+    yield engine
+    engine.shutdown()
+
+
+def test_concurrent_continued_sessions_in_a_small_pool(engine_small_pool):
+    import random
+
+    engine = engine_small_pool
+    flush(engine)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(10, 500) for _ in range(20)] for _ in range(4)]
+
+    async def run():
+        together = asyncio.gather(*(_continued_conversation(engine, i, p) for i, p in enumerate(prompts)))
+        return await asyncio.wait_for(together, timeout=240)
+
+    conversations = engine.loop.run_until_complete(run())
+    retractions = sum(m["num_retractions"] for turns in conversations for m in turns)
+    print(f"\nfour continued sessions in a 600-token pool: {retractions} retractions")
+    assert all(m["finish_reason"]["type"] == "length" for turns in conversations for m in turns)
+    n1 = SMALL_POOL_TURNS[0][0]
+    for turns in conversations:
+        evicted = turns[0]["kv_tokens_evicted"]
+        evicted = evicted[-1] if isinstance(evicted, list) else evicted
+        assert evicted > 0
+        # The second turn's prompt is the conversation in KV space, all of it but the last
+        # reply token and the new tokens from the session's row.
+        assert turns[1]["prompt_tokens"] == 20 + n1 + 2 - evicted
+        assert turns[1]["cached_tokens"] == turns[1]["prompt_tokens"] - 3
+    wait_for_sessions_released(engine)
+    assert_pool_consistent(engine)
+    assert_pool_back_to_idle(engine)
