@@ -136,9 +136,9 @@ def main() -> None:
     in_flight = min(args.conversations, args.concurrency or args.conversations)
     if args.session_continue and args.max_running_requests < 2 * in_flight:
         # Each open streaming session holds one of SGLang's max_running_requests + 1 request
-        # rows until it closes, and SGLang 0.5.17 does not count a turn that runs on its
-        # session's row as needing none: with fewer rows, later turns queue for rows (and
-        # with none free, 0.5.23 admits no turn at all).
+        # rows until it closes, and SGLang 0.5.17 admits a turn only while a row is free, even
+        # a turn that runs on its session's row: with fewer rows, later turns queue for rows
+        # (and with none free, 0.5.23 admits no turn at all).
         ap.error(f"--session-continue with {in_flight} conversations in flight needs "
                  f"--max-running-requests >= {2 * in_flight} (a row per open session + one per running turn)")
     engine, env, startup = start_engine(args, **({"enable_streaming_session": True} if args.session_continue else {}))
