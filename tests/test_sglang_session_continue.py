@@ -20,7 +20,7 @@ import asyncio
 
 import pytest
 
-from support.engines import assert_pool_back_to_idle, assert_pool_consistent, flush, make_engine, use_cpu_sglang
+from support.engines import assert_pool_back_to_idle, assert_pool_consistent, flush, last, make_engine, use_cpu_sglang
 from test_sglang_engine import KARA, U, W, greedy
 from test_sglang_sessions import PROMPT, STREAMING, rid, wait_for_sessions_released
 
@@ -283,8 +283,7 @@ def test_concurrent_continued_sessions_in_a_small_pool(engine_small_pool):
     assert all(m["finish_reason"]["type"] == "length" for turns in conversations for m in turns)
     n1 = SMALL_POOL_TURNS[0][0]
     for turns in conversations:
-        evicted = turns[0]["kv_tokens_evicted"]
-        evicted = evicted[-1] if isinstance(evicted, list) else evicted
+        evicted = last(turns[0], "kv_tokens_evicted")
         assert evicted > 0
         # The second turn's prompt is the conversation in KV space, all of it but the last
         # reply token and the new tokens from the session's row.
