@@ -339,6 +339,7 @@ def accuracy_server(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.sglang
+@pytest.mark.newest_release  # a client of the server
 def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_path, capsys):
     base, proc, log = accuracy_server
     # One batch per setting (concurrency = problems) keeps the CPU run short.

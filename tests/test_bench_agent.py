@@ -30,6 +30,7 @@ def test_session_continue_refuses_too_few_request_rows(tmp_path):
 
 
 @pytest.mark.sglang
+@pytest.mark.newest_release  # a client of the server; the session suites cover both releases
 def test_continued_conversations_prefill_only_the_new_tokens(tmp_path):
     proc, out = run_bench(
         tmp_path, "--cpu-smoke", "--policy", "kara", "--keep-ratio", "0.25", "--window", "64", "--buffer", "16",

@@ -35,6 +35,7 @@ def test_tracker_follows_compressions_of_fresh_and_already_compressed_regions():
 
 
 @pytest.mark.sglang
+@pytest.mark.newest_release  # the tracker reads what the server reports
 def test_server_reports_blocks_kara_never_empties_one_streaming_does(tiny_model, monkeypatch):
     from support.engines import flush, make_engine, use_cpu_sglang
 
@@ -63,6 +64,7 @@ def test_server_reports_blocks_kara_never_empties_one_streaming_does(tiny_model,
 
 
 @pytest.mark.sglang
+@pytest.mark.newest_release  # the tracker reads what the server reports
 def test_streaming_policy_empties_the_middle_blocks(tiny_model, monkeypatch):
     from support.engines import flush, make_engine, use_cpu_sglang
 

@@ -12,7 +12,8 @@ import pytest
 from support.engines import use_cpu_sglang
 from support.http_server import get, serve
 
-pytestmark = pytest.mark.sglang
+# The frontend example is a client of the server: no release-specific path of its own.
+pytestmark = [pytest.mark.sglang, pytest.mark.newest_release]
 
 use_cpu_sglang()
 

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIDELITY = ROOT / "benchmarks" / "fidelity"
 MODEL = ROOT / "data" / "models" / "smollm2-135m-instruct"
 
-pytestmark = pytest.mark.sglang
+# A measurement of the attention numerics, not of a release's scheduler path.
+pytestmark = [pytest.mark.sglang, pytest.mark.newest_release]
 
 PROMPTS = [
     "Write a very long, detailed story about a lighthouse keeper and a storm.",

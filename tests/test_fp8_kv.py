@@ -72,6 +72,7 @@ def test_kara_on_an_fp8_cache_matches_vanilla_fp8_until_the_first_compression(ti
 
 
 @pytest.mark.sglang
+@pytest.mark.newest_release  # the same start-up check as test_sglang_http's, which runs on every release
 @pytest.mark.parametrize("policy", ["cask", "longflow"])
 def test_policies_without_fp8_support_are_refused_with_one_line(tiny_model, policy):
     import subprocess

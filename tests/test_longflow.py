@@ -318,6 +318,7 @@ SYSTEM = [int(x) for x in torch.randint(10, 500, (48,), generator=torch.Generato
 
 
 @pytest.mark.sglang
+@pytest.mark.newest_release  # the scheduler path is Kara's, run on every release
 def test_longflow_through_the_real_sglang_scheduler(tiny_model):
     from support.engines import assert_pool_back_to_idle, flush, last, make_engine, pool_state, use_cpu_sglang
 

@@ -39,6 +39,7 @@ def test_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model):
 LONGFLOW = dict(kv_policy="longflow", kara_budget=24, kara_buffer=8, kara_num_vote_layers=2)
 
 
+@pytest.mark.newest_release  # the paged path is Kara's (above), run on every release
 def test_longflow_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model):
     n = 24 + 5 * 8 + 3
     ref, _ = generate_once(tiny_model, PROMPTS[:3], greedy(n), **LONGFLOW)
@@ -53,6 +54,7 @@ def test_longflow_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model)
 @pytest.mark.parametrize("policy", [dict(kv_policy="threshold", kara_budget=24, kara_buffer=8),
                                     dict(kv_policy="streaming", kara_budget=24, kara_buffer=8),
                                     LONGFLOW])
+@pytest.mark.newest_release  # the adapter path is Kara's, run on every release
 def test_baseline_policies_run_through_the_scheduler(tiny_model, policy):
     outs, state = generate_once(tiny_model, PROMPTS[:3], greedy(100), **policy)
     assert state["compression_events"] > 0
