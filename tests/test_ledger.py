@@ -20,13 +20,18 @@ import ledger  # noqa: E402
 SEEDS = [random.randrange(10**6) for _ in range(6)]
 
 
-def solve_from_prompt(prompt: str) -> str:
-    """The final balance asked for, by the rules stated in the prompt."""
+def balances_after_all_steps(prompt: str) -> dict:
+    """Every account's final balance, by the rules stated in the prompt."""
     balance = {name: int(v) for name, v in re.findall(r"(\w\w)=(\d\d)", prompt.split("\n")[1])}
     for _, account, sign, amount, _ in re.findall(r"^(\d+) (\w\w)([+-])(\d) @(\w+)$", prompt, re.M):
         balance[account] = (balance[account] + (int(amount) if sign == "+" else -int(amount))) % 100
+    return balance
+
+
+def solve_from_prompt(prompt: str) -> str:
+    """The final balance asked for."""
     target = re.search(r"final balance of (\w\w)\?", prompt)[1]
-    return f"{balance[target]:02d}"
+    return f"{balances_after_all_steps(prompt)[target]:02d}"
 
 
 @pytest.mark.parametrize("style", ledger.STYLES)
@@ -67,3 +72,24 @@ def test_first_error_parser_finds_a_changed_recall(style):
         corrupted = corrupted[:at] + corrupted[at:].replace(f"is now {step.before:02d}", f"is now {wrong}", 1)
     kind, where = first_error.classify(p, corrupted)
     assert kind == "recall" and where.index == step.index
+
+
+@pytest.mark.parametrize("style", ledger.STYLES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_follow_up_asks_another_account_whose_balance_only_the_first_reply_wrote(style, seed):
+    p = ledger.make_problem(style, seed)
+    f = ledger.make_follow_up(p)
+    assert f == ledger.make_follow_up(ledger.make_problem(style, seed))
+    assert f.account != p.target
+    assert f.answer == f"{balances_after_all_steps(p.prompt)[f.account]:02d}"
+    assert f.prompt == f"\nQuestion: final balance of {f.account}?\n<think>\n"
+    assert f.completion.endswith(f"{ledger.THINK_END}\nAnswer: {f.answer}")
+    # The step the follow-up names is the account's last in the prompt, and the first reply
+    # wrote the balance there: the answer is a read of the first turn's reasoning.
+    step = int(re.search(r"last changed in step (\d+),", f.completion)[1])
+    lines = re.findall(r"^(\d+) (\w\w)[+-]\d @\w+$", p.prompt, re.M)
+    assert max(int(i) for i, account in lines if account == f.account) == step
+    text = "\n" + p.completion
+    start = re.search(rf"\nStep {step}[:.]" if style == "verbose" else rf"\n{step} {f.account} @", text).start()
+    line = text[start:text.index("\n", start + 1)]
+    assert line.endswith(f"={f.answer}") if style == "dense" else f"{f.account} = {f.answer}." in line, line

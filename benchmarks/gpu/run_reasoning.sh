@@ -9,6 +9,8 @@
 #           installs them once all four are there (with .whl/kara, the plugin's wheel)
 #   grid    waits for training, starts run_grid.py in the background, then like `wait`
 #   wait    waits up to $WAIT s (default 540) for the grid; packs what exists into $OUT
+#   followup  like grid, but runs run_follow_up.py (issue 19's next-turn accuracy; train with
+#           TRAIN_ARGS="--follow-ups 0.5"); `wait` then waits for it
 #
 # Preparing the carried files (here, on a CPU machine with PyPI; .whl/ is ignored by git):
 #   bash benchmarks/gpu/fetch_wheels.sh && (cd .whl/dl && tar -cf - . | split -b 46m - ../parts/part-)
@@ -31,8 +33,8 @@ pack() {
   cp $REASONER/training.json "$OUT/" 2>/dev/null
   [ -f $R/grid.log ] && cp $R/grid.log "$OUT/"
   if [ -d $R/grid ]; then
-    (cd $R/grid && tar -czf "$OUT/grid-results.tar.gz" plan.json rows-*.json client-*.log server-*.log 2>/dev/null)
-    (cd $R/grid && tar -czf "$OUT/grid-records.tar.gz" records-*.jsonl 2>/dev/null)
+    (cd $R/grid && tar -czf "$OUT/grid-results.tar.gz" *plan.json rows-*.json followup-*.json client-*.log server-*.log 2>/dev/null)
+    (cd $R/grid && tar -czf "$OUT/grid-records.tar.gz" records-*.jsonl followup-records-*.jsonl 2>/dev/null)
   fi
   ls -la "$OUT"
 }
@@ -52,7 +54,7 @@ train)
     ts "converted: $(du -sh $MODEL | cut -f1)"
   fi
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True setsid nohup python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/reasoning/train.py --model $MODEL \
-    --out $REASONER --steps auto --seconds "${TRAIN_SECONDS:-240}" > $R/train.log 2>&1 < /dev/null &
+    --out $REASONER --steps auto --seconds "${TRAIN_SECONDS:-240}" ${TRAIN_ARGS:-} > $R/train.log 2>&1 < /dev/null &
   sleep 60; ts "training started on $NGPU GPUs"; tail -5 $R/train.log ;;
 wheels)
   for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/; done
@@ -60,20 +62,21 @@ wheels)
   if [ "$(ls /tmp/wheels/part-* | wc -l)" -ge 4 ] && [ ! -f /tmp/site/.done ]; then
     bash benchmarks/gpu/run_serving.sh && ts "SGLang installed"
   fi ;;
-grid|wait)
+grid|followup|wait)
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
   [ -f /tmp/site/.done ] || { ts "SGLang wheels not installed"; exit 1; }
   # SGLang's HTTP server also imports soundfile (+ cffi, pycparser): carried in .whl/extra.
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/kara/*.whl $(ls .whl/extra/*.whl 2>/dev/null) 2>&1 | grep -v "already exists"
   T0=$(date +%s)
-  if [ "$PHASE" = grid ] && [ ! -f $R/grid.started ]; then
+  if [ "$PHASE" != wait ] && [ ! -f $R/grid.started ]; then
     while [ ! -f $REASONER/training.json ]; do
       [ $(( $(date +%s) - T0 )) -gt 500 ] && { ts "training not done"; tail -3 $R/train.log; pack; exit 1; }
       sleep 5
     done
     ts "trained: $(tail -1 $R/train.log)"
     touch $R/grid.started
-    setsid nohup python3 benchmarks/reasoning/run_grid.py --model $REASONER --out $R/grid --gpus "$NGPU" \
+    SCRIPT=run_grid.py; [ "$PHASE" = followup ] && SCRIPT=run_follow_up.py
+    setsid nohup python3 benchmarks/reasoning/$SCRIPT --model $REASONER --out $R/grid --gpus "$NGPU" \
       ${GRID_ARGS:-} > $R/grid.log 2>&1 < /dev/null &
   fi
   WAIT=${WAIT:-540}

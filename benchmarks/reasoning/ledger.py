@@ -225,6 +225,36 @@ def render_trace(p: Problem) -> Tuple[str, List[Tuple[int, List[int]]]]:
     return w.text, w.reads
 
 
+@dataclass
+class FollowUp:
+    """A second turn: the final balance of another account, asked after the first reply.
+
+    The prompt holds only start balances and deltas, so the balance lives in the first reply's
+    reasoning alone: the model finds the account's last step in the prompt's transaction list
+    and reads the balance that step wrote back from its own (possibly compressed) trace."""
+
+    account: str
+    prompt: str  # sent after the first reply and its end-of-turn token
+    completion: str  # short reasoning, THINK_END, the answer line
+    answer: str
+
+
+def make_follow_up(p: Problem) -> FollowUp:
+    rng = random.Random(f"follow-up:{p.style}:{p.seed}")
+    last_step = {st.account: st for st in p.steps if st.account != p.target}
+    if last_step:
+        account = rng.choice(sorted(last_step))
+        st = last_step[account]
+        answer = f"{st.after:02d}"
+        thought = f"{account} last changed in step {st.index}, where it became {answer}."
+    else:  # no other account changed (never drawn at the task's lengths; kept total)
+        account = rng.choice(sorted(n for n in p.start if n != p.target))
+        answer = f"{p.start[account]:02d}"
+        thought = f"{account} never changed, so it keeps its start balance {answer}."
+    prompt = f"\nQuestion: final balance of {account}?\n<think>\n"
+    return FollowUp(account, prompt, f"{thought}\n{THINK_END}\nAnswer: {answer}", answer)
+
+
 def problems(style: str, n: int, seed0: int) -> List[Problem]:
     """``n`` problems of one style with seeds ``seed0 .. seed0 + n - 1``."""
     return [make_problem(style, seed0 + i) for i in range(n)]

@@ -139,11 +139,12 @@ def start_server(model: str, lane: dict, out: Path, backend: str, cpu_smoke: boo
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(lane["gpu"]), KARA_TRACK_KEPT=str(W))
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--host", "127.0.0.1",
            "--port", str(lane["port"]), "--random-seed", "0", "--log-level", "warning"] + lane["args"]
+    rows = str(lane.get("max_running_requests", 256))
     if cpu_smoke:
-        cmd += CPU_SMOKE_ARGS
+        cmd += CPU_SMOKE_ARGS + ["--max-running-requests", rows]
     else:
         cmd += ["--attention-backend", backend, "--max-total-tokens", str(lane["pool"]),
-                "--mem-fraction-static", "0.9", "--max-running-requests", "256", "--cuda-graph-max-bs", "256",
+                "--mem-fraction-static", "0.9", "--max-running-requests", rows, "--cuda-graph-max-bs", "256",
                 "--disable-prefill-cuda-graph"]
     log = open(out / f"server-{lane['name']}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -39,8 +39,24 @@ CONTEXT = 16384
 EOS = "<|im_end|>"
 
 
-def batch_for_step(tokenizer, step: int, rank: int, tokens: int, eos_id: int):
-    """This rank's problems for one step: one length band, as many as fit ``tokens``."""
+def token_rows(tokenizer, p: "ledger.Problem", eos_id: int, follow_up: bool):
+    """A problem's ids and labels (loss on what the model writes only). With ``follow_up`` the
+    conversation goes on after the first reply's end-of-turn token with a second question
+    (ledger.make_follow_up), joined in token space as a server's session joins turns."""
+    prompt = tokenizer(p.prompt).input_ids
+    completion = tokenizer(p.completion).input_ids + [eos_id]
+    ids, labels = prompt + completion, [-100] * len(prompt) + completion
+    if follow_up:
+        second = ledger.make_follow_up(p)
+        question = tokenizer(second.prompt).input_ids
+        answer = tokenizer(second.completion).input_ids + [eos_id]
+        ids, labels = ids + question + answer, labels + [-100] * len(question) + answer
+    return ids, labels
+
+
+def batch_for_step(tokenizer, step: int, rank: int, tokens: int, eos_id: int, follow_ups: float = 0.0):
+    """This rank's problems for one step: one length band, as many as fit ``tokens``; a
+    ``follow_ups`` share of them go on with a second turn."""
     rng = random.Random(f"batch:{step}:{rank}")
     style = ledger.STYLES[(step + rank) % 2]
     seed0 = step * 1000 + rank * 500  # below EVAL_SEED0 for every step main() allows
@@ -50,13 +66,14 @@ def batch_for_step(tokenizer, step: int, rank: int, tokens: int, eos_id: int):
     while i < 500:
         trace = rng.randint(7000, 8600) if long_band else rng.randint(1200, 3200)
         p = ledger.make_problem(style, seed0 + i, trace_tokens=trace)
-        prompt = tokenizer(p.prompt).input_ids
-        completion = tokenizer(p.completion).input_ids + [eos_id]
-        n = len(prompt) + len(completion)
+        # No draw at 0: the default run's batches stay exactly as they were before follow-ups.
+        follow_up = follow_ups > 0 and rng.random() < follow_ups
+        row_ids, row_labels = token_rows(tokenizer, p, eos_id, follow_up)
+        n = len(row_ids)
         if n > CONTEXT or (ids and used + n > tokens):
             break
-        ids.append(prompt + completion)
-        labels.append([-100] * len(prompt) + completion)
+        ids.append(row_ids)
+        labels.append(row_labels)
         used += n
         i += 1
     width = max(map(len, ids))
@@ -68,15 +85,15 @@ def batch_for_step(tokenizer, step: int, rank: int, tokens: int, eos_id: int):
 class Batches(torch.utils.data.Dataset):
     """Step i's batch of this rank, built in DataLoader workers (the CPU work overlaps the GPU's)."""
 
-    def __init__(self, tokenizer, rank: int, tokens: int, eos_id: int, steps: int) -> None:
-        self.args, self.steps = (tokenizer, rank, tokens, eos_id), steps
+    def __init__(self, tokenizer, rank: int, tokens: int, eos_id: int, steps: int, follow_ups: float) -> None:
+        self.args, self.steps = (tokenizer, rank, tokens, eos_id, follow_ups), steps
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int):
-        tokenizer, rank, tokens, eos_id = self.args
-        return batch_for_step(tokenizer, step, rank, tokens, eos_id)
+        tokenizer, rank, tokens, eos_id, follow_ups = self.args
+        return batch_for_step(tokenizer, step, rank, tokens, eos_id, follow_ups)
 
 
 def loss_on_completion(model, ids, labels):
@@ -96,6 +113,8 @@ def main() -> None:
     ap.add_argument("--tokens-per-step", type=int, default=65536, help="summed over GPUs")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--follow-ups", type=float, default=0.0,
+                    help="share of problems that go on with a second question (issue 19's multi-turn variant)")
     a = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,7 +139,7 @@ def main() -> None:
     per_rank = a.tokens_per_step // world
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = iter(torch.utils.data.DataLoader(Batches(tokenizer, rank, per_rank, eos_id, 999), batch_size=None,
+    loader = iter(torch.utils.data.DataLoader(Batches(tokenizer, rank, per_rank, eos_id, 999, a.follow_ups), batch_size=None,
                                               num_workers=6, prefetch_factor=4))
 
     def step_once(step: int, total: int) -> float:
@@ -170,7 +189,7 @@ def main() -> None:
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         (out / "training.json").write_text(json.dumps({
             "base": "SmolLM2-135M-Instruct", "steps": total, "tokens_per_step": a.tokens_per_step,
-            "gpus": world, "lr": a.lr, "seed": a.seed, "seconds": round(time.time() - t0, 1),
+            "gpus": world, "lr": a.lr, "seed": a.seed, "follow_ups": a.follow_ups, "seconds": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "log": log}, indent=1))
         print(f"saved {out} after {total} steps, {time.time() - t0:.0f} s", flush=True)
     if distributed:
