@@ -36,7 +36,10 @@ def serve(tiny_model, tmp_path_factory, extra=(), env=None):
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
+        # A start-up takes about 50 s on a 2-core CI machine, over 120 s while another job
+        # loads it (CI installs two venvs beside the first suite).
+        deadline = time.monotonic() + 360
+        while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError("server exited:\n" + log.read_text()[-3000:])
             try:
