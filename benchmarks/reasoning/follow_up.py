@@ -36,7 +36,7 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402
-from train import EVAL_SEED0  # noqa: E402
+from train import EOS, EVAL_SEED0  # noqa: E402
 
 FOLLOW_UP_TOKENS = 64  # the second turn's reasoning is one sentence
 
@@ -78,7 +78,7 @@ def turn_record(out: dict, prompt_len: int) -> dict:
             "finish": (meta.get("finish_reason") or {}).get("type")}
 
 
-def converse(url: str, tokenizer, problem: ledger.Problem, arm: str, max_new_tokens: int) -> dict:
+def converse(url: str, tokenizer, eos_id: int, problem: ledger.Problem, arm: str, max_new_tokens: int) -> dict:
     second = ledger.make_follow_up(problem)
     prompt_ids = tokenizer(problem.prompt).input_ids
     question_ids = tokenizer(second.prompt).input_ids
@@ -87,6 +87,10 @@ def converse(url: str, tokenizer, problem: ledger.Problem, arm: str, max_new_tok
     try:
         first = generate(url, prompt_ids, max_new_tokens, session)
         reply = list(first["output_ids"])
+        if (first["meta_info"].get("finish_reason") or {}).get("type") == "stop" and reply[-1:] != [eos_id]:
+            # Training put the end-of-turn token between the turns; should a server leave the
+            # matched stop token out of output_ids (and its session), the question brings it.
+            question_ids = [eos_id] + question_ids
         if arm == "continue":
             turn2 = generate(url, question_ids, FOLLOW_UP_TOKENS, session)
         else:
@@ -141,6 +145,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
+    # The trained reasoner ends its turns with train.EOS; other models (the tests' tiny one) with their own.
+    eos_id = tokenizer.convert_tokens_to_ids(EOS) if EOS in tokenizer.get_vocab() else tokenizer.eos_token_id
     url = a.url.rstrip("/")
     info = json.loads(urllib.request.urlopen(url + "/server_info", timeout=60).read())
     server = {k: info.get(k) for k in ("enable_streaming_session", "attention_backend", "page_size", "version")}
@@ -149,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     server["label"] = a.label
     problems = [ledger.make_problem(a.style, a.seed0 + i) for i in range(a.n)]
     with ThreadPoolExecutor(a.concurrency) as pool:
-        records = list(pool.map(lambda p: converse(url, tokenizer, p, a.arm, a.max_new_tokens), problems))
+        records = list(pool.map(lambda p: converse(url, tokenizer, eos_id, p, a.arm, a.max_new_tokens), problems))
     row = summarize(records, a.arm, a.style, server)
     Path(a.out).write_text(json.dumps(row, indent=1))
     if a.records:
