@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_grid import W, U, start_server, wait_healthy  # noqa: E402
+from run_grid import W, U, serve_lanes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,24 +74,8 @@ def main() -> None:
         lane["max_running_requests"] = max(256, 2 * a.concurrency * arms)
     (out / "followup-plan.json").write_text(json.dumps({"lanes": lanes, "n": a.n, "W": W, "U": U,
                                                         "max_new_tokens": a.max_new_tokens}, indent=1))
-    procs = [start_server(a.model, lane, out, a.attention_backend, a.cpu_smoke) for lane in lanes]
-    try:
-        ready = [wait_healthy(lane, p, 600) for lane, p in zip(lanes, procs)]
-        print(f"[{time.strftime('%T')}] servers up: {[l['name'] for l, r in zip(lanes, ready) if r]}; "
-              f"failed: {[l['name'] for l, r in zip(lanes, ready) if not r]}", flush=True)
-        threads = [threading.Thread(target=run_lane, args=(lane, out, a.styles.split(","), a.n, a.concurrency,
-                                                           a.max_new_tokens, a.model))
-                   for lane, r in zip(lanes, ready) if r]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    serve_lanes(a.model, lanes, out, a.attention_backend, a.cpu_smoke,
+                lambda lane: run_lane(lane, out, a.styles.split(","), a.n, a.concurrency, a.max_new_tokens, a.model))
     print(f"[{time.strftime('%T')}] follow-up grid done", flush=True)
 
 

@@ -221,13 +221,19 @@ def main() -> None:
                                                "max_new_tokens": {s: d["max_new_tokens"] for s, d in info.items()}},
                                               indent=1))
     print(f"budgets matched to Kara 25%: {json.dumps(budgets)}", flush=True)
-    procs = [start_server(a.model, lane, out, a.attention_backend, a.cpu_smoke) for lane in plan]
+    serve_lanes(a.model, plan, out, a.attention_backend, a.cpu_smoke,
+                lambda lane: run_lane(lane, info, out, a.concurrency, a.styles.split(",")))
+    print(f"[{time.strftime('%T')}] grid done", flush=True)
+
+
+def serve_lanes(model: str, plan: List[dict], out: Path, backend: str, cpu_smoke: bool, run) -> None:
+    """Start every lane's server, run ``run(lane)`` for each healthy one in its own thread, stop them."""
+    procs = [start_server(model, lane, out, backend, cpu_smoke) for lane in plan]
     try:
         ready = [wait_healthy(lane, p, 600) for lane, p in zip(plan, procs)]
         print(f"[{time.strftime('%T')}] servers up: {[l['name'] for l, r in zip(plan, ready) if r]}; "
               f"failed: {[l['name'] for l, r in zip(plan, ready) if not r]}", flush=True)
-        threads = [threading.Thread(target=run_lane, args=(lane, info, out, a.concurrency, a.styles.split(",")))
-                   for lane, r in zip(plan, ready) if r]
+        threads = [threading.Thread(target=run, args=(lane,)) for lane, r in zip(plan, ready) if r]
         for t in threads:
             t.start()
         for t in threads:
@@ -238,7 +244,6 @@ def main() -> None:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    print(f"[{time.strftime('%T')}] grid done", flush=True)
 
 
 if __name__ == "__main__":
