@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_grid import W, U, serve_lanes  # noqa: E402
+from run_grid import W, U, serve_lanes, start_client, wait_clients  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,11 +45,8 @@ def run_lane(lane: dict, out: Path, styles: list, n: int, concurrency: int, max_
                    "--style", style, "--n", str(n), "--concurrency", str(concurrency), "--label", lane["name"],
                    "--max-new-tokens", str(max_new_tokens), "--out", str(out / f"followup-{tag}.json"),
                    "--records", str(out / f"followup-records-{tag}.jsonl")]
-            jobs.append((tag, time.time(), subprocess.Popen(cmd, stdout=open(out / f"client-{tag}.log", "w"),
-                                                            stderr=subprocess.STDOUT)))
-    for tag, t0, proc in jobs:
-        rc = proc.wait()
-        print(f"[{time.strftime('%T')}] {tag}: rc={rc} after {time.time() - t0:.0f} s", flush=True)
+            jobs.append(start_client(cmd, out, tag))
+    wait_clients(jobs)
 
 
 def main() -> None:

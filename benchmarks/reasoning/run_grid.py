@@ -180,14 +180,21 @@ def run_lane(lane: dict, info: Dict[str, dict], out: Path, concurrency: int, sty
             tag = f"{lane['name']}-{style}-{k}"
             cmd = accuracy_command(url, out / f"data-{style}.jsonl", setting, info[style]["max_new_tokens"],
                                    concurrency, out, tag)
-            jobs.append((tag, time.time(), subprocess.Popen(cmd, stdout=open(out / f"client-{tag}.log", "w"),
-                                                            stderr=subprocess.STDOUT)))
+            jobs.append(start_client(cmd, out, tag))
         if lane["name"] == "kara-w512-u64":  # the prompt alone (no reasoning), vanilla
             tag = f"notrace-{style}"
             cmd = accuracy_command(url, out / f"notrace-{style}.jsonl", "vanilla", 4, concurrency, out, tag,
                                    extract=r"regex:(\d\d)")
-            jobs.append((tag, time.time(), subprocess.Popen(cmd, stdout=open(out / f"client-{tag}.log", "w"),
-                                                            stderr=subprocess.STDOUT)))
+            jobs.append(start_client(cmd, out, tag))
+    wait_clients(jobs)
+
+
+def start_client(cmd: List[str], out: Path, tag: str):
+    """A client process logging to ``OUT/client-<tag>.log``: (tag, start time, process)."""
+    return tag, time.time(), subprocess.Popen(cmd, stdout=open(out / f"client-{tag}.log", "w"), stderr=subprocess.STDOUT)
+
+
+def wait_clients(jobs) -> None:
     for tag, t0, proc in jobs:
         rc = proc.wait()
         print(f"[{time.strftime('%T')}] {tag}: rc={rc} after {time.time() - t0:.0f} s", flush=True)
