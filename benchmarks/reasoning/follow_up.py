@@ -144,6 +144,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from transformers import AutoTokenizer
 
+    from kara_sglang.accuracy.client import probe_server
+
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     # The trained reasoner ends its turns with train.EOS; other models (the tests' tiny one) with their own.
     eos_id = tokenizer.convert_tokens_to_ids(EOS) if EOS in tokenizer.get_vocab() else tokenizer.eos_token_id
@@ -151,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     info = json.loads(urllib.request.urlopen(url + "/server_info", timeout=60).read())
     server = {k: info.get(k) for k in ("enable_streaming_session", "attention_backend", "page_size", "version")}
     # The plugin's policy (None on a server without it); its settings are the launch flags.
-    server["kv_policy"] = info["internal_states"][0].get("kara", {}).get("kv_policy")
+    server["kv_policy"] = probe_server(url).kv_policy
     server["label"] = a.label
     problems = [ledger.make_problem(a.style, a.seed0 + i) for i in range(a.n)]
     with ThreadPoolExecutor(a.concurrency) as pool:
