@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import List, Optional
 
@@ -156,14 +157,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     server["kv_policy"] = probe_server(url).kv_policy
     server["label"] = a.label
     problems = [ledger.make_problem(a.style, a.seed0 + i) for i in range(a.n)]
-    with ThreadPoolExecutor(a.concurrency) as pool:
-        records = list(pool.map(lambda p: converse(url, tokenizer, eos_id, p, a.arm, a.max_new_tokens), problems))
+    records = []
+    # Each record is written as it completes: a run cut short (a lent GPU's time running out)
+    # still leaves every conversation it finished.
+    with ThreadPoolExecutor(a.concurrency) as pool, open(a.records or os.devnull, "w") as sink:
+        futures = [pool.submit(converse, url, tokenizer, eos_id, p, a.arm, a.max_new_tokens) for p in problems]
+        for future in as_completed(futures):
+            records.append(future.result())
+            sink.write(json.dumps(records[-1]) + "\n")
+            sink.flush()
+    records.sort(key=lambda r: r["seed"])
     row = summarize(records, a.arm, a.style, server)
     Path(a.out).write_text(json.dumps(row, indent=1))
-    if a.records:
-        with open(a.records, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
     print(json.dumps(row))
     return row
 

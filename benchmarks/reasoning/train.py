@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--steps", default="auto", help="optimizer steps, or auto (fit --seconds)")
     ap.add_argument("--seconds", type=float, default=420, help="training time for --steps auto")
     ap.add_argument("--tokens-per-step", type=int, default=65536, help="summed over GPUs")
+    ap.add_argument("--micro-tokens", type=int, default=32768,
+                    help="most tokens one forward pass takes (an H200 ran out of memory at 65,536)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--follow-ups", type=float, default=0.0,
@@ -136,21 +138,30 @@ def main() -> None:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    per_rank = a.tokens_per_step // world
+    # Fewer GPUs than the step needs: each process accumulates the batches of several data-parallel
+    # ranks, so one GPU trains on exactly the batches two did (same seeds, same averaged gradient).
+    accum = max(1, math.ceil(a.tokens_per_step / (world * a.micro_tokens)))
+    ranks = world * accum
+    assert ranks <= 2, "batch_for_step's seeds leave room for two ranks a step"
+    per_rank = a.tokens_per_step // ranks
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = iter(torch.utils.data.DataLoader(Batches(tokenizer, rank, per_rank, eos_id, 999, a.follow_ups), batch_size=None,
-                                              num_workers=6, prefetch_factor=4))
+    loaders = [iter(torch.utils.data.DataLoader(Batches(tokenizer, r, per_rank, eos_id, 999, a.follow_ups),
+                                                batch_size=None, num_workers=6, prefetch_factor=4))
+               for r in range(rank * accum, (rank + 1) * accum)]
 
     def step_once(step: int, total: int) -> float:
         warm = min(30, total // 10)
         scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
         for group in opt.param_groups:
             group["lr"] = a.lr * scale
-        ids, labels, used = next(loader)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_on_completion(model, ids.to(device), labels.to(device))
-        loss.backward()
+        loss = 0.0
+        for loader in loaders:
+            ids, labels, used = next(loader)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                part = loss_on_completion(model, ids.to(device), labels.to(device)) / accum
+            part.backward()
+            loss += part.detach()
         if distributed:  # one flat all-reduce of every gradient
             flat = torch.cat([p.grad.reshape(-1) for p in params])
             dist.all_reduce(flat, op=dist.ReduceOp.AVG)
@@ -189,7 +200,7 @@ def main() -> None:
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         (out / "training.json").write_text(json.dumps({
             "base": "SmolLM2-135M-Instruct", "steps": total, "tokens_per_step": a.tokens_per_step,
-            "gpus": world, "lr": a.lr, "seed": a.seed, "follow_ups": a.follow_ups, "seconds": round(time.time() - t0, 1),
+            "gpus": world, "ranks": ranks, "lr": a.lr, "seed": a.seed, "follow_ups": a.follow_ups, "seconds": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "log": log}, indent=1))
         print(f"saved {out} after {total} steps, {time.time() - t0:.0f} s", flush=True)
     if distributed:
