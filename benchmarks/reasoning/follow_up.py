@@ -169,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             sink.write(json.dumps(records[-1]) + "\n")
             sink.flush()
     records.sort(key=lambda r: r["seed"])
+    if a.records:  # complete: in problem order
+        Path(a.records).write_text("".join(json.dumps(r) + "\n" for r in records))
     row = summarize(records, a.arm, a.style, server)
     Path(a.out).write_text(json.dumps(row, indent=1))
     print(json.dumps(row))
