@@ -20,16 +20,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402
-from run_grid import U, W  # noqa: E402
 
 from kara_sglang.accuracy.stats import wilson_interval  # noqa: E402
 
-SGLANG_VERSION = "0.5.17"
+GAMMA = 8  # Kara's default chunk size; run_follow_up.py does not set it
 
 
 def share(hits: int, n: int) -> dict:
     low, high = wilson_interval(hits, n)
     return {"n": n, "accuracy": round(hits / n, 4) if n else None, "ci_low": round(low, 4), "ci_high": round(high, 4)}
+
+
+def flag(args: list, name: str):
+    """A launch flag's value in a lane's server args (run_follow_up.plan), or None."""
+    return args[args.index(name) + 1] if name in args else None
 
 
 def tokens_back(tokenizer, problem: ledger.Problem, account: str) -> int:
@@ -51,15 +55,21 @@ def main() -> None:
     if a.tokenizer:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+    plan = json.loads(Path(a.grid, "followup-plan.json").read_text())
+    lanes = {lane["name"]: lane["args"] for lane in plan["lanes"]}
+    W, U = plan["W"], plan["U"]
     rows, distance = [], {}
     for path in sorted(glob.glob(f"{a.grid}/followup-*-*-*.json")):
         lane, style, arm = Path(path).stem.split("-")[1:]
         summary = json.loads(Path(path).read_text())
         records = [json.loads(line) for line in open(f"{a.grid}/followup-records-{lane}-{style}-{arm}.jsonl")]
         right1 = [r for r in records if r["correct1"]]
+        args, kara = lanes[lane], summary["server"]["kv_policy"] not in (None, "none")
+        keep = flag(args, "--kara-keep-ratio")
         row = {"task": "ledger-follow-up", "style": style, "server": lane, "arm": arm,
-               "policy": summary["server"]["kv_policy"] or "full",
-               "keep_ratio": {"kara25": 0.25, "kara50": 0.5}.get(lane), "window": W, "buffer": U, "chunk": 8,
+               "policy": summary["server"]["kv_policy"] or "full", "keep_ratio": float(keep) if keep else None,
+               "window": int(flag(args, "--kara-window")) if kara else None,
+               "buffer": int(flag(args, "--kara-buffer")) if kara else None, "chunk": GAMMA if kara else None,
                "turn1": share(sum(r["correct1"] for r in records), len(records)),
                "turn2": share(sum(r["correct2"] for r in records), len(records)),
                "turn2_given_turn1_right": share(sum(r["correct2"] for r in right1), len(right1)),
@@ -67,14 +77,13 @@ def main() -> None:
                "turn2_prompt_tokens_mean": summary["turn2_prompt_tokens_mean"],
                "turn1_kv_held_mean": summary["turn1_kv_held_mean"],
                "turn2_kv_held_mean": summary["turn2_kv_held_mean"],
-               "device": a.device, "sglang_version": SGLANG_VERSION}
+               "device": a.device, "sglang_version": summary["server"]["version"]}
         if tokenizer is not None:
             near, far = [], []
             for r in right1:
-                p = ledger.make_problem(style, r["seed"])
                 key = (style, r["seed"])
-                if key not in distance:
-                    distance[key] = tokens_back(tokenizer, p, r["account"])
+                if key not in distance:  # the arms share problems: each is tokenized once
+                    distance[key] = tokens_back(tokenizer, ledger.make_problem(style, r["seed"]), r["account"])
                 (near if distance[key] <= W + U else far).append(r["correct2"])
             row["turn2_given_turn1_right_by_distance"] = {
                 f"within_{W + U}": share(sum(near), len(near)), f"beyond_{W + U}": share(sum(far), len(far))}
@@ -89,7 +98,7 @@ def main() -> None:
               f"{pct(r['turn2_given_turn1_right'])} | {r['turn2_prefilled_mean']:.1f} of {r['turn2_prompt_tokens_mean']:.0f} | "
               f"{r['turn2_kv_held_mean']:.0f} |")
     if tokenizer is not None:
-        print(f"\nturn 2 among turn-1-right, by tokens from the asked account's last step to the reply's end:")
+        print("\nturn 2 among turn-1-right, by tokens from the asked account's last step to the reply's end:")
         for r in rows:
             d = r["turn2_given_turn1_right_by_distance"]
             print(f"| {r['style']} | {r['server']} | {r['arm']} | " + " | ".join(f"{k}: {pct(v)} (n={v['n']})" for k, v in d.items()) + " |")
