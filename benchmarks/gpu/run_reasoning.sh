@@ -11,6 +11,9 @@
 #   wait    waits up to $WAIT s (default 540) for the grid; packs what exists into $OUT
 #   followup  like grid, but runs run_follow_up.py (issue 19's next-turn accuracy; train with
 #           TRAIN_ARGS="--follow-ups 0.5"); `wait` then waits for it
+#   probe   waits for training, starts score_probe.py (teacher-forced scorer probe; needs no SGLang,
+#           so no wheels phase) in the background for $PROBE_SECONDS (default 420), waits up to $WAIT
+#           for it and packs probe.json (written as it goes); call it again to wait on
 #
 # Preparing the carried files (here, on a CPU machine with PyPI; .whl/ is ignored by git):
 #   bash benchmarks/gpu/fetch_wheels.sh && (cd .whl/dl && tar -cf - . | split -b 46m - ../parts/part-)
@@ -29,7 +32,7 @@ ts() { echo "[$(date +%T)] $*"; }
 
 pack() {
   ts "packing results"
-  cp $R/train.log "$OUT/" 2>/dev/null
+  cp $R/train.log $R/probe.log "$OUT/" 2>/dev/null
   cp $REASONER/training.json "$OUT/" 2>/dev/null
   [ -f $R/grid.log ] && cp $R/grid.log "$OUT/"
   if [ -d $R/grid ]; then
@@ -37,6 +40,15 @@ pack() {
     (cd $R/grid && tar -czf "$OUT/grid-records.tar.gz" records-*.jsonl followup-records-*.jsonl 2>/dev/null)
   fi
   ls -la "$OUT"
+}
+
+wait_trained() {
+  local t0=$(date +%s)
+  while [ ! -f $REASONER/training.json ]; do
+    [ $(( $(date +%s) - t0 )) -gt 500 ] && { ts "training not done"; tail -3 $R/train.log; pack; exit 1; }
+    sleep 5
+  done
+  ts "trained: $(tail -1 $R/train.log)"
 }
 
 case $PHASE in
@@ -69,11 +81,7 @@ grid|followup|wait)
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/kara/*.whl $(ls .whl/extra/*.whl 2>/dev/null) 2>&1 | grep -v "already exists"
   T0=$(date +%s)
   if [ "$PHASE" != wait ] && [ ! -f $R/grid.started ]; then
-    while [ ! -f $REASONER/training.json ]; do
-      [ $(( $(date +%s) - T0 )) -gt 500 ] && { ts "training not done"; tail -3 $R/train.log; pack; exit 1; }
-      sleep 5
-    done
-    ts "trained: $(tail -1 $R/train.log)"
+    wait_trained
     touch $R/grid.started
     SCRIPT=run_grid.py; [ "$PHASE" = followup ] && SCRIPT=run_follow_up.py
     setsid nohup python3 benchmarks/reasoning/$SCRIPT --model $REASONER --out $R/grid --gpus "$NGPU" \
@@ -83,5 +91,17 @@ grid|followup|wait)
   while ! grep -q "grid done" $R/grid.log 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt "$WAIT" ]; do sleep 10; done
   tail -30 $R/grid.log
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  pack ;;
+probe)
+  T0=$(date +%s)
+  if [ ! -f $R/probe.started ]; then
+    wait_trained
+    touch $R/probe.started
+    setsid nohup python3 benchmarks/reasoning/score_probe.py --model $REASONER --out $R/probe.json \
+      --seconds "${PROBE_SECONDS:-420}" ${PROBE_ARGS:-} > $R/probe.log 2>&1 < /dev/null &
+  fi
+  while ! grep -q "^style" $R/probe.log 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt "${WAIT:-540}" ]; do sleep 10; done
+  grep -v Warning $R/probe.log | tail -40
+  cp $R/probe.json "$OUT/" 2>/dev/null
   pack ;;
 esac
