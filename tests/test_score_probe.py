@@ -127,3 +127,24 @@ def test_probe_end_to_end_on_the_ledger(tiny_model, tmp_path):
         assert o["full"]["windows"] >= 2 and o["full"]["digits"] > 0
         assert o["kara@1"]["digits_right"] == o["full"]["digits_right"]
         assert o["kara@0.25"]["kept"] == 16 * o["full"]["windows"]
+
+
+def test_report_splits_reads_by_where_their_copies_are(tiny_model, tmp_path):
+    """report_probe.py recounts the probe's reads from the problems themselves; with every
+    read right (full KV, keep 1.0) the compressed-only share is exactly 1."""
+    import report_probe
+    import score_probe as sp
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "probe.json"
+    sp.main(["--model", str(tiny_model), "--n", "2", "--styles", "dense", "--window", "32", "--buffer", "8",
+             "--trace-tokens", "800", "--chunk-size", "2", "--settings", "kara@1.0,random@0.25", "--device", "cpu", "--out", str(out)])
+    probe = json.loads(out.read_text())
+    for rec in probe["records"]:  # the random model's reads are mostly wrong: make full KV perfect
+        rec["outcomes"]["full"]["reads_right"] = rec["outcomes"]["full"]["reads"]
+    rows = {r["setting"]: r for r in report_probe.report(probe, AutoTokenizer.from_pretrained(tiny_model))}
+    full = rows["full"]
+    assert full["compressed_only_reads"] > 0 and full["reads_with_uncompressed_copy"] > 0
+    assert full["reads"] == sum(r["outcomes"]["full"]["reads"] for r in probe["records"])
+    assert full["compressed_only_right_share"] == 1.0
+    assert rows["random@0.25"]["compressed_only_reads"] == full["compressed_only_reads"]

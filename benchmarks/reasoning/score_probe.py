@@ -42,7 +42,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# kara_sglang: installed, or PYTHONPATH (not the repo root: its kernels/ shadows a PyPI package transformers probes)
 import ledger  # noqa: E402
 from train import EOS, EVAL_SEED0  # noqa: E402
 
@@ -327,6 +327,7 @@ def main(argv: List[str] | None = None) -> None:
 def write(a: argparse.Namespace, records: List[dict], t0: float) -> List[dict]:
     rows = summarize(records)
     Path(a.out).write_text(json.dumps({"window": a.window, "buffer": a.buffer, "chunk_size": a.chunk_size,
+                                       "trace_tokens": a.trace_tokens or None,
                                        "chunk_fraction": a.chunk_fraction, "model": a.model,
                                        "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
                                        "seconds": round(time.time() - t0, 1), "rows": rows, "records": records}))
