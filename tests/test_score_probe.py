@@ -109,6 +109,27 @@ def test_kara_scorer_is_the_servers(model):
     assert math.isclose(float(ours.sum()), L * Hkv * (W + U), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("peak", [False, True])
+def test_future_oracle_against_direct_attention(model, peak):
+    """The oracle's scores equal each later query's causal attention on the window, computed
+    per query in float64 (small blocks, so the block loop is exercised)."""
+    import score_probe as sp
+
+    _, cap = sp.capture_qk(model, random_ids(120, seed=3))
+    wins, W = [(10, 40), (34, 64)], 30
+    ours = sp.future_attention(cap, wins, W, peak=peak, block=16)
+    L, Hq, T, D = cap.q.shape
+    k = cap.k.double().repeat_interleave(Hq // cap.k.shape[1], dim=1)
+    expected = torch.zeros(len(wins), W, dtype=torch.float64)
+    for t in range(T):
+        p = ((cap.q[:, :, t].double()[:, :, None] * k[:, :, :t + 1]).sum(-1) / math.sqrt(D)).softmax(-1)  # [L, Hq, t+1]
+        for w, (start, due) in enumerate(wins):
+            if t >= due:
+                col = p[:, :, start:start + W].reshape(-1, W)
+                expected[w] = torch.maximum(expected[w], col.max(0).values) if peak else expected[w] + col.sum(0)
+    assert torch.allclose(ours.double(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_probe_end_to_end_on_the_ledger(tiny_model, tmp_path):
     """The command on two short ledger problems: rows per style and setting; keep 1.0 keeps
     every token, so its predictions are the full-KV ones exactly."""

@@ -97,7 +97,9 @@ probe)
   if [ ! -f $R/probe.started ]; then
     wait_trained
     touch $R/probe.started
-    setsid nohup python3 benchmarks/reasoning/score_probe.py --model $REASONER --out $R/probe.json \
+    # kara_sglang alone on the path: the repo root's kernels/ would shadow a package transformers probes.
+    mkdir -p /tmp/kp && ln -sfn "$PWD/kara_sglang" /tmp/kp/kara_sglang
+    PYTHONPATH=/tmp/kp setsid nohup python3 benchmarks/reasoning/score_probe.py --model $REASONER --out $R/probe.json \
       --seconds "${PROBE_SECONDS:-420}" ${PROBE_ARGS:-} > $R/probe.log 2>&1 < /dev/null &
   fi
   while ! grep -q "^style" $R/probe.log 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt "${WAIT:-540}" ]; do sleep 10; done

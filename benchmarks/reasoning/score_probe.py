@@ -24,7 +24,9 @@ Scorers (``name@keep``, e.g. ``kara@0.25``):
   kara-headmax  every layer and head; each head's column sums, then the max over heads
   buffer        only the newest U queries vote (a SnapKV-style observation window), every head
   future        an oracle: the attention the full-KV model later pays to each window token
-                (every query after the window's compression, causal softmax over all keys)
+                (every query after the window's compression, causal softmax over all keys), summed
+  future-peak   the same oracle's largest single weight (any later query of any layer and head):
+                a token one lookup reads sharply scores high even if nothing else attends to it
   random        uniform random scores (a floor)
 """
 
@@ -50,7 +52,7 @@ from kara_sglang.accuracy.stats import wilson_interval  # noqa: E402
 from kara_sglang.config import KaraConfig  # noqa: E402
 from kara_sglang.token2chunk import token2chunk  # noqa: E402
 
-SCORERS = ("kara", "kara-all", "kara-headmax", "buffer", "future", "random")
+SCORERS = ("kara", "kara-all", "kara-headmax", "buffer", "future", "future-peak", "random")
 
 
 @dataclass
@@ -117,8 +119,8 @@ def in_window_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def score_windows(name: str, cap: Captured, wins: Sequence[Tuple[int, int]], window: int,
                   buffer: int, vote_layers: Sequence[int], seed: int) -> torch.Tensor:
     """``[n_windows, W]`` importance of each window token under scorer ``name``."""
-    if name == "future":
-        return future_attention(cap, wins, window)
+    if name in ("future", "future-peak"):
+        return future_attention(cap, wins, window, peak=name == "future-peak")
     if name == "random":
         gen = torch.Generator().manual_seed(seed)
         return torch.rand(len(wins), window, generator=gen).to(cap.q.device)
@@ -141,10 +143,11 @@ def score_windows(name: str, cap: Captured, wins: Sequence[Tuple[int, int]], win
     return torch.stack(rows)
 
 
-def future_attention(cap: Captured, wins: Sequence[Tuple[int, int]], window: int,
+def future_attention(cap: Captured, wins: Sequence[Tuple[int, int]], window: int, peak: bool = False,
                      block: int = 1024) -> torch.Tensor:
-    """Oracle: causal attention mass every later query of the full-KV model puts on each
-    window token, summed over layers and heads, from the window's compression on."""
+    """Oracle: causal attention every later query of the full-KV model pays each window token
+    from the window's compression on, summed over queries, layers and heads (``peak``: the
+    largest single weight instead)."""
     L, Hq, T, D = cap.q.shape
     group = Hq // cap.k.shape[1]
     out = torch.zeros(len(wins), window, device=cap.q.device)
@@ -155,10 +158,14 @@ def future_attention(cap: Captured, wins: Sequence[Tuple[int, int]], window: int
             q1 = min(T, q0 + block)
             logits = torch.einsum("hqd,hkd->hqk", cap.q[layer, :, q0:q1].float(), keys) / math.sqrt(D)
             causal = torch.arange(T, device=logits.device)[None] > torch.arange(q0, q1, device=logits.device)[:, None]
-            mass = logits.masked_fill(causal, float("-inf")).softmax(dim=-1).sum(dim=0)  # [nq, T]
+            probs = logits.masked_fill(causal, float("-inf")).softmax(dim=-1)  # [Hq, nq, T]
+            mass = probs.max(dim=0).values if peak else probs.sum(dim=0)  # [nq, T]
             for w, (start, due) in enumerate(wins):
                 rows = slice(max(0, due - q0), q1 - q0)
-                out[w] += mass[rows, start:start + window].sum(dim=0)
+                if rows.start >= rows.stop:
+                    continue
+                cols = mass[rows, start:start + window]
+                out[w] = torch.maximum(out[w], cols.max(dim=0).values) if peak else out[w] + cols.sum(dim=0)
     return out
 
 
@@ -292,7 +299,7 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=200, help="held-out problems per style")
     ap.add_argument("--styles", default="verbose,dense")
     ap.add_argument("--settings", default="kara@0.25,kara@0.5,kara-all@0.25,kara-headmax@0.25,buffer@0.25,"
-                                          "future@0.25,future@0.125,random@0.25")
+                                          "future@0.25,future@0.125,future-peak@0.25,random@0.25")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--buffer", type=int, default=64)
     ap.add_argument("--chunk-size", type=int, default=8)
