@@ -22,20 +22,15 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402
-from score_probe import windows  # noqa: E402
+from score_probe import tokenize, windows  # noqa: E402
 
 
 def read_kinds(tokenizer, style: str, seed: int, window: int, buffer: int,
                trace_tokens: Optional[int] = None) -> Tuple[int, int, int]:
     """(tokens, reads with a copy outside every compressed window, reads with none)."""
     p = ledger.make_problem(style, seed, trace_tokens)
-    prompt_len = len(tokenizer(p.prompt).input_ids)
-    enc = tokenizer(p.completion, return_offsets_mapping=True)
-    char_tok = {}
-    for j, (a, b) in enumerate(enc.offset_mapping):
-        for c in range(a, b):
-            char_tok[c] = prompt_len + j
-    total = prompt_len + len(enc.input_ids) + 1
+    ids, prompt_len, char_tok = tokenize(tokenizer, p)
+    total = len(ids)
     wins = windows(prompt_len, total, window, buffer)
     easy = hard = 0
     for char, _account, sources in p.all_reads:

@@ -130,9 +130,9 @@ def score_windows(name: str, cap: Captured, wins: Sequence[Tuple[int, int]], win
         queries = cap.q[:, :, start:due]
         if name == "kara":  # the server's defaults: vote layers, one mean query per KV group
             layers = list(vote_layers)
-            L, Hq, nq, D = queries[layers].shape
-            queries = queries[layers].view(L, keys.shape[1], Hq // keys.shape[1], nq, D).mean(dim=2)
-            keys = keys[layers]
+            queries, keys = queries[layers], keys[layers]
+            L, Hq, nq, D = queries.shape
+            queries = queries.view(L, keys.shape[1], Hq // keys.shape[1], nq, D).mean(dim=2)
         elif name == "buffer":
             queries = queries[:, :, -buffer:]
         probs = in_window_probs(queries, keys)
@@ -151,13 +151,14 @@ def future_attention(cap: Captured, wins: Sequence[Tuple[int, int]], window: int
     L, Hq, T, D = cap.q.shape
     group = Hq // cap.k.shape[1]
     out = torch.zeros(len(wins), window, device=cap.q.device)
-    first_due = min(due for _, due in wins)
+    keys_at = torch.arange(T, device=cap.q.device)
+    blocks = [(q0, min(T, q0 + block)) for q0 in range(min(due for _, due in wins), T, block)]
+    # Each block's causal mask (True: a key after the query), the same for every layer.
+    future = [keys_at[None] > keys_at[q0:q1, None] for q0, q1 in blocks]
     for layer in range(L):
         keys = cap.k[layer].repeat_interleave(group, dim=0).float()
-        for q0 in range(first_due, T, block):
-            q1 = min(T, q0 + block)
+        for (q0, q1), causal in zip(blocks, future):
             logits = torch.einsum("hqd,hkd->hqk", cap.q[layer, :, q0:q1].float(), keys) / math.sqrt(D)
-            causal = torch.arange(T, device=logits.device)[None] > torch.arange(q0, q1, device=logits.device)[:, None]
             probs = logits.masked_fill(causal, float("-inf")).softmax(dim=-1)  # [Hq, nq, T]
             mass = probs.max(dim=0).values if peak else probs.sum(dim=0)  # [nq, T]
             for w, (start, due) in enumerate(wins):
@@ -205,22 +206,28 @@ class Encoded:
     reads: List[List[int]]  # per read (a balance written from memory): its digit positions
 
 
-def encode(tokenizer, problem: "ledger.Problem", device) -> Encoded:
+def tokenize(tokenizer, problem: "ledger.Problem") -> Tuple[List[int], int, Dict[int, int]]:
     """Prompt + completion + end of turn, tokenized as train.py does (prompt and completion
-    apart), with the digit tokens of the completion and of each of its reads."""
+    apart): ``(ids, prompt length, completion char -> token position)``."""
     prompt = tokenizer(problem.prompt).input_ids
     enc = tokenizer(problem.completion, return_offsets_mapping=True)
-    ids = prompt + enc.input_ids + [tokenizer.convert_tokens_to_ids(EOS)]
     P = len(prompt)
-    digit_pos, char_to_pos = [], {}
-    for j, (a, b) in enumerate(enc.offset_mapping):
-        if b > a and problem.completion[a:b].strip().isdigit():
-            digit_pos.append(P + j)
-            for c in range(a, b):
-                char_to_pos[c] = P + j
+    char_tok = {c: P + j for j, (a, b) in enumerate(enc.offset_mapping) for c in range(a, b)}
+    return prompt + enc.input_ids + [tokenizer.convert_tokens_to_ids(EOS)], P, char_tok
+
+
+def encode(tokenizer, problem: "ledger.Problem", device) -> Encoded:
+    """The problem's tokens, with the digit tokens of the completion and of each of its reads."""
+    ids, P, char_tok = tokenize(tokenizer, problem)
+    token_text: Dict[int, str] = {}
+    for c, pos in sorted(char_tok.items()):
+        token_text[pos] = token_text.get(pos, "") + problem.completion[c]
+    digit_tokens = {pos for pos, text in token_text.items() if text.strip().isdigit()}
+    digit_pos = sorted(digit_tokens)
+    digit_chars = {c: pos for c, pos in char_tok.items() if pos in digit_tokens}
     reads = []
     for char, _account, _sources in problem.all_reads:
-        pos = sorted({char_to_pos[c] for c in range(char, char + 2) if c in char_to_pos})
+        pos = sorted({digit_chars[c] for c in range(char, char + 2) if c in digit_chars})
         if pos:
             reads.append(pos)
     return Encoded(torch.tensor(ids, device=device), P, torch.tensor(digit_pos, device=device), reads)
