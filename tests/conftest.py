@@ -17,6 +17,43 @@ if not _HAS_CUDA:
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/support helpers
 
+from support import startups  # noqa: E402  (needs the path above)
+
+
+def _count_sglang_launches():
+    """Wrap Popen so command-line SGLang start-ups are counted with the in-process ones."""
+    import subprocess
+
+    original = subprocess.Popen.__init__
+
+    def init(self, args, *rest, **kwargs):
+        kind = startups.launch_kind(args)
+        if kind:
+            startups.record(kind)
+        original(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = init
+
+
+_count_sglang_launches()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    startups.set_current(item.nodeid)  # module fixtures count against the first test using them
+    return (yield)
+
+
+def pytest_sessionfinish(session):
+    engines = sys.modules.get("support.engines")
+    if engines is not None:
+        engines.shutdown_shared()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in startups.summary():
+        terminalreporter.write_line(line)
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
@@ -54,3 +91,17 @@ def tiny_model(tmp_path_factory):
     # kernels for the default head size of 32.
     head_dim = int(os.environ.get("KARA_TEST_HEAD_DIM", "32"))
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), head_dim=head_dim)
+
+
+@pytest.fixture(scope="session")
+def kara_http_server(tiny_model, tmp_path_factory):
+    """One real ``--kv-policy kara`` HTTP server (W 32, U 8, keep 25%, γ 2) for the whole session,
+    shared by the tests that are its clients (a start-up through SGLang's command line costs
+    about a minute on a 2-core CI machine). Streaming sessions on, four running requests;
+    it sleeps while idle, so it costs nothing between its users. Yields (url, process, log)."""
+    from support.engines import use_cpu_sglang
+    from support.http_server import serve
+
+    use_cpu_sglang()
+    yield from serve(tiny_model, tmp_path_factory, extra=[
+        "--enable-streaming-session", "--max-running-requests", "4", "--sleep-on-idle"])

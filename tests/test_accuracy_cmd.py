@@ -330,12 +330,8 @@ PROMPTS = ["the first step is", "one two three", "water long little", "they were
 
 
 @pytest.fixture(scope="module")
-def accuracy_server(tiny_model, tmp_path_factory):
-    from support.engines import use_cpu_sglang
-    from support.http_server import serve
-
-    use_cpu_sglang()
-    yield from serve(tiny_model, tmp_path_factory)  # --kv-policy kara, W = 32, U = 8
+def accuracy_server(kara_http_server):
+    return kara_http_server  # --kv-policy kara, W = 32, U = 8 (tests/conftest.py)
 
 
 @pytest.mark.sglang

@@ -229,7 +229,7 @@ SYSTEM = [int(x) for x in torch.randint(10, 500, (48,), generator=torch.Generato
 @pytest.mark.sglang
 @pytest.mark.newest_release  # the scheduler path is Kara's, run on every release
 def test_cask_through_the_real_sglang_scheduler(tiny_model):
-    from support.engines import assert_pool_back_to_idle, flush, last, make_engine, use_cpu_sglang
+    from support.engines import assert_pool_back_to_idle, flush, last, make_engine, shared_engine, use_cpu_sglang
 
     use_cpu_sglang()
     prompts = ["the first step is", "answer equals seven plus two minus", "they were called people"]
@@ -243,13 +243,9 @@ def test_cask_through_the_real_sglang_scheduler(tiny_model):
         shared = engine.generate(input_ids=SYSTEM + [13, 14, 15], sampling_params=short)
         return first, shared["meta_info"]["cached_tokens"]
 
-    # One engine at a time: Engine.shutdown() ends every scheduler of this process.
-    engine = make_engine(tiny_model)
-    try:
-        base = engine.generate(prompts, greedy)
-        _, base_shared = conversation(engine)
-    finally:
-        engine.shutdown()
+    engine = shared_engine(tiny_model)  # vanilla: the session's engine of SGLang's defaults
+    base = engine.generate(prompts, greedy)
+    _, base_shared = conversation(engine)
 
     cfg = KaraConfig(policy="cask", window=SGL_W, buffer=SGL_U, keep_ratio=0.25, core_fraction=0.5)
     engine = make_engine(tiny_model, kv_policy="cask", kara_window=SGL_W, kara_buffer=SGL_U,

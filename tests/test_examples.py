@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from support.engines import use_cpu_sglang
-from support.http_server import get, serve
+from support.http_server import get
 
 # The frontend example is a client of the server: no release-specific path of its own.
 pytestmark = [pytest.mark.sglang, pytest.mark.newest_release]
@@ -21,8 +21,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "agent_frontend.py"
 
 
 @pytest.fixture(scope="module")
-def kara_server(tiny_model, tmp_path_factory):
-    yield from serve(tiny_model, tmp_path_factory)
+def kara_server(kara_http_server):
+    return kara_http_server  # --kv-policy kara, W = 32, U = 8 (tests/conftest.py)
 
 
 def test_frontend_agent_runs_its_turns_and_the_server_compresses(kara_server):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from support.engines import use_cpu_sglang
-from support.http_server import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reasoning"))
 pytestmark = [pytest.mark.sglang, pytest.mark.newest_release]  # a client of the server
@@ -23,9 +22,10 @@ use_cpu_sglang()
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    # Two conversations at once: a row for each open session and one for each running turn.
-    yield from serve(tiny_model, tmp_path_factory, extra=["--enable-streaming-session", "--max-running-requests", "4"])
+def server(kara_http_server):
+    # Two conversations at once: a row for each open session and one for each running turn
+    # (the session server has streaming sessions on and four running requests).
+    return kara_http_server  # --kv-policy kara, W = 32, U = 8 (tests/conftest.py)
 
 
 def test_training_rows_label_both_replies_and_neither_question(tiny_model):

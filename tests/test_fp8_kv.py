@@ -71,19 +71,26 @@ def test_kara_on_an_fp8_cache_matches_vanilla_fp8_until_the_first_compression(ti
         engine.shutdown()
 
 
-@pytest.mark.sglang
-@pytest.mark.newest_release  # the same start-up check as test_sglang_http's, which runs on every release
-@pytest.mark.parametrize("policy", ["cask", "longflow"])
-def test_policies_without_fp8_support_are_refused_with_one_line(tiny_model, policy):
-    import subprocess
-
+@pytest.fixture(scope="module")
+def refusals(request, tiny_model):
+    """Both launches side by side (support.cli): each is one SGLang import, stopped by the flag."""
+    from support import cli
     from support.engines import use_cpu_sglang
     from support.http_server import CPU_ARGS, SERVER
 
     use_cpu_sglang()  # the server subprocess inherits the CPU engine's environment
-    extra = ["--kara-budget", "128"] if policy == "longflow" else []
-    proc = subprocess.run(SERVER + ["--model-path", str(tiny_model), "--kv-policy", policy, "--kv-cache-dtype",
-                                    "fp8_e4m3"] + CPU_ARGS + extra, capture_output=True, text=True, timeout=240)
+    commands = {policy: SERVER + ["--model-path", str(tiny_model), "--kv-policy", policy, "--kv-cache-dtype",
+                                  "fp8_e4m3"] + CPU_ARGS + (["--kara-budget", "128"] if policy == "longflow" else [])
+                for policy in ("cask", "longflow")}
+    return cli.run_all(cli.selected_cases(request, commands, lambda item: getattr(item, "callspec", None)
+                                          and item.callspec.params.get("policy")))
+
+
+@pytest.mark.sglang
+@pytest.mark.newest_release  # the same start-up check as test_sglang_http's, which runs on every release
+@pytest.mark.parametrize("policy", ["cask", "longflow"])
+def test_policies_without_fp8_support_are_refused_with_one_line(refusals, policy):
+    proc = refusals[policy]
     assert proc.returncode == 2
     assert f"error: --kv-cache-dtype: --kv-policy {policy} does not support an FP8 KV cache yet" in proc.stderr
     assert "Traceback" not in proc.stderr

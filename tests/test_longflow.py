@@ -320,7 +320,7 @@ SYSTEM = [int(x) for x in torch.randint(10, 500, (48,), generator=torch.Generato
 @pytest.mark.sglang
 @pytest.mark.newest_release  # the scheduler path is Kara's, run on every release
 def test_longflow_through_the_real_sglang_scheduler(tiny_model):
-    from support.engines import assert_pool_back_to_idle, flush, last, make_engine, pool_state, use_cpu_sglang
+    from support.engines import assert_pool_back_to_idle, flush, last, pool_state, shared_engine, use_cpu_sglang
 
     use_cpu_sglang()
     prompts = ["the first step is", "answer equals seven plus two minus", "they were called people"]
@@ -336,45 +336,40 @@ def test_longflow_through_the_real_sglang_scheduler(tiny_model):
         shared = engine.generate(input_ids=SYSTEM + [13, 14, 15], sampling_params=tail)
         return first, shared["meta_info"]["cached_tokens"]
 
-    # One engine at a time: Engine.shutdown() ends every scheduler of this process.
-    engine = make_engine(tiny_model)
-    try:
-        base = engine.generate(prompts, greedy)
-        base_short = engine.generate(prompts, short)
-        _, base_shared = conversation(engine)
-    finally:
-        engine.shutdown()
+    engine = shared_engine(tiny_model)  # vanilla: the session's engine of SGLang's defaults
+    base = engine.generate(prompts, greedy)
+    base_short = engine.generate(prompts, short)
+    _, base_shared = conversation(engine)
 
     cfg = KaraConfig(policy="longflow", budget=SGL_BUDGET, buffer=SGL_U, num_vote_layers=2)
-    engine = make_engine(tiny_model, kv_policy="longflow", kara_budget=SGL_BUDGET, kara_buffer=SGL_U,
-                         kara_num_vote_layers=2)
-    try:
-        # Nothing fired: token-identical to vanilla.
-        for b, o in zip(base_short, engine.generate(prompts, short)):
-            assert o["output_ids"] == b["output_ids"]
-            assert last(o["meta_info"], "kv_tokens_evicted") == 0
-        assert pool_state(engine)["compression_events"] == 0
-        ours = engine.generate(prompts, greedy)
-        for b, o in zip(base, ours):
-            meta = o["meta_info"]
-            assert meta["completion_tokens"] == n
-            # LongFlow's own bookkeeping: decode KV entry budget + U triggers, then every U.
-            policy, state = make_policy(cfg), WindowState(prompt_len=meta["prompt_tokens"])
-            for _ in range(n - 2):
-                state.on_decode()
-                task = policy.plan(state)
-                if task is not None:
-                    state.apply(task, policy.tail_consumed(task))
-            assert last(meta, "kv_tokens_evicted") == state.evicted == 4 * SGL_U
-            assert last(meta, "kv_tokens_kept") == state.kv_len + 1
-            # Identical to vanilla until the first eviction (after output token budget + U + 1).
-            first = SGL_BUDGET + SGL_U + 1
-            assert o["output_ids"][:first] == b["output_ids"][:first]
-        assert pool_state(engine)["compression_events"] == 4 * len(prompts)
-        long_turn, shared = conversation(engine)
-        assert last(long_turn["meta_info"], "kv_tokens_evicted") > 0
-        # The evicted answer stays out of the tree; the shared system prompt is still hit.
-        assert shared == base_shared >= len(SYSTEM)
-        assert_pool_back_to_idle(engine)
-    finally:
-        engine.shutdown()
+    # The session's shared engine of this configuration (test_sglang_layouts' LONGFLOW).
+    engine = shared_engine(tiny_model, kv_policy="longflow", kara_budget=SGL_BUDGET, kara_buffer=SGL_U,
+                           kara_num_vote_layers=2)
+    events = pool_state(engine)["compression_events"]  # a shared engine's count so far
+    # Nothing fired: token-identical to vanilla.
+    for b, o in zip(base_short, engine.generate(prompts, short)):
+        assert o["output_ids"] == b["output_ids"]
+        assert last(o["meta_info"], "kv_tokens_evicted") == 0
+    assert pool_state(engine)["compression_events"] == events
+    ours = engine.generate(prompts, greedy)
+    for b, o in zip(base, ours):
+        meta = o["meta_info"]
+        assert meta["completion_tokens"] == n
+        # LongFlow's own bookkeeping: decode KV entry budget + U triggers, then every U.
+        policy, state = make_policy(cfg), WindowState(prompt_len=meta["prompt_tokens"])
+        for _ in range(n - 2):
+            state.on_decode()
+            task = policy.plan(state)
+            if task is not None:
+                state.apply(task, policy.tail_consumed(task))
+        assert last(meta, "kv_tokens_evicted") == state.evicted == 4 * SGL_U
+        assert last(meta, "kv_tokens_kept") == state.kv_len + 1
+        # Identical to vanilla until the first eviction (after output token budget + U + 1).
+        first = SGL_BUDGET + SGL_U + 1
+        assert o["output_ids"][:first] == b["output_ids"][:first]
+    assert pool_state(engine)["compression_events"] - events == 4 * len(prompts)
+    long_turn, shared = conversation(engine)
+    assert last(long_turn["meta_info"], "kv_tokens_evicted") > 0
+    # The evicted answer stays out of the tree; the shared system prompt is still hit.
+    assert shared == base_shared >= len(SYSTEM)
+    assert_pool_back_to_idle(engine)

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import urllib.error
@@ -11,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from support import cli as cli_runs
 from support.engines import use_cpu_sglang
 from support.http_server import CPU_ARGS, SERVER
 from support.http_server import get as _get
@@ -23,51 +23,74 @@ use_cpu_sglang()
 SERVE = [os.path.join(os.path.dirname(sys.executable), "sglang"), "serve"]
 
 
-def run_cli(args, timeout=240):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+# Each start-up costs 25-45 s of imports on a 2-core CPU: every bad flag goes through
+# `python -m sglang.launch_server` on the newest release; `sglang serve` and the oldest release
+# get one (below). The selected cases run side by side, once per module (support.cli).
+BAD_FLAGS = {
+    "keep-ratio": (["--kara-keep-ratio", "2"], "error: --kara-keep-ratio: must be in (0, 1], got 2.0"),
+    "buffer": (["--kara-window", "64", "--kara-buffer", "64"],
+               "error: --kara-buffer: buffer U=64 must be smaller than window W=64"),
+    "mixed-chunk": (["--enable-mixed-chunk"], "error: --kv-policy kara: not supported together with --enable-mixed-chunk"),
+    "scope": (["--kara-scope", "reasoning"], "error: --kara-scope: reasoning needs --reasoning-parser"),
+    "prefill": (["--disaggregation-mode", "prefill"],
+                "error: --kv-policy kara: a prefill server (--disaggregation-mode prefill) never decodes"),
+    "decode-radix": (["--disaggregation-mode", "decode", "--disaggregation-decode-enable-radix-cache"],
+                     "error: --kv-policy kara: not supported together with --disaggregation-decode-enable-radix-cache"),
+}
+SERVE_BAD = (["--kara-window", "64", "--kara-buffer", "64"], "error: --kara-buffer: buffer U=64 must be smaller than window W=64")
+
+
+def _commands(tiny_model) -> dict:
+    def bad(command, extra):
+        return command + ["--model-path", str(tiny_model), "--kv-policy", "kara"] + CPU_ARGS + extra
+
+    commands = {f"bad:{key}": bad(SERVER, extra) for key, (extra, _) in BAD_FLAGS.items()}
+    commands["help"] = SERVER + ["--help"]
+    commands["serve"] = bad(SERVE, SERVE_BAD[0])
+    commands["unknown"] = SERVER + ["--model-path", str(tiny_model), "--kv-policy", "snapkv"] + CPU_ARGS
+    return commands
+
+
+def _case(item):
+    name = item.originalname if hasattr(item, "originalname") else item.name
+    if name == "test_bad_flags_stop_the_launch_with_one_line":
+        return "bad:" + item.callspec.params["case"]
+    return {"test_help_lists_the_policy_flags": "help", "test_sglang_serve_stops_on_a_bad_flag_with_one_line": "serve",
+            "test_unknown_policy_is_refused_by_the_parser": "unknown"}.get(name)
+
+
+@pytest.fixture(scope="module")
+def cli(request, tiny_model):
+    return cli_runs.run_all(cli_runs.selected_cases(request, _commands(tiny_model), _case))
 
 
 @pytest.mark.newest_release  # the parser the unknown-policy test below checks on every release
-def test_help_lists_the_policy_flags():
-    out = run_cli(SERVER + ["--help"]).stdout
+def test_help_lists_the_policy_flags(cli):
+    out = cli["help"].stdout
     for flag in ("--kv-policy", "--kara-window", "--kara-buffer", "--kara-keep-ratio", "--kara-budget",
                  "--kara-chunk-size", "--kara-chunk-fraction", "--kara-vote-layers", "--kara-vote-heads"):
         assert flag in out
     assert "{none,kara,streaming,threshold,cask,longflow}" in out
 
 
-def expect_one_line_error(command, tiny_model, extra, message):
-    proc = run_cli(command + ["--model-path", str(tiny_model), "--kv-policy", "kara"] + CPU_ARGS + extra)
-    assert proc.returncode == 2
+def expect_one_line_error(proc, message):
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-# Each start-up costs about 25 s of imports on a 2-core CPU: every bad flag goes through
-# `python -m sglang.launch_server` on the newest release; `sglang serve` and the oldest release
-# get one (below).
 @pytest.mark.newest_release
-@pytest.mark.parametrize("extra, message", [
-    (["--kara-keep-ratio", "2"], "error: --kara-keep-ratio: must be in (0, 1], got 2.0"),
-    (["--kara-window", "64", "--kara-buffer", "64"], "error: --kara-buffer: buffer U=64 must be smaller than window W=64"),
-    (["--enable-mixed-chunk"], "error: --kv-policy kara: not supported together with --enable-mixed-chunk"),
-    (["--kara-scope", "reasoning"], "error: --kara-scope: reasoning needs --reasoning-parser"),
-    (["--disaggregation-mode", "prefill"],
-     "error: --kv-policy kara: a prefill server (--disaggregation-mode prefill) never decodes"),
-    (["--disaggregation-mode", "decode", "--disaggregation-decode-enable-radix-cache"],
-     "error: --kv-policy kara: not supported together with --disaggregation-decode-enable-radix-cache"),
-])
-def test_bad_flags_stop_the_launch_with_one_line(tiny_model, extra, message):
-    expect_one_line_error(SERVER, tiny_model, extra, message)
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_stop_the_launch_with_one_line(cli, case):
+    expect_one_line_error(cli["bad:" + case], BAD_FLAGS[case][1])
 
 
-def test_sglang_serve_stops_on_a_bad_flag_with_one_line(tiny_model):
-    expect_one_line_error(SERVE, tiny_model, ["--kara-window", "64", "--kara-buffer", "64"],
-                          "error: --kara-buffer: buffer U=64 must be smaller than window W=64")
+def test_sglang_serve_stops_on_a_bad_flag_with_one_line(cli):
+    expect_one_line_error(cli["serve"], SERVE_BAD[1])
 
 
-def test_unknown_policy_is_refused_by_the_parser(tiny_model):
-    proc = run_cli(SERVER + ["--model-path", str(tiny_model), "--kv-policy", "snapkv"] + CPU_ARGS)
+def test_unknown_policy_is_refused_by_the_parser(cli):
+    proc = cli["unknown"]
     assert proc.returncode == 2 and "invalid choice: 'snapkv'" in proc.stderr
 
 
@@ -81,8 +104,8 @@ def _post(url, payload):
 
 
 @pytest.fixture(scope="module")
-def kara_server(tiny_model, tmp_path_factory):
-    yield from _serve(tiny_model, tmp_path_factory)
+def kara_server(kara_http_server):
+    return kara_http_server
 
 
 def test_http_generate_compresses_and_reports_it(kara_server):

@@ -6,7 +6,7 @@ test process.
 
 import pytest
 
-from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, pool_state, use_cpu_sglang
+from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, shared_engine, use_cpu_sglang
 from test_sglang_engine import KARA, PROMPTS, SYSTEM, U, W, greedy
 
 pytestmark = pytest.mark.sglang
@@ -14,20 +14,25 @@ pytestmark = pytest.mark.sglang
 use_cpu_sglang()
 
 
-def generate_once(model, prompts, sampling, **engine_args):
-    engine = make_engine(model, **engine_args)
+def generate_once(model, prompts, sampling, shared=False, **engine_args):
+    """Outputs and pool state (counters since the request: a shared engine's are differences)
+    of one batch on an engine of its own, or on the session's shared engine (``shared``)."""
+    engine = shared_engine(model, **engine_args) if shared else make_engine(model, **engine_args)
     try:
+        before = assert_pool_consistent(engine)
         outs = engine.generate(prompts, sampling)
         state = assert_pool_consistent(engine)
+        state["compression_events"] -= before["compression_events"]
         assert_pool_back_to_idle(engine)
         return outs, state
     finally:
-        engine.shutdown()
+        if not shared:
+            engine.shutdown()
 
 
 def test_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model):
     n = 3 * W + U + 7
-    ref, _ = generate_once(tiny_model, PROMPTS, greedy(n), **KARA)
+    ref, _ = generate_once(tiny_model, PROMPTS, greedy(n), shared=True, **KARA)
     ours, state = generate_once(tiny_model, PROMPTS, greedy(n), page_size=16, **KARA)
     assert state["compression_events"] > 0
     for p, r in zip(ours, ref):
@@ -42,7 +47,7 @@ LONGFLOW = dict(kv_policy="longflow", kara_budget=24, kara_buffer=8, kara_num_vo
 @pytest.mark.newest_release  # the paged path is Kara's (above), run on every release
 def test_longflow_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model):
     n = 24 + 5 * 8 + 3
-    ref, _ = generate_once(tiny_model, PROMPTS[:3], greedy(n), **LONGFLOW)
+    ref, _ = generate_once(tiny_model, PROMPTS[:3], greedy(n), shared=True, **LONGFLOW)
     ours, state = generate_once(tiny_model, PROMPTS[:3], greedy(n), page_size=16, **LONGFLOW)
     assert state["compression_events"] > 0
     for p, r in zip(ours, ref):
@@ -56,7 +61,7 @@ def test_longflow_page_size_16_gives_the_same_outputs_as_page_size_1(tiny_model)
                                     LONGFLOW])
 @pytest.mark.newest_release  # the adapter path is Kara's, run on every release
 def test_baseline_policies_run_through_the_scheduler(tiny_model, policy):
-    outs, state = generate_once(tiny_model, PROMPTS[:3], greedy(100), **policy)
+    outs, state = generate_once(tiny_model, PROMPTS[:3], greedy(100), shared=policy is LONGFLOW, **policy)
     assert state["compression_events"] > 0
     for o in outs:
         meta = o["meta_info"]

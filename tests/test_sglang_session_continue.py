@@ -20,7 +20,8 @@ import asyncio
 
 import pytest
 
-from support.engines import assert_pool_back_to_idle, assert_pool_consistent, flush, last, make_engine, use_cpu_sglang
+from support.engines import (assert_pool_back_to_idle, assert_pool_consistent, flush, last, make_engine, shared_engine,
+                             use_cpu_sglang)
 from test_sglang_engine import KARA, U, W, greedy
 from test_sglang_sessions import PROMPT, STREAMING, rid, wait_for_sessions_released
 
@@ -157,11 +158,11 @@ class TestPage1:
         assert_pool_back_to_idle(engine_page1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def engine_page16(tiny_model):
-    engine = make_engine(tiny_model, page_size=16, **STREAMING, **KARA)
-    yield engine
-    engine.shutdown()
+    # The session's shared engine of this configuration (test_sglang_sessions' streaming one),
+    # flushed and checked idle for each test.
+    return shared_engine(tiny_model, page_size=16, **STREAMING, **KARA)
 
 
 async def _abort_midway(engine, ids, n, params, request_id):

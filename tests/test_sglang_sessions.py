@@ -12,7 +12,7 @@ check (support.engines.TEST_ENV): a leak kills the scheduler and fails the test.
 turns the pool must add up (free + tree + streaming-session slots = pool size), and after
 ``close_session`` and a flush it must be back to idle.
 
-One engine at a time: ``Engine.shutdown()`` ends every scheduler process of the test process.
+Engines of a configuration other tests use too are the session's shared ones (support.engines).
 """
 
 import asyncio
@@ -29,6 +29,7 @@ from support.engines import (
     flush,
     make_engine,
     pool_state,
+    shared_engine,
     use_cpu_sglang,
 )
 from test_sglang_engine import KARA, SYSTEM, U, W, greedy
@@ -278,7 +279,7 @@ def vanilla(tiny_model):
 
 
 # ------------------------------------------------------------- Kara, plain sessions
-# One engine per class (torn down with it): Engine.shutdown() ends every scheduler process.
+# One engine per class (torn down with it).
 
 # A 600-token pool with optimistic admission: one conversation fits, ten at once make
 # SGLang retract (test_plain_sessions_survive_retraction_under_a_small_pool).
@@ -341,12 +342,11 @@ class TestPlainSessions:
 # --------------------------------------------------------- Kara, streaming sessions
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture
 def kara_streaming(tiny_model, vanilla):
     # Page size 16: the session's row is cut at its exact prefix inside a partly used page.
-    engine = make_engine(tiny_model, page_size=16, **STREAMING, **KARA)
-    yield engine
-    engine.shutdown()
+    # The session's shared engine of this configuration (test_sglang_session_continue's too).
+    return shared_engine(tiny_model, page_size=16, **STREAMING, **KARA)
 
 
 class TestStreamingSessions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
@@ -84,17 +85,57 @@ _DP_ATTENTION_PORTS = itertools.count(31000, 1000)
 
 
 def make_engine(model_path, **overrides):
+    """A real ``sglang.Engine`` whose ``shutdown()`` ends only its own processes (see
+    :mod:`support.processes`): shared engines and HTTP servers of the session live on."""
     import sglang
+
+    from support import processes, startups
+
+    startups.record("engine")
 
     kwargs = dict(ENGINE_DEFAULTS, model_path=str(model_path))
     kwargs.update(overrides)
     if kwargs.get("enable_dp_attention"):
         kwargs.setdefault("port", next(_DP_ATTENTION_PORTS))
     env = {}
-    if not ON_GPU and (kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1):
+    parallel = kwargs.get("tp_size", 1) > 1 or kwargs.get("dp_size", 1) > 1
+    if not ON_GPU and parallel:
         env = parallel_env(kwargs.get("tp_size", 1), kwargs.get("dp_size", 1))
     with scoped_environ(env):  # read by the schedulers the engine spawns, and only by them
-        return sglang.Engine(**kwargs)
+        with processes.recording(use_forkserver=not ON_GPU and not parallel) as started:
+            engine = sglang.Engine(**kwargs)
+    processes.scope_shutdown(engine, started)
+    return engine
+
+
+# Engines shared by every test asking for the same configuration (shared_engine), the
+# most recently used first; older ones are shut down past MAX_SHARED (memory: ~1.5 GB each).
+_SHARED: "collections.OrderedDict" = collections.OrderedDict()
+MAX_SHARED = 3
+
+
+def shared_engine(model_path, **overrides):
+    """A live engine of this configuration, started by the first test that asks and handed to
+    every later one; it sleeps while idle (``sleep_on_idle``), so kept engines cost no CPU.
+
+    Tests stay independent: each user gets it with the radix tree flushed and the pool
+    checked idle (every slot free: what the previous user held was released), and must not
+    shut it down. Counters (compression events) are the engine's since its start: read
+    differences."""
+    key = (str(model_path), tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+    engine = _SHARED.pop(key, None)
+    if engine is None:
+        while len(_SHARED) >= MAX_SHARED:
+            _SHARED.popitem(last=False)[1].shutdown()
+        engine = make_engine(model_path, sleep_on_idle=True, **overrides)
+    _SHARED[key] = engine
+    assert_pool_back_to_idle(engine)
+    return engine
+
+
+def shutdown_shared() -> None:
+    while _SHARED:
+        _SHARED.popitem(last=False)[1].shutdown()
 
 
 @contextlib.contextmanager

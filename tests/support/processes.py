@@ -1,0 +1,104 @@
+"""How test engines start and stop their SGLang processes.
+
+SGLang's ``Engine`` starts its scheduler and detokenizer with the ``spawn`` start method: each
+imports SGLang afresh, 25-45 s of CPU on a 2-core CI machine, and an engine start is nothing
+else. Tests start them from a *forkserver* that imported SGLang's scheduler and detokenizer
+modules once per test session, so an engine starts in a few seconds. The processes run the
+same SGLang code (the forkserver only imported modules; it ran nothing): the current
+environment is handed to each process and applied before SGLang's entry point runs, as a
+spawned process would inherit it. ``KARA_TEST_START_METHOD=spawn`` restores SGLang's own
+start method; the HTTP-server tests always start SGLang through its real command line.
+
+``Engine.shutdown()`` kills every process below the test process (``kill_process_tree`` of
+its own pid), which would end the forkserver, a session's shared engines and HTTP servers.
+:func:`scope_shutdown` makes an engine's shutdown end only the processes it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import sys
+
+START_METHOD = os.environ.get("KARA_TEST_START_METHOD", "forkserver")
+PRELOAD = ["sglang.srt.managers.scheduler", "sglang.srt.managers.detokenizer_manager"]
+
+
+def _forkserver_context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # read when the forkserver starts (once per session)
+    return ctx
+
+
+def _run_with_environ(environ: dict, path: list, target, args, kwargs):
+    """Entry point of a forkserver child: the parent's environment and import path as they are
+    now (a spawned child would start with both: a test may add a plugin's folder to each),
+    then SGLang's target."""
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.path[:] = path
+    return target(*args, **kwargs)
+
+
+class _RecordingMultiprocessing:
+    """Stands in for the ``multiprocessing`` module inside SGLang's engine module while one
+    engine starts: processes come from ``ctx`` and are recorded; SGLang's own
+    ``set_start_method("spawn")`` call is left out (it would reset the global default)."""
+
+    def __init__(self, ctx, forkserver: bool):
+        self._ctx, self._forkserver, self.started = ctx, forkserver, []
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def set_start_method(self, *args, **kwargs):
+        pass
+
+    def Process(self, group=None, target=None, name=None, args=(), kwargs=None, **rest):
+        if self._forkserver:
+            target, args = _run_with_environ, (dict(os.environ), list(sys.path), target, tuple(args), dict(kwargs or {}))
+            kwargs = {}
+        proc = self._ctx.Process(group=group, target=target, name=name, args=args, kwargs=kwargs or {}, **rest)
+        self.started.append(proc)
+        return proc
+
+
+@contextlib.contextmanager
+def recording(use_forkserver: bool):
+    """While an engine starts: its processes are recorded, and come from the forkserver when
+    ``use_forkserver``."""
+    from sglang.srt.entrypoints import engine as engine_module
+
+    forkserver = use_forkserver and START_METHOD == "forkserver"
+    ctx = _forkserver_context() if forkserver else multiprocessing.get_context("spawn")
+    stand_in = _RecordingMultiprocessing(ctx, forkserver)
+    original = engine_module.mp
+    engine_module.mp = stand_in
+    try:
+        yield stand_in.started
+    finally:
+        engine_module.mp = original
+
+
+def scope_shutdown(engine, started) -> None:
+    """Make ``engine.shutdown()`` end only ``started`` (and their children)."""
+    from sglang.srt.entrypoints import engine as engine_module
+
+    pids = [proc.pid for proc in started]
+    shutdown = engine.shutdown
+
+    def own_shutdown():
+        original = engine_module.kill_process_tree
+
+        def kill_own(parent_pid, include_parent=True, skip_pid=None, wait_timeout=60):
+            for pid in pids:
+                original(pid, include_parent=True, wait_timeout=wait_timeout)
+
+        engine_module.kill_process_tree = kill_own
+        try:
+            shutdown()
+        finally:
+            engine_module.kill_process_tree = original
+
+    engine.shutdown = own_shutdown
