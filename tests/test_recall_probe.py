@@ -204,6 +204,7 @@ def test_selections_are_the_top_R_candidates(probe):
     _, cap, sched = probe
     dig = rp.Digest("exact", cap, sched)
     sel = rp.selections(dig, "layer", 6, T, [0, 1], block=50)
+    assert torch.equal(sel, rp.selections(dig, "layer", 6, T, [0, 1], block=50, budget=1))  # layer by layer
     for layer in range(2):
         rows = list(range(T))
         ref = ref_scores("exact", cap, sched, layer, rows, 1)
@@ -245,6 +246,8 @@ def test_need_and_churn_against_explicit_selections(probe, digest, scope):
     dig = rp.Digest(digest, cap, sched)
     H = 3
     need = rp.value_need(dig, scope, hr, H, [0, 1], block=5)
+    # one layer and one entry at a time (the memory-bounded path) gives the same
+    assert torch.equal(need, rp.value_need(dig, scope, hr, H, [0, 1], block=3, budget=1))
     P = dig.P
     for R in (P, 2 * P, 4 * P, 8 * P):
         sel = rp.selections(dig, scope, R, T, [0, 1])
@@ -257,6 +260,7 @@ def test_need_and_churn_against_explicit_selections(probe, digest, scope):
                                        for row, tok in zip(drows, copy))
                         assert (need[n, layer, h, k] <= R) == any(held(c) for c in copies), (n, layer, h, k, R)
     new, samples = rp.churn(dig, scope, T, 3, [0, 1], grid=(P, 4 * P))
+    assert torch.equal(new, rp.churn(dig, scope, T, 3, [0, 1], grid=(P, 4 * P), budget=1)[0])
     for gi, R in enumerate((P, 4 * P)):
         sel = rp.selections(dig, scope, R, T, [0, 1])
         ref = 0

@@ -169,31 +169,38 @@ class Digest:
     def n_cand(self) -> int:
         return self.cand_time.numel()
 
-    def layer_scores(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """``[Hkv, n, C]``: max over the group's query heads of each candidate's score for the
-        queries at ``rows`` (-inf where not a candidate of that query: not evicted yet)."""
-        q = self.cap.q[layer][:, rows].float()  # [Hq, n, D]
+    def layer_scores(self, layer, rows: torch.Tensor) -> torch.Tensor:
+        """``[n_layers * Hkv, n, C]`` (layer-major; ``layer`` an int or a list): max over each KV
+        group's query heads of each candidate's score for the queries at ``rows`` (-inf where not
+        a candidate of that query: not evicted yet)."""
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        q = self.cap.q[layers][:, :, rows].float().flatten(0, 1)  # [nl * Hq, n, D]
         if self.P > 1:
-            kmax = self.kmax[layer].repeat_interleave(self.group, 0)
-            kmin = self.kmin[layer].repeat_interleave(self.group, 0)
+            kmax = self.kmax[layers].repeat_interleave(self.group, 1).flatten(0, 1)
+            kmin = self.kmin[layers].repeat_interleave(self.group, 1).flatten(0, 1)
             s = torch.einsum("hnd,hcd->hnc", q.clamp_min(0), kmax) + torch.einsum("hnd,hcd->hnc", q.clamp_max(0), kmin)
         else:
-            s = torch.einsum("hnd,hcd->hnc", q, self.keys[layer].repeat_interleave(self.group, 0))
+            s = torch.einsum("hnd,hcd->hnc", q, self.keys[layers].repeat_interleave(self.group, 1).flatten(0, 1))
         s = s.view(-1, self.group, *s.shape[1:]).amax(1)
         return s.masked_fill(self.cand_time[None, None, :] > rows[None, :, None], float("-inf"))
 
     def shared_scores(self, layers: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
         """``[1, n, C]``: the sum over ``layers`` and KV heads of softmax(score / sqrt(D))."""
         D = self.cap.q.shape[-1]
-        total = None
-        for layer in layers:
-            p = (self.layer_scores(layer, rows) / math.sqrt(D)).softmax(-1).nan_to_num(0.0).sum(0)
-            total = p if total is None else total + p
-        total = total.masked_fill(self.cand_time[None, :] > rows[:, None], float("-inf"))
-        return total[None]
+        total = (self.layer_scores(list(layers), rows) / math.sqrt(D)).softmax(-1).nan_to_num(0.0).sum(0)
+        return total.masked_fill(self.cand_time[None, :] > rows[:, None], float("-inf"))[None]
 
-    def scores(self, scope: str, layer: int, rows: torch.Tensor, shared_layers: Sequence[int]) -> torch.Tensor:
-        return self.layer_scores(layer, rows) if scope == "layer" else self.shared_scores(shared_layers, rows)
+    def scores(self, scope: str, layers, rows: torch.Tensor, shared_layers: Sequence[int]) -> torch.Tensor:
+        """Layer scope: ``[len(layers) * Hkv, n, C]``; shared: ``[1, n, C]`` (``layers`` unused)."""
+        return self.layer_scores(layers, rows) if scope == "layer" else self.shared_scores(shared_layers, rows)
+
+    def layer_groups(self, scope: str, n_rows: int, budget: int) -> List[List[int]]:
+        """Layers scored together so that a score tensor stays under ``budget`` elements."""
+        if scope != "layer":
+            return [[0]]
+        L, Hq = self.cap.q.shape[:2]
+        per = max(1, budget // max(1, Hq * n_rows * self.n_cand))
+        return [list(range(i, min(L, i + per))) for i in range(0, L, per)]
 
     def top_tokens(self, s: torch.Tensor, rows: torch.Tensor, R: int) -> torch.Tensor:
         """Token positions of the top candidates fitting ``R`` tokens, ``[H, n, <=R]``; slots
@@ -210,21 +217,24 @@ class Digest:
         return torch.where(bad, rows.view(1, -1, 1).expand_as(tok), tok)
 
 
-def selections(dig: Digest, scope: str, R: int, T: int, shared_layers: Sequence[int], block: int = 1024) -> torch.Tensor:
+def selections(dig: Digest, scope: str, R: int, T: int, shared_layers: Sequence[int], block: int = 1024,
+               budget: int = 1 << 28) -> torch.Tensor:
     """Every query's selection: ``[L, Hkv, T, <=R]`` (``[1, 1, T, <=R]`` shared) int32 positions."""
     L, Hkv = dig.cap.k.shape[:2]
     first = min(dig.sched.first_due, T)
+    device = dig.cand_time.device
     out = []
-    for layer in (range(L) if scope == "layer" else [0]):
-        parts = [torch.arange(first, device=dig.cand_time.device).view(1, -1, 1)]  # before anything is evicted
+    for layers in dig.layer_groups(scope, min(block, T), budget):
+        parts = [torch.arange(first, device=device).view(1, -1, 1)]  # before anything is evicted: own position
         for r0 in range(first, T, block):
-            rows = torch.arange(r0, min(T, r0 + block), device=dig.cand_time.device)
-            parts.append(dig.top_tokens(dig.scores(scope, layer, rows, shared_layers), rows, R))
+            rows = torch.arange(r0, min(T, r0 + block), device=device)
+            parts.append(dig.top_tokens(dig.scores(scope, layers, rows, shared_layers), rows, R))
         width = max(p.shape[-1] for p in parts)
         H = max(p.shape[0] for p in parts)
         parts = [torch.cat([p.expand(H, -1, -1), p[..., :1].expand(H, -1, width - p.shape[-1])], -1) for p in parts]
-        out.append(torch.cat(parts, 1).to(torch.int32))
-    return torch.stack(out)
+        sel = torch.cat(parts, 1).to(torch.int32)
+        out.append(sel.view(len(layers), -1, *sel.shape[1:]) if scope == "layer" else sel[None])
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- masked forward
@@ -354,7 +364,7 @@ def value_mass(cap: "sp.Captured", hr: HardReads, evict: torch.Tensor) -> torch.
 
 
 def value_need(dig: Digest, scope: str, hr: HardReads, horizon: int, shared_layers: Sequence[int],
-               block: int = 2048) -> torch.Tensor:
+               block: int = 2048, budget: int = 1 << 28) -> torch.Tensor:
     """``[reads, L or 1, Hkv or 1, horizon + 1]``: the smallest R whose selection made k steps
     before each digit's query holds a whole copy (0: resident at the read; INF: none)."""
     cap, evict = dig.cap, dig.sched.evict
@@ -378,35 +388,37 @@ def value_need(dig: Digest, scope: str, hr: HardReads, horizon: int, shared_laye
     cand = dig.page_of[e_tok_t] if dig.P > 1 else e_tok_t
     avail = (cand >= 0) & (dig.cand_time[cand.clamp_min(0)] <= e_row_t)  # a candidate of that query
     rows_u, inv = torch.unique(e_row_t, return_inverse=True)
-    ent_need = torch.full((len(e_row), nL, nH), INF, dtype=torch.long, device=device)
-    for layer in range(nL):
+    ent_need = torch.full((len(e_row), nL * nH), INF, dtype=torch.long, device=device)
+    for layers in dig.layer_groups(scope, min(block, rows_u.numel()), budget):
+        cols = slice(layers[0] * nH, (layers[-1] + 1) * nH)
         for b0 in range(0, rows_u.numel(), block):
             rows = rows_u[b0:b0 + block]
-            s = dig.scores(scope, layer, rows, shared_layers)  # [H, n, C]
+            s = dig.scores(scope, layers, rows, shared_layers)  # [H, n, C]
             sel = ((inv >= b0) & (inv < b0 + rows.numel())).nonzero().flatten()
-            for e0 in range(0, sel.numel(), 4096):
-                e = sel[e0:e0 + 4096]
+            step = max(1, budget // (s.shape[0] * s.shape[-1]))
+            for e0 in range(0, sel.numel(), step):
+                e = sel[e0:e0 + step]
                 srow = s[:, inv[e] - b0]  # [H, ne, C]
                 mine = srow.gather(-1, cand[e].clamp_min(0).view(1, -1, 1).expand(srow.shape[0], -1, 1))
                 rank = (srow > mine).sum(-1)  # [H, ne]
                 # pages: whole pages are taken while they fit, so a page is in iff its rank < R // P
                 got = (rank + 1) * dig.P
                 got = torch.where(avail[e][None], got, torch.full_like(got, INF))
-                ent_need[e, layer] = got.T
+                ent_need[e, cols] = got.T
     ent_need[torch.tensor(e_res, device=device)] = 0
     # max over a copy's digits, then min over copies (copies a read lacks stay INF)
     K = horizon + 1
     key = ((torch.tensor(e_read, device=device) * n_copies + torch.tensor(e_copy, device=device)) * K
            + torch.tensor(e_k, device=device))
     per_copy = torch.full((len(hr.index) * n_copies * K, nL * nH), -1, dtype=torch.long, device=device)
-    per_copy.scatter_reduce_(0, key[:, None].expand(-1, nL * nH), ent_need.view(-1, nL * nH), "amax")
+    per_copy.scatter_reduce_(0, key[:, None].expand(-1, nL * nH), ent_need, "amax")
     per_copy[per_copy < 0] = INF
     per_copy = per_copy.view(len(hr.index), n_copies, K, nL, nH)
     return per_copy.min(1).values.permute(0, 2, 3, 1)  # [reads, L, H, k]
 
 
 def churn(dig: Digest, scope: str, T: int, stride: int, shared_layers: Sequence[int],
-          grid: Sequence[int] = R_GRID) -> Tuple[torch.Tensor, int]:
+          grid: Sequence[int] = R_GRID, budget: int = 1 << 28) -> Tuple[torch.Tensor, int]:
     """Summed over sampled step pairs (t - 1, t) and (layer, KV head): tokens in the top R at t
     not in the top R at t - 1, per R in ``grid``; and the number of (t, layer, head) samples."""
     first = dig.sched.first_due
@@ -417,11 +429,11 @@ def churn(dig: Digest, scope: str, T: int, stride: int, shared_layers: Sequence[
         return new, 0
     L, Hkv = dig.cap.k.shape[:2]
     samples = 0
-    for layer in (range(L) if scope == "layer" else [0]):
+    for layers in dig.layer_groups(scope, 2 * min(512, ts.numel()), budget):
         for b0 in range(0, ts.numel(), 512):
             t = ts[b0:b0 + 512]
             rows = torch.stack([t - 1, t], 1).flatten()
-            s = dig.scores(scope, layer, rows, shared_layers)  # [H, 2n, C]
+            s = dig.scores(scope, layers, rows, shared_layers)  # [H, 2n, C]
             H, _, C = s.shape
             k = min(max(grid) // dig.P, C)
             val, idx = s.topk(k, dim=-1)
