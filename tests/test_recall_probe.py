@@ -299,3 +299,26 @@ def test_probe_end_to_end_on_the_ledger(tiny_model, tmp_path, capsys):
     rp.main(["--report", str(out)])
     text = capsys.readouterr().out
     assert "exact/layer@0.25 R512 lag0" in text and "quest16/shared@0.125" in text and "kara@0.25" in text
+
+
+def test_lead_and_weighted_recall_from_need():
+    """add_need_stats by hand: two reads, two (layer, head) pairs, horizon 3."""
+    import recall_probe as rp
+
+    INF = rp.INF
+    need = torch.tensor([[[[16, 16, INF, 16], [600, 600, 600, 600]]],  # read 0: pair 0 has it at k 0-1, not k 2
+                         [[[INF, 0, 0, 0], [32, 32, 32, 32]]]])  # read 1: pair 1 holds it at 32 all along
+    mass = torch.tensor([[[3.0, 1.0]], [[1.0, 1.0]]])  # read 0: pair 0 dominant; read 1: a tie (first wins)
+    st = rp.new_stats(3)
+    rp.add_need_stats(st, need, mass, 3)
+    g = {R: i for i, R in enumerate(rp.R_GRID)}
+    assert st["hard_reads"] == 2
+    assert st["recall_lag0"][g[16]] == pytest.approx(0.75 + 0.0)
+    assert st["recall_lag0"][g[32]] == pytest.approx(0.75 + 0.5)
+    assert st["recall_lag1"][g[16]] == pytest.approx(0.75 + 0.5)  # read 1's pair 0: resident-need 0 at k = 1
+    assert st["recall_lag0"][g[512]] == pytest.approx(0.75 + 0.5)
+    # leads: read 0 (pair 0): in the top 16 at k = 0, 1, out at 2 -> 1; read 1 (pair 0): not at the read -> -1
+    assert st["lead_hist"][g[16]] == [1, 0, 1, 0, 0]
+    shared = rp.new_stats(3)
+    rp.add_need_stats(shared, need[:, :1, :1], mass, 3)
+    assert shared["recall_lag0"][g[16]] == 1 and shared["lead_hist"][g[512]] == [1, 0, 1, 0, 0]

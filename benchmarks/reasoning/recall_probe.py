@@ -552,7 +552,7 @@ def add_need_stats(st: dict, need: torch.Tensor, mass: torch.Tensor, horizon: in
     st["hard_reads"] += n
     if n == 0:
         return
-    if need.shape[1] > 1:
+    if need.shape[1] * need.shape[2] > 1:  # per (layer, head): weighted by the attention each pays
         w = mass.flatten(1)
         w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
         w = w / w.sum(1, keepdim=True)
