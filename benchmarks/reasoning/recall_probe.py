@@ -486,9 +486,10 @@ def outcome(lg_rows: torch.Tensor, enc: "sp.Encoded", positions: torch.Tensor, h
             "target_reads": len(target_reads), "target_right": all(target_reads)}
 
 
-def probe_problem(model, enc: "sp.Encoded", target: str, a, forwards, stats: dict) -> Dict[str, dict]:
-    """Forward outcomes per setting (and ``full``, ``kara@ratio``); rank statistics are added
-    into ``stats``."""
+def probe_problem(model, enc: "sp.Encoded", target: str, a, forwards, stats: dict,
+                  rank: bool = True) -> Dict[str, dict]:
+    """Forward outcomes per setting (and ``full``, ``kara@ratio``); with ``rank``, the ranking
+    statistics (recall, lead, churn) are added into ``stats``."""
     logits, cap = sp.capture_qk(model, enc.ids)
     T = enc.ids.shape[0]
     L, Hkv, _, D = cap.k.shape
@@ -499,18 +500,20 @@ def probe_problem(model, enc: "sp.Encoded", target: str, a, forwards, stats: dic
     for ratio in a.ratios:
         sched = kara_schedule(cap, T, enc.prompt_len, a.window, a.buffer, ratio, a.chunk_size, a.chunk_fraction)
         hr = hard_reads(enc, sched.evict)
-        mass = value_mass(cap, hr, sched.evict)
+        mass = value_mass(cap, hr, sched.evict) if rank else None
         mine = [f for f in forwards if f[2] == ratio]
         for digest in a.digests:
             dig = Digest(digest, cap, sched, a.bits_group)
             for scope in a.scopes:
                 key = f"{digest}/{scope}@{ratio:g}"
                 st = stats.setdefault(key, new_stats(a.horizon))
-                need = value_need(dig, scope, hr, a.horizon, shared_layers)
-                add_need_stats(st, need, mass, a.horizon)
-                new, samples = churn(dig, scope, T, a.churn_stride, shared_layers)
-                st["churn_new"] = [x + int(y) for x, y in zip(st["churn_new"], new.tolist())]
-                st["churn_samples"] += samples
+                if rank:
+                    st["problems"] += 1
+                    need = value_need(dig, scope, hr, a.horizon, shared_layers)
+                    add_need_stats(st, need, mass, a.horizon)
+                    new, samples = churn(dig, scope, T, a.churn_stride, shared_layers)
+                    st["churn_new"] = [x + int(y) for x, y in zip(st["churn_new"], new.tolist())]
+                    st["churn_samples"] += samples
                 runs = [f for f in mine if f[0] == digest and f[1] == scope]
                 if not runs:
                     continue
@@ -541,7 +544,7 @@ def run_batches(model, enc, sched, batch, names, hr, target, mask_gib) -> Dict[s
 
 def new_stats(horizon: int) -> dict:
     n = len(R_GRID)
-    return {"hard_reads": 0, "recall_lag0": [0.0] * n, "recall_lag1": [0.0] * n,
+    return {"problems": 0, "hard_reads": 0, "recall_lag0": [0.0] * n, "recall_lag1": [0.0] * n,
             "lead_hist": [[0] * (horizon + 2) for _ in R_GRID], "churn_new": [0] * n, "churn_samples": 0}
 
 
@@ -586,6 +589,8 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--digests", default=",".join(DIGESTS), help="digests ranked (forwards add theirs)")
     ap.add_argument("--scopes", default=",".join(SCOPES))
     ap.add_argument("--shared-layers", default="", help="layers of the shared selection (default: Kara's vote layers)")
+    ap.add_argument("--rank-every", type=int, default=4,
+                    help="ranking statistics on every k-th problem (forwards on all): they pool thousands of reads")
     ap.add_argument("--horizon", type=int, default=16, help="steps looked back for the lead time")
     ap.add_argument("--churn-stride", type=int, default=8, help="sample one step pair in this many")
     ap.add_argument("--bits-group", type=int, default=32, help="channels per scale/zero of the low-bit keys")
@@ -622,7 +627,8 @@ def main(argv: List[str] | None = None) -> None:
                 break
             problem = ledger.make_problem(style, EVAL_SEED0 + i, a.trace_tokens or None)
             enc = sp.encode(tokenizer, problem, a.device)
-            outcomes = probe_problem(model, enc, problem.target, a, forwards, stats.setdefault(style, {}))
+            outcomes = probe_problem(model, enc, problem.target, a, forwards, stats.setdefault(style, {}),
+                                     rank=i % a.rank_every == 0)
             records.append({"style": style, "seed": EVAL_SEED0 + i, "tokens": int(enc.ids.numel()),
                             "outcomes": outcomes})
         if (i + 1) % 10 == 0 or i + 1 == a.n:
@@ -635,7 +641,7 @@ def write(a, model, records: List[dict], stats: dict, t0: float) -> dict:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     result = {"window": a.window, "buffer": a.buffer, "chunk_size": a.chunk_size, "chunk_fraction": a.chunk_fraction,
-              "ratios": a.ratios, "r_grid": list(R_GRID), "horizon": a.horizon, "churn_stride": a.churn_stride,
+              "ratios": a.ratios, "r_grid": list(R_GRID), "horizon": a.horizon, "rank_every": a.rank_every, "churn_stride": a.churn_stride,
               "bits_group": a.bits_group, "digests": a.digests, "scopes": a.scopes, "shared_layers": a.shared_layers_resolved, "forwards": a.forwards,
               "layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim,
               "trace_tokens": a.trace_tokens or None, "model": a.model,
@@ -701,7 +707,7 @@ def rank_rows(result: dict) -> List[dict]:
                     continue
                 n = st["hard_reads"]
                 fetched = st["churn_new"][gi] / st["churn_samples"] if st["churn_samples"] else None
-                rows.append({"style": style, "selector": key, "R": R, "evicted_reads": n,
+                rows.append({"style": style, "selector": key, "R": R, "problems": st.get("problems"), "evicted_reads": n,
                              "recall_lag0": st["recall_lag0"][gi] / n if n else None,
                              "recall_lag1": st["recall_lag1"][gi] / n if n else None,
                              "median_lead": median_lead(st["lead_hist"][gi]),
@@ -717,7 +723,7 @@ def print_report(result: dict) -> dict:
     pct = lambda x: "    -" if x is None else f"{100 * x:5.1f}"  # noqa: E731
     print(f"recall digests, {result['device']}: W {result['window']} U {result['buffer']} "
           f"γ {result['chunk_size']}, lead horizon {result['horizon']} steps, {result['seconds']} s")
-    print("\nranking (reads whose value is evicted; recall = share of the lookup's attention whose keys are "
+    print(f"\nranking, one problem in {result.get('rank_every', 1)} (reads whose value is evicted; recall = share of the lookup's attention whose keys are "
           "selected; lead = median steps in the top R before the read, among recalled reads):")
     print(f"{'style':8} {'selector':22} {'R':>4} {'reads':>6} {'recall lag0':>11} {'lag1':>6} {'lead':>5} "
           f"{'lead>=1':>7} {'new tok/step/l,h':>16} {'KiB/step':>9} {'digest/KV':>9}")
