@@ -14,6 +14,8 @@
 #   probe   waits for training, starts score_probe.py (teacher-forced scorer probe; needs no SGLang,
 #           so no wheels phase) in the background for $PROBE_SECONDS (default 420), waits up to $WAIT
 #           for it and packs probe.json (written as it goes); call it again to wait on
+#   recall  like probe, for recall_probe.py (issue 28: recall digests of evicted KV) for
+#           $RECALL_SECONDS (default 540) with $RECALL_ARGS; packs recall.json and recall.log
 #
 # Preparing the carried files (here, on a CPU machine with PyPI; .whl/ is ignored by git):
 #   bash benchmarks/gpu/fetch_wheels.sh && (cd .whl/dl && tar -cf - . | split -b 46m - ../parts/part-)
@@ -21,7 +23,7 @@
 #   cp .whl/dl/gguf-*.whl .whl/model/ && pip wheel --no-deps -w .whl/kara .
 # TRAIN_SECONDS (default 240: 8 GPU-minutes on two H200s) bounds training (train.py --steps auto).
 set -uo pipefail
-PHASE=${1:?usage: run_reasoning.sh gguf|train|wheels|grid|wait}
+PHASE=${1:?usage: run_reasoning.sh gguf|train|wheels|grid|wait|followup|probe|recall}
 R=/tmp/reason
 MODEL=/tmp/models/smollm2-135m-instruct
 REASONER=/tmp/models/ledger-reasoner
@@ -32,7 +34,7 @@ ts() { echo "[$(date +%T)] $*"; }
 
 pack() {
   ts "packing results"
-  cp $R/train.log $R/probe.log "$OUT/" 2>/dev/null
+  cp $R/train.log $R/probe.log $R/recall.log "$OUT/" 2>/dev/null
   cp $REASONER/training.json "$OUT/" 2>/dev/null
   [ -f $R/grid.log ] && cp $R/grid.log "$OUT/"
   if [ -d $R/grid ]; then
@@ -105,5 +107,22 @@ probe)
   while ! grep -q "^style" $R/probe.log 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt "${WAIT:-540}" ]; do sleep 10; done
   grep -v Warning $R/probe.log | tail -40
   cp $R/probe.json "$OUT/" 2>/dev/null
+  pack ;;
+recall)
+  T0=$(date +%s)
+  if [ ! -f $R/recall.started ]; then
+    wait_trained
+    touch $R/recall.started
+    # kara_sglang alone on the path (as for probe)
+    mkdir -p /tmp/kp && ln -sfn "$PWD/kara_sglang" /tmp/kp/kara_sglang
+    PYTHONPATH=/tmp/kp PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True setsid nohup python3 \
+      benchmarks/reasoning/recall_probe.py --model $REASONER --out $R/recall.json \
+      --seconds "${RECALL_SECONDS:-540}" ${RECALL_ARGS:-} > $R/recall.log 2>&1 < /dev/null &
+  fi
+  while ! grep -q "^masked forwards" $R/recall.log 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt "${WAIT:-580}" ]; do sleep 10; done
+  sleep 2
+  grep -v Warning $R/recall.log | tail -60
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  [ -f $R/recall.json ] && gzip -c $R/recall.json > "$OUT/recall.json.gz"
   pack ;;
 esac

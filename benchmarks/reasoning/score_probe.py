@@ -37,7 +37,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -204,6 +204,9 @@ class Encoded:
     prompt_len: int
     digit_positions: torch.Tensor  # token positions of every digit the reasoning writes
     reads: List[List[int]]  # per read (a balance written from memory): its digit positions
+    # per read: the digit positions of every earlier copy of its value, and the account read
+    sources: List[List[List[int]]] = field(default_factory=list)
+    accounts: List[str] = field(default_factory=list)
 
 
 def tokenize(tokenizer, problem: "ledger.Problem") -> Tuple[List[int], int, Dict[int, int]]:
@@ -225,12 +228,15 @@ def encode(tokenizer, problem: "ledger.Problem", device) -> Encoded:
     digit_tokens = {pos for pos, text in token_text.items() if text.strip().isdigit()}
     digit_pos = sorted(digit_tokens)
     digit_chars = {c: pos for c, pos in char_tok.items() if pos in digit_tokens}
-    reads = []
-    for char, _account, _sources in problem.all_reads:
+    reads, sources, accounts = [], [], []
+    for char, account, src in problem.all_reads:
         pos = sorted({digit_chars[c] for c in range(char, char + 2) if c in digit_chars})
         if pos:
             reads.append(pos)
-    return Encoded(torch.tensor(ids, device=device), P, torch.tensor(digit_pos, device=device), reads)
+            sources.append([sorted({digit_chars[c] for c in range(s, s + 2) if c in digit_chars}) for s in src])
+            accounts.append(account)
+    return Encoded(torch.tensor(ids, device=device), P, torch.tensor(digit_pos, device=device), reads,
+                   sources, accounts)
 
 
 def probe_problem(model, enc: Encoded, settings: Sequence[Tuple[str, float]], window: int, buffer: int,
