@@ -37,7 +37,7 @@ pack() {
   [ -f $R/grid.log ] && cp $R/grid.log "$OUT/"
   if [ -d $R/grid ]; then
     (cd $R/grid && tar -czf "$OUT/grid-results.tar.gz" *plan.json rows-*.json followup-*.json client-*.log server-*.log 2>/dev/null)
-    (cd $R/grid && tar -czf "$OUT/grid-records.tar.gz" records-*.jsonl followup-records-*.jsonl 2>/dev/null)
+    (cd $R/grid && tar -cf "$OUT/grid-records.tar" records-*.jsonl.gz followup-records-*.jsonl.gz 2>/dev/null)
   fi
   ls -la "$OUT"
 }

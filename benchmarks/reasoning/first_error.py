@@ -11,11 +11,19 @@ first step that differs is the first mistake, classified as:
 
 For ``recall`` mistakes it reports how far back (in tokens of the reference) the nearest copy
 of the balance was written, and how many of those copies lay in a window that Kara's schedule
-(W, U; W = 256 / U = 32 for those lanes) had already compressed when the balance was read: for
-the window policies (kara, cask) that separates "the scorer dropped it" from "it was still in
-the uncompressed tail" (a mistake the compression did not cause directly).
+(each lane's W and U, from plan.json's launch flags) had already compressed when the balance
+was read: for the window policies (kara, cask) that separates "the scorer dropped it" from "it
+was still in the uncompressed tail" (a mistake the compression did not cause directly).
 
-    python benchmarks/reasoning/first_error.py --records DIR --model MODEL_DIR [--window 512 --buffer 64]
+Positions are the *reference's* tokens, not the reply's: the step is found in the reference
+trace and its distance and window computed there. That is exact where the reply reproduces
+the reference token for token up to its first mistake, which the dense style does (its lines
+have one form; Kara 25%'s dense replies are all within 50 tokens of full KV's length), and an
+estimate for the verbose style, whose phrasings are drawn per step, so a reply drifts from the
+reference's token positions (230 of 500 Kara 25% verbose replies differ from full KV's length
+by more than 50 tokens: ``paired.py``). Read the verbose window counts as approximate.
+
+    python benchmarks/reasoning/first_error.py --records DIR --model MODEL_DIR
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import glob
+import gzip
 import json
 import re
 import statistics
@@ -99,27 +108,33 @@ def in_compressed_window(read: int, source: int, window: int, buffer: int) -> bo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--records", required=True, help="folder of run_grid.py's records-*.jsonl")
+    ap.add_argument("--records", required=True,
+                    help="run_grid.py's output folder: plan.json and records-*.jsonl.gz (or .jsonl)")
     ap.add_argument("--model", required=True, help="folder with the tokenizer")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--buffer", type=int, default=64)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
+    from kara_sglang.config import KaraConfig
+
+    defaults = KaraConfig()
+    plan = json.loads(Path(a.records, "plan.json").read_text())
+    lane_args = {lane["name"]: lane["args"] for lane in plan["lanes"]}
     tok = AutoTokenizer.from_pretrained(a.model)
     problems, offsets = {}, {}
     rows = []
-    for path in sorted(glob.glob(f"{a.records}/records-*.jsonl")):
+    paths = sorted(glob.glob(f"{a.records}/records-*.jsonl.gz")) or sorted(glob.glob(f"{a.records}/records-*.jsonl"))
+    for path in paths:
         if "notrace" in path:
             continue
-        lane = Path(path).stem[len("records-"):]
+        lane = Path(path).name[len("records-"):].split(".jsonl")[0]
         style = "dense" if "-dense" in lane else "verbose"
-        window = 256 if "w256" in lane else a.window
-        buffer = 32 if "u32" in lane else a.buffer
+        args = lane_args[lane.split(f"-{style}-")[0]]
+        window = int(args[args.index("--kara-window") + 1]) if "--kara-window" in args else defaults.window
+        buffer = int(args[args.index("--kara-buffer") + 1]) if "--kara-buffer" in args else defaults.buffer
         kinds, far, far_first, dist, wrong, n, on_target = Counter(), 0, 0, [], 0, 0, 0
         setting = None
-        for line in open(path):
+        for line in (gzip.open(path, "rt") if path.endswith(".gz") else open(path)):
             rec = json.loads(line)
             setting, n = rec["setting"], n + 1
             if rec["correct"]:
@@ -144,7 +159,8 @@ def main() -> None:
                "recall_errors_measured": len(dist),
                "recall_source_median_tokens_back": statistics.median(dist) if dist else None,
                "recall_nearest_copy_in_compressed_window": far,
-               "recall_computing_step_in_compressed_window": far_first}
+               "recall_computing_step_in_compressed_window": far_first,
+               "positions": "reference tokens: exact for dense, approximate for verbose"}
         rows.append(row)
         print(json.dumps(row))
     if a.out:
