@@ -1,6 +1,7 @@
 """kara-accuracy (kara_sglang.accuracy): layouts, answer extraction, the Wilson interval,
 settings, one-line errors, and one run against a real CPU SGLang server with Kara."""
 
+import importlib.metadata
 import json
 import math
 import socket
@@ -381,7 +382,10 @@ def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_pa
     table = captured.out
     assert "kv_policy kara" in captured.err  # read from /server_info
     result = json.loads(out.read_text())
-    assert set(result) == {"server", "model", "data", "rows"}
+    assert set(result) == {"server", "model", "data", "sglang_version", "kara_config", "rows"}
+    # What ran, from the server itself (report.py reads these instead of restating them).
+    assert result["sglang_version"] == importlib.metadata.version("sglang")
+    assert (result["kara_config"]["window"], result["kara_config"]["buffer"]) == (32, 8)
     assert result["server"] == base and result["model"] == str(accuracy_server_model(base)) and result["data"] == str(data)
     rows = {row["setting"]: row for row in result["rows"]}
     assert list(rows) == ["vanilla", "kara:keep=0.5", "kara:keep=0.25"]

@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
                     records.write(json.dumps(record(setting, outcome)) + "\n")
                 records.flush()
             if args.out:  # after every setting: a long run keeps what it finished
-                write_results(args.out, url, server.model, str(args.data), rows)
+                write_results(args.out, url, server.model, str(args.data), rows,
+                              server.sglang_version, server.kara_config)
     finally:
         if records:
             records.close()
