@@ -15,13 +15,16 @@ of the balance was written, and how many of those copies lay in a window that Ka
 was read: for the window policies (kara, cask) that separates "the scorer dropped it" from "it
 was still in the uncompressed tail" (a mistake the compression did not cause directly).
 
-Positions are the *reference's* tokens, not the reply's: the step is found in the reference
-trace and its distance and window computed there. That is exact where the reply reproduces
-the reference token for token up to its first mistake, which the dense style does (its lines
-have one form; Kara 25%'s dense replies are all within 50 tokens of full KV's length), and an
-estimate for the verbose style, whose phrasings are drawn per step, so a reply drifts from the
-reference's token positions (230 of 500 Kara 25% verbose replies differ from full KV's length
-by more than 50 tokens: ``paired.py``). Read the verbose window counts as approximate.
+Positions are the *reply's own* tokens (its text re-tokenized): the read, the step the prompt
+points to and the nearest earlier copy of the balance are found in the reply, which is what
+the server's window schedule saw. Only where the reply cannot be parsed that far (a garbled
+pointed-to step) does it fall back to the *reference* trace's tokens, which is exact where the
+reply follows the reference token for token (the dense style: one line form; Kara 25%'s dense
+replies are all within 50 tokens of full KV's length) and an estimate for the verbose style,
+whose phrasings are drawn per step (230 of 500 Kara 25% verbose replies differ from full KV's
+length by more than 50 tokens: ``paired.py``). Each row counts both
+(``recall_positions_from_reply``, ``recall_positions_from_reference``). The 2026-11-30
+first_error.json predates this and used the reference's tokens throughout.
 
     python benchmarks/reasoning/first_error.py --records DIR --model MODEL_DIR
 """
@@ -99,6 +102,48 @@ def source_distance(problem: ledger.Problem, step: ledger.Step, offsets) -> Opti
     return None
 
 
+RECALL_VALUE = re.compile(r"(?:where it became |Looking back at step \d+, \w\w was |From step \d+: \w\w = )(\d\d)")
+
+
+def _step_line(style: str, think: str, index: int):
+    """(start char, regex match) of step ``index``'s line in a reply's reasoning, or None."""
+    start = 0
+    for line in think.split("\n"):
+        if style == "dense":
+            m = DENSE.match(line)
+            if m and int(m[1]) == index:
+                return start, m
+        else:
+            head = VERBOSE_STEP.match(line)
+            if head and int(head[1]) == index:
+                return start, line
+        start += len(line) + 1
+    return None
+
+
+def reply_positions(style: str, output: str, step: ledger.Step) -> Optional[Tuple[int, int, int]]:
+    """Chars, in the reply itself, of the read of ``step``'s starting balance, of the nearest
+    earlier copy of that balance, and of the value written by the step the prompt points to
+    (``step.prev``); None when the reply does not have those lines in a parsable form."""
+    think = output.split(ledger.THINK_END)[0]
+    here, there = _step_line(style, think, step.index), _step_line(style, think, step.prev)
+    if here is None or there is None:
+        return None
+    (at, m_here), (prev_at, m_prev) = here, there
+    if style == "dense":
+        read, first = at + m_here.start(4), prev_at + m_prev.start(7)
+        return read, first, first  # a dense balance is written once, by its step
+    recall = RECALL_VALUE.search(m_here)
+    wrote = VERBOSE_MATH.search(m_prev)
+    if recall is None or wrote is None:
+        return None
+    read, first = at + recall.start(1), prev_at + wrote.start(5)
+    # Copies: the step's own "So ... = NN" and "Check ... ACCOUNT = NN", then recaps.
+    copies = [prev_at + m.start(1) for m in re.finditer(
+        rf"\b{step.account} (?:is now \d\d [+-] \d = |= )(\d\d)", think[prev_at:read])]
+    return read, max(copies, default=first), first
+
+
 def in_compressed_window(read: int, source: int, window: int, buffer: int) -> bool:
     """Was decode token ``source`` inside a window Kara/CASK had already compressed when token
     ``read`` was written? (Windows [kW, (k+1)W) compress once W + U tokens past kW exist.)"""
@@ -123,6 +168,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(a.model)
     problems, offsets = {}, {}
     rows = []
+
+    def token_at(text: str):
+        starts = [s for s, _ in tok(text, return_offsets_mapping=True)["offset_mapping"]]
+        return lambda c: bisect.bisect_right(starts, c) - 1
+
     paths = sorted(glob.glob(f"{a.records}/records-*.jsonl.gz")) or sorted(glob.glob(f"{a.records}/records-*.jsonl"))
     for path in paths:
         if "notrace" in path:
@@ -133,6 +183,7 @@ def main() -> None:
         window = int(args[args.index("--kara-window") + 1]) if "--kara-window" in args else defaults.window
         buffer = int(args[args.index("--kara-buffer") + 1]) if "--kara-buffer" in args else defaults.buffer
         kinds, far, far_first, dist, wrong, n, on_target = Counter(), 0, 0, [], 0, 0, 0
+        from_reply = from_reference = 0
         setting = None
         for line in (gzip.open(path, "rt") if path.endswith(".gz") else open(path)):
             rec = json.loads(line)
@@ -149,7 +200,14 @@ def main() -> None:
             if step is not None and step.account == problems[key].target:
                 on_target += 1
             if kind == "recall":
-                got = source_distance(problems[key], step, offsets[key])
+                chars = reply_positions(style, rec["output"] or "", step)
+                if chars is not None:
+                    token = token_at(rec["output"])
+                    got = tuple(token(c) for c in chars)
+                    from_reply += 1
+                else:
+                    got = source_distance(problems[key], step, offsets[key])
+                    from_reference += got is not None
                 if got is not None:
                     dist.append(got[0] - got[1])
                     far += in_compressed_window(got[0], got[1], window, buffer)
@@ -160,7 +218,7 @@ def main() -> None:
                "recall_source_median_tokens_back": statistics.median(dist) if dist else None,
                "recall_nearest_copy_in_compressed_window": far,
                "recall_computing_step_in_compressed_window": far_first,
-               "positions": "reference tokens: exact for dense, approximate for verbose"}
+               "recall_positions_from_reply": from_reply, "recall_positions_from_reference": from_reference}
         rows.append(row)
         print(json.dumps(row))
     if a.out:

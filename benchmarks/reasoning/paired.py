@@ -9,8 +9,9 @@ test on the discordant pairs (b = right only in the first row, c = right only in
 two-sided binomial p with n = b + c, p = 0.5). The p-values are per comparison, not corrected
 for the number of comparisons printed.
 
-Also, per style, how far Kara 25%'s replies are from full KV's in length (first_error.py maps
-positions through the reference's tokens, exact only where the reply follows the reference),
+Also, per style, how far Kara 25%'s replies are from full KV's in length (the committed
+first_error.json mapped positions through the reference's tokens, exact only where the reply
+follows the reference),
 and the no-trace rows against 1% (a two-digit answer guessed at random).
 """
 
