@@ -11,10 +11,11 @@ tokens past its start exist, so the tail at the end of a reply of n tokens is it
 U .. W + U - 1 tokens (n - U rounded down to whole windows is compressed): a step 100 tokens
 from the end may be compressed and one 500 tokens back may not. The split applies that
 schedule to the model's own reply length (``turn1.completion_tokens``); the step's distance
-from the end is measured on the *reference* reply (the records keep no turn-1 text), which the
+from the end is measured in the model's own reply where the records keep its text (``text1``,
+follow_up.py writes it since the 2026-12-01 run), else on the *reference* reply, which the
 model's reply matches token for token in the dense style up to its first mistake but only
-approximately in the verbose one (its phrasings are drawn per step), so the verbose split is an
-estimate.
+approximately in the verbose one (its phrasings are drawn per step), so a verbose split from
+the reference is an estimate. Each row says how many came from which.
 
 W and U come from plan.json (run_follow_up records them); γ from the lane's
 ``--kara-chunk-size``, else the server's reported settings, else the plugin's default.
@@ -58,11 +59,15 @@ def flag(args: list, name: str):
     return args[args.index(name) + 1] if name in args else None
 
 
-def tokens_back(tokenizer, problem: ledger.Problem, account: str) -> int:
-    """Tokens from the asked account's last step to the end of the reference reply."""
+def tokens_back(tokenizer, problem: ledger.Problem, account: str, reply: str | None = None) -> int | None:
+    """Tokens from the asked account's last step to the end of the reply: the model's own
+    ``reply`` when given (None if that step's line is not in it), else the reference reply."""
     step = max(st.index for st in problem.steps if st.account == account)
-    start = re.search(rf"(^|\n)(Step )?{step}[:. ]", problem.completion).start()
-    return len(tokenizer(problem.completion[start:]).input_ids)
+    text = problem.completion if reply is None else reply
+    found = re.search(rf"(^|\n)(Step )?{step}[:. ]", text)
+    if found is None:
+        return None
+    return len(tokenizer(text[found.start():]).input_ids)
 
 
 def main() -> None:
@@ -106,17 +111,24 @@ def main() -> None:
                "turn2_kv_held_mean": summary["turn2_kv_held_mean"],
                "device": a.device, "sglang_version": summary["server"]["version"]}
         if tokenizer is not None:
-            tail, compressed = [], []
+            tail, compressed, sources = [], [], {"reply": 0, "reference": 0}
             for r in right1:
-                key = (style, r["seed"])
-                if key not in distance:  # the arms share problems: each is tokenized once
-                    distance[key] = tokens_back(tokenizer, ledger.make_problem(style, r["seed"]), r["account"])
-                where = in_uncompressed_tail(distance[key], r["turn1"]["completion_tokens"], W, U)
+                problem = ledger.make_problem(style, r["seed"])
+                back = tokens_back(tokenizer, problem, r["account"], r["text1"]) if r.get("text1") else None
+                if back is not None:
+                    sources["reply"] += 1
+                else:
+                    key = (style, r["seed"])
+                    if key not in distance:  # the arms share problems: each is tokenized once
+                        distance[key] = tokens_back(tokenizer, problem, r["account"])
+                    back = distance[key]
+                    sources["reference"] += 1
+                where = in_uncompressed_tail(back, r["turn1"]["completion_tokens"], W, U)
                 (tail if where else compressed).append(r["correct2"])
             row["turn2_given_turn1_right_by_asked_step"] = {
                 "uncompressed_tail": share(sum(tail), len(tail)),
                 "compressed_window": share(sum(compressed), len(compressed)),
-                "positions": "reference reply (exact for dense up to the first mistake, estimated for verbose)"}
+                "positions_from_reply": sources["reply"], "positions_from_reference": sources["reference"]}
         rows.append(row)
     Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -133,7 +145,7 @@ def main() -> None:
         for r in rows:
             d = r["turn2_given_turn1_right_by_asked_step"]
             print(f"| {r['style']} | {r['server']} | {r['arm']} | " + " | ".join(
-                f"{k}: {pct(v)} (n={v['n']})" for k, v in d.items() if k != "positions") + " |")
+                f"{k}: {pct(v)} (n={v['n']})" for k, v in d.items() if not k.startswith("positions")) + " |")
 
 
 if __name__ == "__main__":
