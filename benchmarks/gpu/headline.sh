@@ -12,7 +12,8 @@
 # tokens, 1,691,234 FP8); on another GPU read max_total_num_tokens from the first server's log
 # ($OUT/log-*.txt) and set the counts (V_BF16, K25_BF16, K125_BF16, V_FP8, K25_FP8, K125_FP8).
 #
-# bf16: vanilla, Kara 25%, Kara 12.5% (about 6 + 6 + 7 minutes of decoding on an H200);
+# bf16: vanilla, Kara 25%, Kara 12.5% (about 5 + 6 + 7 minutes of decoding on an H200, plus about
+# 2 minutes of start-up each);
 # fp8: the same three with --kv-cache-dtype fp8_e4m3; all: both. With two or more GPUs, vanilla
 # runs on GPU 0 and Kara on GPU 1, side by side. SECONDS bounds each configuration (default
 # 1800). Rows and logs go to $OUT (default out/headline); the table is printed at the end
