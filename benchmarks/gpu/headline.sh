@@ -15,7 +15,7 @@
 # bf16: vanilla, Kara 25%, Kara 12.5% (about 5 + 6 + 7 minutes of decoding on an H200, plus about
 # 2 minutes of start-up each);
 # fp8: the same three with --kv-cache-dtype fp8_e4m3; all: both. With two or more GPUs, vanilla
-# runs on GPU 0 and Kara on GPU 1, side by side. SECONDS bounds each configuration (default
+# runs on GPU 0 and Kara on GPU 1, side by side. SECONDS_EACH bounds each configuration (default
 # 1800). Rows and logs go to $OUT (default out/headline); the table is printed at the end
 # (whole-wave rate as the client measured it, then the first 80% of each wave's tokens from
 # SGLang's decode log, the measure that compares waves cut short).
