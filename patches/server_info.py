@@ -2,7 +2,8 @@
 
 Wraps ``sglang.srt.managers.scheduler.Scheduler.get_internal_state`` (AFTER): adds
 ``internal_states[i]["kara"]`` with free, tree-evictable and tree-locked token counts (what
-SGLang's idle leak check compares with the pool size) and, under a policy, the compression
+SGLang's idle leak check compares with the pool size), the policy and its settings
+(``config``: W, U, keep ratio, budget, γ, scope) and, under a policy, the compression
 counters. Applied whatever the policy, so vanilla and Kara servers report the same way.
 Under tensor parallelism with ``KARA_DEBUG_CHECKS=1`` it also gathers every rank's digest of
 its ``req_to_token`` table and free list (``tp_state_digests``), so tests can see that the
@@ -25,14 +26,22 @@ def session_held_tokens(scheduler) -> int:
     return 0
 
 
+def server_config(config) -> dict:
+    """The server's own settings (what a results file needs to say what ran)."""
+    return {"window": config.window, "buffer": config.buffer, "keep_ratio": config.keep_ratio,
+            "budget": config.budget, "chunk_size": config.chunk_size, "scope": config.scope}
+
+
 def pool_accounting(scheduler) -> dict:
     tree = scheduler.tree_cache
+    config = config_from_attrs(scheduler.server_args)
     info = {
         "max_total_tokens": int(scheduler.max_total_num_tokens),
         "available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
         "evictable_tokens": int(tree.evictable_size()),
         "protected_tokens": int(tree.protected_size()),
-        "kv_policy": config_from_attrs(scheduler.server_args).policy,
+        "kv_policy": config.policy,
+        "config": server_config(config),
         # --enable-streaming-session: KV a session keeps between its turns, outside the tree
         # (SGLang's own busy/idle check counts it the same way; 0 on other caches).
         "session_held_tokens": session_held_tokens(scheduler),

@@ -1,6 +1,7 @@
 """kara-accuracy (kara_sglang.accuracy): layouts, answer extraction, the Wilson interval,
 settings, one-line errors, and one run against a real CPU SGLang server with Kara."""
 
+import importlib.metadata
 import json
 import math
 import socket
@@ -8,7 +9,7 @@ import socket
 import pytest
 
 from kara_sglang.accuracy import InputError
-from kara_sglang.accuracy.__main__ import main
+from kara_sglang.accuracy.__main__ import build_parser, main
 from kara_sglang.accuracy.answers import answers_match, extract_boxed, extract_last_number, make_extractor, normalize
 from kara_sglang.accuracy.kv import request_kv
 from kara_sglang.accuracy.problems import load_problems
@@ -291,8 +292,10 @@ def test_failed_requests_count_as_errors_and_no_kv_lists_read_na(fake_server, tm
     out = tmp_path / "out.json"
     assert main(["--url", fake_server.url + "/", "--data", str(data), "--settings", "vanilla;server;kara:keep=0.5",
                  "--stop", "</s>", "--sampling-params", '{"top_p": 0.9}', "--max-new-tokens", "7",
-                 "--no-progress", "--out", str(out)]) == 0
-    table = capsys.readouterr().out
+                 "--no-progress", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    table = captured.out
+    assert captured.err.count("1 of 3 requests failed") == 3, captured.err
     rows = json.loads(out.read_text())["rows"]
     assert json.loads(out.read_text())["model"] == "fake-model"
     for row in rows:
@@ -306,6 +309,20 @@ def test_failed_requests_count_as_errors_and_no_kv_lists_read_na(fake_server, tm
     assert all(p["temperature"] == 0 and p["max_new_tokens"] == 7 and p["stop"] == ["</s>"] and p["top_p"] == 0.9
                for p in params)
     assert [p.get("custom_params") for p in params[::3]] == [{"kv_policy": "none"}, None, {"kara_keep_ratio": 0.5}]
+
+
+def test_exit_status_0_when_every_request_is_answered_1_when_any_failed(fake_server, tmp_path, capsys):
+    ok = _jsonl(tmp_path / "ok.jsonl", [{"problem": "2+2", "answer": "4"}, {"problem": "2*3", "answer": "7"}])
+    assert main(["--url", fake_server.url, "--data", str(ok), "--settings", "vanilla", "--no-progress"]) == 0
+    assert "failed" not in capsys.readouterr().err  # a wrong answer is not a failure
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"problem": "fail", "answer": "4"}, {"problem": "fail too", "answer": "6"}])
+    out = tmp_path / "out.json"
+    assert main(["--url", fake_server.url, "--data", str(bad), "--settings", "vanilla;server", "--no-progress",
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "vanilla: 2 of 2 requests failed" in err and "server: 2 of 2 requests failed" in err
+    assert len(json.loads(out.read_text())["rows"]) == 2  # the rows are still written
+    assert "some requests failed" in build_parser().format_help()
 
 
 @pytest.mark.parametrize("policy, settings, message", [
@@ -361,7 +378,10 @@ def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_pa
     table = captured.out
     assert "kv_policy kara" in captured.err  # read from /server_info
     result = json.loads(out.read_text())
-    assert set(result) == {"server", "model", "data", "rows"}
+    assert set(result) == {"server", "model", "data", "sglang_version", "kara_config", "rows"}
+    # What ran, from the server itself (report.py reads these instead of restating them).
+    assert result["sglang_version"] == importlib.metadata.version("sglang")
+    assert (result["kara_config"]["window"], result["kara_config"]["buffer"]) == (32, 8)
     assert result["server"] == base and result["model"] == str(accuracy_server_model(base)) and result["data"] == str(data)
     rows = {row["setting"]: row for row in result["rows"]}
     assert list(rows) == ["vanilla", "kara:keep=0.5", "kara:keep=0.25"]
@@ -386,7 +406,8 @@ def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_pa
     assert all(r["kv_final_evicted"] == 0 for r in lines if r["setting"] == "vanilla")
 
     # 3. A value the server refuses: every request fails with its 400, counted, not a crash.
-    assert main(common + ["--data", str(data), "--settings", "kara:keep=2", "--limit", "2", "--out", str(out)]) == 0
+    # A script or CI job running it sees the failure: exit status 1.
+    assert main(common + ["--data", str(data), "--settings", "kara:keep=2", "--limit", "2", "--out", str(out)]) == 1
     row = json.loads(out.read_text())["rows"][0]
     assert (row["n"], row["correct"], row["errors"]) == (2, 0, 2)
     assert row["first_error"].startswith("HTTP 400") and "--kara-keep-ratio" in row["first_error"], row

@@ -82,3 +82,26 @@ def test_both_arms_send_the_same_first_turn_and_only_the_continued_one_skips_the
         assert row["n"] == 2 and row["arm"] == arm and row["server"]["kv_policy"] == "kara", row
         assert row["turn2_prefilled_mean"] == pytest.approx(
             sum(r["turn2"]["prefilled"] for r in records[arm]) / 2, abs=0.05)
+
+
+def test_the_next_turn_split_uses_the_reply_and_kara_s_schedule(tiny_model):
+    import ledger
+    import report_follow_up
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    problem = ledger.make_problem("dense", 7)
+    account = problem.steps[-1].account
+    back = report_follow_up.tokens_back(tokenizer, problem, account)
+    # The model's own reply, when recorded, is measured instead of the reference.
+    assert report_follow_up.tokens_back(tokenizer, problem, account, problem.completion) == back
+    longer = problem.completion.replace(ledger.THINK_END, "All checked twice.\n" + ledger.THINK_END)
+    assert report_follow_up.tokens_back(tokenizer, problem, account, longer) > back
+    assert report_follow_up.tokens_back(tokenizer, problem, account, "no steps here") is None
+    # Kara's tail at the end of an n-token reply is its last U .. W + U - 1 tokens: "within
+    # W + U of the end" is not "never compressed".
+    W, U = 512, 64
+    assert report_follow_up.in_uncompressed_tail(50, 600, W, U)          # 600 tokens: 512 compressed, 88 whole
+    assert not report_follow_up.in_uncompressed_tail(100, 600, W, U)     # 100 back is compressed there
+    assert report_follow_up.in_uncompressed_tail(500, 1599, W, U)        # 1599: 1024 compressed, 575 whole
+    assert report_follow_up.in_uncompressed_tail(575, 575, W, U)         # shorter than W + U: nothing compressed

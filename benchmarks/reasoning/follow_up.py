@@ -110,7 +110,7 @@ def converse(url: str, tokenizer, eos_id: int, problem: ledger.Problem, arm: str
             "answer2": second.answer, "got2": got2, "correct2": got2 == second.answer,
             "turn1": turn_record(first, len(prompt_ids)),
             "turn2": turn_record(turn2, len(prompt_ids) + len(reply) + len(question_ids)),
-            "text2": text2}
+            "text1": text1, "text2": text2}
 
 
 def summarize(records: List[dict], arm: str, style: str, server: dict) -> dict:

@@ -4,10 +4,18 @@
         --out docs/results/reasoning_accuracy.json --plot docs/reasoning_accuracy.png \
         --per-problem docs/results/raw-2026-11-30/reasoning_per_problem.json.gz
 
-Rows carry the issue's fields (task, style, policy, keep_ratio, window, buffer, chunk, budget,
+Rows carry the task's fields (task, style, policy, keep_ratio, window, buffer, chunk, budget,
 n, accuracy, ci_low, ci_high, kv_mean_fraction, full_kv_accuracy, device, sglang_version) plus
 the mean decode KV in tokens and block coverage: the share of whole 512-token blocks of the
 reasoning that hold no KV at all when the request ends (servers ran with KARA_TRACK_KEPT=512).
+
+Nothing about the run is assumed here: W, U and γ come from what the server reported
+(``kara_config`` in each rows file, written by kara-accuracy from ``/server_info``), else from
+the lane's launch flags in ``plan.json`` with the plugin's defaults for flags not given; γ of a
+row is its request's ``kara_chunk_size`` when it set one. The SGLang version comes from the
+rows file (the server's ``/server_info``), else from ``plan.json`` (run_grid records the
+installed release), else from ``--sglang-version`` (for grids that recorded neither); a grid
+with none of them is refused.
 """
 
 from __future__ import annotations
@@ -16,23 +24,41 @@ import argparse
 import glob
 import gzip
 import json
+import sys
 from pathlib import Path
+from typing import Optional
 
-W, U, GAMMA = 512, 64, 8
-SGLANG_VERSION = "0.5.17"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from kara_sglang.config import KaraConfig  # noqa: E402
 
-
-def lane_config(lane: str) -> dict:
-    """Server-level settings of a lane (run_grid.lanes names them)."""
-    policy = lane.split("-")[0]
-    return {"policy": "full" if policy == "notrace" else policy, "window": 256 if "w256" in lane else W,
-            "buffer": 32 if "u32" in lane else U}
+DEFAULTS = KaraConfig()  # the plugin's defaults: what a server ran for a flag it was not given
 
 
-def row_for(lane: str, style: str, row: dict, device: str) -> dict:
-    cfg = lane_config(lane)
+def flag(args: list, name: str) -> Optional[str]:
+    """A launch flag's value in a lane's server args, or None."""
+    return args[args.index(name) + 1] if name in args else None
+
+
+def lane_config(lane: dict, reported: Optional[dict]) -> dict:
+    """Server-level settings of a lane: what the server reported, else its launch flags."""
+    args = lane.get("args", [])
+    policy = flag(args, "--kv-policy") or "none"
+    reported = reported or {}
+
+    def setting(key: str, name: str, default):
+        if reported.get(key) is not None:
+            return reported[key]
+        value = flag(args, name)
+        return type(default)(value) if value is not None else default
+
+    return {"policy": policy, "window": setting("window", "--kara-window", DEFAULTS.window),
+            "buffer": setting("buffer", "--kara-buffer", DEFAULTS.buffer),
+            "chunk": setting("chunk_size", "--kara-chunk-size", DEFAULTS.chunk_size)}
+
+
+def row_for(cfg: dict, style: str, row: dict, device: str, sglang_version: str) -> dict:
     params = row["custom_params"] or {}
-    vanilla = params.get("kv_policy") == "none"
+    vanilla = params.get("kv_policy") == "none" or cfg["policy"] == "none"
     policy = "full" if vanilla else cfg["policy"]
     low, high = row["ci95"]
     return {
@@ -40,13 +66,21 @@ def row_for(lane: str, style: str, row: dict, device: str) -> dict:
         "keep_ratio": None if vanilla else params.get("kara_keep_ratio"),
         # W only shapes the window policies; U is every policy's uncompressed buffer.
         "window": cfg["window"] if policy in ("kara", "cask") else None, "buffer": None if vanilla else cfg["buffer"],
-        "chunk": None if vanilla or policy not in ("kara", "cask") else params.get("kara_chunk_size", GAMMA),
+        "chunk": None if vanilla or policy not in ("kara", "cask") else params.get("kara_chunk_size", cfg["chunk"]),
         "budget": params.get("kara_budget"), "n": row["n"], "correct": row["correct"],
         "accuracy": row["accuracy"], "ci_low": low, "ci_high": high,
         "kv_mean_fraction": row["kv_mean_fraction"], "kv_mean_tokens": row["kv_mean_tokens"],
         "output_tokens_mean": row["output_tokens_mean"], "errors": row["errors"],
-        "device": device, "sglang_version": SGLANG_VERSION,
+        "device": device, "sglang_version": sglang_version,
     }
+
+
+def read_records(grid: Path, tag: str) -> list:
+    """A rows file's records: ``records-<tag>.jsonl.gz`` (run_grid compresses them) or ``.jsonl``."""
+    gz = grid / f"records-{tag}.jsonl.gz"
+    f = gzip.open(gz, "rt") if gz.exists() else open(grid / f"records-{tag}.jsonl")
+    with f:
+        return [json.loads(line) for line in f]
 
 
 def empty_block_share(records: list) -> float | None:
@@ -68,22 +102,33 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--per-problem", default=None, help="gzipped JSON of every (row, problem): correct, KV")
+    ap.add_argument("--sglang-version", default=None,
+                    help="only for grids whose rows files and plan.json do not record it")
     a = ap.parse_args()
 
+    grid = Path(a.grid)
+    plan = json.loads((grid / "plan.json").read_text())
+    lanes = {lane["name"]: lane for lane in plan["lanes"]}
     rows, per_problem = [], {}
     for path in sorted(glob.glob(f"{a.grid}/rows-*.json")):
         tag = Path(path).stem[len("rows-"):]
         notrace = tag.startswith("notrace-")
         style = tag.split("-")[1] if notrace else ("dense" if "-dense-" in tag else "verbose")
-        lane = tag if notrace else tag.split(f"-{style}-")[0]
-        records = [json.loads(line) for line in open(Path(a.grid) / f"records-{tag}.jsonl")]
-        for r in json.load(open(path))["rows"]:
-            row = row_for(lane, style, r, a.device)
+        # run_grid runs the no-trace rows on the main Kara lane's server, opted out.
+        lane = plan.get("notrace_lane", "kara-w512-u64") if notrace else tag.split(f"-{style}-")[0]
+        result = json.loads(Path(path).read_text())
+        version = result.get("sglang_version") or plan.get("sglang_version") or a.sglang_version
+        if not version:
+            sys.exit(f"{path}: no SGLang version in the rows file or plan.json; pass --sglang-version")
+        cfg = lane_config(lanes[lane], result.get("kara_config"))
+        records = read_records(grid, tag)
+        for r in result["rows"]:
+            row = row_for(cfg, style, r, a.device, version)
             if notrace:
                 row.update(policy="full, answer without reasoning", setting="no-trace")
             row["empty_block_share"] = empty_block_share(records)
             rows.append(row)
-            per_problem[f"{style}/{row['setting']}/{lane}"] = [
+            per_problem[f"{style}/{row['setting']}/{tag if notrace else lane}"] = [
                 [rec["index"], rec["correct"], rec["completion_tokens"], rec["kv_fraction"]] for rec in records]
     full = {r["style"]: r["accuracy"] for r in rows if r["policy"] == "full"}
     for r in rows:
@@ -119,8 +164,10 @@ def plot(rows: list, path: str) -> None:
         mine = [r for r in rows if r["style"] == style]
         full = next(r for r in mine if r["policy"] == "full")
         ax.axhline(100 * full["accuracy"], color="k", ls="--", lw=1, label="full KV")
-        kara = sorted((r for r in mine if r["policy"] == "kara" and r["window"] == W and r["buffer"] == U
-                       and r["chunk"] == GAMMA), key=lambda r: r["kv_mean_fraction"])
+        # The keep-ratio sweep: Kara rows at the plugin's default W, U and γ (the ablations differ).
+        kara = sorted((r for r in mine if r["policy"] == "kara" and r["window"] == DEFAULTS.window
+                       and r["buffer"] == DEFAULTS.buffer and r["chunk"] == DEFAULTS.chunk_size),
+                      key=lambda r: r["kv_mean_fraction"])
         for name, group in [("kara", kara)] + [(p, [r for r in mine if r["policy"] == p])
                                                for p in ("cask", "threshold", "streaming", "longflow")]:
             if not group:

@@ -5,19 +5,22 @@
 One server per lane (run_grid.py's start-up: same flags, W = 512, U = 64), every server with
 ``--enable-streaming-session``; per lane and style, follow_up.py runs each of its arms as its own
 process, all at once. Rows go to ``OUT/followup-<lane>-<style>-<arm>.json``, per-problem records
-beside them. The model should be trained with ``train.py --follow-ups 0.5``.
+beside them, gzipped (``followup-records-*.jsonl.gz``) when the grid is done, to be committed
+with the rows (docs/results/README.md). The model should be trained with
+``train.py --follow-ups 0.5``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_grid import W, U, serve_lanes, start_client, wait_clients  # noqa: E402
+from run_grid import W, U, compress_records, serve_lanes, start_client, wait_clients  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,9 +72,11 @@ def main() -> None:
         arms = len(lane["arms"]) * len(a.styles.split(","))
         lane["max_running_requests"] = max(256, 2 * a.concurrency * arms)
     (out / "followup-plan.json").write_text(json.dumps({"lanes": lanes, "n": a.n, "W": W, "U": U,
+                                                        "sglang_version": importlib.metadata.version("sglang"),
                                                         "max_new_tokens": a.max_new_tokens}, indent=1))
     serve_lanes(a.model, lanes, out, a.attention_backend, a.cpu_smoke,
                 lambda lane: run_lane(lane, out, a.styles.split(","), a.n, a.concurrency, a.max_new_tokens, a.model))
+    compress_records(out, "followup-records-*.jsonl")
     print(f"[{time.strftime('%T')}] follow-up grid done", flush=True)
 
 

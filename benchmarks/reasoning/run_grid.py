@@ -12,14 +12,21 @@ decode KV over the reference traces equals Kara 25%'s (W = 512, U = 64), simulat
 policies' own code (:func:`matched_budget`); the measured KV of every row is reported beside it.
 
 Each (lane, style, setting) runs as its own accuracy process, all at once; its row goes to
-``OUT/rows-<lane>-<style>-<k>.json`` and its per-problem records to ``OUT/records-...jsonl``;
-``report.py`` turns them into the results file.
+``OUT/rows-<lane>-<style>-<k>.json`` (with the server's SGLang version and Kara settings) and
+its per-problem records (reply text, finish reason, extracted answer, KV counts) to
+``OUT/records-...jsonl``, gzipped to ``records-...jsonl.gz`` when the grid is done: commit
+them with the rows (docs/results/README.md), so first_error.py and the block-coverage column
+can be derived again from the repository. ``plan.json`` records every lane's launch flags and
+the installed SGLang release; ``report.py`` turns it all into the results file.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib.metadata
 import json
+import shutil
 import os
 import signal
 import socket
@@ -37,6 +44,7 @@ from train import EVAL_SEED0  # noqa: E402
 
 W, U = 512, 64
 EXTRACT = r"regex:Answer:\s*(\d\d)"
+NOTRACE_LANE = "kara-w512-u64"  # the lane whose server also runs the no-trace rows (opted out)
 
 
 def write_data(out: Path, tokenizer, n: int) -> Dict[str, dict]:
@@ -181,7 +189,7 @@ def run_lane(lane: dict, info: Dict[str, dict], out: Path, concurrency: int, sty
             cmd = accuracy_command(url, out / f"data-{style}.jsonl", setting, info[style]["max_new_tokens"],
                                    concurrency, out, tag)
             jobs.append(start_client(cmd, out, tag))
-        if lane["name"] == "kara-w512-u64":  # the prompt alone (no reasoning), vanilla
+        if lane["name"] == NOTRACE_LANE:  # the prompt alone (no reasoning), vanilla
             tag = f"notrace-{style}"
             cmd = accuracy_command(url, out / f"notrace-{style}.jsonl", "vanilla", 4, concurrency, out, tag,
                                    extract=r"regex:(\d\d)")
@@ -224,13 +232,23 @@ def main() -> None:
     plan, budgets = lanes(info, a.gpus)
     if a.lanes:
         plan = [lane for lane in plan if lane["name"] in a.lanes.split(",")]
-    (out / "plan.json").write_text(json.dumps({"lanes": plan, "budgets": budgets, "n": a.n,
-                                               "max_new_tokens": {s: d["max_new_tokens"] for s, d in info.items()}},
-                                              indent=1))
+    (out / "plan.json").write_text(json.dumps({
+        "lanes": plan, "budgets": budgets, "n": a.n, "notrace_lane": NOTRACE_LANE,
+        "sglang_version": importlib.metadata.version("sglang"), "attention_backend": a.attention_backend,
+        "max_new_tokens": {s: d["max_new_tokens"] for s, d in info.items()}}, indent=1))
     print(f"budgets matched to Kara 25%: {json.dumps(budgets)}", flush=True)
     serve_lanes(a.model, plan, out, a.attention_backend, a.cpu_smoke,
                 lambda lane: run_lane(lane, info, out, a.concurrency, a.styles.split(",")))
+    compress_records(out)
     print(f"[{time.strftime('%T')}] grid done", flush=True)
+
+
+def compress_records(out: Path, pattern: str = "records-*.jsonl") -> None:
+    """``records-*.jsonl`` -> ``records-*.jsonl.gz`` (the raw records are committed compressed)."""
+    for path in sorted(out.glob(pattern)):
+        with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        path.unlink()
 
 
 def serve_lanes(model: str, plan: List[dict], out: Path, backend: str, cpu_smoke: bool, run) -> None:

@@ -7,7 +7,8 @@ asks the cheaper question behind it for many scorers at once, on the model and t
 For each held-out ledger problem, one full-KV forward over prompt + reference reasoning records
 every layer's post-RoPE queries and keys. Each scorer then picks a keep set for every W-token
 window of the reasoning on Kara's schedule (window k is compressed once W + U tokens from its
-start exist; the newest U vote as queries), Token2Chunk turns scores into the kept positions,
+start exist; the queries that vote are the whole tail, the window's own W and the U after it,
+except for ``buffer``), Token2Chunk turns scores into the kept positions,
 and one more forward, with an attention mask that hides each dropped token from every query
 after its window was compressed, gives the model's predictions on the same reference tokens.
 That forward computes every later token's KV from the compressed context, exactly as the server
@@ -19,7 +20,8 @@ its digits are.
 
 Scorers (``name@keep``, e.g. ``kara@0.25``):
   kara          the server's scorer: the vote layers and GQA-group mean queries of its defaults,
-                softmax of every tail query over the window keys (no causal mask), summed
+                softmax of every one of the W + U tail queries over the window keys (no causal
+                mask), summed
   kara-all      the same over every layer and query head
   kara-headmax  every layer and head; each head's column sums, then the max over heads
   buffer        only the newest U queries vote (a SnapKV-style observation window), every head

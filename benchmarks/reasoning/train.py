@@ -155,7 +155,7 @@ def main() -> None:
         scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
         for group in opt.param_groups:
             group["lr"] = a.lr * scale
-        loss = 0.0
+        loss = torch.zeros((), device=device)
         for loader in loaders:
             ids, labels, used = next(loader)
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -163,6 +163,10 @@ def main() -> None:
             part.backward()
             loss += part.detach()
         if distributed:  # one flat all-reduce of every gradient
+            # The logged loss is the mean over every batch of the step, whatever the layout: one
+            # GPU accumulating both batches and two GPUs one each log the same quantity (before
+            # this, two GPUs logged rank 0's batch only, so their losses did not compare).
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             flat = torch.cat([p.grad.reshape(-1) for p in params])
             dist.all_reduce(flat, op=dist.ReduceOp.AVG)
             for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -200,7 +204,8 @@ def main() -> None:
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         (out / "training.json").write_text(json.dumps({
             "base": "SmolLM2-135M-Instruct", "steps": total, "tokens_per_step": a.tokens_per_step,
-            "gpus": world, "ranks": ranks, "lr": a.lr, "seed": a.seed, "follow_ups": a.follow_ups, "seconds": round(time.time() - t0, 1),
+            "gpus": world, "ranks": ranks, "lr": a.lr, "seed": a.seed, "follow_ups": a.follow_ups,
+            "loss": "mean over every batch of the step (all ranks)", "seconds": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "log": log}, indent=1))
         print(f"saved {out} after {total} steps, {time.time() - t0:.0f} s", flush=True)
     if distributed:

@@ -6,7 +6,7 @@
 A row is identified by its device (``"device"``: ``cpu`` or the GPU's name; rows written before
 that field existed take ``settings.device``), model and policy: a merged row replaces the stored row
 of the same device, model and policy and leaves every other row (the CPU rows included) as it was. One table per
-device and model, with the columns of docs/benchmarks.md's router table.
+device and model, with the columns of docs/scale-out.md's router tables.
 """
 
 from __future__ import annotations

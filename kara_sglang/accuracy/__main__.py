@@ -17,7 +17,19 @@ from kara_sglang.accuracy.prompts import make_prompt_builder
 from kara_sglang.accuracy.report import format_table, record, score, summarize, write_results
 from kara_sglang.accuracy.settings import check_against_server, parse_settings
 
+EXIT_FAILED = 1  # some requests failed (counted as wrong): the rows are printed and written anyway
 EXIT_INPUT = 2  # bad file, flag or server address: one line on stderr
+
+EXIT_HELP = """\
+exit status:
+  0    every request of every setting was answered (right or wrong)
+  1    some requests failed (an HTTP error such as the server's 400 for a bad
+       per-request value, a timeout, a dropped connection): they count as wrong,
+       the table, --out and --records are still written, and one line on stderr
+       names each setting with failures
+  2    bad file, flag or server address, or settings the server cannot run:
+       one line on stderr, before any request
+  130  interrupted"""
 
 SETTINGS_HELP = """\
 ';'-separated settings, run one after another (default: vanilla;server).
@@ -39,7 +51,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="kara-accuracy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="kara-accuracy", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_HELP,
         description="Accuracy of a running SGLang server on a JSONL of problems, per KV setting: "
                     "accuracy with a Wilson 95% interval, mean decode KV kept, output throughput.")
     ap.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:30000")
@@ -122,12 +134,17 @@ def run(args: argparse.Namespace) -> int:
                     records.write(json.dumps(record(setting, outcome)) + "\n")
                 records.flush()
             if args.out:  # after every setting: a long run keeps what it finished
-                write_results(args.out, url, server.model, str(args.data), rows)
+                write_results(args.out, url, server.model, str(args.data), rows,
+                              server.sglang_version, server.kara_config)
     finally:
         if records:
             records.close()
     print(format_table(rows))
-    return 0
+    failed = [r for r in rows if r["errors"]]
+    for r in failed:
+        print(f"kara-accuracy: {r['setting']}: {r['errors']} of {r['n']} requests failed "
+              f"(first: {r['first_error']})", file=sys.stderr)
+    return EXIT_FAILED if failed else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

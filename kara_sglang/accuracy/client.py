@@ -24,6 +24,10 @@ PROBE_TIMEOUT_S = 10
 class ServerInfo:
     model: Optional[str]  # /get_model_info's model_path
     kv_policy: Optional[str]  # the plugin's policy from /server_info; None without the plugin
+    sglang_version: Optional[str] = None  # /server_info's "version"
+    # The plugin's server settings from /server_info (window, buffer, chunk_size, keep_ratio,
+    # budget); None without the plugin or on a plugin that does not report them.
+    kara_config: Optional[Dict[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -58,15 +62,25 @@ def probe_server(url: str) -> ServerInfo:
             raise InputError(f"cannot reach the server at {url} ({_reason(err)})") from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise InputError(f"cannot reach the server at {url} ({_reason(err)})") from None
-    return ServerInfo(model=model, kv_policy=_server_policy(url))
+    return _with_server_info(url, ServerInfo(model=model, kv_policy=None))
 
 
-def _server_policy(url: str) -> Optional[str]:
+def _with_server_info(url: str, server: ServerInfo) -> ServerInfo:
+    """The plugin's policy and settings and SGLang's version from ``/server_info``, where the
+    server has them (an older SGLang or no plugin: left None, the names are not checked)."""
     try:
         info = _get_json(url + "/server_info", PROBE_TIMEOUT_S)
-        return info["internal_states"][0]["kara"]["kv_policy"]
-    except Exception:  # an older SGLang or no plugin: the names are not checked
-        return None
+    except Exception:
+        return server
+    if not isinstance(info, dict):
+        return server
+    version = info.get("version")
+    try:
+        kara = info["internal_states"][0]["kara"]
+    except (KeyError, IndexError, TypeError):
+        kara = {}
+    return ServerInfo(model=server.model, kv_policy=kara.get("kv_policy"),
+                      sglang_version=str(version) if version else None, kara_config=kara.get("config"))
 
 
 def _error_message(err: urllib.error.HTTPError) -> str:

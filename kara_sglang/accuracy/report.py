@@ -94,9 +94,13 @@ def format_table(rows: Iterable[Dict[str, Any]]) -> str:
 
 
 def write_results(path: str | Path, server: str, model: Optional[str], data: str,
-                  rows: List[Dict[str, Any]]) -> None:
-    Path(path).write_text(json.dumps({"server": server, "model": model, "data": data, "rows": rows},
-                                     indent=1) + "\n")
+                  rows: List[Dict[str, Any]], sglang_version: Optional[str] = None,
+                  kara_config: Optional[Dict[str, Any]] = None) -> None:
+    """``sglang_version`` and ``kara_config`` (the server's own settings) come from the server,
+    so a results file says what ran without the caller restating it."""
+    Path(path).write_text(json.dumps({"server": server, "model": model, "data": data,
+                                      "sglang_version": sglang_version, "kara_config": kara_config,
+                                      "rows": rows}, indent=1) + "\n")
 
 
 def record(setting: Setting, outcome: Outcome) -> Dict[str, Any]:
