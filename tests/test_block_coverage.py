@@ -12,8 +12,8 @@ from kara_sglang.kept_positions import KeptPositions
 
 
 def test_tracker_follows_compressions_of_fresh_and_already_compressed_regions():
-    rng = random.Random()
-    for _ in range(50):
+    for seed in range(50):
+        rng = random.Random(seed)
         tracker, held, decoded = KeptPositions(), [], 0
         for _ in range(rng.randint(1, 8)):
             n = rng.randint(1, 40)
@@ -26,12 +26,12 @@ def test_tracker_follows_compressions_of_fresh_and_already_compressed_regions():
             region = held[start:start + n_keys]
             held[start:start + n_keys] = [region[k] for k in keep]
             tracker.apply(start, n_keys, keep)
-            assert tracker.decode_index == held
+            assert tracker.decode_index == held, f"seed {seed}"
         block = rng.randint(1, 16)
         counts = [0] * ((tracker.decoded + block - 1) // block)
         for index in held:
             counts[index // block] += 1
-        assert tracker.per_block(block) == counts
+        assert tracker.per_block(block) == counts, f"seed {seed}"
 
 
 @pytest.mark.sglang

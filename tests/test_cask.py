@@ -31,7 +31,8 @@ def random_merges(gen, n_merges, max_src, num_slots):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads, head_dim", [(2, 16), (3, 8), (1, 64)])
 def test_merge_kv_matches_float64_reference(dtype, heads, head_dim, device):
-    gen = torch.Generator().manual_seed(torch.seed())
+    seed = 22
+    gen = torch.Generator().manual_seed(seed)
     n_merges, max_src, layers = 7, 5, 3
     num_slots = n_merges * max_src + 9
     buffers = [torch.randn(num_slots, heads, head_dim, generator=gen).to(dtype).to(device)
@@ -45,9 +46,9 @@ def test_merge_kv_matches_float64_reference(dtype, heads, head_dim, device):
     for got, want in zip(buffers, expected):
         got = got.cpu()
         others = [s for s in range(num_slots) if s not in written]
-        assert torch.equal(got[others], want[others])  # every other row untouched
+        assert torch.equal(got[others], want[others]), f"seed {seed}"  # every other row untouched
         rows = sorted(written)
-        assert torch.allclose(got[rows].double(), want[rows].double(), rtol=tol, atol=tol)
+        assert torch.allclose(got[rows].double(), want[rows].double(), rtol=tol, atol=tol), f"seed {seed}"
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -149,7 +150,7 @@ class RecordingDecode(SyntheticDecode):
 def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, device):
     cfg = KaraConfig(policy="cask", window=24, buffer=6, keep_ratio=0.25, core_fraction=0.5,
                      num_vote_layers=2)
-    seed = int(torch.randint(0, 2**31, (1,)))
+    seed = 23
     prompts = [int(x) for x in torch.randint(0, 40, (3,), generator=torch.Generator().manual_seed(seed))]
     sim = RecordingDecode(cfg, prompts, num_layers=3, page_size=page_size, seed=seed, dtype=dtype,
                           device=device)
@@ -201,24 +202,24 @@ def test_whole_compression_merges_scratch_and_leaks_nothing(page_size, dtype, de
                     expected_rows.append([buf[old[t.kv_start + p]] for buf in before])
             for p in range(t.kv_start + t.n_keys, t.old_end):  # the buffer U slides left, exact
                 expected_rows.append([buf[old[p]] for buf in before])
-            assert len(expected_rows) == t.new_end == len(new)
+            assert len(expected_rows) == t.new_end == len(new), f"seed {seed}"
             # Exact prefix for the radix tree: stops at the first token moved or merged into.
             leading = next((j for j, p in enumerate(keep[b].tolist()) if p != j or p in targets),
                            t.keep)
             exact[it.pool_row] = min(exact.get(it.pool_row, t.old_end), t.kv_start + leading)
-            assert int(sim.exact_prefix[it.pool_row]) == exact[it.pool_row]
+            assert int(sim.exact_prefix[it.pool_row]) == exact[it.pool_row], f"seed {seed}"
             for i, rows in enumerate(expected_rows):
                 for buf, want in zip(buffers, rows):
                     got = buf[new[i]].cpu().double()
                     if t.kv_start <= i < t.kv_start + t.keep and keep[b, i - t.kv_start].item() in targets:
-                        assert torch.allclose(got, want, rtol=tol, atol=tol)
+                        assert torch.allclose(got, want, rtol=tol, atol=tol), f"seed {seed}"
                     else:
-                        assert torch.equal(got, want)
+                        assert torch.equal(got, want), f"seed {seed}"
         # No leak, no double free (the toy allocator raises): every page in use is owned.
-        assert sim.owned_pages() == sim.alloc.in_use
-    assert events >= 6 and merged_rows > 0
+        assert sim.owned_pages() == sim.alloc.in_use, f"seed {seed}"
+    assert events >= 6 and merged_rows > 0, f"seed {seed}"
     sim.finish_all()
-    assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use
+    assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use, f"seed {seed}"
 
 
 # ------------------------------------------------------------------------ real SGLang

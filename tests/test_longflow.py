@@ -58,7 +58,8 @@ DECODE_CASES = [
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_longflow_decode_matches_float64_reference(case, dtype, page_size):
     q_heads, kv_heads, head_dim, n_vote, lens = case
-    gen = torch.Generator().manual_seed(torch.seed())
+    seed = 42
+    gen = torch.Generator().manual_seed(seed)
     inputs = random_decode_inputs(gen, lens, q_heads, kv_heads, head_dim, n_vote, dtype, page_size)
     # Score a ragged region of each request: from a random start to the end of its KV.
     starts = torch.tensor([int(torch.randint(0, n, (1,), generator=gen)) for n in lens], device=DEVICE)
@@ -66,27 +67,28 @@ def test_longflow_decode_matches_float64_reference(case, dtype, page_size):
     scale = head_dim ** -0.5
     out, imp = longflow_decode(*inputs, scale, score_start=starts, n_scores=n_scores, block_n=16)
     ref_out, ref_imp = longflow_decode_reference(*inputs, scale, score_start=starts, n_scores=n_scores)
-    assert out.dtype == imp.dtype == torch.float32
-    assert out.shape == (len(lens), n_vote, q_heads, head_dim) and imp.shape == (len(lens), n_scores)
+    assert out.dtype == imp.dtype == torch.float32, f"seed {seed}"
+    assert out.shape == (len(lens), n_vote, q_heads, head_dim) and imp.shape == (len(lens), n_scores), f"seed {seed}"
     # float32 arithmetic on the same (rounded) inputs as the float64 reference.
-    assert torch.allclose(out.double(), ref_out, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(imp.double(), ref_imp, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(out.double(), ref_out, rtol=1e-5, atol=1e-5), f"seed {seed}"
+    assert torch.allclose(imp.double(), ref_imp, rtol=1e-4, atol=1e-6), f"seed {seed}"
     # Without the output the importance is the same (pass 1 then only reads K).
     none, imp_only = longflow_decode(*inputs, scale, score_start=starts, n_scores=n_scores,
                                      with_output=False, block_n=32)
-    assert none is None and torch.allclose(imp_only, imp, rtol=1e-5, atol=1e-7)
+    assert none is None and torch.allclose(imp_only, imp, rtol=1e-5, atol=1e-7), f"seed {seed}"
 
 
 def test_importance_of_the_whole_kv_sums_to_the_value_norms():
     # sum_j p_j |v_j|_1 = sum_j p_j * c when every value row has L1 norm c: = c per head.
-    gen = torch.Generator().manual_seed(torch.seed())
+    seed = 43
+    gen = torch.Generator().manual_seed(seed)
     q, rows, k, v, rtt, pool_rows, lens = random_decode_inputs(gen, [23, 40], 8, 2, 32, 2,
                                                                torch.float32, 1)
     v = [torch.full_like(b, 0.5) * torch.sign(torch.randn(b.shape, generator=gen)).to(DEVICE) for b in v]
     _, imp = longflow_decode(q, rows, k, v, rtt, pool_rows, torch.tensor([23, 23], device=DEVICE), 0.2,
                              n_scores=23)
     expected = 2 * 8 * 0.5 * 32  # layers x heads x |v|_1
-    assert torch.allclose(imp.sum(dim=1).cpu(), torch.full((2,), float(expected)), rtol=1e-5)
+    assert torch.allclose(imp.sum(dim=1).cpu(), torch.full((2,), float(expected)), rtol=1e-5), f"seed {seed}"
 
 
 SGL_CASES = [(4, 4, 32, [1, 37, 70]), (8, 2, 64, [100, 17, 64]), (16, 2, 16, [33, 80]), (8, 1, 32, [45, 3])]
@@ -133,7 +135,8 @@ def test_attention_output_equals_sglang_decode_attention(case, dtype, page_size)
     about 20, which the exponential turns into relative errors of about 20 float32 eps).
     """
     q_heads, kv_heads, head_dim, lens = case
-    gen = torch.Generator().manual_seed(torch.seed())
+    seed = 44
+    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     q, rows, k, v, rtt, pool_rows, kv_lens = random_decode_inputs(gen, lens, q_heads, kv_heads, head_dim, 1,
                                                                   dtype, page_size)
@@ -163,7 +166,7 @@ def test_attention_output_equals_sglang_decode_attention(case, dtype, page_size)
         diff = (ours[b, 0].double() - theirs[b].double()).abs()
         assert bool((diff <= bound).all()), (diff - bound).max()
     if dtype == torch.float32 and not tf32:
-        assert torch.allclose(ours[:, 0], theirs, rtol=0, atol=1e-5)
+        assert torch.allclose(ours[:, 0], theirs, rtol=0, atol=1e-5), f"seed {seed}"
 
 
 @settings(max_examples=60, deadline=None)
@@ -268,7 +271,7 @@ def reference_importance(sim, item):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_whole_evictions_keep_the_most_important_and_leak_nothing(page_size, dtype, device):
     cfg = KaraConfig(policy="longflow", budget=20, buffer=6, num_vote_layers=2)
-    seed = int(torch.randint(0, 2**31, (1,)))
+    seed = 45
     prompts = [int(x) for x in torch.randint(0, 40, (3,), generator=torch.Generator().manual_seed(seed))]
     sim = SyntheticDecode(cfg, prompts, num_layers=3, page_size=page_size, seed=seed, dtype=dtype,
                           device=device)
@@ -289,27 +292,27 @@ def test_whole_evictions_keep_the_most_important_and_leak_nothing(page_size, dty
             t, req = it.task, sim.requests[it.pool_row]
             imp, alive, rows = before[it.pool_row]
             stored = sim.stored_positions(req)
-            assert stored == req.positions_alive and len(stored) == t.new_end
+            assert stored == req.positions_alive and len(stored) == t.new_end, f"seed {seed}"
             # The prompt and the newest U are all there; exactly U candidates went.
-            assert stored[: t.kv_start] == alive[: t.kv_start]
-            assert stored[-t.n_suffix:] == alive[-t.n_suffix:]
+            assert stored[: t.kv_start] == alive[: t.kv_start], f"seed {seed}"
+            assert stored[-t.n_suffix:] == alive[-t.n_suffix:], f"seed {seed}"
             candidates = alive[t.kv_start: t.kv_start + t.n_keys]
             kept = [candidates.index(p) for p in stored[t.kv_start: t.kv_start + t.keep]]
             evicted = sorted(set(range(t.n_keys)) - set(kept))
-            assert len(evicted) == t.n_evicted == cfg.buffer
+            assert len(evicted) == t.n_evicted == cfg.buffer, f"seed {seed}"
             # The evicted are the least important (up to float32 rounding of near-ties).
-            assert float(imp[evicted].max()) <= float(imp[kept].min()) * (1 + 1e-5) + 1e-9
+            assert float(imp[evicted].max()) <= float(imp[kept].min()) * (1 + 1e-5) + 1e-9, f"seed {seed}"
             # Every surviving row, prompt included, is bit-exact (only moved, never rewritten).
             new_slots = sim.req_to_token[it.pool_row, : t.new_end].long().cpu()
             old_index = list(range(t.kv_start)) + [t.kv_start + j for j in kept] + \
                 list(range(t.kv_start + t.n_keys, t.old_end))
             for buf, old_rows in zip(buffers, rows):
-                assert torch.equal(buf.cpu()[new_slots], old_rows[old_index])
+                assert torch.equal(buf.cpu()[new_slots], old_rows[old_index]), f"seed {seed}"
         # No leak, no double free (the toy allocator raises): every page in use is owned.
-        assert sim.owned_pages() == sim.alloc.in_use
-    assert events >= 3 * 6
+        assert sim.owned_pages() == sim.alloc.in_use, f"seed {seed}"
+    assert events >= 3 * 6, f"seed {seed}"
     sim.finish_all()
-    assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use
+    assert sim.alloc.free_slots == sim.idle_free and not sim.alloc.in_use, f"seed {seed}"
 
 
 # ------------------------------------------------------------------------ real SGLang

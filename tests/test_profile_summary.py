@@ -28,8 +28,9 @@ def test_kernel_kinds(name, kind):
     assert kind_of(name) == kind
 
 
-def test_per_step_times_and_idle_share(tmp_path):
-    rng = random.Random()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_step_times_and_idle_share(tmp_path, seed):
+    rng = random.Random(seed)
     steps, gap = rng.randint(2, 6), rng.uniform(100.0, 400.0)
     names = list(KERNELS)
     durs = {n: rng.uniform(5.0, 50.0) for n in names}
@@ -45,10 +46,10 @@ def test_per_step_times_and_idle_share(tmp_path):
         json.dump({"traceEvents": events}, f)
     s = summarize(str(path))
     step_us = sum(durs.values())
-    assert s["steps"] == steps
-    assert s["gpu_busy_ms_per_step"] == pytest.approx(step_us / 1e3)
+    assert s["steps"] == steps, f"seed {seed}"
+    assert s["gpu_busy_ms_per_step"] == pytest.approx(step_us / 1e3), f"seed {seed}"
     span = steps * step_us + (steps - 1) * gap
-    assert s["gpu_idle_share"] == pytest.approx(1 - steps * step_us / span)
+    assert s["gpu_idle_share"] == pytest.approx(1 - steps * step_us / span), f"seed {seed}"
     for kind in set(KERNELS.values()):
         want = sum(d for n, d in durs.items() if KERNELS[n] == kind) / 1e3
-        assert s["kernel_ms_per_step"][kind] == pytest.approx(want)
+        assert s["kernel_ms_per_step"][kind] == pytest.approx(want), f"seed {seed}, {kind}"

@@ -65,7 +65,7 @@ class ForceAndRecord(CustomLogitProcessor):
         else:
             values = [self._one(logits, i, params) for i, params in rows]
         lines: Dict[str, List[str]] = defaultdict(list)
-        for (i, params), (pos, ref, top, logp) in zip(rows, values):
+        for (i, params), (pos, ref, top, logp, top_logit, ref_logit) in zip(rows, values):
             req = params["__req__"]
             # KV the request holds while this token's logits were computed (Kara's window
             # state; None without a policy). meta_info's per-token lists are exact per token only
@@ -74,7 +74,8 @@ class ForceAndRecord(CustomLogitProcessor):
             kv = getattr(window, "kv_len", None)
             lines[params["tf_log"]].append(json.dumps(
                 {"tag": params.get("tf_tag", req.rid), "pos": pos, "ref": ref, "argmax": top,
-                 "logp": logp, "kv": kv, "len": len(req.origin_input_ids) + pos}))
+                 "logp": logp, "top_logit": top_logit, "ref_logit": ref_logit, "kv": kv,
+                 "len": len(req.origin_input_ids) + pos}))
         for path, recs in lines.items():
             with open(path, "a") as f:
                 f.write("\n".join(recs) + "\n")
@@ -94,8 +95,8 @@ class ForceAndRecord(CustomLogitProcessor):
             ref = int(ref_ids[pos])
             logits[i, :] = float("-inf")
             logits[i, ref] = 0.0
-            return pos, ref, top, float(row[ref] - lse)
-        return pos, -1, top, float(row[top] - lse)  # free-running tail: greedy, nothing forced
+            return pos, ref, top, float(row[ref] - lse), float(row[top]), float(row[ref])
+        return pos, -1, top, float(row[top] - lse), float(row[top]), float(row[top])  # free-running tail: greedy
 
     @staticmethod
     def _batched(logits, rows):
@@ -122,8 +123,10 @@ class ForceAndRecord(CustomLogitProcessor):
             f_rows = index[forced]
             logits[f_rows] = float("-inf")
             logits[f_rows, ref_t[forced]] = 0.0
+        top_logits = raw.gather(1, top[:, None])[:, 0].tolist()
+        pick_logits = raw.gather(1, pick[:, None])[:, 0].tolist()
         tops, logps = top.tolist(), logp.tolist()
-        return [(p, r, t, lp) for p, r, t, lp in zip(poss, refs, tops, logps)]
+        return [(p, r, t, lp, tl, pl) for p, r, t, lp, tl, pl in zip(poss, refs, tops, logps, top_logits, pick_logits)]
 
 
 def read_records(path) -> Dict[str, List[dict]]:
