@@ -48,6 +48,22 @@ def pytest_sessionfinish(session):
     engines = sys.modules.get("support.engines")
     if engines is not None:
         engines.shutdown_shared()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: its counts go to the controller
+        workeroutput["sglang_startups"] = startups.export()
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistStartups())
+
+
+class _XdistStartups:
+    """Under pytest-xdist the start-ups happen in the workers: merged here as each one ends."""
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node, error):
+        startups.merge(getattr(node, "workeroutput", {}).get("sglang_startups", []))
 
 
 def pytest_terminal_summary(terminalreporter):

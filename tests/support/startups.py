@@ -33,6 +33,16 @@ def launch_kind(args):
     return None
 
 
+def export() -> list:
+    """The counts as plain data (sent from a pytest-xdist worker to the controller)."""
+    return [[path, kind, n] for (path, kind), n in COUNTS.items()]
+
+
+def merge(rows) -> None:
+    for path, kind, n in rows:
+        COUNTS[(path, kind)] += n
+
+
 def summary() -> list[str]:
     if not COUNTS:
         return []
