@@ -56,6 +56,9 @@ def pytest_sessionfinish(session):
 def pytest_configure(config):
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistStartups())
+        # pytest-xdist's loadfile hands out files by their number of tests, most first, unless
+        # told not to; the order below (by time) is the one that keeps the tail short.
+        config.option.loadscopereorder = False
 
 
 class _XdistStartups:
@@ -71,7 +74,24 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(line)
 
 
+# The longest files (measured in CI's log, --durations), longest first: under pytest-xdist's
+# loadfile each file runs whole on one worker, and a long file handed out last runs alone while
+# the other core idles. The rest keep their order after these.
+LONGEST_FIRST = [
+    "test_sglang_stress.py", "test_sglang_sessions.py", "test_longflow.py", "test_bench_agent.py",
+    "test_fidelity.py", "test_accuracy_cmd.py", "test_sglang_http.py", "test_examples.py", "test_cask.py",
+    "test_follow_up.py", "test_sglang_session_continue.py", "test_sglang_engine.py", "test_sglang_layouts.py",
+    "test_sglang_reasoning.py", "test_sglang_pd_decode.py", "test_fp8_kv.py", "test_sglang_parallel.py",
+]
+
+
+def _file_rank(item):
+    name = os.path.basename(item.nodeid.split("::", 1)[0])
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_file_rank)  # stable: each file's own order is kept
     if _HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

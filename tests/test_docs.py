@@ -15,7 +15,6 @@ web (``http(s)://``, ``mailto:``) are not fetched.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, Iterable, List
@@ -135,8 +134,9 @@ def test_no_section_title_names_an_issue():
 def launch_server_help() -> str:
     """``python -m sglang.launch_server --help`` once (the plugin adds its flags there)."""
     pytest.importorskip("sglang")
-    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    from support import cli
+
+    out = cli.run_all({"help": [sys.executable, "-m", "sglang.launch_server", "--help"]})["help"]
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 

@@ -1,9 +1,12 @@
 """SGLang command lines that stop at start-up (bad flags, ``--help``), run side by side.
 
-Each such run is one Python process importing SGLang (25-45 s of one core on a 2-core CI
-machine) and nothing else, so a module runs all of its cases at once on every core, the
-first time one of its tests asks, instead of one after another. Only the cases of tests
-selected to run are launched (``-m``/``-k`` deselection is respected).
+Each such run is one process that would spend 25-45 s of one core (on a 2-core CI machine)
+importing SGLang and then stop. Each still runs in a process of its own, but started from the
+session's forkserver (``support.processes``), which imported SGLang once: the command's own
+entry point runs there with its argv, environment and exit status, in a second or two.
+``KARA_TEST_START_METHOD=spawn`` runs real subprocesses instead. A module runs all of its cases
+at once, one per core, the first time one of its tests asks; only the cases of tests selected
+to run are launched (``-m``/``-k`` deselection is respected).
 """
 
 from __future__ import annotations
@@ -12,6 +15,34 @@ import os
 import subprocess
 import tempfile
 import time
+
+from support import processes, startups
+
+
+class _Subprocess:
+    """A real subprocess (``KARA_TEST_START_METHOD=spawn``) with the forkserver process's face."""
+
+    def __init__(self, argv, out_path, err_path):
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            self._proc = subprocess.Popen(argv, stdout=out, stderr=err, env=os.environ.copy(),
+                                          start_new_session=True)
+
+    @property
+    def exitcode(self):
+        return self._proc.poll()
+
+    def kill(self):
+        self._proc.kill()
+
+
+def _start(argv, out_path, err_path):
+    if processes.START_METHOD == "forkserver":
+        from support.engines import use_cpu_sglang
+
+        use_cpu_sglang()  # the forkserver imports SGLang's CPU path (as every SGLang test here)
+        startups.record(startups.launch_kind(argv) or "command line")
+        return processes.start_command_line(argv, out_path, err_path)
+    return _Subprocess(argv, out_path, err_path)  # counted by conftest's Popen wrapper
 
 
 def run_all(commands: dict, timeout: float = 600) -> dict:
@@ -24,19 +55,16 @@ def run_all(commands: dict, timeout: float = 600) -> dict:
         while pending or running:
             while pending and len(running) < (os.cpu_count() or 1):
                 key, argv = pending.pop(0)
-                out, err = (open(os.path.join(tmp, f"{len(results) + len(running)}.{name}"), "w+")
-                            for name in ("out", "err"))
-                proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=os.environ.copy(),
-                                        start_new_session=True)
-                running[key] = (argv, proc, out, err)
-            for key, (argv, proc, out, err) in list(running.items()):
-                if proc.poll() is not None:
-                    out.seek(0), err.seek(0)
-                    results[key] = subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
-                    out.close(), err.close()
+                n = len(results) + len(running)
+                paths = [os.path.join(tmp, f"{n}.{name}") for name in ("out", "err")]
+                running[key] = (argv, _start(argv, *paths), paths)
+            for key, (argv, proc, paths) in list(running.items()):
+                if proc.exitcode is not None:
+                    out, err = (open(path).read() for path in paths)
+                    results[key] = subprocess.CompletedProcess(argv, proc.exitcode, out, err)
                     del running[key]
             if time.monotonic() > deadline:
-                for _, proc, _, _ in running.values():
+                for _, proc, _ in running.values():
                     proc.kill()
                 raise AssertionError(f"command lines still running after {timeout} s: {sorted(running)}")
             time.sleep(0.2)

@@ -6,8 +6,11 @@ else. Tests start them from a *forkserver* that imported SGLang's scheduler and 
 modules once per test session, so an engine starts in a few seconds. The processes run the
 same SGLang code (the forkserver only imported modules; it ran nothing): the current
 environment is handed to each process and applied before SGLang's entry point runs, as a
-spawned process would inherit it. ``KARA_TEST_START_METHOD=spawn`` restores SGLang's own
-start method; the HTTP-server tests always start SGLang through its real command line.
+spawned process would inherit it. Command lines that stop at start-up (bad flags, ``--help``)
+run the same way (:func:`start_command_line`): SGLang's entry point as ``python -m`` or its
+console script would run it, in a process of its own, with the imports already done.
+``KARA_TEST_START_METHOD=spawn`` restores SGLang's own start method and real subprocesses for
+command lines; the HTTP servers always start through a real ``python -m sglang.launch_server``.
 
 ``Engine.shutdown()`` kills every process below the test process (``kill_process_tree`` of
 its own pid), which would end the forkserver, a session's shared engines and HTTP servers.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import runpy
 import sys
 
 START_METHOD = os.environ.get("KARA_TEST_START_METHOD", "forkserver")
@@ -39,6 +43,40 @@ def _run_with_environ(environ: dict, path: list, target, args, kwargs):
     os.environ.update(environ)
     sys.path[:] = path
     return target(*args, **kwargs)
+
+
+def _run_command_line(environ: dict, path: list, argv: list, out_path: str, err_path: str):
+    """Entry point of a forkserver child running an SGLang command line: ``python -m
+    sglang.launch_server ...`` runs the module as ``__main__`` (as ``-m`` does), the ``sglang``
+    console script runs the function its script calls; stdout and stderr go to files (as a
+    subprocess's would go to pipes), and the exit status is the command's own (argparse's
+    ``SystemExit(2)`` becomes the process's exit code 2)."""
+    for fd, file_path in ((1, out_path), (2, err_path)):
+        target = os.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.path[:] = path
+    if argv[1:3] == ["-m", "sglang.launch_server"]:
+        sys.argv = [argv[0]] + list(argv[3:])
+        runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+    elif os.path.basename(argv[0]) == "sglang":
+        from sglang.cli.main import main
+
+        sys.argv = list(argv)
+        sys.exit(main())
+    else:
+        raise ValueError(f"not an SGLang command line: {argv}")
+
+
+def start_command_line(argv: list, out_path: str, err_path: str):
+    """Start an SGLang command line (``[python, -m, sglang.launch_server, ...]`` or
+    ``[.../sglang, serve, ...]``) from the forkserver; a started ``multiprocessing`` process."""
+    proc = _forkserver_context().Process(target=_run_command_line,
+                                         args=(dict(os.environ), list(sys.path), list(argv), out_path, err_path))
+    proc.start()
+    return proc
 
 
 class _RecordingMultiprocessing:
