@@ -27,6 +27,7 @@ from kara_sglang.kept_positions import KeptPositions, block_size_from_env
 from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
+from kara_sglang.recall import RecallStore, recall_attention
 from kara_sglang import req_kv, session_continue
 from kara_sglang.reasoning import ReasoningEnd
 from kara_sglang.tp import reducer_for
@@ -162,6 +163,14 @@ class KaraRuntime:
         self.kept_block = block_size_from_env()  # evaluation only: block coverage per request
         self._kept_by_row: Dict[int, Any] = {}  # the compression step's requests by req_to_token row
         self.compressor.on_keep = self._record_keep  # a no-op unless a request tracks its kept tokens
+        self.recall: Optional[RecallStore] = None
+        self.recall_queries: Optional[torch.Tensor] = None  # lag 1: each row's previous query per layer
+        if config.recall_tokens:
+            self._check_recall(model_runner)
+            self.recall = RecallStore(rows, self.req_to_token_pool.req_to_token.shape[1], device)
+            if config.recall_lag:
+                self.recall_queries = torch.zeros(rows, num_layers, q_heads, head_dim, dtype=query_dtype,
+                                                  device=device)
         logger.info("kara: %s", config)
 
     # ------------------------------------------------------------------ set-up
@@ -181,6 +190,17 @@ class KaraRuntime:
         # FP8 with cask / longflow is refused from the flags (patches/server_args.py).
         if pool.dtype not in (torch.bfloat16, torch.float16, torch.float32) + FP8_DTYPES:
             raise KaraConfigError(f"--kv-cache-dtype: Kara needs a bf16/fp16/fp8 KV cache, not {pool.dtype}")
+
+    def _check_recall(self, model_runner: Any) -> None:
+        """What recall's attention (plain softmax over the selected keys) does not model."""
+        if self.page_size != 1:
+            raise KaraConfigError(f"--kara-recall-tokens: needs page size 1, this server has {self.page_size}")
+        for module in model_runner.model.modules():
+            if type(module).__name__ != "RadixAttention":
+                continue
+            if (getattr(module, "logit_cap", 0) or 0) > 0 or (getattr(module, "sliding_window_size", -1) or -1) > -1:
+                raise KaraConfigError("--kara-recall-tokens: not supported for models with logit soft-capping "
+                                      "or sliding-window attention layers")
 
     def _layout(self) -> KVLayout:
         # Read the buffers each time: SGLang may reallocate the pool after graph capture.
@@ -214,6 +234,8 @@ class KaraRuntime:
                         "(open_session(streaming=True) on a server started with --enable-streaming-session)")
             if self.tp is not None:
                 return f"kara-sglang: {session_continue.KEY} is not supported with --tp-size > 1"
+            if self.recall is not None:
+                return f"kara-sglang: {session_continue.KEY} is not supported with --kara-recall-tokens"
         return None
 
     @staticmethod
@@ -264,6 +286,33 @@ class KaraRuntime:
         self.queries.capture(layer.layer_id, q, rows, pos)
         if layer.layer_id == self._last_vote_layer:
             self.ring_pos[rows] = (pos + 1) % self.queries.ring
+
+    def recall_attend(self, layer: Any, q: torch.Tensor, out: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+        """A decode step's attention output with recall: rows holding evicted KV attend to their
+        resident tokens plus the evicted ones their (lag-0 or lag-1) query selects; the other
+        rows keep SGLang's output. Eager PyTorch (the recall emulation)."""
+        rows = forward_batch.req_pool_indices
+        B, Hq = rows.shape[0], layer.tp_q_head_num
+        queries = q.reshape(B, Hq, -1)
+        select = queries
+        if self.recall_queries is not None:
+            select = self.recall_queries[rows, layer.layer_id].clone()
+            self.recall_queries[rows, layer.layer_id] = queries.to(self.recall_queries.dtype)
+        held = self.recall.longest
+        if held == 0 or not isinstance(out, torch.Tensor):
+            return out
+        k_buffer = self.kv_pool.get_key_buffer(layer.layer_id)
+        v_buffer = self.kv_pool.get_value_buffer(layer.layer_id)
+        longest = int(forward_batch.seq_lens_cpu.max())
+        resident = self.req_to_token_pool.req_to_token[rows, :longest].long()
+        evicted_lens = self.recall.counts[rows]
+        attended = recall_attention(
+            queries, select, k_buffer, v_buffer, resident, forward_batch.seq_lens.long(),
+            self.recall.slots[rows, :held], evicted_lens, self.config.recall_tokens,
+            self.config.recall_digest, float(layer.scaling))
+        shaped = out.view(B, Hq, -1)
+        shaped.copy_(torch.where((evicted_lens > 0)[:, None, None], attended.to(out.dtype), shaped))
+        return out
 
     def position_offsets(self, req_pool_indices: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-request RoPE offsets for a decode batch, or ``None`` when nothing was evicted."""
@@ -379,8 +428,13 @@ class KaraRuntime:
             if self.tp is not None:
                 self.tp.check_same("the freed slots and req_to_token rows", freed_slots,
                                    self.req_to_token_pool.req_to_token[[e[1].pool_row for e in due]])
-        allocator.free(freed_slots)
-        self.freed_total += int(freed_slots.numel())
+        if self.recall is not None:
+            # Recall (an emulation): the evicted slots stay allocated, held for the request.
+            order = self.compressor.freed_order
+            self.recall.hold([row for row, _ in order], [n for _, n in order], freed_slots)
+        else:
+            allocator.free(freed_slots)
+            self.freed_total += int(freed_slots.numel())
 
         evicted_by_req: Dict[int, int] = {}
         rows, evicted = [], []
@@ -446,8 +500,8 @@ class KaraRuntime:
                 return float(remaining)
         else:
             policy, window = state.policy, state.window
-        if policy is None:
-            return float(remaining)
+        if policy is None or self.recall is not None:
+            return float(remaining)  # recall holds every evicted slot: it grows as vanilla does
         return float(policy.max_growth(window, remaining))
 
     # ----------------------------------------------------------- observability
@@ -455,6 +509,7 @@ class KaraRuntime:
         stats = self.compressor.stats
         out = {"compression_events": stats.events, "tokens_evicted": stats.tokens_evicted,
                "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions,
+               "recall_slots_held": self.recall.held if self.recall is not None else 0,
                **self.overhead.totals()}
         if self.tp is not None:
             out.update(self.tp.counters())
@@ -519,6 +574,11 @@ class KaraRuntime:
         row = req_kv.pool_row(req)
         if row is not None:
             self.set_offset(req, row, 0)  # the row leaves the running batch
+            if self.recall is not None and self.recall.count(row):
+                held = self.recall.release(row)
+                if self.debug_checks:
+                    self._check_free(held, allocator)
+                allocator.free(held)
         if state is not None and getattr(req, "kara_offloaded", None) is not None and row is not None:
             # Retracted on a PD decode server, its kept KV on the host: it resumes with this
             # state (kara_sglang/decode_offload.py); SGLang frees its whole row.

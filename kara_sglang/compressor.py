@@ -122,6 +122,9 @@ class Compressor:
         self.check_keep: Optional[Callable[[torch.Tensor], None]] = None
         # Evaluation (kara_sglang.kept_positions): told each group's keep set.
         self.on_keep: Optional[Callable[[List[DueRequest], torch.Tensor], None]] = None
+        # Page size 1: (req_to_token row, slots) of each request, in the order of the slots
+        # the last run returned (recall holds them per row instead of freeing them).
+        self.freed_order: List[Tuple[int, int]] = []
 
     def run(self, due: Sequence[DueRequest], policy: Optional[KVPolicy] = None,
             exact_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -146,6 +149,7 @@ class Compressor:
         every rank of a TP group sees identically.
         """
         device = self.layout.req_to_token.device
+        self.freed_order = []
         groups: List[_Group] = []
         for due, policy in batches:
             by_shape: Dict[tuple, List[DueRequest]] = {}
@@ -224,6 +228,7 @@ class Compressor:
             kept = torch.zeros_like(old, dtype=torch.bool).scatter_(1, order, True)
             # Stable sort puts the not-kept positions first, in order: exactly n_evicted per row.
             evicted_pos = kept.to(torch.int8).argsort(dim=1, stable=True)[:, : task.n_evicted]
+            self.freed_order += [(it.pool_row, task.n_evicted) for it in g.items]
             return old.gather(1, evicted_pos).reshape(-1)
 
         n_moves = torch.full((n,), new_len, dtype=torch.int32, device=device)

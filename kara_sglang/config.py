@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask", "longflow")
 VOTE_HEAD_MODES = ("group", "all")
 SCOPES = ("auto", "reasoning", "all")
+RECALL_DIGESTS = ("exact", "bits2", "bits3", "bits4")  # kara_sglang.recall
 
 # The window size the scorer kernel is tuned and tested for.
 MAX_WINDOW = 1024
@@ -58,6 +59,11 @@ class KaraConfig:
         scope: what may be compressed: ``"reasoning"`` only the thinking segment (up to
             the end-of-thinking marker of the server's ``--reasoning-parser``), ``"all"``
             every decoded token, ``"auto"`` reasoning when a parser is set, else all.
+        recall_tokens: kara only: evicted tokens each decode step attends to again, per layer
+            and KV head, chosen by its query (0 = off; ``kara_sglang.recall``, an emulation:
+            evicted slots stay allocated).
+        recall_digest: what ranks the evicted tokens: ``exact`` keys or ``bits2/3/4`` keys.
+        recall_lag: 0 ranks with the step's own query, 1 with the previous step's.
     """
 
     policy: str = "kara"
@@ -73,6 +79,9 @@ class KaraConfig:
     vote_heads: str = "group"
     sink: int = 4
     scope: str = "auto"
+    recall_tokens: int = 0
+    recall_digest: str = "exact"
+    recall_lag: int = 0
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -161,6 +170,14 @@ class KaraConfig:
             fail("kara-scope", f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if not isinstance(self.sink, int) or self.sink < 0:
             fail("kara-sink", f"must be an integer >= 0, got {self.sink!r}")
+        if isinstance(self.recall_tokens, bool) or not isinstance(self.recall_tokens, int) or self.recall_tokens < 0:
+            fail("kara-recall-tokens", f"must be an integer >= 0, got {self.recall_tokens!r}")
+        if self.recall_tokens and self.policy != "kara":
+            fail("kara-recall-tokens", f"recall is built for the kara policy, not {self.policy}")
+        if self.recall_digest not in RECALL_DIGESTS:
+            fail("kara-recall-digest", f"must be one of {', '.join(RECALL_DIGESTS)}, got {self.recall_digest!r}")
+        if self.recall_lag not in (0, 1) or isinstance(self.recall_lag, bool):
+            fail("kara-recall-lag", f"must be 0 or 1, got {self.recall_lag!r}")
         if self.policy in DECODE_CACHE_POLICIES and self.budget is None:
             fail("kara-budget", f"the {self.policy} policy needs a decode-cache budget in tokens")
         if self.policy == "streaming" and self.sink >= self.window_budget:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from kara_sglang.config import POLICY_NAMES, SCOPES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
+from kara_sglang.config import POLICY_NAMES, RECALL_DIGESTS, SCOPES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
 from kara_sglang.session_continue import KEY as SESSION_CONTINUE_KEY
 
 
@@ -62,6 +62,15 @@ FLAGS = (
          "What may be compressed: reasoning = only the thinking segment, up to the end-of-thinking "
          "marker of --reasoning-parser; all = every decoded token; auto (default) = reasoning when "
          "--reasoning-parser is set, else all.", SCOPES),
+    Flag("kara_recall_tokens", "recall_tokens", int,
+         "kara: evicted tokens each decode step attends to again, per layer and KV head, chosen by "
+         "its query (default 0 = off). An accuracy emulation: evicted KV stays allocated; needs "
+         "page size 1 and --disable-cuda-graph."),
+    Flag("kara_recall_digest", "recall_digest", str,
+         "What ranks evicted tokens for recall: exact keys, or keys at 2/3/4 bits (default exact).",
+         RECALL_DIGESTS),
+    Flag("kara_recall_lag", "recall_lag", int,
+         "Recall ranks with the step's own query (0, default) or the previous step's (1)."),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 

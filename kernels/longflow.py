@@ -46,14 +46,12 @@ import triton
 import triton.language as tl
 
 from kara_kernels._buffers import buffer_offsets
+# tl.sum / tl.max of float32, through tl.reduce: one NumPy call under Triton's CPU interpreter
+# (where tl.sum / tl.max are device functions, each call re-patching triton.language).
+from triton.language.standard import _elementwise_max as _max_combine
+from triton.language.standard import _sum_combine
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _load_rows(layer, slots, stride_s, offs_d, valid, d_ok):
-    return tl.load(layer + slots[:, None] * stride_s + offs_d[None, :],
-                   mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -82,6 +80,8 @@ def _longflow_decode_kernel(
     v_layer = V_BASE + tl.load(V_OFFSETS + layer) + kv_head * stride_vh
     slot_row = REQ_TO_TOKEN + tl.load(POOL_ROWS + pid_b).to(tl.int64) * stride_rt
     kv_len = tl.load(KV_LENS + pid_b)
+    # Rows are loaded inline (no helper): each device-function call costs milliseconds under
+    # the CPU interpreter.
 
     # Pass 1: online softmax over every key of the request (log2 domain).
     m_i = float("-inf")
@@ -91,15 +91,17 @@ def _longflow_decode_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         valid = offs_n < kv_len
         slots = tl.load(slot_row + offs_n, mask=valid, other=0).to(tl.int64)
-        k = _load_rows(k_layer, slots, stride_ks, offs_d, valid, d_ok)
-        s = tl.where(valid, tl.sum(q[None, :] * k, axis=1) * qk_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        k = tl.load(k_layer + slots[:, None] * stride_ks + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(valid, tl.reduce(q[None, :] * k, 1, _sum_combine) * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 0, _max_combine))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        l_i = l_i * alpha + tl.reduce(p, 0, _sum_combine)
         if WITH_OUTPUT:
-            v = _load_rows(v_layer, slots, stride_vs, offs_d, valid, d_ok)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            v = tl.load(v_layer + slots[:, None] * stride_vs + offs_d[None, :],
+                        mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.reduce(p[:, None] * v, 0, _sum_combine)
         m_i = m_new
     if WITH_OUTPUT:
         out = OUT + pid_b.to(tl.int64) * stride_ob + layer * stride_ol + head * stride_oh
@@ -114,11 +116,13 @@ def _longflow_decode_kernel(
         pos = score_start + offs_n
         valid = (offs_n < n_scores) & (pos < kv_len)
         slots = tl.load(slot_row + pos, mask=valid, other=0).to(tl.int64)
-        k = _load_rows(k_layer, slots, stride_ks, offs_d, valid, d_ok)
-        v = _load_rows(v_layer, slots, stride_vs, offs_d, valid, d_ok)
-        s = tl.sum(q[None, :] * k, axis=1) * qk_scale_log2
+        k = tl.load(k_layer + slots[:, None] * stride_ks + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_layer + slots[:, None] * stride_vs + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.reduce(q[None, :] * k, 1, _sum_combine) * qk_scale_log2
         p = tl.math.exp2(s - m_i) * inv_l
-        tl.atomic_add(imp_row + offs_n, p * tl.sum(tl.abs(v), axis=1), mask=valid)
+        tl.atomic_add(imp_row + offs_n, p * tl.reduce(tl.abs(v), 1, _sum_combine), mask=valid)
 
 
 def longflow_decode(

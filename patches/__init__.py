@@ -17,6 +17,7 @@ from kara_patches import (
     decode_step,
     metrics,
     output_meta,
+    recall_accounting,
     release,
     request_params,
     scheduler_init,
@@ -29,4 +30,4 @@ ALWAYS = server_args.PATCHES + scheduler_init.PATCHES + server_info.PATCHES
 RUNTIME = (attention_capture.PATCHES + decode_positions.PATCHES + decode_step.PATCHES
            + release.PATCHES + admission.PATCHES + request_params.PATCHES
            + output_meta.PATCHES + metrics.PATCHES + decode_retraction.PATCHES
-           + session_turns.PATCHES)
+           + session_turns.PATCHES + recall_accounting.PATCHES)

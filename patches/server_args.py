@@ -76,6 +76,8 @@ def check_supported(server_args) -> None:
         raise KaraConfigError(
             f"--kv-cache-dtype: --kv-policy {config.policy} does not support an FP8 KV cache yet (cask merges "
             f"K/V entries, longflow reads V); kara, threshold and streaming do")
+    if config.recall_tokens:
+        check_recall(server_args, config)
     parser = getattr(server_args, "reasoning_parser", None)
     if config.scope == "reasoning" and not parser:
         raise KaraConfigError("--kara-scope: reasoning needs --reasoning-parser (it names the "
@@ -83,6 +85,23 @@ def check_supported(server_args) -> None:
     if parser and config.scope != "all" and getattr(server_args, "skip_tokenizer_init", False):
         raise KaraConfigError("--kara-scope: finding the end of reasoning needs the tokenizer; with "
                               "--skip-tokenizer-init pass --kara-scope all")
+
+
+def check_recall(server_args, config) -> None:
+    """Recall (an accuracy emulation, kara_sglang/recall.py) holds evicted slots where page
+    size 1 leaves them and attends in eager PyTorch: what it cannot run with is refused."""
+    refuse = []
+    page_size = getattr(server_args, "page_size", None)
+    if page_size not in (None, 1):
+        refuse.append(f"--page-size {page_size} (evicted KV stays in place only at page size 1)")
+    if str(getattr(server_args, "device", None) or "cuda") != "cpu" and not getattr(server_args, "disable_cuda_graph", False):
+        refuse.append("CUDA graphs (add --disable-cuda-graph: the recall attention is not graph-capturable)")
+    if str(getattr(server_args, "kv_cache_dtype", "auto")).startswith("fp8"):
+        refuse.append("an FP8 KV cache")
+    if _decode_server(server_args):
+        refuse.append("--disaggregation-mode decode")
+    if refuse:
+        raise KaraConfigError(f"--kara-recall-tokens: not supported with {'; '.join(refuse)}")
 
 
 def _policy_on(values: dict) -> bool:

@@ -1,0 +1,212 @@
+"""Recall (kara_sglang/recall.py): the attention over resident + selected evicted tokens, the
+store of held slots, the settings; and through real SGLang, with SGLang's strict busy/idle
+memory checks and Kara's double-free check on (tests/support/engines.py)."""
+
+import random
+
+import pytest
+import torch
+
+from kara_sglang import KaraConfig
+from kara_sglang.config import KaraConfigError
+from kara_sglang.recall import RecallStore, quantised, recall_attention
+
+
+def _reference_quantised(key, bits, group=32):
+    """Per token and head, per group of channels: round to ``bits`` between the group's min and max."""
+    out = []
+    for start in range(0, len(key), group):
+        g = key[start:start + group]
+        lo, hi = min(g), max(g)
+        step = max(hi - lo, 1e-8) / (2 ** bits - 1)
+        out += [round((x - lo) / step) * step + lo for x in g]
+    return out
+
+
+def _reference(q, select_q, k, v, resident, evicted, R, digest, scale):
+    """Loops in float64: per request, KV head and query head, softmax over the resident tokens
+    and the R evicted tokens whose digest score (max over the group) is highest."""
+    B, Hq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[2]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, Dv, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hkv):
+            def digest_key(slot):
+                key = k[slot, h].double().tolist()
+                return key if digest == "exact" else _reference_quantised(key, int(digest[4:]))
+            ranked = sorted(evicted[b], key=lambda s: -max(
+                sum(a * c for a, c in zip(select_q[b, h * G + g].double().tolist(), digest_key(s)))
+                for g in range(G)))
+            attended = list(resident[b]) + ranked[:R]
+            for g in range(G):
+                qh = q[b, h * G + g].double()
+                logits = torch.stack([qh @ k[s, h].double() * scale for s in attended])
+                w = logits.softmax(0)
+                out[b, h * G + g] = sum(w[i] * v[s, h].double() for i, s in enumerate(attended))
+    return out
+
+
+@pytest.mark.parametrize("digest", ["exact", "bits2", "bits4"])
+@pytest.mark.parametrize("R", [0, 3, 1000])
+def test_recall_attention_matches_a_float64_loop(digest, R):
+    seed = 1000 + R + len(digest)
+    gen = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, D, slots = 3, 4, 2, 64, 80
+    k = torch.randn(slots, Hkv, D, generator=gen)
+    v = torch.randn(slots, Hkv, D, generator=gen)
+    q = torch.randn(B, Hq, D, generator=gen)
+    select_q = torch.randn(B, Hq, D, generator=gen)  # lag 1: another query ranks
+    perm = torch.randperm(slots - 1, generator=gen) + 1
+    res_lens, ev_lens = [5, 9, 2], [7, 0, 12]
+    resident, evicted, at = [], [], 0
+    for n_res, n_ev in zip(res_lens, ev_lens):
+        resident.append(perm[at:at + n_res].tolist()); at += n_res
+        evicted.append(perm[at:at + n_ev].tolist()); at += n_ev
+
+    def padded(lists):
+        width = max(len(x) for x in lists)
+        return torch.tensor([x + [0] * (width - len(x)) for x in lists], dtype=torch.int64)
+
+    got = recall_attention(q, select_q, k, v, padded(resident), torch.tensor(res_lens), padded(evicted),
+                           torch.tensor(ev_lens), R, digest, 0.125)
+    want = _reference(q, select_q, k, v, resident, evicted, R, digest, 0.125)
+    assert torch.allclose(got.double(), want, atol=1e-4), f"seed {seed}: {(got.double() - want).abs().max()}"
+
+
+def test_all_evicted_recalled_is_full_attention_and_none_is_resident_only():
+    gen = torch.Generator().manual_seed(7)
+    k, v = torch.randn(40, 1, 32, generator=gen), torch.randn(40, 1, 32, generator=gen)
+    q = torch.randn(1, 2, 32, generator=gen)
+    resident, evicted = torch.tensor([[1, 5, 9]]), torch.tensor([[2, 3, 4, 6]])
+
+    def plain(slots):
+        logits = torch.einsum("hd,nd->hn", q[0], k[slots, 0]) * 0.2
+        return (logits.softmax(-1) @ v[slots, 0])[None]
+
+    full = recall_attention(q, q, k, v, resident, torch.tensor([3]), evicted, torch.tensor([4]), 4, "exact", 0.2)
+    assert torch.allclose(full, plain(torch.tensor([1, 5, 9, 2, 3, 4, 6])), atol=1e-5)
+    none = recall_attention(q, q, k, v, resident, torch.tensor([3]), evicted, torch.tensor([4]), 0, "exact", 0.2)
+    assert torch.allclose(none, plain(torch.tensor([1, 5, 9])), atol=1e-5)
+
+
+def test_quantised_keys_take_at_most_two_to_the_bits_values_per_group():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(5, 2, 64, generator=gen)
+    for bits in (2, 3, 4):
+        q = quantised(keys, bits).view(5, 2, 2, 32)
+        for values in q.reshape(-1, 32):
+            assert values.unique().numel() <= 2 ** bits
+        assert (q.reshape(5, 2, 64) - keys).abs().max() <= (keys.max() - keys.min()) / (2 ** bits - 1)
+
+
+def test_store_holds_per_row_in_order_and_releases_once():
+    store = RecallStore(rows=4, capacity=6, device=torch.device("cpu"))
+    store.hold([2, 0], [3, 1], torch.tensor([11, 12, 13, 20]))
+    store.hold([2], [2], torch.tensor([14, 15]))
+    assert store.held == 6 and store.longest == 5 and store.count(1) == 0
+    assert store.counts.tolist() == [1, 0, 5, 0]
+    assert store.release(2).tolist() == [11, 12, 13, 14, 15]
+    assert store.release(2).numel() == 0 and store.held == 1 and store.counts[2] == 0
+    with pytest.raises(AssertionError, match="capacity"):
+        store.hold([0], [6], torch.arange(6))
+    with pytest.raises(AssertionError, match="counted"):
+        store.hold([1], [1], torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(recall_tokens=-1), "--kara-recall-tokens: must be an integer >= 0"),
+    (dict(recall_tokens=8, policy="cask"), "--kara-recall-tokens: recall is built for the kara policy"),
+    (dict(recall_digest="bits8"), "--kara-recall-digest: must be one of"),
+    (dict(recall_lag=2), "--kara-recall-lag: must be 0 or 1"),
+])
+def test_bad_recall_settings_are_refused_naming_the_flag(changes, message):
+    with pytest.raises(KaraConfigError, match=message):
+        KaraConfig(**changes)
+
+
+# ------------------------------------------------------------------ through real SGLang
+W, U = 32, 8
+KARA = dict(kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=0.25, kara_chunk_size=2)
+N_NEW = 4 * W + U + 20  # four compressions
+
+
+def _greedy(n):
+    return dict(temperature=0, max_new_tokens=n, ignore_eos=True)
+
+
+def _prompts(seed, n):
+    rng = random.Random(seed)
+    return [[rng.randrange(10, 500) for _ in range(rng.randrange(6, 30))] for _ in range(n)]
+
+
+@pytest.mark.sglang
+def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does_not(tiny_model):
+    """float32 (SGLang's attention and recall's agree to rounding): with R above every
+    request's evicted count, each step attends to exactly the tokens vanilla does."""
+    from support.engines import assert_pool_back_to_idle, last, make_engine, pool_state, use_cpu_sglang
+
+    use_cpu_sglang()
+    prompts = _prompts(5, 4)
+    outputs = {}
+    for name, extra in (("vanilla", {}), ("kara", KARA), ("recall", dict(KARA, kara_recall_tokens=10_000))):
+        engine = make_engine(tiny_model, dtype="float32", **extra)
+        try:
+            outs = engine.generate(input_ids=prompts, sampling_params=_greedy(N_NEW))
+            outputs[name] = [o["output_ids"] for o in outs]
+            if name != "vanilla":
+                assert all(last(o["meta_info"], "kv_tokens_evicted") > 0 for o in outs)
+                state = pool_state(engine)
+                assert state["compression_events"] == 4 * len(prompts), state
+                assert state["recall_slots_held"] == 0, state  # every held slot went back
+            assert_pool_back_to_idle(engine)
+        finally:
+            engine.shutdown()
+    assert outputs["recall"] == outputs["vanilla"]
+    assert outputs["kara"] != outputs["vanilla"]  # eviction changes this model's tokens
+
+
+@pytest.mark.sglang
+@pytest.mark.parametrize("digest, lag", [("exact", 0), ("bits2", 1)])
+def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag):
+    import asyncio
+
+    from support.engines import assert_pool_back_to_idle, last, make_engine, pool_state, use_cpu_sglang
+
+    use_cpu_sglang()
+    engine = make_engine(tiny_model, max_total_tokens=3000, kara_recall_tokens=4, kara_recall_digest=digest,
+                         kara_recall_lag=lag, **KARA)
+    rng = random.Random(17 + lag)
+    results = {"done": 0, "aborted": 0, "evicted": 0}
+
+    async def one(i, prompt):
+        params = _greedy(rng.choice([5, 45, N_NEW]))
+        if i % 5 == 0:
+            params["custom_params"] = {"kv_policy": "none"}
+        rid = f"recall-{digest}-{i}"
+        task = asyncio.ensure_future(engine.async_generate(input_ids=prompt, sampling_params=params, rid=rid))
+        if i % 4 == 1:
+            await asyncio.sleep(0.3 + rng.random())
+            engine.tokenizer_manager.abort_request(rid=rid)
+        try:
+            out = await task
+        except ValueError:
+            results["aborted"] += 1
+            return
+        if out["meta_info"]["finish_reason"]["type"] == "abort":
+            results["aborted"] += 1
+            return
+        results["done"] += 1
+        if "kv_tokens_evicted" in out["meta_info"]:
+            results["evicted"] += last(out["meta_info"], "kv_tokens_evicted")
+
+    async def run():
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(_prompts(lag, 16))))
+
+    try:
+        engine.loop.run_until_complete(run())
+        assert results["done"] + results["aborted"] == 16 and results["evicted"] > 0, results
+        assert pool_state(engine)["recall_slots_held"] == 0
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
