@@ -120,11 +120,14 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
     ev = logits(evicted_slots).masked_fill(~ev_valid[:, None, None, :], float("-inf"))
 
     # Rank the evicted tokens per KV head by the digest, max over the group's query heads.
-    keys = k_buffer[evicted_slots]
-    if digest != "exact":
-        keys = quantised(keys, int(digest[len("bits"):]))
-    rank = logits(evicted_slots, keys, select_q.float().view(B, Hkv, G, D)).amax(2)  # [B, Hkv, E]
-    rank = rank.masked_fill(~ev_valid[:, None, :], float("-inf"))
+    if digest == "exact" and select_q is q:
+        rank = ev.amax(2)  # [B, Hkv, E]: the logits just computed
+    else:
+        keys = k_buffer[evicted_slots]
+        if digest != "exact":
+            keys = quantised(keys, int(digest[len("bits"):]))
+        rank = logits(evicted_slots, keys, select_q.float().view(B, Hkv, G, D)).amax(2)
+        rank = rank.masked_fill(~ev_valid[:, None, :], float("-inf"))
     chosen = torch.zeros_like(rank, dtype=torch.bool)
     if E and tokens:
         top = rank.topk(min(tokens, E), dim=-1).indices

@@ -53,7 +53,10 @@ def lane_config(lane: dict, reported: Optional[dict]) -> dict:
 
     return {"policy": policy, "window": setting("window", "--kara-window", DEFAULTS.window),
             "buffer": setting("buffer", "--kara-buffer", DEFAULTS.buffer),
-            "chunk": setting("chunk_size", "--kara-chunk-size", DEFAULTS.chunk_size)}
+            "chunk": setting("chunk_size", "--kara-chunk-size", DEFAULTS.chunk_size),
+            "recall_tokens": setting("recall_tokens", "--kara-recall-tokens", DEFAULTS.recall_tokens),
+            "recall_digest": setting("recall_digest", "--kara-recall-digest", DEFAULTS.recall_digest),
+            "recall_lag": setting("recall_lag", "--kara-recall-lag", DEFAULTS.recall_lag)}
 
 
 def row_for(cfg: dict, style: str, row: dict, device: str, sglang_version: str) -> dict:
@@ -72,6 +75,9 @@ def row_for(cfg: dict, style: str, row: dict, device: str, sglang_version: str) 
         "kv_mean_fraction": row["kv_mean_fraction"], "kv_mean_tokens": row["kv_mean_tokens"],
         "output_tokens_mean": row["output_tokens_mean"], "errors": row["errors"],
         "device": device, "sglang_version": sglang_version,
+        # Recall (kara_sglang/recall.py): evicted tokens attended again per layer and KV head.
+        "recall": None if vanilla or not cfg.get("recall_tokens") else {
+            "tokens": cfg["recall_tokens"], "digest": cfg["recall_digest"], "lag": cfg["recall_lag"]},
     }
 
 
@@ -134,13 +140,16 @@ def main() -> None:
     for r in rows:
         r["full_kv_accuracy"] = full.get(r["style"])
     order = {"full": 0, "kara": 1, "cask": 2, "threshold": 3, "streaming": 4, "longflow": 5}
-    rows.sort(key=lambda r: (r["style"] != "verbose", order.get(r["policy"], 9), -(r["keep_ratio"] or 0),
+    rows.sort(key=lambda r: (r["style"] != "verbose", order.get(r["policy"], 9), r["recall"] is not None,
+                             str(r["recall"]), -(r["keep_ratio"] or 0),
                              r["window"] or 0, -(r["buffer"] or 0), -(r["chunk"] or 0)))
     Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
     print("| style | policy | setting | W | U | γ | accuracy | 95% CI | decode KV kept | empty 512-blocks |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['style']} | {r['policy']} | {r['setting']} | {r['window'] or '—'} | {r['buffer'] or '—'} | "
+        recall = r["recall"]
+        policy = r["policy"] + (f" + recall {recall['tokens']} {recall['digest']} lag {recall['lag']}" if recall else "")
+        print(f"| {r['style']} | {policy} | {r['setting']} | {r['window'] or '—'} | {r['buffer'] or '—'} | "
               f"{r['chunk'] or '—'} | {100 * r['accuracy']:.1f}% | {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}% | "
               f"{100 * r['kv_mean_fraction']:.1f}% | "
               f"{'—' if r['empty_block_share'] is None else format(100 * r['empty_block_share'], '.1f') + '%'} |")

@@ -120,6 +120,18 @@ def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
              settings=same("kara:keep=0.5;kara:keep=0.25,chunk=1")),
         dict(name="cask", gpu=0, pool=900_000, args=["--kv-policy", "cask"], settings=same("cask:keep=0.25")),
     ]
+    # Recall (kara_sglang/recall.py, an emulation: evicted KV stays allocated, eager attention,
+    # no CUDA graphs): what each decode step's own query brings back, per layer and KV head.
+    # Not in the default grid (--lanes names them): every request holds its full KV.
+    recall = ["--kv-policy", "kara", "--kara-recall-tokens", "256", "--disable-cuda-graph"]
+    out += [
+        dict(name="recall-exact-lag0", gpu=0, pool=800_000, args=recall, settings=same("kara:keep=0.25;kara:keep=0.125"),
+             optional=True),
+        dict(name="recall-bits2-lag0", gpu=1, pool=800_000, args=recall + ["--kara-recall-digest", "bits2"],
+             settings=same("kara:keep=0.25;kara:keep=0.125"), optional=True),
+        dict(name="recall-exact-lag1", gpu=1, pool=800_000, args=recall + ["--kara-recall-lag", "1"],
+             settings=same("kara:keep=0.25"), optional=True),
+    ]
     for policy in ("threshold", "streaming", "longflow"):
         out.append(dict(name=policy, gpu=1, pool=900_000,
                         args=["--kv-policy", policy, "--kara-budget", str(budgets[next(iter(info))][policy])],
@@ -232,6 +244,8 @@ def main() -> None:
     plan, budgets = lanes(info, a.gpus)
     if a.lanes:
         plan = [lane for lane in plan if lane["name"] in a.lanes.split(",")]
+    else:
+        plan = [lane for lane in plan if not lane.get("optional")]
     (out / "plan.json").write_text(json.dumps({
         "lanes": plan, "budgets": budgets, "n": a.n, "notrace_lane": NOTRACE_LANE,
         "sglang_version": importlib.metadata.version("sglang"), "attention_backend": a.attention_backend,
