@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from support import cli
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "agent" / "bench_agent.py"
 TOOL = 16
 
 
 def run_bench(tmp_path, *args, timeout=600):
     out = tmp_path / "row.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout)
-    return proc, out
+    argv = [sys.executable, str(BENCH), "--out", str(out), *args]
+    if "--cpu-smoke" in args:  # it runs SGLang: from the session's forkserver (support.cli)
+        return cli.run_all({"bench": argv}, timeout=timeout, fork_children=True)["bench"], out
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout), out
 
 
 def test_session_continue_refuses_too_few_request_rows(tmp_path):

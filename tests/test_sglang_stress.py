@@ -110,20 +110,34 @@ def test_randomized_stress_2000_requests_zero_leaks(tiny_model):
 
 
 def _started_before_first_finish(engine, prompts, n_new):
-    """How many requests had their first token before any request finished (all sent at once)."""
+    """How many requests had their first token before any request finished (all sent at once).
+    Once one finishes the count is known: the others are aborted there (what the test measures
+    is admission, and their remaining decode steps would be most of its time)."""
     started, finished = set(), []
+    rids = [f"admission-{id(engine)}-{i}" for i in range(len(prompts))]
 
     async def one(i, prompt):
-        gen = await engine.async_generate(input_ids=prompt, sampling_params=greedy(n_new), stream=True)
-        async for chunk in gen:
-            if chunk["output_ids"] and not finished:
-                started.add(i)
-        finished.append(i)
+        try:
+            gen = await engine.async_generate(input_ids=prompt, sampling_params=greedy(n_new), stream=True,
+                                              rid=rids[i])
+            async for chunk in gen:
+                if chunk["output_ids"] and not finished:
+                    started.add(i)
+                if chunk["meta_info"].get("finish_reason"):
+                    break
+        except ValueError:  # aborted below, after the first finish
+            return
+        if not finished:
+            finished.append(i)
+            for j, rid in enumerate(rids):
+                if j != i:
+                    engine.tokenizer_manager.abort_request(rid=rid)
 
     async def run():
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
     engine.loop.run_until_complete(run())
+    assert len(finished) == 1
     return len(started)
 
 

@@ -35,20 +35,22 @@ class _Subprocess:
         self._proc.kill()
 
 
-def _start(argv, out_path, err_path):
+def _start(argv, out_path, err_path, fork_children=False):
     if processes.START_METHOD == "forkserver":
         from support.engines import use_cpu_sglang
 
         use_cpu_sglang()  # the forkserver imports SGLang's CPU path (as every SGLang test here)
         startups.record(startups.launch_kind(argv) or "command line")
-        return processes.start_command_line(argv, out_path, err_path)
+        return processes.start_command_line(argv, out_path, err_path, fork_children=fork_children)
     return _Subprocess(argv, out_path, err_path)  # counted by conftest's Popen wrapper
 
 
-def run_all(commands: dict, timeout: float = 600) -> dict:
+def run_all(commands: dict, timeout: float = 600, fork_children: bool = False) -> dict:
     """{key: argv} -> {key: CompletedProcess}, at most one process per core at a time. Output
     goes to files, not pipes: a pipe nobody reads while waiting fills up (``--help``) and
-    blocks its writer."""
+    blocks its writer. ``fork_children``: commands that run SGLang to the end (a server, a
+    benchmark with its own engine), their scheduler and detokenizer forked from them
+    (``support.processes``)."""
     results, pending, running = {}, list(commands.items()), {}
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +59,7 @@ def run_all(commands: dict, timeout: float = 600) -> dict:
                 key, argv = pending.pop(0)
                 n = len(results) + len(running)
                 paths = [os.path.join(tmp, f"{n}.{name}") for name in ("out", "err")]
-                running[key] = (argv, _start(argv, *paths), paths)
+                running[key] = (argv, _start(argv, *paths, fork_children=fork_children), paths)
             for key, (argv, proc, paths) in list(running.items()):
                 if proc.exitcode is not None:
                     out, err = (open(path).read() for path in paths)

@@ -1,4 +1,8 @@
-"""A real SGLang HTTP server with ``--kv-policy kara`` on the CPU, for the HTTP test suites."""
+"""A real SGLang HTTP server with ``--kv-policy kara`` on the CPU, for the HTTP test suites.
+
+Its command line is ``python -m sglang.launch_server ...``, run from the session's forkserver
+(``support.processes``: SGLang already imported, the scheduler and detokenizer forked, not
+spawned), or as a real subprocess with ``KARA_TEST_START_METHOD=spawn``."""
 
 import os
 import signal
@@ -7,6 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+from support import processes, startups
 
 SERVER = [sys.executable, "-m", "sglang.launch_server"]
 CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
@@ -24,6 +30,24 @@ def get(url):
         return resp.read().decode()
 
 
+class _ForkedServer:
+    """A server started from the session's forkserver (``support.processes``), with the face of
+    the ``Popen`` a real ``python -m sglang.launch_server`` would have: it leads its own
+    session, so ``killpg(pid)`` ends it and the scheduler and detokenizer it forked."""
+
+    def __init__(self, process):
+        self._process, self.pid = process, process.pid
+
+    def poll(self):
+        return self._process.exitcode
+
+    def wait(self, timeout=None):
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired("sglang.launch_server", timeout)
+        return self._process.exitcode
+
+
 def serve(tiny_model, tmp_path_factory, extra=(), env=None):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -31,9 +55,13 @@ def serve(tiny_model, tmp_path_factory, extra=(), env=None):
                      "--kv-policy", "kara", "--kara-window", "32", "--kara-buffer", "8",
                      "--kara-keep-ratio", "0.25", "--kara-chunk-size", "2", "--enable-metrics",
                      "--decode-log-interval", "5"] + CPU_ARGS + list(extra)
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
-                                start_new_session=True)
+    if processes.START_METHOD == "forkserver":
+        startups.record("http server")
+        proc = _ForkedServer(processes.start_command_line(args, str(log), str(log), env=env, fork_children=True))
+    else:
+        with open(log, "w") as sink:
+            proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, **(env or {})), start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         # A start-up takes about 50 s on a 2-core CI machine, over 120 s while another job

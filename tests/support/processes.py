@@ -9,8 +9,9 @@ environment is handed to each process and applied before SGLang's entry point ru
 spawned process would inherit it. Command lines that stop at start-up (bad flags, ``--help``)
 run the same way (:func:`start_command_line`): SGLang's entry point as ``python -m`` or its
 console script would run it, in a process of its own, with the imports already done.
-``KARA_TEST_START_METHOD=spawn`` restores SGLang's own start method and real subprocesses for
-command lines; the HTTP servers always start through a real ``python -m sglang.launch_server``.
+HTTP servers start the same way, their own scheduler and detokenizer forked from them (no
+third import). ``KARA_TEST_START_METHOD=spawn`` restores SGLang's own start method and real
+subprocesses for command lines and servers.
 
 ``Engine.shutdown()`` kills every process below the test process (``kill_process_tree`` of
 its own pid), which would end the forkserver, a session's shared engines and HTTP servers.
@@ -45,19 +46,37 @@ def _run_with_environ(environ: dict, path: list, target, args, kwargs):
     return target(*args, **kwargs)
 
 
-def _run_command_line(environ: dict, path: list, argv: list, out_path: str, err_path: str):
+def _run_command_line(environ: dict, path: list, argv: list, out_path: str, err_path: str,
+                      fork_children: bool = False):
     """Entry point of a forkserver child running an SGLang command line: ``python -m
     sglang.launch_server ...`` runs the module as ``__main__`` (as ``-m`` does), the ``sglang``
-    console script runs the function its script calls; stdout and stderr go to files (as a
+    console script runs the function its script calls, ``python script.py ...`` runs the
+    script as ``__main__`` with its folder first on the path; stdout and stderr go to files (as a
     subprocess's would go to pipes), and the exit status is the command's own (argparse's
-    ``SystemExit(2)`` becomes the process's exit code 2)."""
+    ``SystemExit(2)`` becomes the process's exit code 2).
+
+    ``fork_children`` (a server that keeps running): the process leads a session of its own,
+    so the test can end it and everything it started with one ``killpg``, as it would a
+    ``start_new_session`` subprocess; and SGLang's scheduler and detokenizer are forked from it
+    instead of spawned, so they do not import SGLang again. The fork happens where SGLang
+    would spawn them, before the server starts any thread of its own (its tokenizer manager
+    and HTTP loop come after), and the child runs SGLang's own process entry point."""
+    if fork_children:
+        os.setsid()
     for fd, file_path in ((1, out_path), (2, err_path)):
+        if fd == 2 and err_path == out_path:
+            os.dup2(1, 2)  # one log, as stderr=STDOUT
+            break
         target = os.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
     os.environ.clear()
     os.environ.update(environ)
     sys.path[:] = path
+    if fork_children:
+        from sglang.srt.entrypoints import engine as engine_module
+
+        engine_module.mp = _RecordingMultiprocessing(multiprocessing.get_context("fork"), forkserver=False)
     if argv[1:3] == ["-m", "sglang.launch_server"]:
         sys.argv = [argv[0]] + list(argv[3:])
         runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
@@ -66,15 +85,23 @@ def _run_command_line(environ: dict, path: list, argv: list, out_path: str, err_
 
         sys.argv = list(argv)
         sys.exit(main())
+    elif argv[1].endswith(".py"):  # a repo script that starts SGLang itself (a benchmark)
+        sys.argv = list(argv[1:])
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[1])))  # as `python script.py` does
+        runpy.run_path(argv[1], run_name="__main__")
     else:
         raise ValueError(f"not an SGLang command line: {argv}")
 
 
-def start_command_line(argv: list, out_path: str, err_path: str):
+def start_command_line(argv: list, out_path: str, err_path: str, env: dict | None = None,
+                       fork_children: bool = False):
     """Start an SGLang command line (``[python, -m, sglang.launch_server, ...]`` or
-    ``[.../sglang, serve, ...]``) from the forkserver; a started ``multiprocessing`` process."""
+    ``[.../sglang, serve, ...]``) from the forkserver, with ``env`` added to the current
+    environment; a started ``multiprocessing`` process. ``fork_children``: a server (see
+    :func:`_run_command_line`)."""
+    environ = dict(os.environ, **(env or {}))
     proc = _forkserver_context().Process(target=_run_command_line,
-                                         args=(dict(os.environ), list(sys.path), list(argv), out_path, err_path))
+                                         args=(environ, list(sys.path), list(argv), out_path, err_path, fork_children))
     proc.start()
     return proc
 
