@@ -117,15 +117,14 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
     res_valid = torch.arange(L, device=q.device)[None, :] < resident_lens[:, None]  # [B, L]
     res = logits(resident_slots).masked_fill(~res_valid[:, None, None, :], float("-inf"))
     ev_valid = torch.arange(E, device=q.device)[None, :] < evicted_lens[:, None]  # [B, E]
-    ev = logits(evicted_slots).masked_fill(~ev_valid[:, None, None, :], float("-inf"))
+    ev_keys = k_buffer[evicted_slots]  # gathered once: the logits and the digest both read it
+    ev = logits(evicted_slots, ev_keys).masked_fill(~ev_valid[:, None, None, :], float("-inf"))
 
     # Rank the evicted tokens per KV head by the digest, max over the group's query heads.
     if digest == "exact" and select_q is q:
         rank = ev.amax(2)  # [B, Hkv, E]: the logits just computed
     else:
-        keys = k_buffer[evicted_slots]
-        if digest != "exact":
-            keys = quantised(keys, int(digest[len("bits"):]))
+        keys = ev_keys if digest == "exact" else quantised(ev_keys, int(digest[len("bits"):]))
         rank = logits(evicted_slots, keys, select_q.float().view(B, Hkv, G, D)).amax(2)
         rank = rank.masked_fill(~ev_valid[:, None, :], float("-inf"))
     chosen = torch.zeros_like(rank, dtype=torch.bool)

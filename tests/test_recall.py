@@ -171,7 +171,7 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
 def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag):
     import asyncio
 
-    from support.engines import assert_pool_back_to_idle, last, make_engine, pool_state, use_cpu_sglang
+    from support.engines import assert_pool_back_to_idle, make_engine, pool_state, tally_outcome, use_cpu_sglang
 
     use_cpu_sglang()
     engine = make_engine(tiny_model, max_total_tokens=3000, kara_recall_tokens=4, kara_recall_digest=digest,
@@ -188,17 +188,7 @@ def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag):
         if i % 4 == 1:
             await asyncio.sleep(0.3 + rng.random())
             engine.tokenizer_manager.abort_request(rid=rid)
-        try:
-            out = await task
-        except ValueError:
-            results["aborted"] += 1
-            return
-        if out["meta_info"]["finish_reason"]["type"] == "abort":
-            results["aborted"] += 1
-            return
-        results["done"] += 1
-        if "kv_tokens_evicted" in out["meta_info"]:
-            results["evicted"] += last(out["meta_info"], "kv_tokens_evicted")
+        await tally_outcome(task, results)
 
     async def run():
         await asyncio.gather(*(one(i, p) for i, p in enumerate(_prompts(lag, 16))))

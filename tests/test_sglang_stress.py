@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, use_cpu_sglang
+from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, tally_outcome, use_cpu_sglang
 from test_sglang_engine import KARA, greedy
 
 pytestmark = pytest.mark.sglang
@@ -68,17 +68,7 @@ async def _random_workload(engine, n_requests: int, seed: int):
         if abort_after is not None:
             await asyncio.sleep(abort_after)
             engine.tokenizer_manager.abort_request(rid=rid)
-        try:
-            out = await task
-        except ValueError:  # an aborted request raises its abort message
-            results["aborted"] += 1
-            return
-        if out["meta_info"]["finish_reason"]["type"] == "abort":
-            results["aborted"] += 1
-            return
-        results["done"] += 1
-        if "kv_tokens_evicted" in out["meta_info"]:
-            results["evicted"] += last(out["meta_info"], "kv_tokens_evicted")
+        await tally_outcome(task, results)
 
     await asyncio.gather(*(one(i) for i in range(n_requests)))
     return results

@@ -125,11 +125,11 @@ def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
     # Not in the default grid (--lanes names them): every request holds its full KV.
     recall = ["--kv-policy", "kara", "--kara-recall-tokens", "256", "--disable-cuda-graph"]
     out += [
-        dict(name="recall-exact-lag0", gpu=0, pool=800_000, args=recall, settings=same("kara:keep=0.25;kara:keep=0.125"),
+        dict(name="recall-exact-lag0", gpu=0, pool=1_200_000, args=recall, settings=same("kara:keep=0.25;kara:keep=0.125"),
              optional=True),
-        dict(name="recall-bits2-lag0", gpu=1, pool=800_000, args=recall + ["--kara-recall-digest", "bits2"],
+        dict(name="recall-bits2-lag0", gpu=1, pool=1_200_000, args=recall + ["--kara-recall-digest", "bits2"],
              settings=same("kara:keep=0.25;kara:keep=0.125"), optional=True),
-        dict(name="recall-exact-lag1", gpu=1, pool=800_000, args=recall + ["--kara-recall-lag", "1"],
+        dict(name="recall-exact-lag1", gpu=1, pool=1_200_000, args=recall + ["--kara-recall-lag", "1"],
              settings=same("kara:keep=0.25"), optional=True),
     ]
     for policy in ("threshold", "streaming", "longflow"):

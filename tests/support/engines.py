@@ -205,3 +205,20 @@ def flush(engine, attempts: int = 50) -> None:
 def last(meta: dict, key: str):
     value = meta[key]
     return value[-1] if isinstance(value, list) else value
+
+
+async def tally_outcome(task, results: dict) -> None:
+    """Await one ``async_generate`` task and count it in ``results``: ``aborted`` (an aborted
+    request raises its abort message, or finishes with reason ``abort``), else ``done`` and
+    the tokens it ``evicted``."""
+    try:
+        out = await task
+    except ValueError:
+        results["aborted"] += 1
+        return
+    if out["meta_info"]["finish_reason"]["type"] == "abort":
+        results["aborted"] += 1
+        return
+    results["done"] += 1
+    if "kv_tokens_evicted" in out["meta_info"]:
+        results["evicted"] += last(out["meta_info"], "kv_tokens_evicted")

@@ -1,0 +1,66 @@
+"""Time of the recall emulation's attention (kara_sglang/recall.py) for one decode step.
+
+    python benchmarks/reasoning/recall_step_bench.py [--batch 256] [--resident 700] [--evicted 2300]
+
+Random KV at the ledger model's shapes (SmolLM2-135M: 30 layers, 9 query heads, 3 KV heads,
+head dim 64), every row holding ``--resident`` resident and ``--evicted`` evicted tokens; one
+line per digest and lag with the milliseconds per layer and per step (all layers). It sizes
+the accuracy grid's recall lanes: the emulation runs eagerly on every layer of every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kara_sglang.recall import recall_attention
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--resident", type=int, default=700)
+    ap.add_argument("--evicted", type=int, default=2300)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--q-heads", type=int, default=9)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256, help="R: evicted tokens selected per KV head")
+    ap.add_argument("--iters", type=int, default=10)
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    B, L, E = a.batch, a.resident, a.evicted
+    slots = B * (L + E) + 1
+    k = torch.randn(slots, a.kv_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(slots, a.kv_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
+    perm = torch.randperm(slots - 1, device=dev, generator=gen) + 1
+    resident = perm[:B * L].view(B, L)
+    evicted = perm[B * L:].view(B, E)
+    lens_r = torch.full((B,), L, device=dev)
+    lens_e = torch.full((B,), E, device=dev)
+    q = torch.randn(B, a.q_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
+    prev = torch.randn_like(q)
+    for digest, lag in (("exact", 0), ("exact", 1), ("bits2", 0), ("bits2", 1)):
+        select = q if lag == 0 else prev
+
+        def step():
+            return recall_attention(q, select, k, v, resident, lens_r, evicted, lens_e, a.tokens, digest, 0.125)
+
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        per_layer = (time.perf_counter() - t0) / a.iters * 1e3
+        print(f"digest={digest} lag={lag} batch={B} resident={L} evicted={E} R={a.tokens}: "
+              f"{per_layer:.2f} ms/layer, {per_layer * a.layers:.0f} ms/step ({a.layers} layers)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
