@@ -27,6 +27,7 @@ from kara_sglang.kept_positions import KeptPositions, block_size_from_env
 from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
+from kara_kernels.recall import QUANT_GROUP
 from kara_sglang.recall import RecallStore, recall_attention
 from kara_sglang import req_kv, session_continue
 from kara_sglang.reasoning import ReasoningEnd
@@ -193,6 +194,10 @@ class KaraRuntime:
 
     def _check_recall(self, model_runner: Any) -> None:
         """What recall's attention (plain softmax over the selected keys) does not model."""
+        head_dim = self.kv_pool.head_dim
+        if self.config.recall_digest != "exact" and head_dim % QUANT_GROUP:
+            raise KaraConfigError(f"--kara-recall-digest {self.config.recall_digest}: needs a head dim "
+                                  f"divisible by {QUANT_GROUP}, this model has {head_dim}")
         if self.page_size != 1:
             raise KaraConfigError(f"--kara-recall-tokens: needs page size 1, this server has {self.page_size}")
         for module in model_runner.model.modules():
@@ -290,7 +295,7 @@ class KaraRuntime:
     def recall_attend(self, layer: Any, q: torch.Tensor, out: torch.Tensor, forward_batch: Any) -> torch.Tensor:
         """A decode step's attention output with recall: rows holding evicted KV attend to their
         resident tokens plus the evicted ones their (lag-0 or lag-1) query selects; the other
-        rows keep SGLang's output. Eager PyTorch (the recall emulation)."""
+        rows keep SGLang's output. Outside CUDA graphs (the recall emulation)."""
         rows = forward_batch.req_pool_indices
         B, Hq = rows.shape[0], layer.tp_q_head_num
         queries = q.reshape(B, Hq, -1)
@@ -303,13 +308,11 @@ class KaraRuntime:
             return out
         k_buffer = self.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = self.kv_pool.get_value_buffer(layer.layer_id)
-        longest = int(forward_batch.seq_lens_cpu.max())
-        resident = self.req_to_token_pool.req_to_token[rows, :longest].long()
         evicted_lens = self.recall.counts[rows]
         attended = recall_attention(
-            queries, select, k_buffer, v_buffer, resident, forward_batch.seq_lens.long(),
-            self.recall.slots[rows, :held], evicted_lens, self.config.recall_tokens,
-            self.config.recall_digest, float(layer.scaling))
+            queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
+            self.recall.slots, rows, evicted_lens, self.config.recall_tokens,
+            self.config.recall_digest, float(layer.scaling), n_cols=held)
         shaped = out.view(B, Hq, -1)
         shaped.copy_(torch.where((evicted_lens > 0)[:, None, None], attended.to(out.dtype), shaped))
         return out

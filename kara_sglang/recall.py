@@ -11,11 +11,12 @@ accuracy answer, through the real scheduler.
 
 Digests (what ranks the evicted tokens; the probe in benchmarks/reasoning/recall_probe.py):
 ``exact`` q·k with the real keys; ``bitsN`` q·k' with k' the key quantised per token and KV
-head to N bits, asymmetric min/max in groups of 32 channels. A token's score for a KV head
-is the max over its GQA group's query heads. Lag 0 ranks with the step's own query; lag 1
+head to N bits, asymmetric min/max in groups of 32 channels (computed from the keys in the
+ranking kernel, kernels/recall.py). A token's score for a KV head is the max over its GQA
+group's query heads. Lag 0 ranks with the step's own query; lag 1
 with the previous step's (what a system fetching ahead of the step would have).
 
-Engine-independent: tensors in, tensors out.
+Engine-independent: tensors in, tensors out; the work is two Triton launches and a top-k.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-QUANT_GROUP = 32  # channels per scale/zero pair of a quantised key digest
+from kara_kernels.recall import rank_evicted, recall_decode
+
 
 
 class RecallStore:
@@ -78,64 +80,33 @@ class RecallStore:
         return self.slots[row, :n].clone()
 
 
-def quantised(keys: torch.Tensor, bits: int, group: int = QUANT_GROUP) -> torch.Tensor:
-    """``keys`` ``[..., D]`` rounded to ``bits`` per channel, asymmetric min/max per group of
-    ``group`` channels (the values a low-bit key digest would hold), as float32."""
-    shape = keys.shape
-    g = keys.float().reshape(*shape[:-1], shape[-1] // group, group)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
-    return (torch.round((g - lo) / scale) * scale + lo).reshape(shape)
-
-
 def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                     resident_slots: torch.Tensor, resident_lens: torch.Tensor,
-                     evicted_slots: torch.Tensor, evicted_lens: torch.Tensor,
-                     tokens: int, digest: str, sm_scale: float) -> torch.Tensor:
+                     resident_table: torch.Tensor, resident_lens: torch.Tensor,
+                     evicted_table: torch.Tensor, rows: torch.Tensor, evicted_lens: torch.Tensor,
+                     tokens: int, digest: str, sm_scale: float, n_cols: Optional[int] = None) -> torch.Tensor:
     """Decode attention of each request over its resident tokens plus its selected evicted ones.
 
     Args:
         q, select_q: ``[B, Hq, D]`` the step's queries; the queries that rank (lag 0: ``q``).
         k_buffer, v_buffer: ``[slots, Hkv, D]`` / ``[slots, Hkv, Dv]`` one layer's pool.
-        resident_slots: ``[B, L]`` slots of each request's resident KV (valid below
-            ``resident_lens``, which counts the step's own token).
-        evicted_slots: ``[B, E]`` the request's held evicted slots (valid below ``evicted_lens``).
+        resident_table: ``[rows, columns]`` resident slots per row (SGLang's ``req_to_token``),
+            valid below ``resident_lens`` (``[B]``, counting the step's own token).
+        evicted_table: ``[rows, capacity]`` held evicted slots per row, valid below
+            ``evicted_lens`` (``[B]``); ``rows`` (``[B]``) is each request's row in both tables.
         tokens: R, evicted tokens selected per KV head (all of them if fewer).
+        n_cols: an upper bound on ``evicted_lens`` known on the host (default: the table's width).
     Returns:
         ``[B, Hq, Dv]`` float32.
     """
-    B, Hq, D = q.shape
-    Hkv = k_buffer.shape[1]
-    G = Hq // Hkv
-    qg = q.float().view(B, Hkv, G, D)
-
-    def logits(slots: torch.Tensor, keys: Optional[torch.Tensor] = None, queries=qg) -> torch.Tensor:
-        k = (k_buffer[slots] if keys is None else keys).float()  # [B, N, Hkv, D]
-        return torch.einsum("bhgd,bnhd->bhgn", queries, k) * sm_scale  # [B, Hkv, G, N]
-
-    L, E = resident_slots.shape[1], evicted_slots.shape[1]
-    res_valid = torch.arange(L, device=q.device)[None, :] < resident_lens[:, None]  # [B, L]
-    res = logits(resident_slots).masked_fill(~res_valid[:, None, None, :], float("-inf"))
-    ev_valid = torch.arange(E, device=q.device)[None, :] < evicted_lens[:, None]  # [B, E]
-    ev_keys = k_buffer[evicted_slots]  # gathered once: the logits and the digest both read it
-    ev = logits(evicted_slots, ev_keys).masked_fill(~ev_valid[:, None, None, :], float("-inf"))
-
-    # Rank the evicted tokens per KV head by the digest, max over the group's query heads.
-    if digest == "exact" and select_q is q:
-        rank = ev.amax(2)  # [B, Hkv, E]: the logits just computed
+    n_cols = evicted_table.shape[1] if n_cols is None else n_cols
+    B, Hkv = q.shape[0], k_buffer.shape[1]
+    if tokens and n_cols:
+        bits = 0 if digest == "exact" else int(digest[len("bits"):])
+        rank = rank_evicted(select_q, k_buffer, evicted_table, rows, evicted_lens, n_cols, bits, sm_scale)
+        top = rank.topk(min(tokens, n_cols), dim=-1)
+        # Past a request's count the rank is -inf: those picks are no token.
+        selected = top.indices.masked_fill(top.values == float("-inf"), -1)
     else:
-        keys = ev_keys if digest == "exact" else quantised(ev_keys, int(digest[len("bits"):]))
-        rank = logits(evicted_slots, keys, select_q.float().view(B, Hkv, G, D)).amax(2)
-        rank = rank.masked_fill(~ev_valid[:, None, :], float("-inf"))
-    chosen = torch.zeros_like(rank, dtype=torch.bool)
-    if E and tokens:
-        top = rank.topk(min(tokens, E), dim=-1).indices
-        chosen.scatter_(-1, top, True)
-    chosen &= ev_valid[:, None, :]
-    ev = ev.masked_fill(~chosen[:, :, None, :], float("-inf"))
-
-    weights = torch.cat([res, ev], dim=-1).softmax(-1)  # [B, Hkv, G, L + E]
-    values = torch.cat([v_buffer[resident_slots], v_buffer[evicted_slots]], dim=1).float()  # [B, L+E, Hkv, Dv]
-    out = torch.einsum("bhgn,bnhd->bhgd", weights, values)
-    return out.reshape(B, Hq, -1)
-
+        selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
+    return recall_decode(q, k_buffer, v_buffer, resident_table, resident_lens, evicted_table, rows,
+                         selected, sm_scale)

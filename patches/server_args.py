@@ -89,7 +89,8 @@ def check_supported(server_args) -> None:
 
 def check_recall(server_args, config) -> None:
     """Recall (an accuracy emulation, kara_sglang/recall.py) holds evicted slots where page
-    size 1 leaves them and attends in eager PyTorch: what it cannot run with is refused."""
+    size 1 leaves them and attends with its own kernels outside CUDA graphs: what it cannot run
+    with is refused."""
     refuse = []
     page_size = getattr(server_args, "page_size", None)
     if page_size not in (None, 1):

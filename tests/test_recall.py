@@ -9,7 +9,8 @@ import torch
 
 from kara_sglang import KaraConfig
 from kara_sglang.config import KaraConfigError
-from kara_sglang.recall import RecallStore, quantised, recall_attention
+from kara_kernels.recall import rank_evicted
+from kara_sglang.recall import RecallStore, recall_attention
 
 
 def _reference_quantised(key, bits, group=32):
@@ -68,7 +69,12 @@ def test_recall_attention_matches_a_float64_loop(digest, R):
         width = max(len(x) for x in lists)
         return torch.tensor([x + [0] * (width - len(x)) for x in lists], dtype=torch.int64)
 
-    got = recall_attention(q, select_q, k, v, padded(resident), torch.tensor(res_lens), padded(evicted),
+    # Rows in the tables out of batch order, and a table wider than any count (as in the server).
+    rows = torch.tensor([2, 0, 1])
+    res_table, ev_table = torch.zeros(3, 20, dtype=torch.int64), torch.zeros(3, 16, dtype=torch.int64)
+    res_table[rows, :padded(resident).shape[1]] = padded(resident)
+    ev_table[rows, :padded(evicted).shape[1]] = padded(evicted)
+    got = recall_attention(q, select_q, k, v, res_table, torch.tensor(res_lens), ev_table, rows,
                            torch.tensor(ev_lens), R, digest, 0.125)
     want = _reference(q, select_q, k, v, resident, evicted, R, digest, 0.125)
     assert torch.allclose(got.double(), want, atol=1e-4), f"seed {seed}: {(got.double() - want).abs().max()}"
@@ -84,20 +90,38 @@ def test_all_evicted_recalled_is_full_attention_and_none_is_resident_only():
         logits = torch.einsum("hd,nd->hn", q[0], k[slots, 0]) * 0.2
         return (logits.softmax(-1) @ v[slots, 0])[None]
 
-    full = recall_attention(q, q, k, v, resident, torch.tensor([3]), evicted, torch.tensor([4]), 4, "exact", 0.2)
+    row = torch.tensor([0])
+    full = recall_attention(q, q, k, v, resident, torch.tensor([3]), evicted, row, torch.tensor([4]), 4, "exact", 0.2)
     assert torch.allclose(full, plain(torch.tensor([1, 5, 9, 2, 3, 4, 6])), atol=1e-5)
-    none = recall_attention(q, q, k, v, resident, torch.tensor([3]), evicted, torch.tensor([4]), 0, "exact", 0.2)
+    none = recall_attention(q, q, k, v, resident, torch.tensor([3]), evicted, row, torch.tensor([4]), 0, "exact", 0.2)
     assert torch.allclose(none, plain(torch.tensor([1, 5, 9])), atol=1e-5)
 
 
-def test_quantised_keys_take_at_most_two_to_the_bits_values_per_group():
-    gen = torch.Generator().manual_seed(3)
-    keys = torch.randn(5, 2, 64, generator=gen)
-    for bits in (2, 3, 4):
-        q = quantised(keys, bits).view(5, 2, 2, 32)
-        for values in q.reshape(-1, 32):
-            assert values.unique().numel() <= 2 ** bits
-        assert (q.reshape(5, 2, 64) - keys).abs().max() <= (keys.max() - keys.min()) / (2 ** bits - 1)
+@pytest.mark.parametrize("bits", [0, 2, 3, 4])
+def test_rank_scores_are_the_digest_dot_products_max_over_the_group(bits):
+    """The ranking kernel's values (not only their order) against float64: past a row's count -inf."""
+    seed = 40 + bits
+    gen = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, D, slots = 2, 6, 2, 64, 50
+    k = torch.randn(slots, Hkv, D, generator=gen) * 3
+    q = torch.randn(B, Hq, D, generator=gen)
+    table = torch.randint(0, slots, (4, 9), generator=gen)
+    rows, lens = torch.tensor([3, 1]), torch.tensor([9, 4])
+    got = rank_evicted(q, k, table, rows, lens, 11, bits, 0.3)
+    assert got.shape == (B, Hkv, 11)
+    for b in range(B):
+        for h in range(Hkv):
+            for e in range(11):
+                if e >= lens[b]:
+                    assert got[b, h, e] == float("-inf"), f"seed {seed}"
+                    continue
+                key = k[table[rows[b], e], h].double().tolist()
+                key = torch.tensor(key if bits == 0 else _reference_quantised(key, bits), dtype=torch.float64)
+                want = max(float(q[b, h * 3 + g].double() @ key) for g in range(3)) * 0.3
+                assert abs(float(got[b, h, e]) - want) < 1e-4, f"seed {seed}: b={b} h={h} e={e}"
+    if bits:  # the digest differs from the key: a kernel that ignored BITS would fail above
+        exact = rank_evicted(q, k, table, rows, lens, 11, 0, 0.3)
+        assert (exact[:, :, :4] - got[:, :, :4]).abs().max() > 1e-2
 
 
 def test_store_holds_per_row_in_order_and_releases_once():

@@ -5,7 +5,8 @@
 Random KV at the ledger model's shapes (SmolLM2-135M: 30 layers, 9 query heads, 3 KV heads,
 head dim 64), every row holding ``--resident`` resident and ``--evicted`` evicted tokens; one
 line per digest and lag with the milliseconds per layer and per step (all layers). It sizes
-the accuracy grid's recall lanes: the emulation runs eagerly on every layer of every step.
+the accuracy grid's recall lanes: the emulation runs outside CUDA graphs on every layer of
+every step (two Triton launches and a top-k per layer).
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def main() -> None:
     k = torch.randn(slots, a.kv_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
     v = torch.randn(slots, a.kv_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
     perm = torch.randperm(slots - 1, device=dev, generator=gen) + 1
-    resident = perm[:B * L].view(B, L)
-    evicted = perm[B * L:].view(B, E)
+    # Tables wider than the rows' counts and rows out of order, as SGLang's req_to_token is.
+    rows = torch.randperm(B, device=dev, generator=gen)
+    resident = torch.zeros(B, L + 64, dtype=torch.int32, device=dev)
+    resident[rows, :L] = perm[:B * L].view(B, L).int()
+    evicted = torch.zeros(B, E + 64, dtype=torch.int64, device=dev)
+    evicted[rows, :E] = perm[B * L:].view(B, E)
     lens_r = torch.full((B,), L, device=dev)
     lens_e = torch.full((B,), E, device=dev)
     q = torch.randn(B, a.q_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
@@ -47,7 +52,8 @@ def main() -> None:
         select = q if lag == 0 else prev
 
         def step():
-            return recall_attention(q, select, k, v, resident, lens_r, evicted, lens_e, a.tokens, digest, 0.125)
+            return recall_attention(q, select, k, v, resident, lens_r, evicted, rows, lens_e, a.tokens, digest, 0.125,
+                                    n_cols=E)
 
         step()
         if dev.type == "cuda":
