@@ -195,9 +195,10 @@ class KaraRuntime:
     def _check_recall(self, model_runner: Any) -> None:
         """What recall's attention (plain softmax over the selected keys) does not model."""
         head_dim = self.kv_pool.head_dim
-        if self.config.recall_digest != "exact" and head_dim % QUANT_GROUP:
-            raise KaraConfigError(f"--kara-recall-digest {self.config.recall_digest}: needs a head dim "
-                                  f"divisible by {QUANT_GROUP}, this model has {head_dim}")
+        for flag, value in (("digest", self.config.recall_digest), ("kv", self.config.recall_kv)):
+            if value != "exact" and head_dim % QUANT_GROUP:
+                raise KaraConfigError(f"--kara-recall-{flag} {value}: needs a head dim divisible by "
+                                      f"{QUANT_GROUP}, this model has {head_dim}")
         if self.page_size != 1:
             raise KaraConfigError(f"--kara-recall-tokens: needs page size 1, this server has {self.page_size}")
         for module in model_runner.model.modules():
@@ -312,7 +313,7 @@ class KaraRuntime:
         attended = recall_attention(
             queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
             self.recall.slots, rows, evicted_lens, self.config.recall_tokens,
-            self.config.recall_digest, float(layer.scaling), n_cols=held)
+            self.config.recall_digest, float(layer.scaling), n_cols=held, kv=self.config.recall_kv)
         shaped = out.view(B, Hq, -1)
         shaped.copy_(torch.where((evicted_lens > 0)[:, None, None], attended.to(out.dtype), shaped))
         return out

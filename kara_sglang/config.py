@@ -15,6 +15,7 @@ POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask", "longflow")
 VOTE_HEAD_MODES = ("group", "all")
 SCOPES = ("auto", "reasoning", "all")
 RECALL_DIGESTS = ("exact", "bits2", "bits3", "bits4")  # kara_sglang.recall
+RECALL_KV = ("exact", "bits2", "bits3", "bits4", "bits8")
 
 # The window size the scorer kernel is tuned and tested for.
 MAX_WINDOW = 1024
@@ -64,6 +65,7 @@ class KaraConfig:
             evicted slots stay allocated).
         recall_digest: what ranks the evicted tokens: ``exact`` keys or ``bits2/3/4`` keys.
         recall_lag: 0 ranks with the step's own query, 1 with the previous step's.
+        recall_kv: the recalled tokens' K and V as attended: ``exact``, or ``bits2/3/4/8``.
     """
 
     policy: str = "kara"
@@ -82,6 +84,7 @@ class KaraConfig:
     recall_tokens: int = 0
     recall_digest: str = "exact"
     recall_lag: int = 0
+    recall_kv: str = "exact"
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -178,6 +181,8 @@ class KaraConfig:
             fail("kara-recall-digest", f"must be one of {', '.join(RECALL_DIGESTS)}, got {self.recall_digest!r}")
         if self.recall_lag not in (0, 1) or isinstance(self.recall_lag, bool):
             fail("kara-recall-lag", f"must be 0 or 1, got {self.recall_lag!r}")
+        if self.recall_kv not in RECALL_KV:
+            fail("kara-recall-kv", f"must be one of {', '.join(RECALL_KV)}, got {self.recall_kv!r}")
         if self.policy in DECODE_CACHE_POLICIES and self.budget is None:
             fail("kara-budget", f"the {self.policy} policy needs a decode-cache budget in tokens")
         if self.policy == "streaming" and self.sink >= self.window_budget:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from kara_sglang.config import POLICY_NAMES, RECALL_DIGESTS, SCOPES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
+from kara_sglang.config import POLICY_NAMES, RECALL_DIGESTS, RECALL_KV, SCOPES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
 from kara_sglang.session_continue import KEY as SESSION_CONTINUE_KEY
 
 
@@ -71,6 +71,9 @@ FLAGS = (
          RECALL_DIGESTS),
     Flag("kara_recall_lag", "recall_lag", int,
          "Recall ranks with the step's own query (0, default) or the previous step's (1)."),
+    Flag("kara_recall_kv", "recall_kv", str,
+         "The recalled tokens' K and V as attended: exact (default), or rounded to 2/3/4/8 bits "
+         "per 32 channels (the accuracy of a low-precision tier of evicted KV).", RECALL_KV),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 

@@ -13,7 +13,8 @@ Digests (what ranks the evicted tokens; the probe in benchmarks/reasoning/recall
 ``exact`` q·k with the real keys; ``bitsN`` q·k' with k' the key quantised per token and KV
 head to N bits, asymmetric min/max in groups of 32 channels (computed from the keys in the
 ranking kernel, kernels/recall.py). A token's score for a KV head is the max over its GQA
-group's query heads. Lag 0 ranks with the step's own query; lag 1
+group's query heads. ``--kara-recall-kv bitsN`` attends to the selected tokens' K and V
+rounded the same way (the accuracy of keeping evicted KV at low precision). Lag 0 ranks with the step's own query; lag 1
 with the previous step's (what a system fetching ahead of the step would have).
 
 Engine-independent: tensors in, tensors out; the work is two Triton launches and a top-k.
@@ -83,7 +84,8 @@ class RecallStore:
 def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      resident_table: torch.Tensor, resident_lens: torch.Tensor,
                      evicted_table: torch.Tensor, rows: torch.Tensor, evicted_lens: torch.Tensor,
-                     tokens: int, digest: str, sm_scale: float, n_cols: Optional[int] = None) -> torch.Tensor:
+                     tokens: int, digest: str, sm_scale: float, n_cols: Optional[int] = None,
+                     kv: str = "exact") -> torch.Tensor:
     """Decode attention of each request over its resident tokens plus its selected evicted ones.
 
     Args:
@@ -95,6 +97,8 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
             ``evicted_lens`` (``[B]``); ``rows`` (``[B]``) is each request's row in both tables.
         tokens: R, evicted tokens selected per KV head (all of them if fewer).
         n_cols: an upper bound on ``evicted_lens`` known on the host (default: the table's width).
+        kv: the selected tokens' K and V as attended: ``exact``, or ``bitsN`` (rounded per
+            token to N bits per group of 32 channels, as a low-precision tier would hold them).
     Returns:
         ``[B, Hq, Dv]`` float32.
     """
@@ -108,5 +112,6 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
         selected = top.indices.masked_fill(top.values == float("-inf"), -1)
     else:
         selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
+    kv_bits = 0 if kv == "exact" else int(kv[len("bits"):])
     return recall_decode(q, k_buffer, v_buffer, resident_table, resident_lens, evicted_table, rows,
-                         selected, sm_scale)
+                         selected, sm_scale, kv_bits)

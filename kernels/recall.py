@@ -14,7 +14,8 @@ registers, so no second copy of the keys exists.
 ``recall_decode``: for every request and query head, one online softmax over the request's
 resident tokens (its ``req_to_token`` row up to its length) followed by the ``R`` evicted
 tokens selected for the head's KV head (indices into the request's evicted row; ``-1``
-marks no token). Float32 throughout: the emulation decides answers, not speed records.
+marks no token), the selected tokens' K and V optionally rounded to ``kv_bits`` the same
+way (what a low-precision GPU tier of evicted KV would give back). Float32 throughout: the emulation decides answers, not speed records.
 
 Both read request rows through a row index (``rows``), so the per-layer call copies no slot
 table. Device functions are avoided (each call costs milliseconds under Triton's CPU
@@ -86,6 +87,7 @@ def _recall_decode_kernel(
     qk_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_BITS: tl.constexpr, QGROUP: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
@@ -119,14 +121,27 @@ def _recall_decode_kernel(
         slots = tl.where(is_res, res_slot, ev_slot)
         k = tl.load(K + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(V + slots[:, None] * stride_vs + kv_head * stride_vh + offs_dv[None, :],
+                    mask=valid[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        if KV_BITS > 0:
+            # Recalled tokens are attended as a low-precision tier would hold them: K and V
+            # rounded per token to KV_BITS between each group of QGROUP channels' min and max.
+            gk = tl.reshape(k, (BLOCK_N, BLOCK_D // QGROUP, QGROUP))
+            lo = tl.reduce(gk, 2, _min_combine)
+            step = tl.maximum(tl.reduce(gk, 2, _max_combine) - lo, 1e-8) / (2 ** KV_BITS - 1)
+            gk = tl.floor((gk - lo[:, :, None]) / step[:, :, None] + 0.5) * step[:, :, None] + lo[:, :, None]
+            k = tl.where(is_sel[:, None], tl.reshape(gk, (BLOCK_N, BLOCK_D)), k)
+            gv = tl.reshape(v, (BLOCK_N, BLOCK_DV // QGROUP, QGROUP))
+            lo = tl.reduce(gv, 2, _min_combine)
+            step = tl.maximum(tl.reduce(gv, 2, _max_combine) - lo, 1e-8) / (2 ** KV_BITS - 1)
+            gv = tl.floor((gv - lo[:, :, None]) / step[:, :, None] + 0.5) * step[:, :, None] + lo[:, :, None]
+            v = tl.where(is_sel[:, None], tl.reshape(gv, (BLOCK_N, BLOCK_DV)), v)
         s = tl.where(valid, tl.reduce(q[None, :] * k, 1, _sum_combine) * qk_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 0, _max_combine))
         # A block with no valid token before any valid one keeps the state at its start.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s - m_safe)
-        v = tl.load(V + slots[:, None] * stride_vs + kv_head * stride_vh + offs_dv[None, :],
-                    mask=valid[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.reduce(p, 0, _sum_combine)
         acc = acc * alpha + tl.reduce(p[:, None] * v, 0, _sum_combine)
         m_i = m_new
@@ -174,7 +189,7 @@ def rank_evicted(queries: torch.Tensor, k_buffer: torch.Tensor, evicted_table: t
 def recall_decode(queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                   resident_table: torch.Tensor, resident_lens: torch.Tensor,
                   evicted_table: torch.Tensor, rows: torch.Tensor, selected: torch.Tensor,
-                  sm_scale: float, block_n: int = 32) -> torch.Tensor:
+                  sm_scale: float, kv_bits: int = 0, block_n: int = 32) -> torch.Tensor:
     """Attention of each request's query heads over its resident tokens and selected evicted ones.
 
     Args:
@@ -184,11 +199,15 @@ def recall_decode(queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch
             below ``resident_lens`` (``[B]``).
         evicted_table, rows: as for :func:`rank_evicted`.
         selected: ``[B, Hkv, R]`` indices into the request's evicted row, ``-1`` for none.
+        kv_bits: 0 attends to the selected tokens' K and V as stored; 2-8 to both rounded to
+            that many bits per token and group of 32 channels (resident tokens stay exact).
     Returns:
         ``[B, Hq, Dv]`` float32.
     """
     B, Hq, D = queries.shape
     Hkv, Dv = k_buffer.shape[1], v_buffer.shape[2]
+    if kv_bits and (D % QUANT_GROUP or Dv % QUANT_GROUP):
+        raise ValueError(f"{kv_bits}-bit recalled KV needs head dims divisible by {QUANT_GROUP}, got {D}/{Dv}")
     out = torch.empty(B, Hq, Dv, dtype=torch.float32, device=queries.device)
     if B == 0:
         return out
@@ -202,7 +221,8 @@ def recall_decode(queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch
         selected, selected.stride(0), selected.stride(1), selected.shape[2],
         out, out.stride(0), out.stride(1),
         sm_scale * LOG2E,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
-        V_DIM=Dv, BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_N=block_n,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=max(QUANT_GROUP, triton.next_power_of_2(D)),
+        V_DIM=Dv, BLOCK_DV=max(QUANT_GROUP, triton.next_power_of_2(Dv)), BLOCK_N=block_n,
+        KV_BITS=kv_bits, QGROUP=QUANT_GROUP,
     )
     return out

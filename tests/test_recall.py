@@ -24,9 +24,10 @@ def _reference_quantised(key, bits, group=32):
     return out
 
 
-def _reference(q, select_q, k, v, resident, evicted, R, digest, scale):
+def _reference(q, select_q, k, v, resident, evicted, R, digest, scale, kv="exact"):
     """Loops in float64: per request, KV head and query head, softmax over the resident tokens
-    and the R evicted tokens whose digest score (max over the group) is highest."""
+    and the R evicted tokens whose digest score (max over the group) is highest (their K and V
+    rounded to ``kv`` bits when it names some)."""
     B, Hq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     G = Hq // Hkv
@@ -39,19 +40,25 @@ def _reference(q, select_q, k, v, resident, evicted, R, digest, scale):
             ranked = sorted(evicted[b], key=lambda s: -max(
                 sum(a * c for a, c in zip(select_q[b, h * G + g].double().tolist(), digest_key(s)))
                 for g in range(G)))
-            attended = list(resident[b]) + ranked[:R]
+            def stored(buf, s, recalled):
+                row = buf[s, h].double().tolist()
+                if recalled and kv != "exact":
+                    row = _reference_quantised(row, int(kv[4:]))
+                return torch.tensor(row, dtype=torch.float64)
+            attended = [(s, False) for s in resident[b]] + [(s, True) for s in ranked[:R]]
             for g in range(G):
                 qh = q[b, h * G + g].double()
-                logits = torch.stack([qh @ k[s, h].double() * scale for s in attended])
+                logits = torch.stack([qh @ stored(k, s, rc) * scale for s, rc in attended])
                 w = logits.softmax(0)
-                out[b, h * G + g] = sum(w[i] * v[s, h].double() for i, s in enumerate(attended))
+                out[b, h * G + g] = sum(w[i] * stored(v, s, rc) for i, (s, rc) in enumerate(attended))
     return out
 
 
-@pytest.mark.parametrize("digest", ["exact", "bits2", "bits4"])
+@pytest.mark.parametrize("digest, kv", [("exact", "exact"), ("bits2", "exact"), ("bits4", "exact"),
+                                        ("bits2", "bits4"), ("exact", "bits2")])
 @pytest.mark.parametrize("R", [0, 3, 1000])
-def test_recall_attention_matches_a_float64_loop(digest, R):
-    seed = 1000 + R + len(digest)
+def test_recall_attention_matches_a_float64_loop(digest, kv, R):
+    seed = 1000 + R + len(digest) + len(kv)
     gen = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, D, slots = 3, 4, 2, 64, 80
     k = torch.randn(slots, Hkv, D, generator=gen)
@@ -75,8 +82,8 @@ def test_recall_attention_matches_a_float64_loop(digest, R):
     res_table[rows, :padded(resident).shape[1]] = padded(resident)
     ev_table[rows, :padded(evicted).shape[1]] = padded(evicted)
     got = recall_attention(q, select_q, k, v, res_table, torch.tensor(res_lens), ev_table, rows,
-                           torch.tensor(ev_lens), R, digest, 0.125)
-    want = _reference(q, select_q, k, v, resident, evicted, R, digest, 0.125)
+                           torch.tensor(ev_lens), R, digest, 0.125, kv=kv)
+    want = _reference(q, select_q, k, v, resident, evicted, R, digest, 0.125, kv)
     assert torch.allclose(got.double(), want, atol=1e-4), f"seed {seed}: {(got.double() - want).abs().max()}"
 
 
@@ -143,6 +150,7 @@ def test_store_holds_per_row_in_order_and_releases_once():
     (dict(recall_tokens=8, policy="cask"), "--kara-recall-tokens: recall is built for the kara policy"),
     (dict(recall_digest="bits8"), "--kara-recall-digest: must be one of"),
     (dict(recall_lag=2), "--kara-recall-lag: must be 0 or 1"),
+    (dict(recall_kv="bits16"), "--kara-recall-kv: must be one of"),
 ])
 def test_bad_recall_settings_are_refused_naming_the_flag(changes, message):
     with pytest.raises(KaraConfigError, match=message):

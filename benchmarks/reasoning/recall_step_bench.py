@@ -48,12 +48,13 @@ def main() -> None:
     lens_e = torch.full((B,), E, device=dev)
     q = torch.randn(B, a.q_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
     prev = torch.randn_like(q)
-    for digest, lag in (("exact", 0), ("exact", 1), ("bits2", 0), ("bits2", 1)):
+    for digest, lag, kv in (("exact", 0, "exact"), ("exact", 1, "exact"), ("bits2", 0, "exact"),
+                            ("bits2", 0, "bits4")):
         select = q if lag == 0 else prev
 
         def step():
             return recall_attention(q, select, k, v, resident, lens_r, evicted, rows, lens_e, a.tokens, digest, 0.125,
-                                    n_cols=E)
+                                    n_cols=E, kv=kv)
 
         step()
         if dev.type == "cuda":
@@ -64,7 +65,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         per_layer = (time.perf_counter() - t0) / a.iters * 1e3
-        print(f"digest={digest} lag={lag} batch={B} resident={L} evicted={E} R={a.tokens}: "
+        print(f"digest={digest} lag={lag} kv={kv} batch={B} resident={L} evicted={E} R={a.tokens}: "
               f"{per_layer:.2f} ms/layer, {per_layer * a.layers:.0f} ms/step ({a.layers} layers)", flush=True)
 
 

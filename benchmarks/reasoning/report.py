@@ -56,7 +56,8 @@ def lane_config(lane: dict, reported: Optional[dict]) -> dict:
             "chunk": setting("chunk_size", "--kara-chunk-size", DEFAULTS.chunk_size),
             "recall_tokens": setting("recall_tokens", "--kara-recall-tokens", DEFAULTS.recall_tokens),
             "recall_digest": setting("recall_digest", "--kara-recall-digest", DEFAULTS.recall_digest),
-            "recall_lag": setting("recall_lag", "--kara-recall-lag", DEFAULTS.recall_lag)}
+            "recall_lag": setting("recall_lag", "--kara-recall-lag", DEFAULTS.recall_lag),
+            "recall_kv": setting("recall_kv", "--kara-recall-kv", DEFAULTS.recall_kv)}
 
 
 def row_for(cfg: dict, style: str, row: dict, device: str, sglang_version: str) -> dict:
@@ -77,7 +78,8 @@ def row_for(cfg: dict, style: str, row: dict, device: str, sglang_version: str) 
         "device": device, "sglang_version": sglang_version,
         # Recall (kara_sglang/recall.py): evicted tokens attended again per layer and KV head.
         "recall": None if vanilla or not cfg.get("recall_tokens") else {
-            "tokens": cfg["recall_tokens"], "digest": cfg["recall_digest"], "lag": cfg["recall_lag"]},
+            "tokens": cfg["recall_tokens"], "digest": cfg["recall_digest"], "lag": cfg["recall_lag"],
+            "kv": cfg["recall_kv"]},
     }
 
 
@@ -148,7 +150,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         recall = r["recall"]
-        policy = r["policy"] + (f" + recall {recall['tokens']} {recall['digest']} lag {recall['lag']}" if recall else "")
+        policy = r["policy"] + (f" + recall {recall['tokens']} {recall['digest']} lag {recall['lag']}"
+                                + (f" kv {recall['kv']}" if recall.get("kv", "exact") != "exact" else "")
+                                if recall else "")
         print(f"| {r['style']} | {policy} | {r['setting']} | {r['window'] or '—'} | {r['buffer'] or '—'} | "
               f"{r['chunk'] or '—'} | {100 * r['accuracy']:.1f}% | {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}% | "
               f"{100 * r['kv_mean_fraction']:.1f}% | "

@@ -120,18 +120,24 @@ def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
              settings=same("kara:keep=0.5;kara:keep=0.25,chunk=1")),
         dict(name="cask", gpu=0, pool=900_000, args=["--kv-policy", "cask"], settings=same("cask:keep=0.25")),
     ]
-    # Recall (kara_sglang/recall.py, an emulation: evicted KV stays allocated, eager attention,
-    # no CUDA graphs): what each decode step's own query brings back, per layer and KV head.
-    # Not in the default grid (--lanes names them): every request holds its full KV.
+    # Recall (kara_sglang/recall.py, an emulation: evicted KV stays allocated, attention by its
+    # own kernels outside CUDA graphs): what each decode step's own query brings back, per layer
+    # and KV head. Not in the default grid (--lanes names them): every request holds its full
+    # KV. 512 rows: all four settings' requests run at once (no graphs to size).
     recall = ["--kv-policy", "kara", "--kara-recall-tokens", "256", "--disable-cuda-graph"]
+    both = same("kara:keep=0.25;kara:keep=0.125")
     out += [
-        dict(name="recall-exact-lag0", gpu=0, pool=1_200_000, args=recall, settings=same("kara:keep=0.25;kara:keep=0.125"),
-             optional=True),
+        dict(name="recall-exact-lag0", gpu=0, pool=1_200_000, args=recall, settings=both),
         dict(name="recall-bits2-lag0", gpu=1, pool=1_200_000, args=recall + ["--kara-recall-digest", "bits2"],
-             settings=same("kara:keep=0.25;kara:keep=0.125"), optional=True),
+             settings=both),
+        # The low-precision tier: 2-bit keys rank, the recalled K and V are attended at 4 bits.
+        dict(name="recall-bits2-kv4", gpu=0, pool=1_200_000,
+             args=recall + ["--kara-recall-digest", "bits2", "--kara-recall-kv", "bits4"], settings=both),
         dict(name="recall-exact-lag1", gpu=1, pool=1_200_000, args=recall + ["--kara-recall-lag", "1"],
-             settings=same("kara:keep=0.25"), optional=True),
+             settings=same("kara:keep=0.25")),
     ]
+    for lane in out[-4:]:
+        lane.update(optional=True, max_running_requests=512)
     for policy in ("threshold", "streaming", "longflow"):
         out.append(dict(name=policy, gpu=1, pool=900_000,
                         args=["--kv-policy", policy, "--kara-budget", str(budgets[next(iter(info))][policy])],
@@ -231,6 +237,8 @@ def main() -> None:
     ap.add_argument("--styles", default="verbose,dense")
     ap.add_argument("--lanes", default="", help="comma-separated lane names to run (default all)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="override (default: longest reference + 256)")
+    ap.add_argument("--pools", default="", help="NAME=TOKENS,... a lane's KV pool, overriding its default "
+                    "(lanes sharing one GPU must fit in it together)")
     ap.add_argument("--cpu-smoke", action="store_true", help="SGLang's CPU path: checks the plumbing only")
     a = ap.parse_args()
     from transformers import AutoTokenizer
@@ -246,6 +254,9 @@ def main() -> None:
         plan = [lane for lane in plan if lane["name"] in a.lanes.split(",")]
     else:
         plan = [lane for lane in plan if not lane.get("optional")]
+    for item in filter(None, a.pools.split(",")):
+        name, tokens = item.split("=")
+        [lane.update(pool=int(tokens)) for lane in plan if lane["name"] == name]
     (out / "plan.json").write_text(json.dumps({
         "lanes": plan, "budgets": budgets, "n": a.n, "notrace_lane": NOTRACE_LANE,
         "sglang_version": importlib.metadata.version("sglang"), "attention_backend": a.attention_backend,
