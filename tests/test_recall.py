@@ -199,15 +199,15 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
 
 
 @pytest.mark.sglang
-@pytest.mark.parametrize("digest, lag", [("exact", 0), ("bits2", 1)])
-def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag):
+@pytest.mark.parametrize("digest, lag, kv", [("exact", 0, "exact"), ("bits2", 1, "bits4")])
+def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, kv):
     import asyncio
 
     from support.engines import assert_pool_back_to_idle, make_engine, pool_state, tally_outcome, use_cpu_sglang
 
     use_cpu_sglang()
     engine = make_engine(tiny_model, max_total_tokens=3000, kara_recall_tokens=4, kara_recall_digest=digest,
-                         kara_recall_lag=lag, **KARA)
+                         kara_recall_lag=lag, kara_recall_kv=kv, **KARA)
     rng = random.Random(17 + lag)
     results = {"done": 0, "aborted": 0, "evicted": 0}
 
