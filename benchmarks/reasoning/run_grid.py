@@ -130,13 +130,15 @@ def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
         dict(name="recall-exact-lag0", gpu=0, pool=1_200_000, args=recall, settings=both),
         dict(name="recall-bits2-lag0", gpu=1, pool=1_200_000, args=recall + ["--kara-recall-digest", "bits2"],
              settings=both),
-        # The low-precision tier: 2-bit keys rank, the recalled K and V are attended at 4 bits.
+        # A low-precision GPU tier: 2-bit keys rank, the recalled K and V are attended at 4 / 2 bits.
         dict(name="recall-bits2-kv4", gpu=0, pool=1_200_000,
              args=recall + ["--kara-recall-digest", "bits2", "--kara-recall-kv", "bits4"], settings=both),
+        dict(name="recall-bits2-kv2", gpu=1, pool=1_200_000,
+             args=recall + ["--kara-recall-digest", "bits2", "--kara-recall-kv", "bits2"], settings=both),
         dict(name="recall-exact-lag1", gpu=1, pool=1_200_000, args=recall + ["--kara-recall-lag", "1"],
              settings=same("kara:keep=0.25")),
     ]
-    for lane in out[-4:]:
+    for lane in out[-5:]:
         lane.update(optional=True, max_running_requests=512)
     for policy in ("threshold", "streaming", "longflow"):
         out.append(dict(name=policy, gpu=1, pool=900_000,
