@@ -241,6 +241,7 @@ class _FakeServer:
         import threading
 
         seen = self.requests = []
+        release = self.release = threading.Event()  # a prompt with "hang" waits for it
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -265,6 +266,8 @@ class _FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 seen.append(body)
+                if "hang" in body["text"]:
+                    release.wait(60)
                 if "fail" in body["text"]:
                     self._json(400, {"error": {"message": "kara_keep_ratio: must be in (0, 1]"}})
                 else:
@@ -275,6 +278,7 @@ class _FakeServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -309,6 +313,32 @@ def test_failed_requests_count_as_errors_and_no_kv_lists_read_na(fake_server, tm
     assert all(p["temperature"] == 0 and p["max_new_tokens"] == 7 and p["stop"] == ["</s>"] and p["top_p"] == 0.9
                for p in params)
     assert [p.get("custom_params") for p in params[::3]] == [{"kv_policy": "none"}, None, {"kara_keep_ratio": 0.5}]
+
+
+def test_records_are_written_as_replies_arrive_not_when_the_setting_ends(fake_server, tmp_path):
+    """A run cut short (a GPU lease ending) keeps the requests it finished."""
+    import threading
+    import time
+
+    data = _jsonl(tmp_path / "p.jsonl", [{"problem": "2+2", "answer": "4"}, {"problem": "hang 1+1", "answer": "2"},
+                                         {"problem": "2*2", "answer": "5"}])
+    records = tmp_path / "records.jsonl"
+    status = {}
+    run = threading.Thread(target=lambda: status.update(rc=main([
+        "--url", fake_server.url, "--data", str(data), "--settings", "vanilla", "--concurrency", "3",
+        "--no-progress", "--records", str(records)])))
+    run.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not (records.exists() and len(records.read_text().splitlines()) == 2):
+        time.sleep(0.05)
+    early = [json.loads(line) for line in records.read_text().splitlines()]
+    assert run.is_alive()  # the hanging request is still out
+    fake_server.release.set()
+    run.join(60)
+    assert status["rc"] == 0
+    assert sorted((r["line"], r["correct"]) for r in early) == [(1, True), (3, False)]
+    final = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["line"] for r in final[:2]] == [r["line"] for r in early] and final[2]["line"] == 2
 
 
 def test_exit_status_0_when_every_request_is_answered_1_when_any_failed(fake_server, tmp_path, capsys):
@@ -364,7 +394,9 @@ def test_end_to_end_vanilla_is_exact_and_kara_keeps_less(accuracy_server, tmp_pa
     first_records = tmp_path / "first.jsonl"
     assert main(common + ["--data", str(first), "--layout", "aime", "--settings", "vanilla",
                           "--records", str(first_records)]) == 0
-    references = [json.loads(line) for line in first_records.read_text().splitlines()]
+    # Records come in the order requests finish; each names its problem.
+    references = sorted((json.loads(line) for line in first_records.read_text().splitlines()),
+                        key=lambda r: r["index"])
     assert all(r["extracted"] and r["error"] is None for r in references), references
     data = _jsonl(tmp_path / "problems.jsonl",
                   [{"problem": p, "answer": r["extracted"]} for p, r in zip(PROMPTS, references)])

@@ -41,6 +41,13 @@ pack() {
   if [ -d $R/grid ]; then
     (cd $R/grid && tar -czf "$OUT/grid-results.tar.gz" *plan.json rows-*.json followup-*.json client-*.log server-*.log 2>/dev/null)
     (cd $R/grid && tar -cf "$OUT/grid-records.tar" records-*.jsonl.gz followup-records-*.jsonl.gz 2>/dev/null)
+    # Settings still running: the records of the requests they finished (written as each ends).
+    if ls $R/grid/records-*.jsonl > /dev/null 2>&1; then
+      (cd $R/grid && tar -czf "$OUT/grid-partial-records.tar.gz" records-*.jsonl)
+      for f in $R/grid/records-*.jsonl; do
+        echo "$(basename $f): $(wc -l < $f) finished, $(grep -c '"correct": true' $f) right (a running setting's short replies finish first)"
+      done
+    fi
   fi
   ls -la "$OUT"
 }

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='JSON merged into sampling_params (default greedy: {"temperature": 0})')
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per request (default 3600)")
     ap.add_argument("--out", help="write the rows as JSON here")
-    ap.add_argument("--records", help="write one JSON line per (setting, problem) here")
+    ap.add_argument("--records", help="write one JSON line per (setting, problem) here, as each "
+                    "request finishes (its problem's index and line in the record)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return ap
 
@@ -123,16 +124,22 @@ def run(args: argparse.Namespace) -> int:
                 params["custom_params"] = dict(setting.custom_params)
             payloads = [dict(prompt, sampling_params=params) for prompt in prompts]
             progress = Progress(len(payloads), setting.label, enabled=not args.no_progress)
+            outcomes: List[Any] = [None] * len(payloads)
+
+            def done(i: int, reply: Any) -> None:
+                # Each record is written as its reply arrives: a run cut short keeps every
+                # request it finished (in completion order; records carry the problem index).
+                outcomes[i] = score(problems[i], reply, extractor)
+                if records:
+                    records.write(json.dumps(record(setting, outcomes[i])) + "\n")
+                    records.flush()
+                progress.step()
+
             start = time.perf_counter()
-            replies = generate_all(url, payloads, args.concurrency, args.timeout, progress.step)
+            generate_all(url, payloads, args.concurrency, args.timeout, done)
             wall = time.perf_counter() - start
             progress.close()
-            outcomes = [score(p, r, extractor) for p, r in zip(problems, replies)]
             rows.append(summarize(setting, outcomes, wall))
-            if records:
-                for outcome in outcomes:
-                    records.write(json.dumps(record(setting, outcome)) + "\n")
-                records.flush()
             if args.out:  # after every setting: a long run keeps what it finished
                 write_results(args.out, url, server.model, str(args.data), rows,
                               server.sglang_version, server.kara_config)

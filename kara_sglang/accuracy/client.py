@@ -113,15 +113,17 @@ def generate(url: str, payload: Dict[str, Any], timeout: float) -> Reply:
 
 
 def generate_all(url: str, payloads: List[Dict[str, Any]], concurrency: int, timeout: float,
-                 on_done: Callable[[], None] = lambda: None) -> List[Reply]:
-    """Replies in the order of ``payloads``, ``concurrency`` requests in flight."""
+                 on_done: Callable[[int, Reply], None] = lambda i, reply: None) -> List[Reply]:
+    """Replies in the order of ``payloads``, ``concurrency`` requests in flight; ``on_done(i,
+    reply)`` runs on this thread as each reply arrives."""
     replies: List[Optional[Reply]] = [None] * len(payloads)
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     try:
         futures = {pool.submit(generate, url, p, timeout): i for i, p in enumerate(payloads)}
         for future in as_completed(futures):
-            replies[futures[future]] = future.result()
-            on_done()
+            i = futures[future]
+            replies[i] = future.result()
+            on_done(i, replies[i])
     except BaseException:
         # Ctrl-C: drop the queued requests instead of waiting for all of them (the ones in
         # flight end with the process).
