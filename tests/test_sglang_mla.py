@@ -131,3 +131,23 @@ def test_page_size_16_moves_latent_rows_and_gives_the_same_outputs(mla_model, ka
         # Same keep sets, latent rows compacted into whole pages: attention sees the same KV.
         assert last(p["meta_info"], "kv_tokens_evicted") == last(r["meta_info"], "kv_tokens_evicted") > 0
         assert p["output_ids"] == r["output_ids"]
+
+
+@pytest.mark.parametrize("policy", [dict(kv_policy="threshold", kara_budget=24, kara_buffer=8),
+                                    dict(kv_policy="streaming", kara_budget=24, kara_buffer=8),
+                                    dict(kv_policy="cask", kara_window=W, kara_buffer=U, kara_keep_ratio=0.25)],
+                         ids=["threshold", "streaming", "cask"])
+@pytest.mark.newest_release  # the pool handling is Kara's (above), run on every release
+def test_the_other_policies_run_on_the_mla_pool(mla_model, vanilla, policy):
+    engine = make_engine(mla_model, **policy)
+    try:
+        outs = engine.generate(PROMPTS[:3], greedy(LONG))
+        state = assert_pool_consistent(engine)
+        assert state["compression_events"] > 0
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
+    first = 24 + 8 + 1 if policy["kv_policy"] != "cask" else W + U + 1  # before the first compression
+    for o, b in zip(outs, vanilla["long"]):
+        assert last(o["meta_info"], "kv_tokens_evicted") > 0
+        assert o["output_ids"][:first] == b["output_ids"][:first]
