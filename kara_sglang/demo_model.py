@@ -62,7 +62,7 @@ def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed:
 
 def _deepseek_v2(vocab_size: int, layers: int, eos: int):
     """A tiny DeepSeek-V2: latent rows of 64 + 16 (a head dim that is not a power of two, like
-    DeepSeek-V3's 512 + 64), dense MLPs only (SGLang's CPU MoE needs sgl_kernel's CPU build),
+    DeepSeek-V3's 512 + 64), dense MLPs only (small; SGLang's CPU MoE path was not tried),
     and YaRN RoPE (SGLang's CPU path has no other RoPE for DeepSeek; it also scales attention
     by mscale², so the MLA scale is not 1/sqrt(head dim))."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
