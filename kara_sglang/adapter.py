@@ -29,7 +29,7 @@ from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_kernels.recall import QUANT_GROUP
 from kara_sglang.recall import RecallStore, recall_attention
-from kara_sglang import req_kv, session_continue
+from kara_sglang import kv_pool, req_kv, session_continue
 from kara_sglang.reasoning import ReasoningEnd
 from kara_sglang.tp import reducer_for
 from kara_sglang.window import WindowState
@@ -121,7 +121,7 @@ class KaraRuntime:
         self.policy = make_policy(config)
         self.page_size = page_size
         pool = model_runner.token_to_kv_pool
-        self._check_supported(pool)
+        kv_pool.check_supported(pool, config)
         # FP8 caches are stored as bytes; queries stay in the model's dtype (kara_sglang/fp8_kv.py).
         self.fp8_dtype = pool.dtype if pool.dtype in FP8_DTYPES else None
         query_dtype = model_runner.dtype if self.fp8_dtype is not None else pool.dtype
@@ -129,13 +129,14 @@ class KaraRuntime:
         self.req_to_token_pool = model_runner.req_to_token_pool
         device = self.req_to_token_pool.req_to_token.device
         rows = self.req_to_token_pool.req_to_token.shape[0]
-        num_layers = len(pool.k_buffer)
+        shape = kv_pool.shape_of(pool)  # MLA: one latent "KV head" per layer
+        num_layers = shape.num_layers
         # Under tensor parallelism this rank holds 1/N of the query heads (and its K pool
         # holds its share of the KV heads: pool.head_num).
         self.tp = reducer_for(model_runner)
         tp_size = self.tp.world_size if self.tp is not None else 1
         q_heads = model_runner.model_config.num_attention_heads // tp_size
-        kv_heads, head_dim = pool.head_num, pool.head_dim
+        kv_heads, head_dim = shape.kv_heads, shape.head_dim
         self.queries: Optional[QueryBuffer] = None
         if self.policy.query_ring:
             self.queries = QueryBuffer(
@@ -175,23 +176,6 @@ class KaraRuntime:
         logger.info("kara: %s", config)
 
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _check_supported(pool: Any) -> None:
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
-        device = pool.k_buffer[0].device
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise KaraConfigError(
-                f"--kv-policy: the KV cache is on {device.type}; Kara's Triton kernels run there only "
-                f"under Triton's interpreter (set TRITON_INTERPRET=1)")
-        if type(pool) is not MHATokenToKVPool:
-            raise KaraConfigError(
-                f"--kv-policy: needs a plain multi-head KV pool (MHATokenToKVPool); this model uses "
-                f"{type(pool).__name__} (MLA, hybrid SWA/mamba and quantised pools are not supported)")
-        # FP8 with cask / longflow is refused from the flags (patches/server_args.py).
-        if pool.dtype not in (torch.bfloat16, torch.float16, torch.float32) + FP8_DTYPES:
-            raise KaraConfigError(f"--kv-cache-dtype: Kara needs a bf16/fp16/fp8 KV cache, not {pool.dtype}")
-
     def _check_recall(self, model_runner: Any) -> None:
         """What recall's attention (plain softmax over the selected keys) does not model."""
         head_dim = self.kv_pool.head_dim
@@ -210,8 +194,9 @@ class KaraRuntime:
 
     def _layout(self) -> KVLayout:
         # Read the buffers each time: SGLang may reallocate the pool after graph capture.
-        return KVLayout(self.req_to_token_pool.req_to_token, self.kv_pool.k_buffer,
-                        self.kv_pool.v_buffer, self.page_size, self.fp8_dtype, self.k_scales)
+        pool = self.kv_pool
+        return KVLayout(self.req_to_token_pool.req_to_token, kv_pool.key_buffers(pool), kv_pool.value_buffers(pool),
+                        self.page_size, self.fp8_dtype, self.k_scales, kv_pool.values_in_keys(pool))
 
     def policy_for(self, req: Any) -> Optional[KVPolicy]:
         """The request's policy (``None`` if it opted out); its config was validated on arrival."""
@@ -278,8 +263,10 @@ class KaraRuntime:
         req.kara_prompt_history = history
 
     # ------------------------------------------------------------ decode forward
-    def capture(self, layer: Any, q: torch.Tensor, forward_batch: Any) -> None:
-        """Store this decode step's queries of a voting layer (graph-capturable: tensor ops only)."""
+    def capture(self, layer: Any, q: torch.Tensor, forward_batch: Any, q_rope: Optional[torch.Tensor] = None) -> None:
+        """Store this decode step's queries of a voting layer (graph-capturable: tensor ops only).
+
+        ``q_rope``: MLA's rope part, when the backend takes it apart from ``q``."""
         if self.queries is None or not self.queries.votes(layer.layer_id):
             return
         self.sm_scale = float(layer.scaling)
@@ -289,7 +276,7 @@ class KaraRuntime:
             self.k_scales[layer.layer_id] = 1.0 if scale is None else float(scale)
         rows = forward_batch.req_pool_indices
         pos = self.ring_pos[rows]
-        self.queries.capture(layer.layer_id, q, rows, pos)
+        self.queries.capture(layer.layer_id, kv_pool.latent_query(q, q_rope, self.queries.q_heads), rows, pos)
         if layer.layer_id == self._last_vote_layer:
             self.ring_pos[rows] = (pos + 1) % self.queries.ring
 

@@ -46,6 +46,14 @@ class KVLayout:
     # layer's keys scaled by k_scales[layer]. None: the buffers hold the real values.
     fp8_dtype: Optional[torch.dtype] = None
     k_scales: Optional[Sequence[float]] = None
+    # MLA pools (kara_sglang/kv_pool.py): each V buffer is a view of its K buffer's rows (the
+    # latent's first kv_lora_rank channels), so a row moves once, with the K buffers.
+    values_in_keys: bool = False
+
+    @property
+    def row_buffers(self) -> list:
+        """Every buffer whose rows compaction and merging move."""
+        return list(self.k_buffers) + ([] if self.values_in_keys else list(self.v_buffers))
 
 
 @dataclass(frozen=True)
@@ -232,8 +240,7 @@ class Compressor:
             return old.gather(1, evicted_pos).reshape(-1)
 
         n_moves = torch.full((n,), new_len, dtype=torch.int32, device=device)
-        compact_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers),
-                   moved, old[:, :new_len], n_moves)
+        compact_kv(self.layout.row_buffers, moved, old[:, :new_len], n_moves)
         return self._whole_pages_past_end(g.items, device)
 
     @staticmethod
@@ -275,7 +282,7 @@ class Compressor:
         n_runs, longest = merges.members.shape[1:]
         dst = old.gather(1, merges.targets).reshape(-1)
         src = old.gather(1, merges.members.reshape(n, -1)).reshape(n * n_runs, longest).contiguous()
-        merge_kv(list(self.layout.k_buffers) + list(self.layout.v_buffers), dst, src,
+        merge_kv(self.layout.row_buffers, dst, src,
                  merges.weights.reshape(n * n_runs, longest).contiguous(),
                  merges.sizes.expand(n, -1).reshape(-1))
 

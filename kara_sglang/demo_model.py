@@ -20,7 +20,9 @@ WORDS = ("the of and to in is that it for was on are as with his they at be this
 def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed: int = 0,
                      arch: str = "qwen2", head_dim: int = 32) -> Path:
     """``arch="qwen3"``: the same shape as Qwen3, whose SGLang model shards attention over the
-    attention-TP group, so it runs with DP attention (SGLang's Qwen2 model does not)."""
+    attention-TP group, so it runs with DP attention (SGLang's Qwen2 model does not).
+    ``arch="deepseek_v2"``: DeepSeek-V2's multi-head latent attention (MLA, SGLang's
+    ``MLATokenToKVPool``), see :func:`_deepseek_v2`."""
     import random
 
     import torch
@@ -45,6 +47,8 @@ def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed:
     fast.save_pretrained(folder)
 
     torch.manual_seed(seed)
+    if arch == "deepseek_v2":
+        return _save(folder, *_deepseek_v2(vocab_size, layers, fast.eos_token_id))
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
                              "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     config = config_cls(
@@ -53,11 +57,38 @@ def build_tiny_model(folder: Path, vocab_size: int = 512, layers: int = 2, seed:
         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, tie_word_embeddings=False,
         torch_dtype="bfloat16", **({"head_dim": head_dim} if arch == "qwen3" else {}),
     )
-    model = model_cls(config).to(torch.bfloat16)
+    return _save(folder, model_cls(config))
+
+
+def _deepseek_v2(vocab_size: int, layers: int, eos: int):
+    """A tiny DeepSeek-V2: latent rows of 64 + 16 (a head dim that is not a power of two, like
+    DeepSeek-V3's 512 + 64), dense MLPs only (small; SGLang's CPU MoE path was not tried),
+    and YaRN RoPE (SGLang's CPU path has no other RoPE for DeepSeek; it also scales attention
+    by mscale², so the MLA scale is not 1/sqrt(head dim))."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    config = DeepseekV2Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        first_k_dense_replace=layers, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
+        num_experts_per_tok=2, max_position_embeddings=8192, eos_token_id=eos, bos_token_id=eos,
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 2048, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0})
+    return DeepseekV2ForCausalLM(config), {"moe_layer_freq": 1}  # SGLang reads it; transformers drops it
+
+
+def _save(folder: Path, model, extra_config: dict = None) -> Path:
+    import torch
+
+    model = model.to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():  # larger weights: sharper, token-dependent attention
             p.normal_(0, 0.08)
     model.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(extra_config or {})
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder

@@ -12,6 +12,11 @@ one layer: pass 1 finds the row log-sum-exp over all keys (online, like FlashAtt
 pass 2 recomputes the scores and adds the probabilities' column sums into ``importance``
 (float32 atomics: the sum order may vary between runs, within float32 rounding).
 
+A head dim that is not a power of two (MLA's latent: kv_lora_rank + rope dims, 512 + 64) is
+read as two power-of-two column blocks, the largest power of two that fits (``MAIN_DIM``) and
+the rest padded to a power of two (``TAIL_DIM``, masked, 0 when none): one more dot per key
+block instead of padding the whole row to the next power of two (576 -> 1024).
+
 Triton 3.6's CPU interpreter computes bf16 ``tl.dot`` wrongly, so under
 ``TRITON_INTERPRET=1`` bf16 operands are upcast to float32 for the dot (``DOT_F32``); on
 the GPU the dot takes bf16 operands with float32 accumulation.
@@ -43,7 +48,7 @@ def _window_score_kernel(
     SLOTS, stride_sb,
     OUT, stride_ob,
     n_queries, n_keys, num_q_heads, qk_scale_log2,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MAIN_DIM: tl.constexpr, TAIL_DIM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -56,13 +61,21 @@ def _window_score_kernel(
 
     q_row = tl.load(Q_ROWS + pid_b).to(tl.int64)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, MAIN_DIM)
     q_valid = offs_q < n_queries
-    q_ptrs = (Q + q_row * stride_qr + layer * stride_ql + head * stride_qh
-              + offs_q[:, None].to(tl.int64) * stride_qn + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=q_valid[:, None], other=0.0)
+    q_base = (Q + q_row * stride_qr + layer * stride_ql + head * stride_qh
+              + offs_q[:, None].to(tl.int64) * stride_qn)
+    q = tl.load(q_base + offs_d[None, :], mask=q_valid[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
+    # The tail columns (a head dim that is not a power of two): padding columns read as 0.
+    # (A constexpr branch: Triton compiles only the taken one, its names stay in scope.)
+    if TAIL_DIM > 0:
+        offs_t = MAIN_DIM + tl.arange(0, TAIL_DIM)
+        t_valid = offs_t < HEAD_DIM
+        q_t = tl.load(q_base + offs_t[None, :], mask=q_valid[:, None] & t_valid[None, :], other=0.0)
+        if DOT_F32:
+            q_t = q_t.to(tl.float32)
 
     k_layer = K_BASE + tl.load(K_OFFSETS + layer) + kv_head * stride_kh
     slot_row = SLOTS + pid_b.to(tl.int64) * stride_sb
@@ -80,6 +93,12 @@ def _window_score_kernel(
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if TAIL_DIM > 0:
+            k_t = tl.load(k_layer + slots[:, None] * stride_ks + offs_t[None, :],
+                          mask=k_valid[:, None] & t_valid[None, :], other=0.0)
+            if DOT_F32:
+                k_t = k_t.to(tl.float32)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
         if not EVEN_K:
             s = tl.where(k_valid[None, :], s, float("-inf"))
         # The scale is applied to the row max and inside one FMA with the subtraction: per
@@ -103,9 +122,23 @@ def _window_score_kernel(
         if DOT_F32:
             k = k.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if TAIL_DIM > 0:
+            k_t = tl.load(k_layer + slots[:, None] * stride_ks + offs_t[None, :],
+                          mask=k_valid[:, None] & t_valid[None, :], other=0.0)
+            if DOT_F32:
+                k_t = k_t.to(tl.float32)
+            s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * qk_scale_log2 - lse[None, :])
         # Padding key rows are dropped by the store mask, not per element.
         tl.atomic_add(out_row + offs_k, tl.reduce(p_t, 1, _sum_combine), mask=k_valid)
+
+
+def split_head_dim(head_dim: int) -> tuple:
+    """``(MAIN_DIM, TAIL_DIM)``: the largest power of two in ``head_dim`` and the rest padded to
+    a power of two of at least 16 (``tl.dot``'s smallest operand), or 0 when nothing is left."""
+    main = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - main
+    return main, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
 def window_scores(
@@ -143,8 +176,9 @@ def window_scores(
         raise ValueError(f"{q_heads} query heads do not group over {kv_heads} KV heads")
     if queries.stride(-1) != 1 or any(k.stride(-1) != 1 for k in k_buffers):
         raise ValueError("head_dim must be the innermost, contiguous axis")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if head_dim < 16:
+        raise ValueError(f"head_dim must be at least 16, got {head_dim}")
+    main_dim, tail_dim = split_head_dim(head_dim)
     n_windows, n_keys = key_slots.shape
     if out is None:
         out = torch.zeros(n_windows, n_keys, dtype=torch.float32, device=key_slots.device)
@@ -160,6 +194,9 @@ def window_scores(
         # GPU the tuned 128 x 128 tiles stay; tests run both sizes).
         block_q = min(block_q, max(16, triton.next_power_of_2(n_queries)))
         block_k = min(block_k, max(16, triton.next_power_of_2(n_keys)))
+    elif head_dim > 256:
+        # MLA's 576-wide latent: 128-row tiles of it would not fit a GPU's registers.
+        block_q, block_k = min(block_q, 64), min(block_k, 64)
     grid = (n_windows, n_vote * q_heads, triton.cdiv(n_queries, block_q))
     _window_score_kernel[grid](
         queries, *queries.stride()[:4],
@@ -168,7 +205,7 @@ def window_scores(
         key_slots, key_slots.stride(0),
         out, out.stride(0),
         n_queries, n_keys, q_heads, sm_scale * LOG2E,
-        GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
+        GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, MAIN_DIM=main_dim, TAIL_DIM=tail_dim,
         BLOCK_Q=block_q, BLOCK_K=block_k, DOT_F32=upcast,
         # float32 inputs get exact float32 products (not tf32): scores decide a ranking.
         DOT_PRECISION="ieee" if upcast or queries.dtype == torch.float32 else "tf32",

@@ -14,7 +14,7 @@ def _forward(original, layer, q, k, v, forward_batch, *args, **kwargs):
     runtime = adapter.current()
     decode = runtime is not None and forward_batch.forward_mode.is_decode()
     if decode:
-        runtime.capture(layer, q, forward_batch)
+        runtime.capture(layer, q, forward_batch, kwargs.get("q_rope"))  # q_rope: MLA, some backends
     out = original(layer, q, k, v, forward_batch, *args, **kwargs)
     if decode and runtime.recall is not None:
         out = runtime.recall_attend(layer, q, out, forward_batch)

@@ -44,6 +44,45 @@ def test_window_scores_match_float64_reference(case, device):
     assert torch.allclose(out.sum(dim=1).double().cpu(), torch.full((windows,), float(expected), dtype=torch.float64), rtol=1e-4), f"seed {seed}"
 
 
+# MLA (DeepSeek-V2/V3): one latent "KV head" of kv_lora_rank + rope dims, every query head in
+# its group; head dims that are not powers of two, the tail masked.
+MLA_SCORER_CASES = [
+    # (q_heads, head_dim, n_vote, n_queries, n_keys, dtype)
+    (16, 576, 1, 24, 40, torch.bfloat16),   # DeepSeek-V3's 512 + 64
+    (4, 80, 2, 40, 33, torch.bfloat16),     # the tiny test model's 64 + 16
+    (8, 100, 1, 17, 20, torch.float16),     # 64 + 36, the tail padded to 64 and masked
+    (2, 24, 2, 20, 30, torch.float32),      # 16 + 8, padded to 16
+]
+
+
+@pytest.mark.parametrize("case", MLA_SCORER_CASES)
+def test_window_scores_mla_latent_matches_float64_reference(case, device):
+    """Fresh random inputs each run (the seed is in the failure message)."""
+    import random
+
+    q_heads, head_dim, n_vote, n_queries, n_keys, dtype = case
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    rows, windows, slots_total = 4, 2, 3 * n_keys + 5
+    queries = (torch.randn(rows, n_vote, n_queries, q_heads, head_dim, generator=gen) * 2).to(dtype).to(device)
+    # The latent buffer of one layer: [slots, 1, head_dim], read as one KV head.
+    k_buffers = [(torch.randn(slots_total, 1, head_dim, generator=gen) * 2).to(dtype).to(device)
+                 for _ in range(n_vote)]
+    key_slots = torch.stack([torch.randperm(slots_total, generator=gen)[:n_keys] for _ in range(windows)])
+    key_slots = key_slots.to(torch.int32).to(device)
+    query_rows = torch.randperm(rows, generator=gen)[:windows].to(torch.int32).to(device)
+    scale = 0.7 * head_dim ** -0.5  # MLA's scale is not 1/sqrt(head_dim) (YaRN mscale)
+    block = 16 if device == "cpu" else 64
+    out = window_scores(queries, query_rows, k_buffers, key_slots, scale, block_q=block, block_k=block)
+    ref = window_scores_reference(queries.cpu(), query_rows.cpu(), [k.cpu() for k in k_buffers],
+                                  key_slots.cpu(), scale)
+    assert out.shape == (windows, n_keys) and bool(torch.isfinite(out).all()), f"seed {seed}"
+    assert rel_err(out.cpu(), ref) < 1e-2, f"seed {seed}"
+    expected = n_vote * q_heads * n_queries
+    assert torch.allclose(out.sum(dim=1).double().cpu(), torch.full((windows,), float(expected), dtype=torch.float64),
+                          rtol=1e-4), f"seed {seed}"
+
+
 def test_window_scores_accumulate_into_out(device):
     seed = 13
     gen = torch.Generator().manual_seed(seed)
