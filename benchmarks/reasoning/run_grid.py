@@ -239,6 +239,9 @@ def main() -> None:
     ap.add_argument("--styles", default="verbose,dense")
     ap.add_argument("--lanes", default="", help="comma-separated lane names to run (default all)")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="override (default: longest reference + 256)")
+    ap.add_argument("--waves", type=int, default=0, help="at most this many lanes' servers at once, the "
+                    "next wave starting when one ends (default 0: all lanes at once); lanes without CUDA "
+                    "graphs (recall) run far faster alone than sharing a GPU")
     ap.add_argument("--pools", default="", help="NAME=TOKENS,... a lane's KV pool, overriding its default "
                     "(lanes sharing one GPU must fit in it together)")
     ap.add_argument("--cpu-smoke", action="store_true", help="SGLang's CPU path: checks the plumbing only")
@@ -264,8 +267,10 @@ def main() -> None:
         "sglang_version": importlib.metadata.version("sglang"), "attention_backend": a.attention_backend,
         "max_new_tokens": {s: d["max_new_tokens"] for s, d in info.items()}}, indent=1))
     print(f"budgets matched to Kara 25%: {json.dumps(budgets)}", flush=True)
-    serve_lanes(a.model, plan, out, a.attention_backend, a.cpu_smoke,
-                lambda lane: run_lane(lane, info, out, a.concurrency, a.styles.split(",")))
+    size = a.waves or len(plan)
+    for start in range(0, len(plan), size):
+        serve_lanes(a.model, plan[start:start + size], out, a.attention_backend, a.cpu_smoke,
+                    lambda lane: run_lane(lane, info, out, a.concurrency, a.styles.split(",")))
     compress_records(out)
     print(f"[{time.strftime('%T')}] grid done", flush=True)
 
