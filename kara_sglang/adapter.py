@@ -28,7 +28,8 @@ from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_kernels.recall import QUANT_GROUP
-from kara_sglang.recall import RecallStore, recall_attention
+from kara_sglang.recall import RecallStore, recall_attention, recall_attention_tier
+from kara_sglang.recall_tier import RecallTier
 from kara_sglang import kv_pool, req_kv, session_continue
 from kara_sglang.reasoning import ReasoningEnd
 from kara_sglang.tp import reducer_for
@@ -165,11 +166,19 @@ class KaraRuntime:
         self.kept_block = block_size_from_env()  # evaluation only: block coverage per request
         self._kept_by_row: Dict[int, Any] = {}  # the compression step's requests by req_to_token row
         self.compressor.on_keep = self._record_keep  # a no-op unless a request tracks its kept tokens
+        # Recall: ``recall`` lists each row's evicted tokens for ranking: held pool slots (the
+        # emulation) or, with a tier, the row's tier slots (``tier.rows``).
         self.recall: Optional[RecallStore] = None
+        self.tier: Optional[RecallTier] = None
         self.recall_queries: Optional[torch.Tensor] = None  # lag 1: each row's previous query per layer
         if config.recall_tokens:
             self._check_recall(model_runner)
-            self.recall = RecallStore(rows, self.req_to_token_pool.req_to_token.shape[1], device)
+            row_capacity = self.req_to_token_pool.req_to_token.shape[1]
+            if config.recall_tier_tokens:
+                self.tier = self._make_tier(num_layers, kv_heads, head_dim, rows, row_capacity, device)
+                self.recall = self.tier.rows
+            else:
+                self.recall = RecallStore(rows, row_capacity, device)
             if config.recall_lag:
                 self.recall_queries = torch.zeros(rows, num_layers, q_heads, head_dim, dtype=query_dtype,
                                                   device=device)
@@ -191,6 +200,22 @@ class KaraRuntime:
             if (getattr(module, "logit_cap", 0) or 0) > 0 or (getattr(module, "sliding_window_size", -1) or -1) > -1:
                 raise KaraConfigError("--kara-recall-tokens: not supported for models with logit soft-capping "
                                       "or sliding-window attention layers")
+
+    def _make_tier(self, num_layers: int, kv_heads: int, head_dim: int, rows: int, row_capacity: int,
+                   device: torch.device) -> RecallTier:
+        """The GPU tier, allocated once; refused in one line if the device cannot hold it."""
+        bits = int(self.config.recall_kv[len("bits"):])
+        v_head_dim = kv_pool.value_buffers(self.kv_pool)[0].shape[-1]
+        tokens = self.config.recall_tier_tokens
+        need = RecallTier.bytes_needed(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits)
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            if need > free:
+                raise KaraConfigError(
+                    f"--kara-recall-tier-tokens {tokens}: the tier needs {need / 2**30:.2f} GiB, the GPU has "
+                    f"{free / 2**30:.2f} GiB free after SGLang's pool (lower --mem-fraction-static or the tier)")
+        logger.info("kara: recall tier of %d tokens at %d bits = %.1f MiB", tokens, bits, need / 2**20)
+        return RecallTier(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits, rows, row_capacity, device)
 
     def _layout(self) -> KVLayout:
         # Read the buffers each time: SGLang may reallocate the pool after graph capture.
@@ -297,10 +322,16 @@ class KaraRuntime:
         k_buffer = self.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = self.kv_pool.get_value_buffer(layer.layer_id)
         evicted_lens = self.recall.counts[rows]
-        attended = recall_attention(
-            queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
-            self.recall.slots, rows, evicted_lens, self.config.recall_tokens,
-            self.config.recall_digest, float(layer.scaling), n_cols=held, kv=self.config.recall_kv)
+        if self.tier is not None:
+            attended = recall_attention_tier(
+                queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
+                self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows, evicted_lens,
+                self.config.recall_tokens, float(layer.scaling), n_cols=held)
+        else:
+            attended = recall_attention(
+                queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
+                self.recall.slots, rows, evicted_lens, self.config.recall_tokens,
+                self.config.recall_digest, float(layer.scaling), n_cols=held, kv=self.config.recall_kv)
         shaped = out.view(B, Hq, -1)
         shaped.copy_(torch.where((evicted_lens > 0)[:, None, None], attended.to(out.dtype), shaped))
         return out
@@ -419,9 +450,14 @@ class KaraRuntime:
             if self.tp is not None:
                 self.tp.check_same("the freed slots and req_to_token rows", freed_slots,
                                    self.req_to_token_pool.req_to_token[[e[1].pool_row for e in due]])
-        if self.recall is not None:
+        order = self.compressor.freed_order
+        if self.tier is not None:
+            # Recall with a tier: the evicted K and V are quantised into it, then freed as always.
+            layout = self.compressor.layout
+            self.tier.store([row for row, _ in order], [n for _, n in order], freed_slots,
+                            layout.k_buffers, layout.v_buffers)
+        if self.recall is not None and self.tier is None:
             # Recall (an emulation): the evicted slots stay allocated, held for the request.
-            order = self.compressor.freed_order
             self.recall.hold([row for row, _ in order], [n for _, n in order], freed_slots)
         else:
             allocator.free(freed_slots)
@@ -491,8 +527,8 @@ class KaraRuntime:
                 return float(remaining)
         else:
             policy, window = state.policy, state.window
-        if policy is None or self.recall is not None:
-            return float(remaining)  # recall holds every evicted slot: it grows as vanilla does
+        if policy is None or self.holds_evicted_slots:
+            return float(remaining)  # the emulation holds every evicted slot: it grows as vanilla does
         return float(policy.max_growth(window, remaining))
 
     # ----------------------------------------------------------- observability
@@ -500,11 +536,21 @@ class KaraRuntime:
         stats = self.compressor.stats
         out = {"compression_events": stats.events, "tokens_evicted": stats.tokens_evicted,
                "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions,
-               "recall_slots_held": self.recall.held if self.recall is not None else 0,
+               "recall_slots_held": self.recall.held if self.holds_evicted_slots else 0,
+               **(self._tier_counters() if self.tier is not None else {}),
                **self.overhead.totals()}
         if self.tp is not None:
             out.update(self.tp.counters())
         return out
+
+    def _tier_counters(self) -> dict:
+        return {"recall_tier_tokens_held": self.tier.held, "recall_tier_tokens_stored": self.tier.stored_tokens,
+                "recall_tier_fallback_tokens": self.tier.fallback_tokens}
+
+    @property
+    def holds_evicted_slots(self) -> bool:
+        """The recall emulation: evicted pool slots stay allocated, owned by no row of SGLang's."""
+        return self.recall is not None and self.tier is None
 
     def report(self, log: bool, metrics: bool, dp_rank: int = 0) -> None:
         stats = self.compressor.stats
@@ -565,7 +611,10 @@ class KaraRuntime:
         row = req_kv.pool_row(req)
         if row is not None:
             self.set_offset(req, row, 0)  # the row leaves the running batch
-            if self.recall is not None and self.recall.count(row):
+            if self.tier is not None:
+                if self.tier.release(row) and self.debug_checks:
+                    self.tier.check_free_once()
+            elif self.recall is not None and self.recall.count(row):
                 held = self.recall.release(row)
                 if self.debug_checks:
                     self._check_free(held, allocator)

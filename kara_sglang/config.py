@@ -16,6 +16,7 @@ VOTE_HEAD_MODES = ("group", "all")
 SCOPES = ("auto", "reasoning", "all")
 RECALL_DIGESTS = ("exact", "bits2", "bits3", "bits4")  # kara_sglang.recall
 RECALL_KV = ("exact", "bits2", "bits3", "bits4", "bits8")
+RECALL_TIER_KV = ("bits2", "bits4", "bits8")  # what the GPU tier packs (kara_sglang.recall_tier)
 
 # The window size the scorer kernel is tuned and tested for.
 MAX_WINDOW = 1024
@@ -66,6 +67,9 @@ class KaraConfig:
         recall_digest: what ranks the evicted tokens: ``exact`` keys or ``bits2/3/4`` keys.
         recall_lag: 0 ranks with the step's own query, 1 with the previous step's.
         recall_kv: the recalled tokens' K and V as attended: ``exact``, or ``bits2/3/4/8``.
+        recall_tier_tokens: 0 (default): the emulation holds evicted slots in SGLang's pool;
+            N > 0: evicted K and V move into a GPU tier of N tokens at ``recall_kv`` bits and
+            their pool slots are freed (``kara_sglang.recall_tier``).
     """
 
     policy: str = "kara"
@@ -85,6 +89,7 @@ class KaraConfig:
     recall_digest: str = "exact"
     recall_lag: int = 0
     recall_kv: str = "exact"
+    recall_tier_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -183,6 +188,17 @@ class KaraConfig:
             fail("kara-recall-lag", f"must be 0 or 1, got {self.recall_lag!r}")
         if self.recall_kv not in RECALL_KV:
             fail("kara-recall-kv", f"must be one of {', '.join(RECALL_KV)}, got {self.recall_kv!r}")
+        tier = self.recall_tier_tokens
+        if isinstance(tier, bool) or not isinstance(tier, int) or tier < 0:
+            fail("kara-recall-tier-tokens", f"must be an integer >= 0, got {tier!r}")
+        if tier and not self.recall_tokens:
+            fail("kara-recall-tier-tokens", "the tier holds evicted KV for recall: set --kara-recall-tokens too")
+        if tier and self.recall_kv not in RECALL_TIER_KV:
+            fail("kara-recall-tier-tokens", f"the tier stores K and V at --kara-recall-kv bits "
+                 f"({', '.join(RECALL_TIER_KV)}), got {self.recall_kv}")
+        if tier and self.recall_digest != "exact":
+            fail("kara-recall-tier-tokens", "tier tokens are ranked by the tier's own keys: leave "
+                 f"--kara-recall-digest at exact, got {self.recall_digest}")
         if self.policy in DECODE_CACHE_POLICIES and self.budget is None:
             fail("kara-budget", f"the {self.policy} policy needs a decode-cache budget in tokens")
         if self.policy == "streaming" and self.sink >= self.window_budget:

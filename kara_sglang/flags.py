@@ -74,6 +74,10 @@ FLAGS = (
     Flag("kara_recall_kv", "recall_kv", str,
          "The recalled tokens' K and V as attended: exact (default), or rounded to 2/3/4/8 bits "
          "per 32 channels (the accuracy of a low-precision tier of evicted KV).", RECALL_KV),
+    Flag("kara_recall_tier_tokens", "recall_tier_tokens", int,
+         "kara recall: a GPU tier of this many tokens (all layers) holds evicted K and V at "
+         "--kara-recall-kv bits (2/4/8) and their pool slots are freed; windows that find it full "
+         "are evicted as without recall (default 0: the emulation holds evicted slots in the pool)."),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 

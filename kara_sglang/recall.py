@@ -28,6 +28,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from kara_kernels.recall import rank_evicted, recall_decode
+from kara_kernels.recall_tier import rank_tier, recall_decode_tier
 
 
 def _bits(setting: str) -> int:
@@ -86,6 +87,13 @@ class RecallStore:
         return self.slots[row, :n].clone()
 
 
+def _top(rank: torch.Tensor, tokens: int, n_cols: int) -> torch.Tensor:
+    """``[B, Hkv, R]`` the highest-ranked columns; past a request's count the rank is -inf:
+    those picks are no token (-1)."""
+    top = rank.topk(min(tokens, n_cols), dim=-1)
+    return top.indices.masked_fill(top.values == float("-inf"), -1)
+
+
 def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      resident_table: torch.Tensor, resident_lens: torch.Tensor,
                      evicted_table: torch.Tensor, rows: torch.Tensor, evicted_lens: torch.Tensor,
@@ -111,10 +119,30 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
     B, Hkv = q.shape[0], k_buffer.shape[1]
     if tokens and n_cols:
         rank = rank_evicted(select_q, k_buffer, evicted_table, rows, evicted_lens, n_cols, _bits(digest), sm_scale)
-        top = rank.topk(min(tokens, n_cols), dim=-1)
-        # Past a request's count the rank is -inf: those picks are no token.
-        selected = top.indices.masked_fill(top.values == float("-inf"), -1)
+        selected = _top(rank, tokens, n_cols)
     else:
         selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
     return recall_decode(q, k_buffer, v_buffer, resident_table, resident_lens, evicted_table, rows,
                          selected, sm_scale, _bits(kv))
+
+
+def recall_attention_tier(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                          resident_table: torch.Tensor, resident_lens: torch.Tensor, tier_layer: Sequence[torch.Tensor],
+                          bits: int, tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor,
+                          tokens: int, sm_scale: float, n_cols: Optional[int] = None) -> torch.Tensor:
+    """:func:`recall_attention` with the evicted tokens in a low-precision tier
+    (kara_sglang/recall_tier.py): ranked by the tier's own keys, attended dequantised.
+
+    ``tier_layer``: one layer's (k_codes, k_lo, k_step, v_codes, v_lo, v_step);
+    ``tier_table`` / ``tier_lens``: each row's tier slots and their count.
+    """
+    n_cols = tier_table.shape[1] if n_cols is None else n_cols
+    k_codes, k_lo, k_step, v_codes, v_lo, v_step = tier_layer
+    B, Hkv = q.shape[0], k_buffer.shape[1]
+    if tokens and n_cols:
+        rank = rank_tier(select_q, k_codes, k_lo, k_step, tier_table, rows, tier_lens, n_cols, bits, sm_scale)
+        selected = _top(rank, tokens, n_cols)
+    else:
+        selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
+    return recall_decode_tier(q, k_buffer, v_buffer, resident_table, resident_lens, k_codes, k_lo, k_step,
+                              v_codes, v_lo, v_step, tier_table, rows, selected, bits, sm_scale)

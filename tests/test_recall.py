@@ -131,6 +131,32 @@ def test_rank_scores_are_the_digest_dot_products_max_over_the_group(bits):
         assert (exact[:, :, :4] - got[:, :, :4]).abs().max() > 1e-2
 
 
+def test_tier_stores_whole_windows_falls_back_when_full_and_releases_once():
+    """RecallTier: each row's window is quantised into free tier slots (whole windows only,
+    in eviction order), a window that does not fit is counted as fallen back, and releases
+    put every slot back once."""
+    from kara_kernels.recall_tier import rank_tier
+    from kara_sglang.recall_tier import RecallTier
+
+    layers, heads, dim, slots = 2, 2, 32, 40
+    k = [torch.randn(slots, heads, dim) for _ in range(layers)]
+    v = [torch.randn(slots, heads, dim) for _ in range(layers)]
+    tier = RecallTier(layers, 10, heads, dim, dim, 4, rows=3, row_capacity=8, device=torch.device("cpu"))
+    assert tier.store([0, 2], [4, 3], torch.tensor([5, 6, 7, 8, 30, 31, 32]), k, v) == 7
+    assert tier.held == 7 and tier.rows.counts.tolist() == [4, 0, 3]
+    # 3 free: a 4-token window falls back whole, the next 2-token one fits.
+    assert tier.store([1, 0], [4, 2], torch.tensor([1, 2, 3, 4, 9, 10]), k, v) == 2
+    assert tier.fallback_tokens == 4 and tier.held == 9 and tier.rows.counts.tolist() == [6, 0, 3]
+    # Row 0's tier tokens, ranked with a query equal to one stored key, put that key first.
+    q = k[1][8, 1].repeat(heads, 1)[None]  # row 0's 4th token (pool slot 8), KV head 1
+    rank = rank_tier(q, *tier.layer(1)[:3], tier.rows.slots, torch.tensor([0]), tier.rows.counts[[0]], 6, 4, 1.0)
+    assert rank[0, 1].argmax().item() == 3
+    assert tier.release(0) == 6 and tier.release(0) == 0 and tier.held == 3
+    tier.check_free_once()
+    assert tier.release(2) == 3 and tier.held == 0
+    assert sorted(tier.free_slots.tolist()) == list(range(10))
+
+
 def test_store_holds_per_row_in_order_and_releases_once():
     store = RecallStore(rows=4, capacity=6, device=torch.device("cpu"))
     store.hold([2, 0], [3, 1], torch.tensor([11, 12, 13, 20]))
@@ -151,6 +177,12 @@ def test_store_holds_per_row_in_order_and_releases_once():
     (dict(recall_digest="bits8"), "--kara-recall-digest: must be one of"),
     (dict(recall_lag=2), "--kara-recall-lag: must be 0 or 1"),
     (dict(recall_kv="bits16"), "--kara-recall-kv: must be one of"),
+    (dict(recall_tier_tokens=-5, recall_tokens=8, recall_kv="bits4"), "--kara-recall-tier-tokens: must be an integer"),
+    (dict(recall_tier_tokens=1000, recall_kv="bits4"), "--kara-recall-tier-tokens: .* set --kara-recall-tokens"),
+    (dict(recall_tier_tokens=1000, recall_tokens=8), "--kara-recall-tier-tokens: the tier stores K and V at"),
+    (dict(recall_tier_tokens=1000, recall_tokens=8, recall_kv="bits3"), "--kara-recall-tier-tokens: the tier stores"),
+    (dict(recall_tier_tokens=1000, recall_tokens=8, recall_kv="bits4", recall_digest="bits2"),
+     "--kara-recall-tier-tokens: tier tokens are ranked by the tier's own keys"),
 ])
 def test_bad_recall_settings_are_refused_naming_the_flag(changes, message):
     with pytest.raises(KaraConfigError, match=message):
@@ -181,7 +213,10 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
     use_cpu_sglang()
     prompts = _prompts(5, 4)
     outputs = {}
-    for name, extra in (("vanilla", {}), ("kara", KARA), ("recall", dict(KARA, kara_recall_tokens=10_000))):
+    tier = dict(KARA, kara_recall_tokens=10_000, kara_recall_kv="bits8")
+    for name, extra in (("vanilla", {}), ("kara", KARA), ("recall", dict(KARA, kara_recall_tokens=10_000)),
+                        ("tier", dict(tier, kara_recall_tier_tokens=50_000)),
+                        ("tier-full", dict(tier, kara_recall_tier_tokens=8))):
         engine = make_engine(tiny_model, dtype="float32", **extra)
         try:
             outs = engine.generate(input_ids=prompts, sampling_params=_greedy(N_NEW))
@@ -191,23 +226,43 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
                 state = pool_state(engine)
                 assert state["compression_events"] == 4 * len(prompts), state
                 assert state["recall_slots_held"] == 0, state  # every held slot went back
+                if name.startswith("tier"):
+                    # The tier frees evicted slots as plain Kara does; it holds nothing at the end.
+                    assert state["kv_slots_freed"] == state["tokens_evicted"] > 0, state
+                    assert state["recall_tier_tokens_held"] == 0, state
+                    stored, fallback = state["recall_tier_tokens_stored"], state["recall_tier_fallback_tokens"]
+                    assert (stored, fallback) == ((state["tokens_evicted"], 0) if name == "tier"
+                                                  else (0, state["tokens_evicted"])), state
             assert_pool_back_to_idle(engine)
         finally:
             engine.shutdown()
     assert outputs["recall"] == outputs["vanilla"]
     assert outputs["kara"] != outputs["vanilla"]  # eviction changes this model's tokens
+    # A tier too small for any window is plain Kara. One that holds every evicted token at 8
+    # bits, all recalled, follows vanilla further than plain Kara on every prompt (8-bit
+    # rounding may still flip a near-tied greedy token of this random model, so not all).
+    assert outputs["tier-full"] == outputs["kara"]
+
+    def agree(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+
+    for tier_ids, kara_ids, vanilla_ids in zip(outputs["tier"], outputs["kara"], outputs["vanilla"]):
+        assert agree(tier_ids, vanilla_ids) >= agree(kara_ids, vanilla_ids)
+    assert sum(map(agree, outputs["tier"], outputs["vanilla"])) > sum(map(agree, outputs["kara"], outputs["vanilla"]))
+    assert sum(a == b for a, b in zip(outputs["tier"], outputs["vanilla"])) >= len(prompts) // 2
 
 
 @pytest.mark.sglang
-@pytest.mark.parametrize("digest, lag, kv", [("exact", 0, "exact"), ("bits2", 1, "bits4")])
-def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, kv):
+@pytest.mark.parametrize("digest, lag, kv, tier", [("exact", 0, "exact", 0), ("bits2", 1, "bits4", 0),
+                                                   ("exact", 0, "bits4", 48)])
+def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, kv, tier):
     import asyncio
 
     from support.engines import assert_pool_back_to_idle, make_engine, pool_state, tally_outcome, use_cpu_sglang
 
     use_cpu_sglang()
     engine = make_engine(tiny_model, max_total_tokens=3000, kara_recall_tokens=4, kara_recall_digest=digest,
-                         kara_recall_lag=lag, kara_recall_kv=kv, **KARA)
+                         kara_recall_lag=lag, kara_recall_kv=kv, kara_recall_tier_tokens=tier, **KARA)
     rng = random.Random(17 + lag)
     results = {"done": 0, "aborted": 0, "evicted": 0}
 
@@ -228,7 +283,11 @@ def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, 
     try:
         engine.loop.run_until_complete(run())
         assert results["done"] + results["aborted"] == 16 and results["evicted"] > 0, results
-        assert pool_state(engine)["recall_slots_held"] == 0
+        state = pool_state(engine)
+        assert state["recall_slots_held"] == 0, state
+        if tier:  # a tier smaller than the evicted tokens: some windows stored, some fell back
+            assert state["recall_tier_tokens_held"] == 0, state
+            assert state["recall_tier_tokens_stored"] > 0 and state["recall_tier_fallback_tokens"] > 0, state
         assert_pool_back_to_idle(engine)
     finally:
         engine.shutdown()

@@ -1,0 +1,415 @@
+"""Recall tier kernels: evicted K and V held at low precision in a tier of their own.
+
+kernels/recall.py emulates a low-precision tier by rounding evicted tokens' K and V in
+registers while their bf16 slots stay allocated in SGLang's pool. Here the tier is real: a
+compression quantises the evicted tokens' K and V into separate tensors (then the caller frees
+the pool slots), and each decode step ranks and attends to them dequantised from there.
+
+Tier layout, one layer (the caller allocates ``[L, T, ...]`` and passes layer views; the slot
+and head strides are honoured, the last dimension must be contiguous):
+
+- ``k_codes``: uint8 ``[T, Hkv, D * BITS // 8]``, codes packed low bits first: BITS = 8 one code
+  a byte; BITS = 4 channel ``2i`` in the low nibble of byte ``i`` and ``2i + 1`` in the high one;
+  BITS = 2 channel ``4i + j`` in bits ``2j .. 2j + 1`` of byte ``i``.
+- ``k_lo``, ``k_step``: float16 ``[T, Hkv, D // 32]``, per token, head and group of 32 channels.
+- ``v_codes``, ``v_lo``, ``v_step`` the same with ``Dv``.
+
+Quantisation, per token, head and group of ``QUANT_GROUP`` channels, in float32 (IEEE divisions,
+``tl.math.div_rn``, so GPU and CPU give the same codes)::
+
+    lo   = min(x)                    hi = max(x)
+    step = max(hi - lo, 1e-8) / (2**BITS - 1)
+    code = clamp(floor((x - lo) / step + 0.5), 0, 2**BITS - 1)     # float32 lo and step
+    stored: code, float16(lo), float16(step)
+
+The codes come from the float32 ``lo`` and ``step``, the same arithmetic as
+kernels/recall.py's emulation, so the tier's codes equal the emulation's; only ``lo`` and
+``step`` are then rounded to float16 (round to nearest even). Dequantisation is
+``code * float32(step16) + float32(lo16)`` in float32, so the tier differs from the emulation
+by the float16 rounding of ``lo`` and ``step`` alone (about 2**-11 relative). K and V must lie
+within float16's range (|x| < 65504); a group whose range is below float16's smallest step
+dequantises to its ``lo``.
+
+Device functions are avoided (each call costs milliseconds under Triton's CPU interpreter), so
+the unpacking is written out in each kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.standard import _elementwise_max as _max_combine
+from triton.language.standard import _elementwise_min as _min_combine
+from triton.language.standard import _sum_combine
+
+from kara_kernels._buffers import interpreting
+from kara_kernels.recall import LOG2E, QUANT_GROUP
+
+TIER_BITS = (2, 4, 8)
+
+__all__ = ["QUANT_GROUP", "TIER_BITS", "quantize_to_tier", "rank_tier", "recall_decode_tier",
+           "tier_bytes_per_token"]
+
+
+def tier_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, v_head_dim: int, bits: int) -> int:
+    """Tier bytes one token takes over all layers: packed codes plus float16 lo and step, K and V."""
+    _check_bits(bits)
+    _check_dims(head_dim, v_head_dim)
+    per_head = sum(dim * bits // 8 + 2 * 2 * (dim // QUANT_GROUP) for dim in (head_dim, v_head_dim))
+    return num_layers * kv_heads * per_head
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in TIER_BITS:
+        raise ValueError(f"the recall tier packs {TIER_BITS} bits, got {bits}")
+
+
+def _check_dims(head_dim: int, v_head_dim: int) -> None:
+    if head_dim % QUANT_GROUP or v_head_dim % QUANT_GROUP or head_dim <= 0 or v_head_dim <= 0:
+        raise ValueError(f"the recall tier needs head dims divisible by {QUANT_GROUP}, got {head_dim}/{v_head_dim}")
+
+
+def _check_tier(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, dim: int, bits: int, name: str) -> None:
+    if codes.dtype != torch.uint8 or lo.dtype != torch.float16 or step.dtype != torch.float16:
+        raise ValueError(f"{name}: codes must be uint8 and lo/step float16")
+    if codes.shape[-1] != dim * bits // 8 or lo.shape[-1] != dim // QUANT_GROUP or step.shape != lo.shape:
+        raise ValueError(f"{name}: shapes {tuple(codes.shape)}/{tuple(lo.shape)}/{tuple(step.shape)} "
+                         f"do not hold head dim {dim} at {bits} bits")
+    if codes.shape[:2] != lo.shape[:2]:
+        raise ValueError(f"{name}: codes and lo/step hold different slots or heads")
+    for t in (codes, lo, step):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous")
+    if lo.stride() != step.stride():
+        raise ValueError(f"{name}: lo and step must share one layout (the kernels take one set of strides)")
+
+
+def _check_pool(k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> None:
+    if k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:
+        raise ValueError("the K and V buffers' last dimension must be contiguous")
+
+
+@triton.jit
+def _quantize_kernel(
+    KB, stride_kbs, stride_kbh, VB, stride_vbs, stride_vbh,
+    SRC, DST, n_tokens,
+    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
+    VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_T: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr,
+):
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < n_tokens
+    src = tl.load(SRC + offs_t, mask=t_ok, other=0).to(tl.int64)
+    dst = tl.load(DST + offs_t, mask=t_ok, other=0).to(tl.int64)
+    LEVELS: tl.constexpr = 2 ** BITS - 1
+    PER_BYTE: tl.constexpr = 8 // BITS
+
+    # ---- K. Padding channels (BLOCK_D > HEAD_DIM) form whole groups of their own, not stored.
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    x = tl.load(KB + src[:, None] * stride_kbs + head * stride_kbh + offs_d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    g = tl.reshape(x, (BLOCK_T, BLOCK_D // QGROUP, QGROUP))
+    lo = tl.reduce(g, 2, _min_combine)
+    step = tl.math.div_rn(tl.maximum(tl.reduce(g, 2, _max_combine) - lo, 1e-8), tl.full(lo.shape, LEVELS, tl.float32))
+    code = tl.floor(tl.math.div_rn(g - lo[:, :, None], tl.broadcast_to(step[:, :, None], g.shape)) + 0.5)
+    code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_D // QGROUP)
+    g_mask = t_ok[:, None] & (offs_g < HEAD_DIM // QGROUP)[None, :]
+    s_off = dst[:, None] * stride_kss + head * stride_ksh + offs_g[None, :]
+    tl.store(KLO + s_off, lo.to(tl.float16), mask=g_mask)
+    tl.store(KST + s_off, step.to(tl.float16), mask=g_mask)
+    if BITS == 8:
+        packed = tl.reshape(code, (BLOCK_T, BLOCK_D))
+        offs_b = offs_d
+    else:
+        c = tl.reshape(code, (BLOCK_T, BLOCK_D // PER_BYTE, PER_BYTE))
+        shift = tl.arange(0, PER_BYTE) * BITS
+        packed = tl.reduce(c << shift[None, None, :], 2, _sum_combine)  # disjoint bits: sum == or
+        offs_b = tl.arange(0, BLOCK_D // PER_BYTE)
+    tl.store(KC + dst[:, None] * stride_kcs + head * stride_kch + offs_b[None, :], packed.to(tl.uint8),
+             mask=t_ok[:, None] & (offs_b < HEAD_DIM * BITS // 8)[None, :])
+
+    # ---- V, the same with V_DIM.
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < V_DIM
+    x = tl.load(VB + src[:, None] * stride_vbs + head * stride_vbh + offs_dv[None, :],
+                mask=t_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+    g = tl.reshape(x, (BLOCK_T, BLOCK_DV // QGROUP, QGROUP))
+    lo = tl.reduce(g, 2, _min_combine)
+    step = tl.math.div_rn(tl.maximum(tl.reduce(g, 2, _max_combine) - lo, 1e-8), tl.full(lo.shape, LEVELS, tl.float32))
+    code = tl.floor(tl.math.div_rn(g - lo[:, :, None], tl.broadcast_to(step[:, :, None], g.shape)) + 0.5)
+    code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
+    offs_gv = tl.arange(0, BLOCK_DV // QGROUP)
+    gv_mask = t_ok[:, None] & (offs_gv < V_DIM // QGROUP)[None, :]
+    s_off = dst[:, None] * stride_vss + head * stride_vsh + offs_gv[None, :]
+    tl.store(VLO + s_off, lo.to(tl.float16), mask=gv_mask)
+    tl.store(VST + s_off, step.to(tl.float16), mask=gv_mask)
+    if BITS == 8:
+        packed = tl.reshape(code, (BLOCK_T, BLOCK_DV))
+        offs_bv = offs_dv
+    else:
+        c = tl.reshape(code, (BLOCK_T, BLOCK_DV // PER_BYTE, PER_BYTE))
+        shift = tl.arange(0, PER_BYTE) * BITS
+        packed = tl.reduce(c << shift[None, None, :], 2, _sum_combine)
+        offs_bv = tl.arange(0, BLOCK_DV // PER_BYTE)
+    tl.store(VC + dst[:, None] * stride_vcs + head * stride_vch + offs_bv[None, :], packed.to(tl.uint8),
+             mask=t_ok[:, None] & (offs_bv < V_DIM * BITS // 8)[None, :])
+
+
+@triton.jit
+def _rank_tier_kernel(
+    Q, stride_qb, stride_qh,
+    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
+    TT, stride_tt, ROWS, T_LENS,
+    OUT, stride_ob, stride_oh,
+    n_cols, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BITS: tl.constexpr, QGROUP: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PER_BYTE: tl.constexpr = 8 // BITS
+    n_tier = tl.load(T_LENS + pid_b)
+    valid = offs_e < n_tier
+    row = tl.load(ROWS + pid_b).to(tl.int64)
+    slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
+    mask = valid[:, None] & d_ok[None, :]
+    # Dequantise: channel d is bits (d % PER_BYTE) * BITS of byte d // PER_BYTE. Padding
+    # channels read 0 codes, lo and step, and meet zero query channels.
+    byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + (offs_d // PER_BYTE)[None, :],
+                   mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+    s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + (offs_d // QGROUP)[None, :]
+    lo = tl.load(KLO + s_off, mask=mask, other=0.0).to(tl.float32)
+    step = tl.load(KST + s_off, mask=mask, other=0.0).to(tl.float32)
+    k = code.to(tl.float32) * step + lo
+    best = tl.full([BLOCK_E], float("-inf"), dtype=tl.float32)
+    for g_i in tl.static_range(GROUP):
+        q = tl.load(Q + pid_b.to(tl.int64) * stride_qb + (kv_head * GROUP + g_i) * stride_qh + offs_d,
+                    mask=d_ok, other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.reduce(q[None, :] * k, 1, _sum_combine))
+    out = OUT + pid_b.to(tl.int64) * stride_ob + kv_head * stride_oh
+    tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
+
+
+@triton.jit
+def _recall_decode_tier_kernel(
+    Q, stride_qb, stride_qh,
+    K, stride_ks, stride_kh, V, stride_vs, stride_vh,
+    RES, stride_res, RES_LENS,
+    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
+    VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh,
+    TT, stride_tt, ROWS,
+    SEL, stride_selb, stride_selh, n_sel,
+    OUT, stride_ob, stride_oh,
+    qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BITS: tl.constexpr, QGROUP: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < V_DIM
+    PER_BYTE: tl.constexpr = 8 // BITS
+    q = tl.load(Q + pid_b.to(tl.int64) * stride_qb + head * stride_qh + offs_d,
+                mask=d_ok, other=0.0).to(tl.float32)
+    row = tl.load(ROWS + pid_b).to(tl.int64)
+    res_row = RES + row * stride_res
+    n_res = tl.load(RES_LENS + pid_b)
+
+    # One online softmax (log2 domain) over the resident tokens (exact, from the pool), then
+    # over the selected tier tokens (dequantised).
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for start in range(0, n_res, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        valid = offs < n_res
+        slots = tl.load(res_row + offs, mask=valid, other=0).to(tl.int64)
+        k = tl.load(K + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                    mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(V + slots[:, None] * stride_vs + kv_head * stride_vh + offs_dv[None, :],
+                    mask=valid[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(valid, tl.reduce(q[None, :] * k, 1, _sum_combine) * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 0, _max_combine))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 0, _sum_combine)
+        acc = acc * alpha + tl.reduce(p[:, None] * v, 0, _sum_combine)
+        m_i = m_new
+
+    sel_row = SEL + pid_b.to(tl.int64) * stride_selb + kv_head * stride_selh
+    tier_row = TT + row * stride_tt
+    for start in range(0, n_sel, BLOCK_R):
+        offs = start + tl.arange(0, BLOCK_R)
+        pick = tl.load(sel_row + offs, mask=offs < n_sel, other=-1)
+        valid = pick >= 0
+        slots = tl.load(tier_row + pick, mask=valid, other=0).to(tl.int64)
+        mk = valid[:, None] & d_ok[None, :]
+        byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + (offs_d // PER_BYTE)[None, :],
+                       mask=mk, other=0).to(tl.int32)
+        code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+        s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + (offs_d // QGROUP)[None, :]
+        k = (code.to(tl.float32) * tl.load(KST + s_off, mask=mk, other=0.0).to(tl.float32)
+             + tl.load(KLO + s_off, mask=mk, other=0.0).to(tl.float32))
+        mv = valid[:, None] & dv_ok[None, :]
+        byte = tl.load(VC + slots[:, None] * stride_vcs + kv_head * stride_vch + (offs_dv // PER_BYTE)[None, :],
+                       mask=mv, other=0).to(tl.int32)
+        code = (byte >> ((offs_dv % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+        s_off = slots[:, None] * stride_vss + kv_head * stride_vsh + (offs_dv // QGROUP)[None, :]
+        v = (code.to(tl.float32) * tl.load(VST + s_off, mask=mv, other=0.0).to(tl.float32)
+             + tl.load(VLO + s_off, mask=mv, other=0.0).to(tl.float32))
+        s = tl.where(valid, tl.reduce(q[None, :] * k, 1, _sum_combine) * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 0, _max_combine))
+        # A block with no valid token before any valid one keeps the state at its start.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 0, _sum_combine)
+        acc = acc * alpha + tl.reduce(p[:, None] * v, 0, _sum_combine)
+        m_i = m_new
+    out = OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh
+    tl.store(out + offs_dv, acc / l_i, mask=dv_ok)
+
+
+def _block(dim: int) -> int:
+    return max(QUANT_GROUP, triton.next_power_of_2(dim))
+
+
+def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: torch.Tensor,
+                     dst_slots: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
+                     v_codes: torch.Tensor, v_lo: torch.Tensor, v_step: torch.Tensor, bits: int,
+                     block_t: int = 16) -> None:
+    """Quantise pool slots ``src_slots[i]`` (every KV head, K and V) into tier slots ``dst_slots[i]``.
+
+    Args:
+        k_buffer, v_buffer: ``[slots, Hkv, D]`` / ``[slots, Hkv, Dv]`` one layer's pool
+            (bf16, fp16 or fp32).
+        src_slots, dst_slots: ``[n]`` integer pool slots and tier slots.
+        k_codes, k_lo, k_step, v_codes, v_lo, v_step: one layer's tier (module docstring).
+        bits: 2, 4 or 8.
+    One launch, a grid over blocks of tokens x KV heads; tier slots not named are untouched.
+    """
+    _check_bits(bits)
+    Hkv, D, Dv = k_buffer.shape[1], k_buffer.shape[2], v_buffer.shape[2]
+    _check_dims(D, Dv)
+    _check_pool(k_buffer, v_buffer)
+    _check_tier(k_codes, k_lo, k_step, D, bits, "K tier")
+    _check_tier(v_codes, v_lo, v_step, Dv, bits, "V tier")
+    if k_codes.shape[1] != Hkv or v_codes.shape[1] != v_buffer.shape[1]:
+        raise ValueError("the tier and the pool hold different numbers of KV heads")
+    n = src_slots.numel()
+    if dst_slots.numel() != n:
+        raise ValueError(f"{n} source slots but {dst_slots.numel()} tier slots")
+    if n == 0:
+        return
+    if interpreting():  # the CPU interpreter pays per program: fewer, larger blocks
+        block_t = max(block_t, min(256, triton.next_power_of_2(n)))
+    src, dst = src_slots.contiguous(), dst_slots.contiguous()
+    _quantize_kernel[(triton.cdiv(n, block_t), Hkv)](
+        k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
+        src, dst, n,
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
+        v_codes, v_codes.stride(0), v_codes.stride(1), v_lo, v_step, v_lo.stride(0), v_lo.stride(1),
+        HEAD_DIM=D, BLOCK_D=_block(D), V_DIM=Dv, BLOCK_DV=_block(Dv), BLOCK_T=block_t, BITS=bits,
+        QGROUP=QUANT_GROUP,
+    )
+
+
+def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
+              tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
+              sm_scale: float, block_e: int = 64) -> torch.Tensor:
+    """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
+
+    ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
+
+    Args:
+        queries: ``[B, Hq, D]``.
+        k_codes, k_lo, k_step: one layer's K tier.
+        tier_table: ``[rows, capacity]`` int64 tier slots per ``req_to_token`` row.
+        rows, tier_lens: ``[B]`` each request's row and tier-token count.
+        n_cols: columns of the result (at least the longest count).
+    Returns:
+        ``[B, Hkv, n_cols]`` float32.
+    """
+    _check_bits(bits)
+    B, Hq, D = queries.shape
+    Hkv = k_codes.shape[1]
+    _check_dims(D, D)
+    _check_tier(k_codes, k_lo, k_step, D, bits, "K tier")
+    out = torch.empty(B, Hkv, n_cols, dtype=torch.float32, device=queries.device)
+    if B == 0 or n_cols == 0:
+        return out
+    if interpreting():
+        block_e = max(block_e, min(1024, triton.next_power_of_2(n_cols)))
+    _rank_tier_kernel[(B, Hkv, triton.cdiv(n_cols, block_e))](
+        queries, queries.stride(0), queries.stride(1),
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
+        tier_table, tier_table.stride(0), rows, tier_lens,
+        out, out.stride(0), out.stride(1),
+        n_cols, sm_scale,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block(D), BLOCK_E=block_e, BITS=bits, QGROUP=QUANT_GROUP,
+    )
+    return out
+
+
+def recall_decode_tier(queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                       resident_table: torch.Tensor, resident_lens: torch.Tensor,
+                       k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
+                       v_codes: torch.Tensor, v_lo: torch.Tensor, v_step: torch.Tensor,
+                       tier_table: torch.Tensor, rows: torch.Tensor, selected: torch.Tensor, bits: int,
+                       sm_scale: float, block_n: int = 32, block_r: int = 16) -> torch.Tensor:
+    """Attention of each request's query heads over its resident tokens and selected tier tokens.
+
+    Args:
+        queries: ``[B, Hq, D]``.
+        k_buffer, v_buffer: ``[slots, Hkv, D]`` / ``[slots, Hkv, Dv]`` one layer's pool.
+        resident_table: ``[rows, columns]`` resident slots per row (``req_to_token``), valid
+            below ``resident_lens`` (``[B]``); read exact.
+        k_codes .. v_step: one layer's tier; tier_table, rows: as for :func:`rank_tier`.
+        selected: ``[B, Hkv, R]`` indices into the request's tier row, ``-1`` for none; their K
+            and V are dequantised from the tier.
+    Returns:
+        ``[B, Hq, Dv]`` float32 (a request and head with no resident or selected token gives NaN).
+    """
+    _check_bits(bits)
+    B, Hq, D = queries.shape
+    Hkv, Dv = k_buffer.shape[1], v_buffer.shape[2]
+    _check_dims(D, Dv)
+    _check_pool(k_buffer, v_buffer)
+    _check_tier(k_codes, k_lo, k_step, D, bits, "K tier")
+    _check_tier(v_codes, v_lo, v_step, Dv, bits, "V tier")
+    out = torch.empty(B, Hq, Dv, dtype=torch.float32, device=queries.device)
+    if B == 0:
+        return out
+    if selected.shape[2] and selected.stride(2) != 1:
+        selected = selected.contiguous()
+    if interpreting():
+        block_n = max(block_n, 128)
+        block_r = max(block_r, min(128, triton.next_power_of_2(max(1, selected.shape[2]))))
+    _recall_decode_tier_kernel[(B, Hq)](
+        queries, queries.stride(0), queries.stride(1),
+        k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
+        resident_table, resident_table.stride(0), resident_lens,
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
+        v_codes, v_codes.stride(0), v_codes.stride(1), v_lo, v_step, v_lo.stride(0), v_lo.stride(1),
+        tier_table, tier_table.stride(0), rows,
+        selected, selected.stride(0), selected.stride(1), selected.shape[2],
+        out, out.stride(0), out.stride(1),
+        sm_scale * LOG2E,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block(D), V_DIM=Dv, BLOCK_DV=_block(Dv),
+        BLOCK_N=block_n, BLOCK_R=block_r, BITS=bits, QGROUP=QUANT_GROUP,
+    )
+    return out
