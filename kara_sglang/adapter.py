@@ -507,11 +507,13 @@ class KaraRuntime:
             raise AssertionError("kara: a slot is freed twice in one compression")
         if bool((slots <= 0).any()):
             raise AssertionError("kara: freeing the reserved slot 0")
-        free_pages = getattr(allocator, "free_pages", None)
-        if free_pages is not None and free_pages.numel():
-            pages = slots // self.page_size if self.page_size > 1 else slots
-            if bool(torch.isin(pages.to(free_pages.device), free_pages).any()):
-                raise AssertionError("kara: freeing a slot that is already free")
+        pages = slots // self.page_size if self.page_size > 1 else slots
+        # SGLang's allocators keep freed pages in two lists: free_pages, and release_pages
+        # (frees waiting to be merged back, sorted, at the next allocation).
+        for name in ("free_pages", "release_pages"):
+            free = getattr(allocator, name, None)
+            if isinstance(free, torch.Tensor) and free.numel() and bool(torch.isin(pages.to(free.device), free).any()):
+                raise AssertionError(f"kara: freeing a slot that is already free (in the allocator's {name})")
 
     # --------------------------------------------------------------- admission
     def growth_bound(self, req: Any) -> float:
