@@ -17,6 +17,9 @@ TEST_ENV = {
     "TRITON_INTERPRET": "1",  # Kara's Triton kernels on the CPU
     "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",  # SGLang's own leak check, every step
     "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1",  # ... and its owned-vs-free page check
+    # SGLang's value/index invariants, strict (crash on a violation); in the releases tested
+    # its allocators for hybrid sliding-window pools are what register such checks.
+    "SGLANG_INVARIANT_CHECK": "2",
     "KARA_DEBUG_CHECKS": "1",  # no slot freed twice or while free
 }
 
