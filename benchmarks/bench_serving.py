@@ -182,12 +182,17 @@ async def run_workload(engine, w: Workload, rng: random.Random, profile=None):
 def kara_counters(engine) -> dict:
     state = engine.get_server_info()["internal_states"][0].get("kara", {})
     return {k: state.get(k, 0) for k in ("decode_steps", "hook_host_s", "compress_s", "compression_events",
-                                         "score_allreduces", "score_allreduce_host_s")}
+                                         "score_allreduces", "score_allreduce_host_s",
+                                         "recall_tier_tokens_stored", "recall_tier_fallback_tokens")}
 
 
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """The server's settings (shared with benchmarks/agent/bench_agent.py)."""
     ap.add_argument("--policy", default="none")
+    ap.add_argument("--recall-tokens", type=int, default=0,
+                    help="kara recall: evicted tokens attended again per layer and KV head (runs without CUDA graphs)")
+    ap.add_argument("--recall-tier-tokens", type=int, default=0, help="kara recall: the GPU tier's tokens (0: emulation)")
+    ap.add_argument("--recall-kv", default="exact", help="kara recall: the tier's / recalled K and V precision")
     ap.add_argument("--keep-ratio", type=float, default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--window", type=int, default=512)
@@ -242,6 +247,10 @@ def start_engine(args, **extra):
             kara["kara_keep_ratio"] = args.keep_ratio
         if args.budget is not None:
             kara["kara_budget"] = args.budget
+        if args.recall_tokens:
+            kara.update(kara_recall_tokens=args.recall_tokens, kara_recall_tier_tokens=args.recall_tier_tokens,
+                        kara_recall_kv=args.recall_kv)
+            device_args["disable_cuda_graph"] = True  # the recall attention is not graph-capturable yet
     print("BENCH-CONFIG " + json.dumps(vars(args), default=lambda o: getattr(o, "spec", str(o))), file=sys.stderr, flush=True)
     t0 = time.time()
     engine = sglang.Engine(
@@ -321,6 +330,10 @@ def main() -> None:
                 "score_allreduces": spent["score_allreduces"],
                 "score_allreduce_host_s": spent["score_allreduce_host_s"],
                 "server_policy": args.policy, "startup_s": startup,
+                "recall_tokens": args.recall_tokens, "recall_tier_tokens": args.recall_tier_tokens,
+                "recall_kv": args.recall_kv if args.recall_tokens else None,
+                "recall_tier_tokens_stored": spent["recall_tier_tokens_stored"],
+                "recall_tier_fallback_tokens": spent["recall_tier_fallback_tokens"],
                 "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
                 "max_running_requests": args.max_running_requests,
                 "prefill_cuda_graph": not args.disable_prefill_cuda_graph,

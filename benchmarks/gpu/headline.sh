@@ -14,7 +14,11 @@
 #
 # bf16: vanilla, Kara 25%, Kara 12.5% (about 5 + 6 + 7 minutes of decoding on an H200, plus about
 # 2 minutes of start-up each);
-# fp8: the same three with --kv-cache-dtype fp8_e4m3; all: both. With two or more GPUs, vanilla
+# fp8: the same three with --kv-cache-dtype fp8_e4m3; all: both; recall: vanilla, Kara 12.5%, and
+# Kara 12.5% + a 4-bit GPU tier of evicted KV (R 256) holding every request's evicted tokens, the
+# pool and tier together the bytes of vanilla's pool (366,000 bf16 tokens + 1,530,000 tier tokens
+# of 40 KiB at the Llama-8B shape), 100 requests (the pool's peak); the tier's attention runs
+# outside CUDA graphs (bench_serving turns them off for it). With two or more GPUs, vanilla
 # runs on GPU 0 and Kara on GPU 1, side by side. SECONDS_EACH bounds each configuration (default
 # 1800). Rows and logs go to $OUT (default out/headline); the table is printed at the end
 # (whole-wave rate as the client measured it, then the first 80% of each wave's tokens from
@@ -42,7 +46,13 @@ if [ "$WHICH" = fp8 ] || [ "$WHICH" = all ]; then
             "kara25-fp8$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.25 $F $COMMON --workload ${K25_FP8}x1024+16384"
             "kara125-fp8$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 $F $COMMON --workload ${K125_FP8}x1024+16384")
 fi
-[ ${#configs[@]} -gt 0 ] || { echo "usage: headline.sh [bf16|fp8|all]"; exit 2; }
+if [ "$WHICH" = recall ]; then
+  T125=${T125:-100} TIER=${TIER:-1530000} TIER_POOL=${TIER_POOL:-366000}
+  configs+=("vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"
+            "kara125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 $COMMON --workload ${K125_BF16}x1024+16384"
+            "tier125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tokens 256 --recall-tier-tokens $TIER --recall-kv bits4 --max-total-tokens $TIER_POOL $COMMON --workload ${T125}x1024+16384")
+fi
+[ ${#configs[@]} -gt 0 ] || { echo "usage: headline.sh [bf16|fp8|all|recall]"; exit 2; }
 bash benchmarks/gpu/run_serving.sh "${configs[@]}" || exit 1
 
 python3 - "$OUT" <<'EOF'

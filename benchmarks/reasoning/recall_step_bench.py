@@ -6,7 +6,10 @@ Random KV at the ledger model's shapes (SmolLM2-135M: 30 layers, 9 query heads, 
 head dim 64), every row holding ``--resident`` resident and ``--evicted`` evicted tokens; one
 line per digest and lag with the milliseconds per layer and per step (all layers). It sizes
 the accuracy grid's recall lanes: the emulation runs outside CUDA graphs on every layer of
-every step (two Triton launches and a top-k per layer).
+every step (two Triton launches and a top-k per layer). The ``tier`` lines time the same step
+with the evicted tokens in the 4-bit GPU tier (kara_sglang/recall_tier.py: ranked by the
+tier's keys, attended dequantised), and ``quantise`` one compression's move of a window's
+evicted tokens (384 per row, every row, every layer) into the tier.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import time
 
 import torch
 
-from kara_sglang.recall import recall_attention
+from kara_kernels.recall_tier import quantize_to_tier
+from kara_sglang.recall import recall_attention, recall_attention_tier
+from kara_sglang.recall_tier import RecallTier
 
 
 def main() -> None:
@@ -48,14 +53,7 @@ def main() -> None:
     lens_e = torch.full((B,), E, device=dev)
     q = torch.randn(B, a.q_heads, a.head_dim, device=dev, generator=gen, dtype=torch.bfloat16)
     prev = torch.randn_like(q)
-    for digest, lag, kv in (("exact", 0, "exact"), ("exact", 1, "exact"), ("bits2", 0, "exact"),
-                            ("bits2", 0, "bits4")):
-        select = q if lag == 0 else prev
-
-        def step():
-            return recall_attention(q, select, k, v, resident, lens_r, evicted, rows, lens_e, a.tokens, digest, 0.125,
-                                    n_cols=E, kv=kv)
-
+    def timed(label, step):
         step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -65,8 +63,24 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         per_layer = (time.perf_counter() - t0) / a.iters * 1e3
-        print(f"digest={digest} lag={lag} kv={kv} batch={B} resident={L} evicted={E} R={a.tokens}: "
+        print(f"{label} batch={B} resident={L} evicted={E} R={a.tokens}: "
               f"{per_layer:.2f} ms/layer, {per_layer * a.layers:.0f} ms/step ({a.layers} layers)", flush=True)
+
+    for digest, lag, kv in (("exact", 0, "exact"), ("exact", 1, "exact"), ("bits2", 0, "exact"),
+                            ("bits2", 0, "bits4")):
+        select = q if lag == 0 else prev
+        timed(f"digest={digest} lag={lag} kv={kv}", lambda: recall_attention(
+            q, select, k, v, resident, lens_r, evicted, rows, lens_e, a.tokens, digest, 0.125, n_cols=E, kv=kv))
+
+    # The tier: one layer's tier holding every row's evicted tokens (the step reads one layer).
+    tier = RecallTier(1, B * E, a.kv_heads, a.head_dim, a.head_dim, 4, rows=B, row_capacity=E + 64, device=dev)
+    tier.store(rows.tolist(), [E] * B, evicted[rows, :E].reshape(-1), [k], [v])
+    timed("tier bits4 lag=0", lambda: recall_attention_tier(
+        q, q, k, v, resident, lens_r, tier.layer(0), 4, tier.rows.slots, rows, lens_e, a.tokens, 0.125, n_cols=E))
+    window = min(384, E)
+    src, dst = evicted[rows, :window].reshape(-1), torch.arange(B * window, device=dev)
+    timed(f"quantise (one compression of {window} tokens per row; ms/layer is per layer)", lambda: quantize_to_tier(
+        k, v, src, dst, *tier.layer(0), 4))
 
 
 if __name__ == "__main__":
