@@ -4,7 +4,7 @@ SGLang releases the SWA peers of a running request's old entries as its window s
 columns ``[swa_dead_lo, cursor)`` of its ``req_to_token`` row have none
 (``ReqKvInfo.get_evicted_seqlen(ComponentType.SWA)`` is the cursor,
 ``mem_cache/common.py: free_swa_out_of_window_slots``), and its pool accounting and radix
-insertion read the cursor that way. Columns are KV indices, so Kara keeps three things true:
+insertion read the cursor that way. Columns are KV indices, so Kara keeps four things true:
 
 - **Before a compression** the region's entries still holding an SWA peer give it up
   (:func:`release_region`): the region is older than the uncompressed tail, which covers the
