@@ -14,8 +14,9 @@ Digests (what ranks the evicted tokens; the probe in benchmarks/reasoning/recall
 head to N bits, asymmetric min/max in groups of 32 channels (computed from the keys in the
 ranking kernel, kernels/recall.py). A token's score for a KV head is the max over its GQA
 group's query heads. ``--kara-recall-kv bitsN`` attends to the selected tokens' K and V
-rounded the same way (the accuracy of keeping evicted KV at low precision). Lag 0 ranks with the step's own query; lag 1
-with the previous step's (what a system fetching ahead of the step would have).
+rounded the same way (the accuracy of keeping evicted KV at low precision). Lag 0 ranks with
+the step's own query; lag 1 with the previous step's (what a system fetching ahead of the step
+would have).
 
 Engine-independent: tensors in, tensors out; the work is two Triton launches and a top-k.
 """
@@ -28,6 +29,10 @@ import torch
 
 from kara_kernels.recall import rank_evicted, recall_decode
 
+
+def _bits(setting: str) -> int:
+    """``exact`` -> 0, ``bitsN`` -> N (digest and recalled-KV settings share the names)."""
+    return 0 if setting == "exact" else int(setting[len("bits"):])
 
 
 class RecallStore:
@@ -105,13 +110,11 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
     n_cols = evicted_table.shape[1] if n_cols is None else n_cols
     B, Hkv = q.shape[0], k_buffer.shape[1]
     if tokens and n_cols:
-        bits = 0 if digest == "exact" else int(digest[len("bits"):])
-        rank = rank_evicted(select_q, k_buffer, evicted_table, rows, evicted_lens, n_cols, bits, sm_scale)
+        rank = rank_evicted(select_q, k_buffer, evicted_table, rows, evicted_lens, n_cols, _bits(digest), sm_scale)
         top = rank.topk(min(tokens, n_cols), dim=-1)
         # Past a request's count the rank is -inf: those picks are no token.
         selected = top.indices.masked_fill(top.values == float("-inf"), -1)
     else:
         selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
-    kv_bits = 0 if kv == "exact" else int(kv[len("bits"):])
     return recall_decode(q, k_buffer, v_buffer, resident_table, resident_lens, evicted_table, rows,
-                         selected, sm_scale, kv_bits)
+                         selected, sm_scale, _bits(kv))

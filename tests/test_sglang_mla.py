@@ -98,8 +98,8 @@ def test_per_request_opt_out_is_vanilla(vanilla, kara):
 
 
 def test_shared_prefix_and_multi_turn_keep_their_cached_tokens(mla_model, vanilla, kara):
-    shared, turn2, _ = run_conversation(kara)
-    base_shared, base_turn2, _ = vanilla["conversation"]
+    shared, turn2, _, _ = run_conversation(kara)
+    base_shared, base_turn2, _, _ = vanilla["conversation"]
     assert shared == base_shared >= len(SYSTEM)  # the radix prefix is untouched
     assert len(SYSTEM) + 2 <= turn2 < base_turn2  # only the exact prefix went to the tree
     # The second turn re-prefills the rest, so its KV is exact again: its output is what vanilla

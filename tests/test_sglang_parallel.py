@@ -53,6 +53,7 @@ def vanilla(model, layout):
             "long": engine.generate(suite.PROMPTS, suite.greedy(suite.LONG)),
             "opt_out": engine.generate(suite.PROMPTS[0], suite.greedy(suite.OPT_OUT)),
             "conversation": suite.run_conversation(engine),
+            "engine": engine,
         }
     finally:
         engine.shutdown()
