@@ -131,6 +131,8 @@ class KaraRuntime:
         rows = self.req_to_token_pool.req_to_token.shape[0]
         shape = kv_pool.shape_of(pool)  # MLA: one latent "KV head" per layer; SWA: the full-attention layers
         self.swa = shape.kind == "swa"  # hybrid SWA pool: each request's SWA cursor follows compaction
+        self.sliding_window = getattr(model_runner, "sliding_window_size", None)
+        self.swa_released = 0  # SWA peers Kara released itself (SGLang's window eviction had not yet)
         num_layers = shape.num_layers
         # Under tensor parallelism this rank holds 1/N of the query heads (and its K pool
         # holds its share of the KV heads: pool.head_num).
@@ -411,8 +413,9 @@ class KaraRuntime:
         self._kept_by_row = {e[1].pool_row: e[0] for e in due if e[0].kara.kept is not None}
         if self.swa:  # the regions' SWA peers go first (kara_sglang/swa_window.py)
             for req, item, _, _ in due:
-                swa_window.release_region(req, allocator, self.req_to_token_pool.req_to_token, item.pool_row,
-                                          item.task.kv_start + item.task.n_keys, item.task.kv_start)
+                self.swa_released += swa_window.release_region(
+                    req, allocator, self.req_to_token_pool.req_to_token, item.pool_row,
+                    item.task.kv_start + item.task.n_keys, item.task.kv_start)
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[2]), []).append(entry)
@@ -449,6 +452,9 @@ class KaraRuntime:
             evicted_by_req[id(req)] = e
             rows.append(item.pool_row)
             evicted.append(req.kara_offset)
+            if self.swa and self.debug_checks:
+                swa_window.check_row(req, allocator, self.req_to_token_pool.req_to_token, item.pool_row,
+                                     self.sliding_window)
         # The processed batch, or under overlap the one already prepared from it (the
         # processed one is then a copy without lengths).
         batches = {id(batch): batch}
@@ -510,6 +516,8 @@ class KaraRuntime:
                "kv_slots_freed": self.freed_total, "requests_compressed": self.rows_with_evictions,
                "recall_slots_held": self.recall.held if self.recall is not None else 0,
                **self.overhead.totals()}
+        if self.swa:
+            out["swa_peers_released"] = self.swa_released
         if self.tp is not None:
             out.update(self.tp.counters())
         return out

@@ -85,6 +85,28 @@ def clamp(req: Any, length: int) -> None:
         kv.clamp_evicted_seqlens(length)
 
 
+def check_row(req: Any, allocator: Any, req_to_token: torch.Tensor, row: int, sliding_window: int) -> None:
+    """Debug (``KARA_DEBUG_CHECKS``), after a compaction: the columns ``[swa_dead_lo, cursor)``
+    of the request's row hold no SWA peer, every column from the cursor to the row's end holds
+    one, and the cursor is no later than the window's start (the newest ``sliding_window + 1``
+    entries, the step's own included, keep their peers). A cursor not shifted back leaves live
+    peers below it; SGLang's eviction on a token-space frontier releases peers in the window."""
+    from kara_sglang import req_kv
+
+    kv = _kv(req)
+    if kv is None:
+        return
+    length, lo, cur = req_kv.committed_len(req), kv.swa_dead_lo(1), cursor(req)
+    mapping = allocator.full_to_swa_index_mapping
+    peers = mapping[req_to_token[row, :length].to(torch.int64).to(mapping.device)] > 0
+    if cur > length - sliding_window - 1:
+        raise AssertionError(f"kara: SWA cursor {cur} inside the sliding window (row of {length} entries, "
+                             f"window {sliding_window} + 1)")
+    if bool(peers[lo:cur].any()) or not bool(peers[cur:].all()):
+        raise AssertionError(f"kara: SWA peers out of step with the cursor {cur} (floor {lo}, row of "
+                             f"{length} entries): below it {peers[lo:cur].tolist()}, from it {peers[cur:].tolist()}")
+
+
 def kv_frontier(req: Any, pre_len: int) -> int:
     """SGLang's token-space frontier for window eviction, as a column of the request's row."""
     return pre_len - getattr(req, "kara_offset", 0)
