@@ -3,30 +3,34 @@
 A tiny random-weight gpt-oss (``support.swa_model``): sliding-window and full-attention layers
 alternate, so SGLang keeps its KV in an ``SWAKVPool`` with the SWA token allocator and the
 SWA-aware radix cache. Kara compresses the full-attention layers' KV only; the uncompressed
-tail (U = 16) covers the sliding window (16 entries). SGLang's strict memory checks, its
-invariant checks (``SGLANG_INVARIANT_CHECK=2``: a free of a released SWA peer, or a full slot
-freed with a live one, kills the scheduler) and Kara's double-free checks are on. Overlap
-scheduling is on (``KARA_TEST_OVERLAP``). Triton attention on Triton's interpreter: slow, so
-the generations are short.
+tail (U = 4) covers the sliding window (SGLang's 3 + the step's own entry), and SGLang's own
+window eviction runs every step (``SGLANG_SWA_EVICTION_INTERVAL=1``; its default of 128 would
+never fire on requests this short). SGLang's strict memory checks, its invariant checks
+(``SGLANG_INVARIANT_CHECK=2``: a free of a released SWA peer, or a full slot freed with a live
+one, kills the scheduler) and Kara's debug checks are on (no slot freed twice; after each
+compaction the request's SWA cursor is out of the window and splits its row into entries
+without and with an SWA peer: ``swa_window.check_row``). Overlap scheduling is on
+(``KARA_TEST_OVERLAP``). Triton attention on Triton's interpreter: one engine of each kind for
+the module, one batch each, short generations.
 """
-
-import os
 
 import pytest
 
-from support.engines import (assert_pool_back_to_idle, flush, last, make_engine, pool_state, scoped_environ,
-                             use_cpu_sglang)
+from support.engines import flush, last, make_engine, pool_state, scoped_environ, use_cpu_sglang
 from support.swa_model import ENGINE_ARGS, SLIDING_WINDOW, build_tiny_gpt_oss
 
-pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+pytestmark = pytest.mark.sglang
 
 use_cpu_sglang()
 
-W, U, KEEP = 32, SLIDING_WINDOW, 0.25
+W, U, KEEP = 8, SLIDING_WINDOW, 0.5
 KARA = dict(kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=KEEP, kara_chunk_size=2)
 LONG = 2 * W + U + 6  # two compressions
-PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
-SYSTEM = list(range(40, 80))
+SHORT = W + U - 2  # none
+TURN2 = 4
+P0, P1 = [5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]
+# Read by the schedulers at start: strict invariants; SGLang's window eviction every step.
+SCHEDULER_ENV = {"SGLANG_INVARIANT_CHECK": "2", "SGLANG_SWA_EVICTION_INTERVAL": "1"}
 
 
 def greedy(n, **extra):
@@ -46,75 +50,94 @@ def expected_eviction(prompt_len: int, completion_tokens: int):
     return state.kv_len + 1, state.evicted
 
 
+def flushed_state(engine) -> dict:
+    flush(engine)
+    return pool_state(engine)
+
+
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """A vanilla and a Kara engine on the same model, the results each test needs from vanilla."""
+def runs(tmp_path_factory):
+    """Both engines' requests, run once for every test here: on Kara, one batch (two long
+    requests, an opted-out and a short one) and a second turn on a compressed reply; then on
+    vanilla the same prompts in one batch. The pool accounting is read around them."""
     model = build_tiny_gpt_oss(tmp_path_factory.mktemp("tiny_gpt_oss"))
-    with scoped_environ({"SGLANG_INVARIANT_CHECK": "2"}):  # read by the schedulers at start
+    with scoped_environ(SCHEDULER_ENV):
         vanilla = make_engine(model, **ENGINE_ARGS)
         try:
             kara = make_engine(model, **ENGINE_ARGS, **KARA)
         except Exception:
             vanilla.shutdown()
             raise
-    yield vanilla, kara
-    kara.shutdown()
-    vanilla.shutdown()
+    try:
+        before = pool_state(kara)
+        ours = kara.generate(input_ids=[P0, P1, P0, P0], sampling_params=[
+            greedy(LONG), greedy(LONG), greedy(LONG, custom_params={"kv_policy": "none"}), greedy(SHORT)])
+        held = pool_state(kara)  # idle, the finished requests' prefixes in the tree
+        turn2_prompt = P1 + ours[1]["output_ids"] + [21, 22]
+        turn2 = kara.generate(input_ids=turn2_prompt, sampling_params=greedy(TURN2))
+        after = flushed_state(kara)
+        base = vanilla.generate(input_ids=[P0, P1, turn2_prompt],
+                                sampling_params=[greedy(LONG), greedy(LONG), greedy(TURN2)])
+        yield dict(ours=ours, base=base, turn2=turn2, turn2_prompt=turn2_prompt, before=before, held=held,
+                   after=after, vanilla_after=flushed_state(vanilla))
+    finally:
+        kara.shutdown()
+        vanilla.shutdown()
 
 
-def assert_both_sides_idle(engine):
-    assert_pool_back_to_idle(engine)
-    state = pool_state(engine)
-    assert state["swa_available_tokens"] == state["swa_max_total_tokens"], state
-    assert state["swa_evictable_tokens"] == 0 and state["swa_protected_tokens"] == 0, state
-
-
-def test_compression_on_schedule_opt_out_identical_and_both_pools_back(engines):
-    vanilla, kara = engines
-    base = vanilla.generate(input_ids=PROMPTS, sampling_params=greedy(LONG))
-    before = pool_state(kara)
-    ours = kara.generate(input_ids=PROMPTS + [PROMPTS[0]],
-                         sampling_params=[greedy(LONG), greedy(LONG), greedy(LONG, custom_params={"kv_policy": "none"})])
-    for b, o, prompt in zip(base, ours, PROMPTS):
-        meta = o["meta_info"]
+def test_kara_compresses_on_schedule(runs):
+    ours, before, after = runs["ours"], runs["before"], runs["after"]
+    for out, prompt in zip(ours[:2], (P0, P1)):
         kept, evicted = expected_eviction(len(prompt), LONG)
-        assert last(meta, "kv_tokens_evicted") == evicted > 0
-        assert last(meta, "kv_tokens_kept") == kept
+        assert last(out["meta_info"], "kv_tokens_evicted") == evicted > 0
+        assert last(out["meta_info"], "kv_tokens_kept") == kept
+    for out in ours[2:] + [runs["turn2"]]:  # opted out, short, a short second turn
+        assert last(out["meta_info"], "kv_tokens_evicted") == 0
+    evicted = sum(last(o["meta_info"], "kv_tokens_evicted") for o in ours)
+    assert after["compression_events"] - before["compression_events"] == 2 * 2
+    assert after["tokens_evicted"] - before["tokens_evicted"] == evicted
+    # Only full-attention slots are freed by Kara: one per evicted token.
+    assert after["kv_slots_freed"] - before["kv_slots_freed"] == evicted
+
+
+def test_sglang_evicts_the_sliding_window_itself(runs):
+    """SGLang's window eviction, on the compacted rows, had released every SWA peer of the
+    compressed regions before Kara compressed them (they are older than the tail, which covers
+    the window); the tree then holds SWA KV for a window of each finished request only."""
+    held, after = runs["held"], runs["after"]
+    assert after["swa_peers_released"] == 0
+    assert held["swa_evictable_tokens"] < held["evictable_tokens"], held
+
+
+def test_opted_out_and_short_requests_and_the_prefix_before_compression_are_vanilla(runs):
+    ours, base = runs["ours"], runs["base"]
+    for out, ref in zip(ours[:2], base[:2]):
         first = W + U + 1  # nothing compressed before: vanilla's tokens
-        assert o["output_ids"][:first] == b["output_ids"][:first]
-    assert ours[2]["output_ids"] == base[0]["output_ids"]  # opted out in the same batch
-    assert last(ours[2]["meta_info"], "kv_tokens_evicted") == 0
-    state = pool_state(kara)
-    assert state["compression_events"] - before["compression_events"] == 2 * len(PROMPTS)
-    assert state["kv_slots_freed"] - before["kv_slots_freed"] == sum(
-        last(o["meta_info"], "kv_tokens_evicted") for o in ours)
-    assert_both_sides_idle(kara)
-    assert_both_sides_idle(vanilla)
+        assert out["output_ids"][:first] == ref["output_ids"][:first]
+    assert ours[2]["output_ids"] == base[0]["output_ids"]  # opted out, in the same batch
+    assert ours[3]["output_ids"] == base[0]["output_ids"][:SHORT]  # short (greedy: vanilla's prefix)
 
 
-def test_short_requests_are_vanilla(engines):
-    vanilla, kara = engines
-    n = W + U - 2
-    events = pool_state(kara)["compression_events"]
-    base = vanilla.generate(input_ids=PROMPTS, sampling_params=greedy(n))
-    ours = kara.generate(input_ids=PROMPTS, sampling_params=greedy(n))
-    assert [o["output_ids"] for o in ours] == [b["output_ids"] for b in base]
-    assert pool_state(kara)["compression_events"] == events
-    assert_both_sides_idle(kara)
-
-
-def test_a_second_turn_reuses_only_exact_kv(engines):
+def test_a_second_turn_reuses_only_exact_kv(runs):
     """The radix tree receives the exact prefix only: a second turn on a compressed reply
     re-prefills the rest, so its output is what vanilla gives for the same prompt."""
-    vanilla, kara = engines
-    flush(kara)
-    first = kara.generate(input_ids=SYSTEM + [11, 12], sampling_params=greedy(LONG))
-    assert last(first["meta_info"], "kv_tokens_evicted") > 0
-    prompt = SYSTEM + [11, 12] + first["output_ids"] + [21, 22]
-    ours = kara.generate(input_ids=prompt, sampling_params=greedy(8))
-    flush(vanilla)
-    base = vanilla.generate(input_ids=prompt, sampling_params=greedy(8))
-    assert ours["output_ids"] == base["output_ids"]
-    assert ours["meta_info"]["cached_tokens"] < len(prompt) - U  # the compressed reply was not matched
-    print("turn 2 cached tokens:", ours["meta_info"]["cached_tokens"], "of", len(prompt))
-    assert_both_sides_idle(kara)
+    turn2, prompt = runs["turn2"], runs["turn2_prompt"]
+    assert turn2["output_ids"] == runs["base"][2]["output_ids"]
+    assert turn2["meta_info"]["cached_tokens"] < len(prompt) - U  # the compressed reply was not matched
+
+
+@pytest.mark.parametrize("when", ["held", "after", "vanilla_after"])
+def test_both_pools_account_for_every_slot_and_go_back_to_idle(runs, when):
+    """``held``: idle with the finished requests in the tree (every slot free or tree-owned,
+    on each side); ``after``/``vanilla_after``: tree flushed, every slot of both pools free."""
+    state = runs[when]
+    assert state["available_tokens"] + state["evictable_tokens"] + state["protected_tokens"] \
+        == state["max_total_tokens"], state
+    assert state["swa_available_tokens"] + state["swa_evictable_tokens"] + state["swa_protected_tokens"] \
+        == state["swa_max_total_tokens"], state
+    if when != "held":
+        assert state["available_tokens"] == state["max_total_tokens"], state
+        assert state["swa_available_tokens"] == state["swa_max_total_tokens"], state
+        assert state["evictable_tokens"] == state["swa_evictable_tokens"] == 0, state
+    else:
+        assert state["evictable_tokens"] > 0 and state["protected_tokens"] == 0, state
