@@ -118,6 +118,12 @@ def check_supported(pool: Any, config: KaraConfig, page_size: int = 1,
 
 def _check_swa(pool: Any, config: KaraConfig, page_size: int, sliding_window: Optional[int]) -> None:
     """What Kara on a hybrid SWA pool is built for (see the module docstring)."""
+    from kara_sglang import sglang_versions, swa_window
+
+    lacking = swa_window.missing()
+    if lacking is not None:
+        raise KaraConfigError(f"--kv-policy: Kara on a hybrid sliding-window KV pool needs SGLang's "
+                              f"{lacking}, which SGLang {sglang_versions.installed()} does not have")
     if page_size != 1:
         # Paged compaction copies rows into the slots their new positions own; the SWA
         # layers' rows would have to follow through the full->SWA mapping (not built).

@@ -36,6 +36,21 @@ def _swa_component() -> Any:
     return ComponentType.SWA
 
 
+def missing() -> Optional[str]:
+    """What this SGLang release lacks for Kara on a hybrid SWA pool (``None``: nothing).
+
+    SGLang 0.5.17 keeps the SWA cursor as ``req.kv.swa_evicted_seqlen``, with no
+    ``swa_dead_lo`` floor: the functions here would see no cursor and shift none."""
+    from sglang.srt.managers import schedule_batch
+
+    info = getattr(schedule_batch, "ReqKvInfo", None)
+    if info is None or not all(hasattr(info, name) for name in
+                               ("get_evicted_seqlen", "set_evicted_seqlen", "swa_dead_lo", "clamp_evicted_seqlens")):
+        return ("per-request SWA cursor (ReqKvInfo.get_evicted_seqlen, set_evicted_seqlen, swa_dead_lo, "
+                "clamp_evicted_seqlens; 0.5.17 keeps req.kv.swa_evicted_seqlen only)")
+    return None
+
+
 def _kv(req: Any) -> Optional[Any]:
     kv = getattr(req, "kv", None)
     return kv if kv is not None and hasattr(kv, "get_evicted_seqlen") else None
