@@ -30,7 +30,7 @@ from kara_sglang.query_buffer import QueryBuffer
 from kara_kernels.recall import QUANT_GROUP
 from kara_sglang.recall import RecallStore, recall_attention, recall_attention_tier
 from kara_sglang.recall_tier import RecallTier
-from kara_sglang import kv_pool, req_kv, session_continue
+from kara_sglang import kv_pool, req_kv, session_continue, swa_window
 from kara_sglang.reasoning import ReasoningEnd
 from kara_sglang.tp import reducer_for
 from kara_sglang.window import WindowState
@@ -122,7 +122,7 @@ class KaraRuntime:
         self.policy = make_policy(config)
         self.page_size = page_size
         pool = model_runner.token_to_kv_pool
-        kv_pool.check_supported(pool, config)
+        kv_pool.check_supported(pool, config, page_size, getattr(model_runner, "sliding_window_size", None))
         # FP8 caches are stored as bytes; queries stay in the model's dtype (kara_sglang/fp8_kv.py).
         self.fp8_dtype = pool.dtype if pool.dtype in FP8_DTYPES else None
         query_dtype = model_runner.dtype if self.fp8_dtype is not None else pool.dtype
@@ -130,7 +130,10 @@ class KaraRuntime:
         self.req_to_token_pool = model_runner.req_to_token_pool
         device = self.req_to_token_pool.req_to_token.device
         rows = self.req_to_token_pool.req_to_token.shape[0]
-        shape = kv_pool.shape_of(pool)  # MLA: one latent "KV head" per layer
+        shape = kv_pool.shape_of(pool)  # MLA: one latent "KV head" per layer; SWA: the full-attention layers
+        self.swa = shape.kind == "swa"  # hybrid SWA pool: each request's SWA cursor follows compaction
+        self.sliding_window = getattr(model_runner, "sliding_window_size", None)
+        self.swa_released = 0  # SWA peers Kara released itself (SGLang's window eviction had not yet)
         num_layers = shape.num_layers
         # Under tensor parallelism this rank holds 1/N of the query heads (and its K pool
         # holds its share of the KV heads: pool.head_num).
@@ -141,7 +144,7 @@ class KaraRuntime:
         self.queries: Optional[QueryBuffer] = None
         if self.policy.query_ring:
             self.queries = QueryBuffer(
-                rows, config.resolve_vote_layers(num_layers), self.policy.query_ring, q_heads,
+                rows, kv_pool.vote_layers(pool, config), self.policy.query_ring, q_heads,
                 kv_heads, head_dim, self.policy.query_heads, query_dtype, device)
             self._last_vote_layer = self.queries.vote_layers[-1]
             self.ring_pos = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -292,17 +295,18 @@ class KaraRuntime:
         """Store this decode step's queries of a voting layer (graph-capturable: tensor ops only).
 
         ``q_rope``: MLA's rope part, when the backend takes it apart from ``q``."""
-        if self.queries is None or not self.queries.votes(layer.layer_id):
+        layer_id = kv_pool.layer_index(self.kv_pool, layer.layer_id)  # None: a sliding-window layer
+        if self.queries is None or layer_id is None or not self.queries.votes(layer_id):
             return
         self.sm_scale = float(layer.scaling)
         self.compressor.sm_scale = self.sm_scale
         if self.fp8_dtype is not None:  # host work: runs once when CUDA graphs are captured
             scale = layer.k_scale_float if layer.k_scale_float is not None else layer.k_scale
-            self.k_scales[layer.layer_id] = 1.0 if scale is None else float(scale)
+            self.k_scales[layer_id] = 1.0 if scale is None else float(scale)
         rows = forward_batch.req_pool_indices
         pos = self.ring_pos[rows]
-        self.queries.capture(layer.layer_id, kv_pool.latent_query(q, q_rope, self.queries.q_heads), rows, pos)
-        if layer.layer_id == self._last_vote_layer:
+        self.queries.capture(layer_id, kv_pool.latent_query(q, q_rope, self.queries.q_heads), rows, pos)
+        if layer_id == self._last_vote_layer:
             self.ring_pos[rows] = (pos + 1) % self.queries.ring
 
     def recall_attend(self, layer: Any, q: torch.Tensor, out: torch.Tensor, forward_batch: Any) -> torch.Tensor:
@@ -438,6 +442,11 @@ class KaraRuntime:
     def _compress(self, batch: Any, allocator: Any, due) -> None:
         self.compressor.layout = self._layout()
         self._kept_by_row = {e[1].pool_row: e[0] for e in due if e[0].kara.kept is not None}
+        if self.swa:  # the regions' SWA peers go first (kara_sglang/swa_window.py)
+            for req, item, _, _ in due:
+                self.swa_released += swa_window.release_region(
+                    req, allocator, self.req_to_token_pool.req_to_token, item.pool_row,
+                    item.task.kv_start + item.task.n_keys, item.task.kv_start)
         by_policy: Dict[int, list] = {}
         for entry in due:  # per-request overrides make several policies
             by_policy.setdefault(id(entry[2]), []).append(entry)
@@ -460,7 +469,7 @@ class KaraRuntime:
             # Recall (an emulation): the evicted slots stay allocated, held for the request.
             self.recall.hold([row for row, _ in order], [n for _, n in order], freed_slots)
         else:
-            allocator.free(freed_slots)
+            kv_pool.free_slots(allocator, freed_slots)
             self.freed_total += int(freed_slots.numel())
 
         evicted_by_req: Dict[int, int] = {}
@@ -474,9 +483,14 @@ class KaraRuntime:
             req.kara.countdown = policy.steps_until_due(window)
             e = task.n_evicted
             req_kv.shorten(req, e)
+            if self.swa:
+                swa_window.shift(req, e)
             evicted_by_req[id(req)] = e
             rows.append(item.pool_row)
             evicted.append(req.kara_offset)
+            if self.swa and self.debug_checks:
+                swa_window.check_row(req, allocator, self.req_to_token_pool.req_to_token, item.pool_row,
+                                     self.sliding_window)
         # The processed batch, or under overlap the one already prepared from it (the
         # processed one is then a copy without lengths).
         batches = {id(batch): batch}
@@ -509,7 +523,9 @@ class KaraRuntime:
             raise AssertionError("kara: freeing the reserved slot 0")
         pages = slots // self.page_size if self.page_size > 1 else slots
         # SGLang's allocators keep freed pages in two lists: free_pages, and release_pages
-        # (frees waiting to be merged back, sorted, at the next allocation).
+        # (frees waiting to be merged back, sorted, at the next allocation); a hybrid SWA
+        # allocator keeps the full-attention side's in its full_attn_allocator.
+        allocator = getattr(allocator, "full_attn_allocator", allocator)
         for name in ("free_pages", "release_pages"):
             free = getattr(allocator, name, None)
             if isinstance(free, torch.Tensor) and free.numel() and bool(torch.isin(pages.to(free.device), free).any()):
@@ -541,6 +557,8 @@ class KaraRuntime:
                "recall_slots_held": self.recall.held if self.holds_evicted_slots else 0,
                **(self._tier_counters() if self.tier is not None else {}),
                **self.overhead.totals()}
+        if self.swa:
+            out["swa_peers_released"] = self.swa_released
         if self.tp is not None:
             out.update(self.tp.counters())
         return out
@@ -689,8 +707,9 @@ class KaraRuntime:
                 slots = slots[:: self.page_size]  # one slot names each whole page
             if self.debug_checks:
                 self._check_free(slots, allocator)
-            allocator.free(slots)
+            kv_pool.free_slots(allocator, slots)
         req_kv.cut_to(req, length)
+        swa_window.clamp(req, length)
 
 
 def shrink_seq_lens(batch: Any, delta: torch.Tensor) -> None:

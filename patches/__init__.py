@@ -24,10 +24,11 @@ from kara_patches import (
     server_args,
     server_info,
     session_turns,
+    swa_eviction,
 )
 
 ALWAYS = server_args.PATCHES + scheduler_init.PATCHES + server_info.PATCHES
 RUNTIME = (attention_capture.PATCHES + decode_positions.PATCHES + decode_step.PATCHES
            + release.PATCHES + admission.PATCHES + request_params.PATCHES
            + output_meta.PATCHES + metrics.PATCHES + decode_retraction.PATCHES
-           + session_turns.PATCHES + recall_accounting.PATCHES)
+           + session_turns.PATCHES + recall_accounting.PATCHES + swa_eviction.PATCHES)

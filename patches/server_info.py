@@ -32,6 +32,20 @@ def server_config(config) -> dict:
             "budget": config.budget, "chunk_size": config.chunk_size, "scope": config.scope}
 
 
+def swa_accounting(allocator, tree) -> dict:
+    """Hybrid SWA pools: the full pool's free count as ``available_tokens`` (the allocator's own
+    is the smaller of both sides) and the SWA side's free, tree-evictable, tree-locked and total
+    counts (empty for other pools)."""
+    if not (hasattr(allocator, "swa_available_size") and hasattr(allocator, "full_available_size")
+            and hasattr(allocator, "size_swa")):
+        return {}
+    return {"available_tokens": int(allocator.full_available_size()),
+            "swa_available_tokens": int(allocator.swa_available_size()),
+            "swa_evictable_tokens": int(tree.swa_evictable_size()),
+            "swa_protected_tokens": int(tree.swa_protected_size()),
+            "swa_max_total_tokens": int(allocator.size_swa)}
+
+
 def pool_accounting(scheduler) -> dict:
     tree = scheduler.tree_cache
     config = config_from_attrs(scheduler.server_args)
@@ -48,6 +62,7 @@ def pool_accounting(scheduler) -> dict:
         # --dp-size N: one entry per replica, each with its own counters.
         "dp_rank": dp_rank(scheduler),
     }
+    info.update(swa_accounting(scheduler.token_to_kv_pool_allocator, tree))
     runtime = adapter.current()
     if runtime is not None:
         info.update(runtime.counters())
