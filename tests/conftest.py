@@ -82,6 +82,7 @@ LONGEST_FIRST = [
     "test_fidelity.py", "test_accuracy_cmd.py", "test_sglang_http.py", "test_examples.py", "test_cask.py", "test_recall.py",
     "test_follow_up.py", "test_sglang_session_continue.py", "test_sglang_engine.py", "test_sglang_layouts.py",
     "test_sglang_reasoning.py", "test_sglang_pd_decode.py", "test_fp8_kv.py", "test_sglang_parallel.py",
+    "test_sglang_swa.py", "test_sglang_mla.py",
 ]
 
 
