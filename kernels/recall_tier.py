@@ -92,13 +92,12 @@ def _check_pool(k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> None:
 
 @triton.jit
 def _quantize_kernel(
-    KB, stride_kbs, stride_kbh, VB, stride_vbs, stride_vbh,
+    XB, stride_xbs, stride_xbh,
     SRC, DST, n_tokens,
-    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
-    VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_T: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr,
+    XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh,
+    DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr,
 ):
+    """One of K or V (launched once for each): blocks of tokens x one KV head."""
     head = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < n_tokens
@@ -107,10 +106,10 @@ def _quantize_kernel(
     LEVELS: tl.constexpr = 2 ** BITS - 1
     PER_BYTE: tl.constexpr = 8 // BITS
 
-    # ---- K. Padding channels (BLOCK_D > HEAD_DIM) form whole groups of their own, not stored.
+    # Padding channels (BLOCK_D > DIM) form whole groups of their own, not stored.
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    x = tl.load(KB + src[:, None] * stride_kbs + head * stride_kbh + offs_d[None, :],
+    d_ok = offs_d < DIM
+    x = tl.load(XB + src[:, None] * stride_xbs + head * stride_xbh + offs_d[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     g = tl.reshape(x, (BLOCK_T, BLOCK_D // QGROUP, QGROUP))
     lo = tl.reduce(g, 2, _min_combine)
@@ -118,10 +117,10 @@ def _quantize_kernel(
     code = tl.floor(tl.math.div_rn(g - lo[:, :, None], tl.broadcast_to(step[:, :, None], g.shape)) + 0.5)
     code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
     offs_g = tl.arange(0, BLOCK_D // QGROUP)
-    g_mask = t_ok[:, None] & (offs_g < HEAD_DIM // QGROUP)[None, :]
-    s_off = dst[:, None] * stride_kss + head * stride_ksh + offs_g[None, :]
-    tl.store(KLO + s_off, lo.to(tl.float16), mask=g_mask)
-    tl.store(KST + s_off, step.to(tl.float16), mask=g_mask)
+    g_mask = t_ok[:, None] & (offs_g < DIM // QGROUP)[None, :]
+    s_off = dst[:, None] * stride_xss + head * stride_xsh + offs_g[None, :]
+    tl.store(XLO + s_off, lo.to(tl.float16), mask=g_mask)
+    tl.store(XST + s_off, step.to(tl.float16), mask=g_mask)
     if BITS == 8:
         packed = tl.reshape(code, (BLOCK_T, BLOCK_D))
         offs_b = offs_d
@@ -130,34 +129,8 @@ def _quantize_kernel(
         shift = tl.arange(0, PER_BYTE) * BITS
         packed = tl.reduce(c << shift[None, None, :], 2, _sum_combine)  # disjoint bits: sum == or
         offs_b = tl.arange(0, BLOCK_D // PER_BYTE)
-    tl.store(KC + dst[:, None] * stride_kcs + head * stride_kch + offs_b[None, :], packed.to(tl.uint8),
-             mask=t_ok[:, None] & (offs_b < HEAD_DIM * BITS // 8)[None, :])
-
-    # ---- V, the same with V_DIM.
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < V_DIM
-    x = tl.load(VB + src[:, None] * stride_vbs + head * stride_vbh + offs_dv[None, :],
-                mask=t_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-    g = tl.reshape(x, (BLOCK_T, BLOCK_DV // QGROUP, QGROUP))
-    lo = tl.reduce(g, 2, _min_combine)
-    step = tl.math.div_rn(tl.maximum(tl.reduce(g, 2, _max_combine) - lo, 1e-8), tl.full(lo.shape, LEVELS, tl.float32))
-    code = tl.floor(tl.math.div_rn(g - lo[:, :, None], tl.broadcast_to(step[:, :, None], g.shape)) + 0.5)
-    code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
-    offs_gv = tl.arange(0, BLOCK_DV // QGROUP)
-    gv_mask = t_ok[:, None] & (offs_gv < V_DIM // QGROUP)[None, :]
-    s_off = dst[:, None] * stride_vss + head * stride_vsh + offs_gv[None, :]
-    tl.store(VLO + s_off, lo.to(tl.float16), mask=gv_mask)
-    tl.store(VST + s_off, step.to(tl.float16), mask=gv_mask)
-    if BITS == 8:
-        packed = tl.reshape(code, (BLOCK_T, BLOCK_DV))
-        offs_bv = offs_dv
-    else:
-        c = tl.reshape(code, (BLOCK_T, BLOCK_DV // PER_BYTE, PER_BYTE))
-        shift = tl.arange(0, PER_BYTE) * BITS
-        packed = tl.reduce(c << shift[None, None, :], 2, _sum_combine)
-        offs_bv = tl.arange(0, BLOCK_DV // PER_BYTE)
-    tl.store(VC + dst[:, None] * stride_vcs + head * stride_vch + offs_bv[None, :], packed.to(tl.uint8),
-             mask=t_ok[:, None] & (offs_bv < V_DIM * BITS // 8)[None, :])
+    tl.store(XC + dst[:, None] * stride_xcs + head * stride_xch + offs_b[None, :], packed.to(tl.uint8),
+             mask=t_ok[:, None] & (offs_b < DIM * BITS // 8)[None, :])
 
 
 @triton.jit
@@ -300,7 +273,8 @@ def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: 
         src_slots, dst_slots: ``[n]`` integer pool slots and tier slots.
         k_codes, k_lo, k_step, v_codes, v_lo, v_step: one layer's tier (module docstring).
         bits: 2, 4 or 8.
-    One launch, a grid over blocks of tokens x KV heads; tier slots not named are untouched.
+    Two launches (K, then V), each a grid over blocks of tokens x KV heads; tier slots not
+    named are untouched.
     """
     _check_bits(bits)
     Hkv, D, Dv = k_buffer.shape[1], k_buffer.shape[2], v_buffer.shape[2]
@@ -318,14 +292,13 @@ def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: 
     if interpreting():  # the CPU interpreter pays per program: fewer, larger blocks
         block_t = max(block_t, min(256, triton.next_power_of_2(n)))
     src, dst = src_slots.contiguous(), dst_slots.contiguous()
-    _quantize_kernel[(triton.cdiv(n, block_t), Hkv)](
-        k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
-        src, dst, n,
-        k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
-        v_codes, v_codes.stride(0), v_codes.stride(1), v_lo, v_step, v_lo.stride(0), v_lo.stride(1),
-        HEAD_DIM=D, BLOCK_D=_block(D), V_DIM=Dv, BLOCK_DV=_block(Dv), BLOCK_T=block_t, BITS=bits,
-        QGROUP=QUANT_GROUP,
-    )
+    for buffer, codes, lo, step in ((k_buffer, k_codes, k_lo, k_step), (v_buffer, v_codes, v_lo, v_step)):
+        dim = buffer.shape[2]
+        _quantize_kernel[(triton.cdiv(n, block_t), Hkv)](
+            buffer, buffer.stride(0), buffer.stride(1), src, dst, n,
+            codes, codes.stride(0), codes.stride(1), lo, step, lo.stride(0), lo.stride(1),
+            DIM=dim, BLOCK_D=_block(dim), BLOCK_T=block_t, BITS=bits, QGROUP=QUANT_GROUP,
+        )
 
 
 def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
