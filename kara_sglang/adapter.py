@@ -28,7 +28,7 @@ from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_kernels.recall import QUANT_GROUP
-from kara_sglang.recall import RecallStore, recall_attention, recall_attention_tier
+from kara_sglang.recall import RecallStore, bits_of, recall_attention, recall_attention_tier
 from kara_sglang.recall_tier import RecallTier
 from kara_sglang import kv_pool, req_kv, session_continue, swa_window
 from kara_sglang.reasoning import ReasoningEnd
@@ -207,7 +207,7 @@ class KaraRuntime:
     def _make_tier(self, num_layers: int, kv_heads: int, head_dim: int, rows: int, row_capacity: int,
                    device: torch.device) -> RecallTier:
         """The GPU tier, allocated once; refused in one line if the device cannot hold it."""
-        bits = int(self.config.recall_kv[len("bits"):])
+        bits = bits_of(self.config.recall_kv)
         v_head_dim = kv_pool.value_buffers(self.kv_pool)[0].shape[-1]
         tokens = self.config.recall_tier_tokens
         need = RecallTier.bytes_needed(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits)
@@ -459,15 +459,15 @@ class KaraRuntime:
             if self.tp is not None:
                 self.tp.check_same("the freed slots and req_to_token rows", freed_slots,
                                    self.req_to_token_pool.req_to_token[[e[1].pool_row for e in due]])
-        order = self.compressor.freed_order
+        freed_rows = [row for row, _ in self.compressor.freed_order]
+        freed_counts = [n for _, n in self.compressor.freed_order]
         if self.tier is not None:
             # Recall with a tier: the evicted K and V are quantised into it, then freed as always.
             layout = self.compressor.layout
-            self.tier.store([row for row, _ in order], [n for _, n in order], freed_slots,
-                            layout.k_buffers, layout.v_buffers)
-        if self.recall is not None and self.tier is None:
+            self.tier.store(freed_rows, freed_counts, freed_slots, layout.k_buffers, layout.v_buffers)
+        if self.holds_evicted_slots:
             # Recall (an emulation): the evicted slots stay allocated, held for the request.
-            self.recall.hold([row for row, _ in order], [n for _, n in order], freed_slots)
+            self.recall.hold(freed_rows, freed_counts, freed_slots)
         else:
             kv_pool.free_slots(allocator, freed_slots)
             self.freed_total += int(freed_slots.numel())

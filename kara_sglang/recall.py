@@ -31,7 +31,7 @@ from kara_kernels.recall import rank_evicted, recall_decode
 from kara_kernels.recall_tier import rank_tier, recall_decode_tier
 
 
-def _bits(setting: str) -> int:
+def bits_of(setting: str) -> int:
     """``exact`` -> 0, ``bitsN`` -> N (digest and recalled-KV settings share the names)."""
     return 0 if setting == "exact" else int(setting[len("bits"):])
 
@@ -118,12 +118,12 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
     n_cols = evicted_table.shape[1] if n_cols is None else n_cols
     B, Hkv = q.shape[0], k_buffer.shape[1]
     if tokens and n_cols:
-        rank = rank_evicted(select_q, k_buffer, evicted_table, rows, evicted_lens, n_cols, _bits(digest), sm_scale)
+        rank = rank_evicted(select_q, k_buffer, evicted_table, rows, evicted_lens, n_cols, bits_of(digest), sm_scale)
         selected = _top(rank, tokens, n_cols)
     else:
         selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
     return recall_decode(q, k_buffer, v_buffer, resident_table, resident_lens, evicted_table, rows,
-                         selected, sm_scale, _bits(kv))
+                         selected, sm_scale, bits_of(kv))
 
 
 def recall_attention_tier(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
