@@ -183,14 +183,15 @@ def kara_counters(engine) -> dict:
     state = engine.get_server_info()["internal_states"][0].get("kara", {})
     return {k: state.get(k, 0) for k in ("decode_steps", "hook_host_s", "compress_s", "compression_events",
                                          "score_allreduces", "score_allreduce_host_s",
-                                         "recall_tier_tokens_stored", "recall_tier_fallback_tokens")}
+                                         "recall_tier_tokens_stored", "recall_tier_fallback_tokens",
+                                         "recall_buffer_fills")}
 
 
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """The server's settings (shared with benchmarks/agent/bench_agent.py)."""
     ap.add_argument("--policy", default="none")
     ap.add_argument("--recall-tokens", type=int, default=0,
-                    help="kara recall: evicted tokens attended again per layer and KV head (runs without CUDA graphs)")
+                    help="kara recall: evicted tokens attended again per layer and KV head (the emulation, without a tier, runs without CUDA graphs)")
     ap.add_argument("--recall-tier-tokens", type=int, default=0, help="kara recall: the GPU tier's tokens (0: emulation)")
     ap.add_argument("--recall-kv", default="exact", help="kara recall: the tier's / recalled K and V precision")
     ap.add_argument("--keep-ratio", type=float, default=None)
@@ -206,6 +207,8 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--cuda-graph-max-bs", type=int, default=None,
                     help="SGLang --cuda-graph-max-bs-decode (default: SGLang's; raise with --max-running-requests)")
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="SGLang's --context-length (a recall tier ranks each row over its width inside CUDA graphs)")
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="pin the KV pool size (same workload fit on an H100 and an H200)")
     ap.add_argument("--disable-prefill-cuda-graph", action="store_true",
@@ -233,6 +236,8 @@ def start_engine(args, **extra):
         args.attention_backend = "torch_native"
     if args.max_total_tokens:
         device_args["max_total_tokens"] = args.max_total_tokens
+    if args.context_length:
+        device_args["context_length"] = args.context_length
 
     import sglang
     import torch
@@ -250,7 +255,8 @@ def start_engine(args, **extra):
         if args.recall_tokens:
             kara.update(kara_recall_tokens=args.recall_tokens, kara_recall_tier_tokens=args.recall_tier_tokens,
                         kara_recall_kv=args.recall_kv)
-            device_args["disable_cuda_graph"] = True  # the recall attention is not graph-capturable yet
+            if not args.recall_tier_tokens:
+                device_args["disable_cuda_graph"] = True  # the emulation's attention is not graph-capturable
     print("BENCH-CONFIG " + json.dumps(vars(args), default=lambda o: getattr(o, "spec", str(o))), file=sys.stderr, flush=True)
     t0 = time.time()
     engine = sglang.Engine(
@@ -334,7 +340,9 @@ def main() -> None:
                 "recall_kv": args.recall_kv if args.recall_tokens else None,
                 "recall_tier_tokens_stored": spent["recall_tier_tokens_stored"],
                 "recall_tier_fallback_tokens": spent["recall_tier_fallback_tokens"],
+                "recall_buffer_fills": spent["recall_buffer_fills"],
                 "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
+                "context_length": args.context_length,
                 "max_running_requests": args.max_running_requests,
                 "prefill_cuda_graph": not args.disable_prefill_cuda_graph,
                 **env,  # device, SGLang version, pool; backend, KV dtype and overlap as resolved

@@ -28,7 +28,8 @@ from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_kernels.recall import QUANT_GROUP
-from kara_sglang.recall import RecallStore, bits_of, recall_attention, recall_attention_tier
+from kara_sglang.recall import RecallStore, bits_of, recall_attention, recall_fill_tier
+from kara_kernels.recall_tier import rank_tier, recall_decode_tier
 from kara_sglang.recall_tier import RecallTier
 from kara_sglang import kv_pool, req_kv, session_continue, swa_window
 from kara_sglang.reasoning import ReasoningEnd
@@ -180,6 +181,17 @@ class KaraRuntime:
             if config.recall_tier_tokens:
                 self.tier = self._make_tier(num_layers, kv_heads, head_dim, rows, row_capacity, device)
                 self.recall = self.tier.rows
+                # Each row's recall buffer (kara_sglang/window.py, CompressionTask.recall_buffer):
+                # its pool slots, the column after it, and whether it is written this step.
+                width = config.recall_tokens
+                self.buffer_slots = torch.zeros(rows, width, dtype=torch.int64, device=device)
+                self.buffer_end = torch.zeros(rows, dtype=torch.int64, device=device)
+                self.buffer_on = torch.zeros(rows, dtype=torch.int32, device=device)
+                self.buffer_rows: set = set()  # rows holding a buffer (host)
+                # Buffers filled, summed over layers and steps (counted on the device, inside
+                # CUDA graphs too: shows that the captured steps fill them).
+                self.buffer_fills = torch.zeros((), dtype=torch.int64, device=device)
+                self._tier_plan: Dict[int, bool] = {}  # this step's windows: stored in the tier or not
             else:
                 self.recall = RecallStore(rows, row_capacity, device)
             if config.recall_lag:
@@ -309,33 +321,90 @@ class KaraRuntime:
         if layer_id == self._last_vote_layer:
             self.ring_pos[rows] = (pos + 1) % self.queries.ring
 
+    def _recall_queries(self, layer: Any, q: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The step's queries ``[B, Hq, D]`` and those that rank (lag 1: the previous step's,
+        then this step's are stored for the next)."""
+        queries = q.reshape(rows.shape[0], layer.tp_q_head_num, -1)
+        if self.recall_queries is None:
+            return queries, queries
+        select = self.recall_queries[rows, layer.layer_id].clone()
+        self.recall_queries[rows, layer.layer_id] = queries.to(self.recall_queries.dtype)
+        return queries, select
+
+    def recall_fill(self, layer: Any, q: torch.Tensor, forward_batch: Any) -> None:
+        """Before a decode step's attention, with a tier: each request holding a recall buffer
+        gets the tier tokens its query selects written into it (kara_sglang/recall.py,
+        ``recall_fill_tier``), and SGLang's attention then reads them with the resident tokens.
+
+        Graph-capturable: while a CUDA graph is captured the ranking spans the tier row's full
+        width and nothing is decided on the host; run eagerly it spans the longest row held.
+        """
+        rows = forward_batch.req_pool_indices
+        _, select = self._recall_queries(layer, q, rows)
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not self.buffer_rows:
+            return
+        n_cols = self.recall.slots.shape[1] if capturing else self.recall.longest
+        # A padded entry of a captured batch names row 0 with a length of at most 1: never live.
+        live = self.buffer_on[rows] * (forward_batch.seq_lens > self.buffer_end[rows])
+        self.buffer_fills.add_(live.sum())
+        recall_fill_tier(select, self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows,
+                         self.recall.counts[rows], live, self.buffer_slots,
+                         self.kv_pool.get_key_buffer(layer.layer_id), self.kv_pool.get_value_buffer(layer.layer_id),
+                         float(layer.scaling), n_cols)
+
+    def check_recall_output(self, layer: Any, q: torch.Tensor, out: Any, forward_batch: Any) -> None:
+        """Debug (eager steps): SGLang's attention output for each request with a live buffer
+        equals recall's own kernel over the row's resident columns without the buffer plus the
+        same selected tier tokens (kernels/recall_tier.py, ``recall_decode_tier``)."""
+        rows = forward_batch.req_pool_indices
+        live = (self.buffer_on[rows] * (forward_batch.seq_lens > self.buffer_end[rows])).bool()
+        if not isinstance(out, torch.Tensor) or not bool(live.any()):
+            return
+        B, Hq = rows.shape[0], layer.tp_q_head_num
+        queries = q.reshape(B, Hq, -1)  # lag 0 only: lag 1's queries were consumed by the fill
+        if self.recall_queries is not None:
+            return
+        R, table = self.config.recall_tokens, self.req_to_token_pool.req_to_token
+        resident = table.clone()  # each live row without its buffer's columns
+        lens = forward_batch.seq_lens.clone().to(torch.int64)
+        for b, (row, n, end) in enumerate(zip(rows.tolist(), lens.tolist(), self.buffer_end[rows].tolist())):
+            if live[b]:
+                cols = list(range(end - R)) + list(range(end, n))
+                resident[row, :len(cols)] = table[row, cols]
+                lens[b] = len(cols)
+        n_cols = self.recall.longest
+        layer_tier = self.tier.layer(layer.layer_id)
+        rank = rank_tier(queries, *layer_tier[:3], self.recall.slots, rows, self.recall.counts[rows], n_cols,
+                         self.tier.bits, float(layer.scaling))
+        selected = rank.topk(min(R, n_cols), dim=-1).indices.masked_fill(~live[:, None, None], -1)
+        want = recall_decode_tier(queries, self.kv_pool.get_key_buffer(layer.layer_id),
+                                  self.kv_pool.get_value_buffer(layer.layer_id), resident,
+                                  lens, *layer_tier, self.recall.slots, rows, selected, self.tier.bits,
+                                  float(layer.scaling))
+        got = out.view(B, Hq, -1)[live].float()
+        tol = 1e-3 if out.dtype == torch.float32 else 5e-2
+        if not torch.allclose(got, want[live], atol=tol, rtol=tol):
+            raise AssertionError(f"kara recall: layer {layer.layer_id}: SGLang's attention over the recall "
+                                 f"buffer is {(got - want[live]).abs().max():.3g} from recall's own kernel")
+
     def recall_attend(self, layer: Any, q: torch.Tensor, out: torch.Tensor, forward_batch: Any) -> torch.Tensor:
-        """A decode step's attention output with recall: rows holding evicted KV attend to their
+        """The recall emulation's decode output: rows holding evicted slots attend to their
         resident tokens plus the evicted ones their (lag-0 or lag-1) query selects; the other
-        rows keep SGLang's output. Outside CUDA graphs (the recall emulation)."""
+        rows keep SGLang's output. Outside CUDA graphs."""
         rows = forward_batch.req_pool_indices
         B, Hq = rows.shape[0], layer.tp_q_head_num
-        queries = q.reshape(B, Hq, -1)
-        select = queries
-        if self.recall_queries is not None:
-            select = self.recall_queries[rows, layer.layer_id].clone()
-            self.recall_queries[rows, layer.layer_id] = queries.to(self.recall_queries.dtype)
+        queries, select = self._recall_queries(layer, q, rows)
         held = self.recall.longest
         if held == 0 or not isinstance(out, torch.Tensor):
             return out
         k_buffer = self.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = self.kv_pool.get_value_buffer(layer.layer_id)
         evicted_lens = self.recall.counts[rows]
-        if self.tier is not None:
-            attended = recall_attention_tier(
-                queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
-                self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows, evicted_lens,
-                self.config.recall_tokens, float(layer.scaling), n_cols=held)
-        else:
-            attended = recall_attention(
-                queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
-                self.recall.slots, rows, evicted_lens, self.config.recall_tokens,
-                self.config.recall_digest, float(layer.scaling), n_cols=held, kv=self.config.recall_kv)
+        attended = recall_attention(
+            queries, select, k_buffer, v_buffer, self.req_to_token_pool.req_to_token, forward_batch.seq_lens,
+            self.recall.slots, rows, evicted_lens, self.config.recall_tokens,
+            self.config.recall_digest, float(layer.scaling), n_cols=held, kv=self.config.recall_kv)
         shaped = out.view(B, Hq, -1)
         shaped.copy_(torch.where((evicted_lens > 0)[:, None, None], attended.to(out.dtype), shaped))
         return out
@@ -385,6 +454,7 @@ class KaraRuntime:
 
     def _after_decode(self, batch: Any, allocator: Any) -> None:
         due: List[Tuple[Any, DueRequest, KVPolicy, Any]] = []
+        tier_room = [self.tier.n_free] if self.tier is not None else None
         for req in batch.reqs:
             row = req_kv.pool_row(req)
             if row is None:
@@ -428,6 +498,8 @@ class KaraRuntime:
                 continue
             if task.kv_start < req_kv.protected_len(req):
                 raise AssertionError(f"kara: refusing to touch radix-tree slots of request {req.rid}")
+            if tier_room is not None:
+                task = self._plan_tier(row, task, state.policy, tier_room)
             # The in-flight column (written by the step already launched) slides with the tail.
             moved = dataclasses.replace(task, n_suffix=task.n_suffix + 1) if in_flight else task
             due.append((req, DueRequest(row, row, moved,
@@ -438,6 +510,56 @@ class KaraRuntime:
             self.overhead.compress_begin()
             self._compress(batch, allocator, due)
             self.overhead.compress_end()
+
+    def _plan_tier(self, row: int, task: Any, policy: KVPolicy, room: List[int]) -> Any:
+        """Whether this window's evicted tokens go into the tier (decided here, on the host,
+        so that a window is stored whole or not at all), and, for a row without a recall
+        buffer, whether this compression creates one (its task then keeps R more columns).
+
+        The tier stores only windows of rows with a buffer (the others could never be
+        recalled); a window it cannot hold is evicted as without recall (``fallback_tokens``).
+        """
+        R, n = self.config.recall_tokens, task.n_evicted
+        creates = row not in self.buffer_rows
+        fits = (n <= room[0] and self.recall.count(row) + n <= self.recall.slots.shape[1]
+                and policy.name == "kara" and (not creates or n > R))
+        self._tier_plan[row] = fits
+        if not fits:
+            return task
+        room[0] -= n
+        return dataclasses.replace(task, keep=task.keep + R, recall_buffer=R) if creates else task
+
+    def _store_in_tier(self, freed_rows: List[int], freed_counts: List[int], freed_slots: torch.Tensor,
+                       due) -> None:
+        """Quantise the planned windows' evicted tokens into the tier (a new buffer's slots
+        are evicted tokens too) and switch the new buffers on; every other freed slot is freed."""
+        new_buffers = {row: slots for rows, group in self.compressor.recall_buffers for row, slots in zip(rows, group)}
+        store_rows, store_counts, pieces, start = [], [], [], 0
+        for row, n in zip(freed_rows, freed_counts):
+            piece, start = freed_slots[start:start + n], start + n
+            if not self._tier_plan.get(row, False):
+                self.tier.fallback_tokens += n
+                continue
+            extra = new_buffers.get(row)
+            pieces += [piece] if extra is None else [piece, extra]
+            store_rows.append(row)
+            store_counts.append(n + (0 if extra is None else int(extra.numel())))
+        if store_rows:
+            stored = self.tier.store(store_rows, store_counts, torch.cat(pieces), self.compressor.layout.k_buffers,
+                                     self.compressor.layout.v_buffers)
+            if stored != sum(store_counts):
+                raise AssertionError(f"kara recall tier: planned {sum(store_counts)} tokens, stored {stored}")
+        self._tier_plan = {}
+        if not new_buffers:
+            return
+        ends = {item.pool_row: item.task.kv_start + item.task.keep for _, item, _, _ in due}
+        device = self.buffer_slots.device
+        rows = list(new_buffers)
+        index = to_device(rows, device)
+        self.buffer_slots[index] = torch.stack([new_buffers[r] for r in rows])
+        self.buffer_end[index] = to_device([ends[r] for r in rows], device)
+        self.buffer_on[index] = 1
+        self.buffer_rows.update(rows)
 
     def _compress(self, batch: Any, allocator: Any, due) -> None:
         self.compressor.layout = self._layout()
@@ -463,8 +585,7 @@ class KaraRuntime:
         freed_counts = [n for _, n in self.compressor.freed_order]
         if self.tier is not None:
             # Recall with a tier: the evicted K and V are quantised into it, then freed as always.
-            layout = self.compressor.layout
-            self.tier.store(freed_rows, freed_counts, freed_slots, layout.k_buffers, layout.v_buffers)
+            self._store_in_tier(freed_rows, freed_counts, freed_slots, due)
         if self.holds_evicted_slots:
             # Recall (an emulation): the evicted slots stay allocated, held for the request.
             self.recall.hold(freed_rows, freed_counts, freed_slots)
@@ -547,7 +668,8 @@ class KaraRuntime:
             policy, window = state.policy, state.window
         if policy is None or self.holds_evicted_slots:
             return float(remaining)  # the emulation holds every evicted slot: it grows as vanilla does
-        return float(policy.max_growth(window, remaining))
+        buffer = self.config.recall_tokens if self.tier is not None else 0  # a recall buffer's columns
+        return float(min(remaining, policy.max_growth(window, remaining) + buffer))
 
     # ----------------------------------------------------------- observability
     def counters(self) -> dict:
@@ -565,7 +687,8 @@ class KaraRuntime:
 
     def _tier_counters(self) -> dict:
         return {"recall_tier_tokens_held": self.tier.held, "recall_tier_tokens_stored": self.tier.stored_tokens,
-                "recall_tier_fallback_tokens": self.tier.fallback_tokens}
+                "recall_tier_fallback_tokens": self.tier.fallback_tokens, "recall_buffers": len(self.buffer_rows),
+                "recall_buffer_fills": int(self.buffer_fills.item())}
 
     @property
     def holds_evicted_slots(self) -> bool:
@@ -634,6 +757,9 @@ class KaraRuntime:
             if self.tier is not None:
                 if self.tier.release(row) and self.debug_checks:
                     self.tier.check_free_once()
+                if row in self.buffer_rows:  # its slots are columns of the row: freed below
+                    self.buffer_rows.discard(row)
+                    self.buffer_on[row] = 0
             elif self.recall is not None and self.recall.count(row):
                 held = self.recall.release(row)
                 if self.debug_checks:

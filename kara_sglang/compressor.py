@@ -15,6 +15,7 @@ and the pages wholly past the new end are returned.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -133,6 +134,9 @@ class Compressor:
         # Page size 1: (req_to_token row, slots) of each request, in the order of the slots
         # the last run returned (recall holds them per row instead of freeing them).
         self.freed_order: List[Tuple[int, int]] = []
+        # Tasks with a recall buffer: (req_to_token rows, ``[n, R]`` slots of the evicted
+        # tokens whose slots became the buffer), per group of the last run.
+        self.recall_buffers: List[Tuple[List[int], torch.Tensor]] = []
 
     def run(self, due: Sequence[DueRequest], policy: Optional[KVPolicy] = None,
             exact_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -158,6 +162,7 @@ class Compressor:
         """
         device = self.layout.req_to_token.device
         self.freed_order = []
+        self.recall_buffers = []
         groups: List[_Group] = []
         for due, policy in batches:
             by_shape: Dict[tuple, List[DueRequest]] = {}
@@ -213,7 +218,9 @@ class Compressor:
                             exact_prefix: Optional[torch.Tensor]) -> torch.Tensor:
         task, n, old, rows, columns = g.task, len(g.items), g.old, g.rows, g.columns
         span = task.n_keys + task.n_suffix
-        keep, merges = g.policy.select_and_merge(g.scores, task, n, device)  # keep: [n, keep]
+        R = task.recall_buffer
+        chosen = dataclasses.replace(task, keep=task.policy_keep, recall_buffer=0) if R else task
+        keep, merges = g.policy.select_and_merge(g.scores, chosen, n, device)  # keep: [n, policy_keep]
         if self.check_keep is not None:
             self.check_keep(keep)
         if self.on_keep is not None:
@@ -226,7 +233,16 @@ class Compressor:
         if exact_prefix is not None:
             self._record_exact_prefix(g.items, rows, columns[:, 0], keep, merges, span, exact_prefix)
         suffix = torch.arange(task.n_keys, span, device=device).expand(n, -1)
-        order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending
+        if R:
+            if self.layout.page_size != 1:
+                raise ValueError("a recall buffer needs page size 1")
+            # The first R evicted positions fill the buffer's columns, after the kept ones:
+            # their slots stay with the row (the exact prefix above ends before them).
+            chosen_mask = torch.zeros(n, task.n_keys, dtype=torch.bool, device=device).scatter_(1, keep, True)
+            buffer = chosen_mask.to(torch.int8).argsort(dim=1, stable=True)[:, :R]
+            self.recall_buffers.append(([it.pool_row for it in g.items], old.gather(1, buffer)))
+            keep = torch.cat([keep, buffer], dim=1)
+        order = torch.cat([keep, suffix], dim=1)  # [n, keep + n_suffix], ascending but the buffer
         moved = old.gather(1, order)
         new_len = task.keep + task.n_suffix
 

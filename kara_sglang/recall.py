@@ -28,7 +28,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from kara_kernels.recall import rank_evicted, recall_decode
-from kara_kernels.recall_tier import rank_tier, recall_decode_tier
+from kara_kernels.recall_tier import fill_recall_buffer, rank_tier, recall_decode_tier
 
 
 def bits_of(setting: str) -> int:
@@ -146,3 +146,23 @@ def recall_attention_tier(q: torch.Tensor, select_q: torch.Tensor, k_buffer: tor
         selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
     return recall_decode_tier(q, k_buffer, v_buffer, resident_table, resident_lens, k_codes, k_lo, k_step,
                               v_codes, v_lo, v_step, tier_table, rows, selected, bits, sm_scale)
+
+
+def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor], bits: int, tier_table: torch.Tensor,
+                     rows: torch.Tensor, tier_lens: torch.Tensor, live: torch.Tensor, buffer_slots: torch.Tensor,
+                     k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float, n_cols: int) -> None:
+    """Recall through SGLang's own attention: rank each request's tier tokens with ``select_q``,
+    and write the top R per KV head (R = the buffer's width), dequantised, into the request's
+    recall-buffer slots, which its ``req_to_token`` row holds among its resident columns.
+
+    Only device work with shapes fixed by ``n_cols`` (capture it at the tier row's width and a
+    CUDA graph replays it); a request holding fewer than R tier tokens must not be ``live``.
+    """
+    k_codes, k_lo, k_step = tier_layer[:3]
+    tokens = buffer_slots.shape[1]
+    if not n_cols or not tokens:
+        return
+    rank = rank_tier(select_q, k_codes, k_lo, k_step, tier_table, rows, tier_lens, n_cols, bits, sm_scale)
+    selected = _top(rank, tokens, n_cols)
+    fill_recall_buffer(selected, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
+                       k_buffer, v_buffer, bits)

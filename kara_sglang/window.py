@@ -18,6 +18,12 @@ class CompressionTask:
     The region ``[kv_start, kv_start + n_keys)`` shrinks to ``keep`` tokens; the
     ``n_suffix`` tokens after it slide left to follow them. ``n_queries`` captured queries
     (the whole query ring of the request) vote; 0 means the policy needs no scores.
+
+    ``recall_buffer`` (recall with a tier, kara_sglang/recall_tier.py): the last R of the
+    ``keep`` columns are not chosen by the policy (it keeps ``keep - R``) but take R of the
+    evicted tokens' slots, which become the request's recall buffer: each decode step
+    overwrites them with the tier tokens its query selects, so SGLang's own attention reads
+    them with the resident tokens. Their tokens are evicted as the others are (into the tier).
     """
 
     kv_start: int
@@ -25,6 +31,7 @@ class CompressionTask:
     keep: int
     n_suffix: int
     n_queries: int
+    recall_buffer: int = 0
 
     @property
     def n_evicted(self) -> int:
@@ -41,7 +48,12 @@ class CompressionTask:
     @property
     def shape(self) -> tuple:
         """Tasks of equal shape are scored and selected together in one batch."""
-        return (self.n_keys, self.keep, self.n_suffix, self.n_queries)
+        return (self.n_keys, self.keep, self.n_suffix, self.n_queries, self.recall_buffer)
+
+    @property
+    def policy_keep(self) -> int:
+        """Tokens the policy chooses to keep (``keep`` less the recall buffer's columns)."""
+        return self.keep - self.recall_buffer
 
 
 @dataclass

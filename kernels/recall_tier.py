@@ -48,8 +48,8 @@ from kara_kernels.recall import LOG2E, QUANT_GROUP
 
 TIER_BITS = (2, 4, 8)
 
-__all__ = ["QUANT_GROUP", "TIER_BITS", "quantize_to_tier", "rank_tier", "recall_decode_tier",
-           "tier_bytes_per_token"]
+__all__ = ["QUANT_GROUP", "TIER_BITS", "fill_recall_buffer", "quantize_to_tier", "rank_tier",
+           "recall_decode_tier", "tier_bytes_per_token"]
 
 
 def tier_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, v_head_dim: int, bits: int) -> int:
@@ -257,6 +257,41 @@ def _recall_decode_tier_kernel(
     tl.store(out + offs_dv, acc / l_i, mask=dv_ok)
 
 
+@triton.jit
+def _fill_buffer_kernel(
+    SEL, stride_selb, stride_selh, n_sel,
+    ROWS, T_LENS, LIVE, TT, stride_tt, BUF, stride_buf,
+    XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh,
+    OUT, stride_os, stride_oh,
+    DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr,
+):
+    """One of K or V (launched once for each): a request's j-th pick of one KV head, dequantised
+    into that head of the request's j-th buffer slot."""
+    pid_b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < DIM
+    PER_BYTE: tl.constexpr = 8 // BITS
+    row = tl.load(ROWS + pid_b).to(tl.int64)
+    n_tier = tl.load(T_LENS + pid_b)
+    live = tl.load(LIVE + pid_b) != 0
+    r_ok = offs_r < n_sel
+    pick = tl.load(SEL + pid_b.to(tl.int64) * stride_selb + head * stride_selh + offs_r, mask=r_ok, other=-1)
+    valid = r_ok & (pick >= 0) & (pick < n_tier) & live
+    slot = tl.load(TT + row * stride_tt + pick, mask=valid, other=0).to(tl.int64)
+    dst = tl.load(BUF + row * stride_buf + offs_r, mask=valid, other=0).to(tl.int64)
+    mask = valid[:, None] & d_ok[None, :]
+    byte = tl.load(XC + slot[:, None] * stride_xcs + head * stride_xch + (offs_d // PER_BYTE)[None, :],
+                   mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+    s_off = slot[:, None] * stride_xss + head * stride_xsh + (offs_d // QGROUP)[None, :]
+    x = (code.to(tl.float32) * tl.load(XST + s_off, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(XLO + s_off, mask=mask, other=0.0).to(tl.float32))
+    tl.store(OUT + dst[:, None] * stride_os + head * stride_oh + offs_d[None, :],
+             x.to(OUT.dtype.element_ty), mask=mask)
+
+
 def _block(dim: int) -> int:
     return max(QUANT_GROUP, triton.next_power_of_2(dim))
 
@@ -386,3 +421,52 @@ def recall_decode_tier(queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: 
         BLOCK_N=block_n, BLOCK_R=block_r, BITS=bits, QGROUP=QUANT_GROUP,
     )
     return out
+
+
+def fill_recall_buffer(selected: torch.Tensor, tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor,
+                       live: torch.Tensor, buffer_slots: torch.Tensor,
+                       k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
+                       v_codes: torch.Tensor, v_lo: torch.Tensor, v_step: torch.Tensor,
+                       k_buffer: torch.Tensor, v_buffer: torch.Tensor, bits: int, block_r: int = 16) -> None:
+    """Write each request's selected tier tokens, dequantised, into its recall buffer's pool slots.
+
+    For request ``b`` with ``live[b]``, KV head ``h`` and pick ``j``: the K and V of tier slot
+    ``tier_table[rows[b], selected[b, h, j]]`` (head ``h``) go to head ``h`` of pool slot
+    ``buffer_slots[rows[b], j]``, in the pool's dtype. A buffer slot thus holds a different
+    token per KV head, which is what a per-head selection attended by SGLang's own attention
+    needs (a decode query of KV head ``h`` reads only head ``h``).
+
+    Args:
+        selected: ``[B, Hkv, R]`` indices into the request's tier row; ``-1`` or past
+            ``tier_lens[b]`` writes nothing.
+        tier_table, rows, tier_lens: as for :func:`rank_tier`.
+        live: ``[B]`` nonzero where the request's buffer is written (padding and requests
+            without a buffer: 0).
+        buffer_slots: ``[rows, R]`` int64 pool slots of each row's buffer.
+        k_codes .. v_step: one layer's tier; k_buffer, v_buffer: that layer's pool.
+    Device-side only (no host read), so a captured CUDA graph replays it.
+    """
+    _check_bits(bits)
+    B, Hkv, R = selected.shape
+    D, Dv = k_buffer.shape[2], v_buffer.shape[2]
+    _check_dims(D, Dv)
+    _check_pool(k_buffer, v_buffer)
+    _check_tier(k_codes, k_lo, k_step, D, bits, "K tier")
+    _check_tier(v_codes, v_lo, v_step, Dv, bits, "V tier")
+    if buffer_slots.shape[1] < R:
+        raise ValueError(f"{R} picks per head for a buffer of {buffer_slots.shape[1]} slots")
+    if B == 0 or R == 0:
+        return
+    if selected.stride(2) != 1:
+        selected = selected.contiguous()
+    if interpreting():
+        block_r = max(block_r, min(256, triton.next_power_of_2(R)))
+    for buffer, codes, lo, step in ((k_buffer, k_codes, k_lo, k_step), (v_buffer, v_codes, v_lo, v_step)):
+        dim = buffer.shape[2]
+        _fill_buffer_kernel[(B, Hkv, triton.cdiv(R, block_r))](
+            selected, selected.stride(0), selected.stride(1), R,
+            rows, tier_lens, live, tier_table, tier_table.stride(0), buffer_slots, buffer_slots.stride(0),
+            codes, codes.stride(0), codes.stride(1), lo, step, lo.stride(0), lo.stride(1),
+            buffer, buffer.stride(0), buffer.stride(1),
+            DIM=dim, BLOCK_D=_block(dim), BLOCK_R=block_r, BITS=bits, QGROUP=QUANT_GROUP,
+        )

@@ -88,15 +88,17 @@ def check_supported(server_args) -> None:
 
 
 def check_recall(server_args, config) -> None:
-    """Recall (an accuracy emulation, kara_sglang/recall.py) holds evicted slots where page
-    size 1 leaves them and attends with its own kernels outside CUDA graphs: what it cannot run
-    with is refused."""
+    """Recall works per token (page size 1); its emulation (no tier, kara_sglang/recall.py)
+    attends with its own kernels outside CUDA graphs, while the tier's recall buffer is filled
+    inside them: what either cannot run with is refused."""
     refuse = []
     page_size = getattr(server_args, "page_size", None)
     if page_size not in (None, 1):
-        refuse.append(f"--page-size {page_size} (evicted KV stays in place only at page size 1)")
-    if str(getattr(server_args, "device", None) or "cuda") != "cpu" and not getattr(server_args, "disable_cuda_graph", False):
-        refuse.append("CUDA graphs (add --disable-cuda-graph: the recall attention is not graph-capturable)")
+        refuse.append(f"--page-size {page_size} (recall selects single tokens: page size 1)")
+    if not config.recall_tier_tokens and str(getattr(server_args, "device", None) or "cuda") != "cpu" \
+            and not getattr(server_args, "disable_cuda_graph", False):
+        refuse.append("CUDA graphs without a tier (add --disable-cuda-graph: the emulation's attention "
+                      "is not graph-capturable; --kara-recall-tier-tokens is)")
     if str(getattr(server_args, "kv_cache_dtype", "auto")).startswith("fp8"):
         refuse.append("an FP8 KV cache")
     if _decode_server(server_args):

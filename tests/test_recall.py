@@ -193,6 +193,7 @@ def test_bad_recall_settings_are_refused_naming_the_flag(changes, message):
 W, U = 32, 8
 KARA = dict(kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=0.25, kara_chunk_size=2)
 N_NEW = 4 * W + U + 20  # four compressions
+R_TIER = 20  # a tier's recall buffer: below a window's evicted tokens (W - W/4 = 24)
 
 
 def _greedy(n):
@@ -213,7 +214,8 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
     use_cpu_sglang()
     prompts = _prompts(5, 4)
     outputs = {}
-    tier = dict(KARA, kara_recall_tokens=10_000, kara_recall_kv="bits8")
+    # A tier's recall buffer (R columns) must be smaller than a window's evicted tokens (24).
+    tier = dict(KARA, kara_recall_tokens=R_TIER, kara_recall_kv="bits8")
     for name, extra in (("vanilla", {}), ("kara", KARA), ("recall", dict(KARA, kara_recall_tokens=10_000)),
                         ("tier", dict(tier, kara_recall_tier_tokens=50_000)),
                         ("tier-full", dict(tier, kara_recall_tier_tokens=8))):
@@ -227,20 +229,23 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
                 assert state["compression_events"] == 4 * len(prompts), state
                 assert state["recall_slots_held"] == 0, state  # every held slot went back
                 if name.startswith("tier"):
-                    # The tier frees evicted slots as plain Kara does; it holds nothing at the end.
+                    # The tier frees evicted slots as plain Kara does, but for each request's
+                    # buffer (R evicted tokens' slots, stored in the tier too); nothing is held
+                    # at the end.
                     assert state["kv_slots_freed"] == state["tokens_evicted"] > 0, state
-                    assert state["recall_tier_tokens_held"] == 0, state
+                    assert state["recall_tier_tokens_held"] == 0 and state["recall_buffers"] == 0, state
                     stored, fallback = state["recall_tier_tokens_stored"], state["recall_tier_fallback_tokens"]
-                    assert (stored, fallback) == ((state["tokens_evicted"], 0) if name == "tier"
-                                                  else (0, state["tokens_evicted"])), state
+                    assert (stored, fallback) == ((state["tokens_evicted"] + R_TIER * len(prompts), 0)
+                                                  if name == "tier" else (0, state["tokens_evicted"])), state
             assert_pool_back_to_idle(engine)
         finally:
             engine.shutdown()
     assert outputs["recall"] == outputs["vanilla"]
     assert outputs["kara"] != outputs["vanilla"]  # eviction changes this model's tokens
     # A tier too small for any window is plain Kara. One that holds every evicted token at 8
-    # bits, all recalled, follows vanilla further than plain Kara does (not token for token:
-    # 8-bit rounding flips near-tied greedy tokens of this random model, on 1-3 of 4 prompts).
+    # bits, R of them recalled per layer and head through SGLang's attention, follows vanilla
+    # further than plain Kara does (not token for token: R is below the evicted count, and
+    # 8-bit rounding flips near-tied greedy tokens of this random model).
     assert outputs["tier-full"] == outputs["kara"]
 
     def agree(a, b):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kara_kernels.recall import rank_evicted, recall_decode
-from kara_kernels.recall_tier import (QUANT_GROUP, quantize_to_tier, rank_tier, recall_decode_tier,
+from kara_kernels.recall_tier import (QUANT_GROUP, fill_recall_buffer, quantize_to_tier, rank_tier, recall_decode_tier,
                                       tier_bytes_per_token)
 
 
@@ -281,3 +281,103 @@ def test_tier_gives_what_the_emulation_gives_on_the_same_slots(R):
     assert fp16_effect.abs().max() < 1e-2, f"seed {seed}"
     err = ((out_t.double() - out_e.double()) - fp16_effect).abs().max().item()
     assert err < 1e-4, f"seed {seed}: the tier's output is {err} off the emulation's plus float16's rounding"
+
+
+def _buffer_case(gen, bits, dtype, B=3, Hq=4, Hkv=2, D=64, Dv=96, pool=120, T=50, R=4):
+    """Requests with tier rows and recall buffers: rows, tier table and counts, buffer slots
+    (disjoint from the resident slots), a pool and a tier of random values."""
+    k = torch.randn(pool, Hkv, D, generator=gen).to(dtype)
+    v = torch.randn(pool, Hkv, Dv, generator=gen).to(dtype)
+    tier = [t[1] for t in _tier(2, T, Hkv, D, Dv, bits, gen)]
+    rows = torch.tensor([2, 0, 3])
+    tier_lens = torch.tensor([9, 14, 6])
+    tier_perm = torch.randperm(T, generator=gen)
+    tier_table = torch.zeros(4, 16, dtype=torch.int64)
+    at = 0
+    for b in range(B):
+        n = int(tier_lens[b])
+        tier_table[rows[b], :n] = tier_perm[at:at + n]
+        at += n
+    slot_perm = torch.randperm(pool - 1, generator=gen) + 1
+    buffer_slots = torch.zeros(4, R, dtype=torch.int64)
+    buffer_slots[rows] = slot_perm[:B * R].reshape(B, R)
+    resident = [slot_perm[B * R + 10 * b:B * R + 10 * b + 3 + 3 * b].tolist() for b in range(B)]
+    q = torch.randn(B, Hq, D, generator=gen)
+    return k, v, tier, rows, tier_table, tier_lens, buffer_slots, resident, q
+
+
+@pytest.mark.parametrize("bits, dtype", [(4, torch.bfloat16), (2, torch.float32), (8, torch.float16)])
+def test_fill_writes_each_heads_pick_dequantised_into_the_buffer_and_nothing_else(bits, dtype):
+    seed, gen = _gen()
+    k, v, tier, rows, tier_table, tier_lens, buffer_slots, _, _ = _buffer_case(gen, bits, dtype)
+    B, Hkv, R = 3, 2, 4
+    keys_t = _dequant64(_unpack(tier[0], bits), tier[1], tier[2])
+    vals_t = _dequant64(_unpack(tier[3], bits), tier[4], tier[5])
+    selected = torch.stack([torch.stack([torch.randperm(int(tier_lens[b]), generator=gen)[:R] for _ in range(Hkv)])
+                            for b in range(B)])
+    selected[0, 1, 2] = -1  # no token: that head of the slot keeps its value
+    selected[2, 0, 3] = 6  # past the request's count (6): nothing written either
+    live = torch.tensor([1, 0, 1], dtype=torch.int32)  # request 1: no buffer (or a padded entry)
+    k0, v0 = k.clone(), v.clone()
+    fill_recall_buffer(selected, tier_table, rows, tier_lens, live, buffer_slots, *tier, k, v, bits)
+    want_k, want_v = k0.clone(), v0.clone()
+    for b in range(B):
+        for h in range(Hkv):
+            for j in range(R):
+                pick = int(selected[b, h, j])
+                if not live[b] or pick < 0 or pick >= tier_lens[b]:
+                    continue
+                slot, t = int(buffer_slots[rows[b], j]), int(tier_table[rows[b], pick])
+                want_k[slot, h], want_v[slot, h] = keys_t[t, h].to(dtype), vals_t[t, h].to(dtype)
+    # The kernel rounds float32 code * step + lo to the pool's dtype; float64's may land one
+    # unit in the last place away at a tie.
+    for got, want in ((k, want_k), (v, want_v)):
+        ulp = want.double().abs() * torch.finfo(dtype).eps + 1e-6
+        assert bool(((got.double() - want.double()).abs() <= ulp).all()), f"seed {seed}"
+        assert torch.equal(got != want, (got.double() - want.double()).abs() > 0), f"seed {seed}"
+    changed = ((k != k0).flatten(1).any(1) | (v != v0).flatten(1).any(1)).nonzero().flatten().tolist()
+    assert set(changed) <= set(buffer_slots[rows[[0, 2]]].flatten().tolist()), f"seed {seed}"
+
+
+def test_attention_over_resident_and_filled_buffer_is_the_tier_decode():
+    """What SGLang's attention computes over a row holding a filled buffer (plain softmax over
+    the resident slots and the buffer's slots, each KV head reading its own head) equals
+    recall_decode_tier's attention over resident + the selected tier tokens."""
+    seed, gen = _gen()
+    bits, B, Hq, Hkv, R = 4, 3, 4, 2, 4
+    k, v, tier, rows, tier_table, tier_lens, buffer_slots, resident, q = _buffer_case(gen, bits, torch.float32)
+    selected = torch.stack([torch.stack([torch.randperm(int(tier_lens[b]), generator=gen)[:R] for _ in range(Hkv)])
+                            for b in range(B)])
+    res_table = torch.zeros(4, 20, dtype=torch.int64)
+    for b in range(B):
+        res_table[rows[b], :len(resident[b])] = torch.tensor(resident[b])
+    res_lens = torch.tensor([len(r) for r in resident])
+    want = recall_decode_tier(q, k, v, res_table, res_lens, *tier, tier_table, rows, selected, bits, 0.125)
+    fill_recall_buffer(selected, tier_table, rows, tier_lens, torch.ones(B, dtype=torch.int32), buffer_slots,
+                       *tier, k, v, bits)
+    G = Hq // Hkv
+    for b in range(B):
+        slots = resident[b] + buffer_slots[rows[b]].tolist()
+        for head in range(Hq):
+            h = head // G
+            w = (k[slots, h].double() @ q[b, head].double() * 0.125).softmax(0)
+            got = (w[:, None] * v[slots, h].double()).sum(0)
+            assert torch.allclose(got, want[b, head].double(), atol=1e-4), f"seed {seed}: b={b} head={head}"
+
+
+def test_fill_ranked_over_a_wider_row_writes_the_same():
+    """recall_fill_tier spans the tier row's full width while a CUDA graph is captured and the
+    longest row eagerly: the columns past each count rank -inf, so both write the same."""
+    from kara_sglang.recall import recall_fill_tier
+
+    seed, gen = _gen()
+    bits = 4
+    k, v, tier, rows, tier_table, tier_lens, buffer_slots, _, q = _buffer_case(gen, bits, torch.float32)
+    live = torch.ones(3, dtype=torch.int32)
+    results = []
+    for n_cols in (int(tier_lens.max()), tier_table.shape[1]):
+        kk, vv = k.clone(), v.clone()
+        recall_fill_tier(q, tier, bits, tier_table, rows, tier_lens, live, buffer_slots, kk, vv, 0.125, n_cols)
+        results.append((kk, vv))
+    assert not torch.equal(results[0][0], k), f"seed {seed}: nothing written"
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), f"seed {seed}"

@@ -16,9 +16,10 @@
 # 2 minutes of start-up each);
 # fp8: the same three with --kv-cache-dtype fp8_e4m3; all: both; recall: vanilla, Kara 12.5%, and
 # Kara 12.5% + a 4-bit GPU tier of evicted KV (R 256) holding every request's evicted tokens, the
-# pool and tier together the bytes of vanilla's pool (366,000 bf16 tokens + 1,530,000 tier tokens
-# of 40 KiB at the Llama-8B shape), 100 requests (the pool's peak); the tier's attention runs
-# outside CUDA graphs (bench_serving turns them off for it). With two or more GPUs, vanilla
+# pool and tier together at most the bytes of vanilla's pool (392,000 bf16 tokens of 128 KiB:
+# 100 requests' peak of 3,904 with the 256-token recall buffer; + 1,420,000 tier tokens of 40 KiB
+# at the Llama-8B shape: 100 x ~14,000 evicted), 100 requests, context length 17,500 (each
+# step ranks a row's tier tokens over the row's width inside the CUDA graph). With two or more GPUs, vanilla
 # runs on GPU 0 and Kara on GPU 1, side by side. SECONDS_EACH bounds each configuration (default
 # 1800). Rows and logs go to $OUT (default out/headline); the table is printed at the end
 # (whole-wave rate as the client measured it, then the first 80% of each wave's tokens from
@@ -47,10 +48,10 @@ if [ "$WHICH" = fp8 ] || [ "$WHICH" = all ]; then
             "kara125-fp8$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 $F $COMMON --workload ${K125_FP8}x1024+16384")
 fi
 if [ "$WHICH" = recall ]; then
-  T125=${T125:-100} TIER=${TIER:-1530000} TIER_POOL=${TIER_POOL:-366000}
+  T125=${T125:-100} TIER=${TIER:-1420000} TIER_POOL=${TIER_POOL:-392000}
   configs+=("vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"
             "kara125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 $COMMON --workload ${K125_BF16}x1024+16384"
-            "tier125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tokens 256 --recall-tier-tokens $TIER --recall-kv bits4 --max-total-tokens $TIER_POOL $COMMON --workload ${T125}x1024+16384")
+            "tier125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tokens 256 --recall-tier-tokens $TIER --recall-kv bits4 --max-total-tokens $TIER_POOL --context-length 17500 $COMMON --workload ${T125}x1024+16384")
 fi
 [ ${#configs[@]} -gt 0 ] || { echo "usage: headline.sh [bf16|fp8|all|recall]"; exit 2; }
 bash benchmarks/gpu/run_serving.sh "${configs[@]}" || exit 1

@@ -8,8 +8,10 @@ line per digest and lag with the milliseconds per layer and per step (all layers
 the accuracy grid's recall lanes: the emulation runs outside CUDA graphs on every layer of
 every step (two Triton launches and a top-k per layer). The ``tier`` lines time the same step
 with the evicted tokens in the 4-bit GPU tier (kara_sglang/recall_tier.py: ranked by the
-tier's keys, attended dequantised), and ``quantise`` one compression's move of a window's
-evicted tokens (384 per row, every row, every layer) into the tier.
+tier's keys, attended dequantised by recall's own kernel), ``tier fill`` what the server runs
+instead (rank, top R, the picks written into each row's recall buffer for SGLang's attention),
+and ``quantise`` one compression's move of a window's evicted tokens (384 per row, every row,
+every layer) into the tier.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import torch
 
 from kara_kernels.recall_tier import quantize_to_tier
-from kara_sglang.recall import recall_attention, recall_attention_tier
+from kara_sglang.recall import recall_attention, recall_attention_tier, recall_fill_tier
 from kara_sglang.recall_tier import RecallTier
 
 
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256, help="R: evicted tokens selected per KV head")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--row-width", type=int, default=0, help="the tier row's width (default evicted + 64)")
+    ap.add_argument("--skip-emulation", action="store_true", help="time only the tier's fill and quantise")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -66,17 +70,29 @@ def main() -> None:
         print(f"{label} batch={B} resident={L} evicted={E} R={a.tokens}: "
               f"{per_layer:.2f} ms/layer, {per_layer * a.layers:.0f} ms/step ({a.layers} layers)", flush=True)
 
-    for digest, lag, kv in (("exact", 0, "exact"), ("exact", 1, "exact"), ("bits2", 0, "exact"),
-                            ("bits2", 0, "bits4")):
+    for digest, lag, kv in () if a.skip_emulation else (("exact", 0, "exact"), ("exact", 1, "exact"),
+                                                        ("bits2", 0, "exact"), ("bits2", 0, "bits4")):
         select = q if lag == 0 else prev
         timed(f"digest={digest} lag={lag} kv={kv}", lambda: recall_attention(
             q, select, k, v, resident, lens_r, evicted, rows, lens_e, a.tokens, digest, 0.125, n_cols=E, kv=kv))
 
     # The tier: one layer's tier holding every row's evicted tokens (the step reads one layer).
-    tier = RecallTier(1, B * E, a.kv_heads, a.head_dim, a.head_dim, 4, rows=B, row_capacity=E + 64, device=dev)
+    width = a.row_width or E + 64
+    tier = RecallTier(1, B * E, a.kv_heads, a.head_dim, a.head_dim, 4, rows=B, row_capacity=width, device=dev)
     tier.store(rows.tolist(), [E] * B, evicted[rows, :E].reshape(-1), [k], [v])
-    timed("tier bits4 lag=0", lambda: recall_attention_tier(
-        q, q, k, v, resident, lens_r, tier.layer(0), 4, tier.rows.slots, rows, lens_e, a.tokens, 0.125, n_cols=E))
+    if not a.skip_emulation:
+        timed("tier bits4 lag=0 (own attention)", lambda: recall_attention_tier(
+            q, q, k, v, resident, lens_r, tier.layer(0), 4, tier.rows.slots, rows, lens_e, a.tokens, 0.125,
+            n_cols=E))
+    # What the server runs: rank + top-R + write into each row's buffer; SGLang's attention
+    # then reads the buffer with the resident tokens (its own cost, not timed here).
+    buffers = perm[:B * a.tokens].view(B, a.tokens).long()  # any slots: the values are overwritten
+    live = torch.ones(B, dtype=torch.int32, device=dev)
+    for label, n_cols in (("longest row", E), (f"row width {width}, as captured", width)):
+        timed(f"tier fill ({label})", lambda: recall_fill_tier(
+            q, tier.layer(0), 4, tier.rows.slots, rows, lens_e, live, buffers, k, v, 0.125, n_cols))
+        rank = torch.randn(B, a.kv_heads, n_cols, device=dev)
+        timed(f"  of which top-R over {n_cols} columns", lambda: rank.topk(a.tokens, dim=-1))
     window = min(384, E)
     src, dst = evicted[rows, :window].reshape(-1), torch.arange(B * window, device=dev)
     timed(f"quantise (one compression of {window} tokens per row; ms/layer is per layer)", lambda: quantize_to_tier(

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Serving runs on a leased GPU machine without a package index, one device call per phase
+# (each call carries at most 64 MiB and may last at most 10 minutes; /tmp lives while the
+# machine stays warm, so issue the calls back to back):
+#   bash benchmarks/gpu/run_lease.sh part         # carry one of .whl/parts/part-a? or .whl/fa3/* per call
+#   bash benchmarks/gpu/run_lease.sh bench ARGS   # recall_step_bench.py ARGS (torch + Triton only)
+#   WAIT=540 bash benchmarks/gpu/run_lease.sh serve "NAME:SECONDS:BENCH_SERVING_ARGS" ...
+#       # carry .whl/kara and .whl/extra; installs what the parts hold, starts run_serving.sh in
+#       # the background and waits up to WAIT seconds for it
+#   WAIT=540 bash benchmarks/gpu/run_lease.sh wait   # waits again; both copy rows and logs to $OUT
+# On a host with pip and an index, run run_serving.sh or headline.sh directly instead.
+set -uo pipefail
+PHASE=${1:?usage: run_lease.sh part|bench|serve|wait}
+shift
+RUN=/tmp/lease
+mkdir -p $RUN /tmp/wheels /tmp/fa3
+ts() { echo "[$(date +%H:%M:%S)] $*"; }
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  cp $RUN/out/row-*.json $RUN/out/log-*.txt $RUN/serving.txt "$OUT"/ 2>/dev/null
+  ls "$OUT"
+}
+case $PHASE in
+part)
+  for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/ && ts "stored $f"; done
+  for f in .whl/fa3/*; do [ -f "$f" ] && cp "$f" /tmp/fa3/ && ts "stored $f"; done
+  ls /tmp/wheels /tmp/fa3 ;;
+bench)
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/kara .whl/kara/*.whl 2>&1 | grep -v "already exists"
+  PYTHONPATH=/tmp/kara python3 benchmarks/reasoning/recall_step_bench.py "$@" 2>&1 | tee ${OUT:-/tmp}/step_bench.txt ;;
+serve)
+  # env.sh joins the parts (offline_install.sh) and installs .whl/kara; SGLang's HTTP server
+  # also imports soundfile (+ cffi, pycparser), carried in .whl/extra.
+  OUT=$RUN/out source benchmarks/gpu/env.sh || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site $(ls .whl/extra/*.whl 2>/dev/null) 2>&1 | grep -v "already exists"
+  ts "starting: $*"
+  OUT=$RUN/out PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH nohup setsid bash benchmarks/gpu/run_serving.sh "$@" \
+    > $RUN/serving.txt 2>&1 < /dev/null &
+  echo $! > $RUN/pid
+  PHASE=wait ;&
+wait)
+  end=$(( $(date +%s) + ${WAIT:-540} ))
+  while kill -0 "$(cat $RUN/pid)" 2>/dev/null && [ "$(date +%s)" -lt $end ]; do sleep 5; done
+  kill -0 "$(cat $RUN/pid)" 2>/dev/null && ts "still running" || ts "finished"
+  tail -5 $RUN/serving.txt; grep -hE "Decode batch" $RUN/out/log-*.txt 2>/dev/null | tail -2 | cut -c1-250
+  pack ;;
+*) echo "unknown phase $PHASE"; exit 2 ;;
+esac
