@@ -140,34 +140,58 @@ def _rank_tier_kernel(
     TT, stride_tt, ROWS, T_LENS,
     OUT, stride_ob, stride_oh,
     n_cols, scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    BITS: tl.constexpr, QGROUP: tl.constexpr,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+    BLOCK_E: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Scores of a block of tier tokens for one request and KV head, on the tensor cores.
+
+    With ``code`` the unpacked codes and ``g`` a group of 32 channels,
+    ``q . dequant(k) = sum_g step_g * (q_g . code_g) + lo_g * sum(q_g)``: one matrix product
+    of the codes ``[BLOCK_E, channels]`` with a block-diagonal query matrix ``[channels,
+    groups x heads]`` (head h's channels of group g in column g * G_PAD + h) gives every
+    ``q_g . code_g``; lo and step are read once per group, the packed bytes once each.
+    """
     pid_b = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     PER_BYTE: tl.constexpr = 8 // BITS
+    BLOCK_D: tl.constexpr = BLOCK_BYTES * PER_BYTE
+    NG: tl.constexpr = BLOCK_D // QGROUP
     n_tier = tl.load(T_LENS + pid_b)
     valid = offs_e < n_tier
     row = tl.load(ROWS + pid_b).to(tl.int64)
     slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
-    mask = valid[:, None] & d_ok[None, :]
-    # Dequantise: channel d is bits (d % PER_BYTE) * BITS of byte d // PER_BYTE. Padding
-    # channels read 0 codes, lo and step, and meet zero query channels.
-    byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + (offs_d // PER_BYTE)[None, :],
-                   mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-    s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + (offs_d // QGROUP)[None, :]
-    lo = tl.load(KLO + s_off, mask=mask, other=0.0).to(tl.float32)
-    step = tl.load(KST + s_off, mask=mask, other=0.0).to(tl.float32)
-    k = code.to(tl.float32) * step + lo
-    best = tl.full([BLOCK_E], float("-inf"), dtype=tl.float32)
-    for g_i in tl.static_range(GROUP):
-        q = tl.load(Q + pid_b.to(tl.int64) * stride_qb + (kv_head * GROUP + g_i) * stride_qh + offs_d,
-                    mask=d_ok, other=0.0).to(tl.float32)
-        best = tl.maximum(best, tl.reduce(q[None, :] * k, 1, _sum_combine))
+    offs_byte = tl.arange(0, BLOCK_BYTES)
+    byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + offs_byte[None, :],
+                   mask=valid[:, None] & (offs_byte < HEAD_DIM * BITS // 8)[None, :], other=0).to(tl.int32)
+    # Channel PER_BYTE * i + j is bits j * BITS .. of byte i (padding bytes give code 0).
+    if BITS == 8:
+        code = byte
+    else:
+        shift = tl.arange(0, PER_BYTE) * BITS
+        code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & (2 ** BITS - 1), (BLOCK_E, BLOCK_D))
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h = tl.arange(0, G_PAD)
+    # Queries [BLOCK_D, G_PAD] (padding heads and channels 0), then block-diagonal by group.
+    q = tl.load(Q + pid_b.to(tl.int64) * stride_qb + (kv_head * GROUP + offs_h)[None, :] * stride_qh
+                + offs_d[:, None], mask=(offs_d < HEAD_DIM)[:, None] & (offs_h < GROUP)[None, :], other=0.0)
+    offs_g = tl.arange(0, NG)
+    in_group = (offs_d // QGROUP)[:, None] == offs_g[None, :]  # [BLOCK_D, NG]
+    q_blocks = tl.reshape(tl.where(in_group[:, :, None], q[:, None, :], 0.0), (BLOCK_D, NG * G_PAD))
+    # TF32 keeps 10 mantissa bits: codes (<= 255) and bf16 / fp16 queries are exact in it, so
+    # the products are; float32 queries take IEEE float32.
+    if IEEE:
+        part = tl.dot(code.to(tl.float32), q_blocks.to(tl.float32), input_precision="ieee")
+    else:
+        part = tl.dot(code.to(tl.float32), q_blocks.to(tl.float32), input_precision="tf32")
+    part = tl.reshape(part, (BLOCK_E, NG, G_PAD))
+    q_sum = tl.reshape(tl.sum(q_blocks.to(tl.float32), axis=0), (NG, G_PAD))
+    g_ok = offs_g < HEAD_DIM // QGROUP
+    s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + offs_g[None, :]
+    lo = tl.load(KLO + s_off, mask=valid[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+    step = tl.load(KST + s_off, mask=valid[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+    score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
+    best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
     out = OUT + pid_b.to(tl.int64) * stride_ob + kv_head * stride_oh
     tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
 
@@ -362,13 +386,20 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         return out
     if interpreting():
         block_e = max(block_e, min(1024, triton.next_power_of_2(n_cols)))
+    if queries.stride(2) != 1:
+        queries = queries.contiguous()
+    group = Hq // Hkv
+    n_groups = _block(D) // QUANT_GROUP
+    # The matrix product needs at least 16 columns (groups x padded heads).
+    g_pad = max(triton.next_power_of_2(group), 16 // n_groups)
     _rank_tier_kernel[(B, Hkv, triton.cdiv(n_cols, block_e))](
         queries, queries.stride(0), queries.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
         tier_table, tier_table.stride(0), rows, tier_lens,
         out, out.stride(0), out.stride(1),
         n_cols, sm_scale,
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block(D), BLOCK_E=block_e, BITS=bits, QGROUP=QUANT_GROUP,
+        GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, BITS=bits,
+        QGROUP=QUANT_GROUP, IEEE=queries.dtype == torch.float32,
     )
     return out
 

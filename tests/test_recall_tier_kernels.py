@@ -116,13 +116,15 @@ def test_bad_bits_and_head_dims_are_refused():
     assert tier_bytes_per_token(1, 1, 128, 128, 8) == 2 * (128 + 16)
 
 
-@pytest.mark.parametrize("bits, D, Hq, Hkv", [(2, 64, 6, 2), (4, 128, 4, 1), (8, 96, 2, 2)])
-def test_rank_tier_scores_are_dequantised_dot_products_max_over_the_group(bits, D, Hq, Hkv):
+@pytest.mark.parametrize("bits, D, Hq, Hkv, q_dtype", [(2, 64, 6, 2, torch.float32), (4, 128, 4, 1, torch.float32),
+                                                      (8, 96, 2, 2, torch.float32), (4, 128, 32, 8, torch.bfloat16),
+                                                      (2, 96, 3, 1, torch.bfloat16)])
+def test_rank_tier_scores_are_dequantised_dot_products_max_over_the_group(bits, D, Hq, Hkv, q_dtype):
     seed, gen = _gen()
     B, T, n_cols = 3, 50, 13
     G = Hq // Hkv
     k_codes, k_lo, k_step = (t[1] for t in _tier(2, T, Hkv, D, D, bits, gen)[:3])
-    q = torch.randn(B, Hq, D, generator=gen)
+    q = torch.randn(B, Hq, D, generator=gen).to(q_dtype)
     # Rows out of batch order, a table wider than any count, a request with none.
     table = torch.stack([torch.randperm(T, generator=gen)[:11] for _ in range(5)])
     rows, lens = torch.tensor([4, 1, 2]), torch.tensor([11, 0, 6])
@@ -381,3 +383,21 @@ def test_fill_ranked_over_a_wider_row_writes_the_same():
         results.append((kk, vv))
     assert not torch.equal(results[0][0], k), f"seed {seed}: nothing written"
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), f"seed {seed}"
+
+
+@pytest.mark.parametrize("n, R", [(300, 16), (77, 16), (40, 64), (16, 3)])
+def test_top_by_blocks_picks_the_same_columns_as_one_topk(n, R):
+    """Two narrow top-k's (block maxima, then the chosen blocks' columns) give the columns one
+    top-k over the row gives, with -1 where fewer than R columns are finite."""
+    from kara_sglang.recall import _top, top_by_blocks
+
+    seed, gen = _gen()
+    rank = torch.randn(5, 3, n, generator=gen)
+    counts = torch.randint(0, n + 1, (5, 3), generator=gen)
+    counts[0, 0], counts[1, 1] = n, min(R - 1, n)  # full; fewer than R
+    rank = rank.masked_fill(torch.arange(n) >= counts[..., None], float("-inf"))
+    got, want = top_by_blocks(rank, R), _top(rank, R, n)
+    assert got.shape == want.shape
+    for b in range(5):
+        for h in range(3):
+            assert sorted(got[b, h].tolist()) == sorted(want[b, h].tolist()), f"seed {seed}: b={b} h={h}"

@@ -22,8 +22,12 @@ pack() {
 }
 case $PHASE in
 part)
-  for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/ && ts "stored $f"; done
-  for f in .whl/fa3/*; do [ -f "$f" ] && cp "$f" /tmp/fa3/ && ts "stored $f"; done
+  # WHEEL_PARTS / FA3_PARTS: where this call's carried parts are. With a tracked tree near
+  # 18 MiB the 46 MiB parts no longer fit one call: re-split them smaller (the joins only
+  # concatenate), e.g. cat .whl/parts/part-* | split -b 40m - .whl/small/w/part-, and the
+  # same for fa3 into .whl/small/f with a MANIFEST naming the new count.
+  for f in ${WHEEL_PARTS:-.whl/parts}/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/ && ts "stored $f"; done
+  for f in ${FA3_PARTS:-.whl/fa3}/*; do [ -f "$f" ] && cp "$f" /tmp/fa3/ && ts "stored $f"; done
   ls /tmp/wheels /tmp/fa3 ;;
 bench)
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/kara .whl/kara/*.whl 2>&1 | grep -v "already exists"
