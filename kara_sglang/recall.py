@@ -94,31 +94,6 @@ def _top(rank: torch.Tensor, tokens: int, n_cols: int) -> torch.Tensor:
     return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
-TOP_BLOCK = 8  # columns per block in :func:`top_by_blocks`
-
-
-def top_by_blocks(rank: torch.Tensor, tokens: int) -> torch.Tensor:
-    """:func:`_top` (the ``tokens`` highest columns, ``-1`` for ``-inf`` picks, in no particular
-    order) in two small top-k's instead of one over the whole width.
-
-    Exact: a column among the top R lies in a block of ``TOP_BLOCK`` columns whose maximum is
-    at least the R-th value, and fewer than R blocks can have a larger maximum, so the top R
-    columns all lie in the R blocks with the highest maxima (ties aside). A top-k over a
-    row's block maxima, then over those blocks' columns, is about ``TOP_BLOCK`` times narrower
-    than one over the row (torch.topk's time grows with the width).
-    """
-    B, H, n = rank.shape
-    width = -(-n // TOP_BLOCK) * TOP_BLOCK
-    if width != n:
-        rank = torch.nn.functional.pad(rank, (0, width - n), value=float("-inf"))
-    blocks = rank.view(B, H, width // TOP_BLOCK, TOP_BLOCK)
-    best = blocks.amax(-1).topk(min(tokens, width // TOP_BLOCK), dim=-1, sorted=False).indices
-    columns = (best[..., None] * TOP_BLOCK + torch.arange(TOP_BLOCK, device=rank.device)).flatten(2)
-    values = rank.gather(-1, columns)
-    top = values.topk(min(tokens, columns.shape[-1]), dim=-1, sorted=False)
-    return columns.gather(-1, top.indices).masked_fill(top.values == float("-inf"), -1)
-
-
 def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      resident_table: torch.Tensor, resident_lens: torch.Tensor,
                      evicted_table: torch.Tensor, rows: torch.Tensor, evicted_lens: torch.Tensor,
@@ -188,6 +163,6 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
     if not n_cols or not tokens:
         return
     rank = rank_tier(select_q, k_codes, k_lo, k_step, tier_table, rows, tier_lens, n_cols, bits, sm_scale)
-    selected = top_by_blocks(rank, tokens)
+    selected = _top(rank, tokens, n_cols)
     fill_recall_buffer(selected, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
                        k_buffer, v_buffer, bits)

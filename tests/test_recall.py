@@ -189,6 +189,22 @@ def test_bad_recall_settings_are_refused_naming_the_flag(changes, message):
         KaraConfig(**changes)
 
 
+def test_cuda_graphs_are_refused_for_the_emulation_only():
+    """The emulation attends outside CUDA graphs; a tier's buffer fill is captured with them."""
+    from types import SimpleNamespace
+
+    from kara_patches.server_args import check_recall
+
+    args = SimpleNamespace(page_size=1, device="cuda", disable_cuda_graph=False, kv_cache_dtype="auto",
+                           disaggregation_mode="null")
+    with pytest.raises(KaraConfigError, match="CUDA graphs without a tier"):
+        check_recall(args, KaraConfig(policy="kara", recall_tokens=8))
+    check_recall(args, KaraConfig(policy="kara", recall_tokens=8, recall_tier_tokens=100, recall_kv="bits4"))
+    with pytest.raises(KaraConfigError, match="--page-size 16"):
+        check_recall(SimpleNamespace(**{**vars(args), "page_size": 16}),
+                     KaraConfig(policy="kara", recall_tokens=8, recall_tier_tokens=100, recall_kv="bits4"))
+
+
 # ------------------------------------------------------------------ through real SGLang
 W, U = 32, 8
 KARA = dict(kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=0.25, kara_chunk_size=2)

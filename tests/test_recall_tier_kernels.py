@@ -384,20 +384,3 @@ def test_fill_ranked_over_a_wider_row_writes_the_same():
     assert not torch.equal(results[0][0], k), f"seed {seed}: nothing written"
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), f"seed {seed}"
 
-
-@pytest.mark.parametrize("n, R", [(300, 16), (77, 16), (40, 64), (16, 3)])
-def test_top_by_blocks_picks_the_same_columns_as_one_topk(n, R):
-    """Two narrow top-k's (block maxima, then the chosen blocks' columns) give the columns one
-    top-k over the row gives, with -1 where fewer than R columns are finite."""
-    from kara_sglang.recall import _top, top_by_blocks
-
-    seed, gen = _gen()
-    rank = torch.randn(5, 3, n, generator=gen)
-    counts = torch.randint(0, n + 1, (5, 3), generator=gen)
-    counts[0, 0], counts[1, 1] = n, min(R - 1, n)  # full; fewer than R
-    rank = rank.masked_fill(torch.arange(n) >= counts[..., None], float("-inf"))
-    got, want = top_by_blocks(rank, R), _top(rank, R, n)
-    assert got.shape == want.shape
-    for b in range(5):
-        for h in range(3):
-            assert sorted(got[b, h].tolist()) == sorted(want[b, h].tolist()), f"seed {seed}: b={b} h={h}"

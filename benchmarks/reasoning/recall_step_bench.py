@@ -22,7 +22,7 @@ import time
 import torch
 
 from kara_kernels.recall_tier import quantize_to_tier, rank_tier
-from kara_sglang.recall import recall_attention, recall_attention_tier, recall_fill_tier, top_by_blocks
+from kara_sglang.recall import recall_attention, recall_attention_tier, recall_fill_tier
 from kara_sglang.recall_tier import RecallTier
 
 
@@ -94,8 +94,7 @@ def main() -> None:
         timed("  of which the ranking", lambda: rank_tier(q, *tier.layer(0)[:3], tier.rows.slots, rows, lens_e,
                                                             n_cols, 4, 0.125))
         rank = torch.randn(B, a.kv_heads, n_cols, device=dev)
-        timed(f"  (one top-R over all {n_cols} columns instead)", lambda: rank.topk(a.tokens, dim=-1))
-        timed("  of which top-R by blocks (what the fill runs)", lambda: top_by_blocks(rank, a.tokens))
+        timed(f"  of which top-R over {n_cols} columns", lambda: rank.topk(a.tokens, dim=-1))
     window = min(384, E)
     src, dst = evicted[rows, :window].reshape(-1), torch.arange(B * window, device=dev)
     timed(f"quantise (one compression of {window} tokens per row; ms/layer is per layer)", lambda: quantize_to_tier(
