@@ -550,8 +550,14 @@ class KaraRuntime:
             if stored != sum(store_counts):
                 raise AssertionError(f"kara recall tier: planned {sum(store_counts)} tokens, stored {stored}")
         self._tier_plan = {}
-        if not new_buffers:
-            return
+        if new_buffers:
+            self._open_buffers(new_buffers, due)
+        if self.debug_checks and self.tp is not None:  # every rank stored and opened the same
+            self.tp.check_same("the recall tier's rows and buffers", self.recall.counts, self.buffer_slots,
+                               self.buffer_end)
+
+    def _open_buffers(self, new_buffers: Dict[int, torch.Tensor], due) -> None:
+        """Switch on the recall buffers this compression created (their slots, where they end)."""
         ends = {item.pool_row: item.task.kv_start + item.task.keep for _, item, _, _ in due}
         device = self.buffer_slots.device
         rows = list(new_buffers)

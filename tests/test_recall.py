@@ -309,3 +309,31 @@ def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, 
         assert_pool_back_to_idle(engine)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_tier_under_tensor_parallelism_fills_on_every_rank_and_leaks_nothing(tiny_model):
+    """tp_size=2 (two ranks, gloo): each rank's tier holds its own KV heads and selects per KV
+    head; with Kara's debug checks on, every compression compares the ranks' keep sets, freed
+    slots, tier rows and buffers, and every step compares each rank's attention over its
+    buffer with recall's own kernel (a divergence kills the scheduler)."""
+    from support.engines import assert_pool_back_to_idle, make_engine, pool_state, use_cpu_sglang
+
+    use_cpu_sglang()
+    prompts = _prompts(11, 4)
+    engine = make_engine(tiny_model, dtype="float32", tp_size=2, kara_recall_tokens=R_TIER, kara_recall_kv="bits8",
+                         kara_recall_tier_tokens=50_000, **KARA)
+    try:
+        outs = engine.generate(input_ids=prompts, sampling_params=_greedy(N_NEW))
+        assert all(len(o["output_ids"]) == N_NEW for o in outs)
+        state = pool_state(engine)  # rank 0 answers for the TP group
+        assert state["tp_size"] == 2 and state["compression_events"] == 4 * len(prompts), state
+        assert state["recall_tier_tokens_stored"] == state["tokens_evicted"] + R_TIER * len(prompts), state
+        assert state["recall_buffer_fills"] > 0, state
+        assert state["recall_tier_tokens_held"] == 0 and state["recall_buffers"] == 0, state
+        digests = state["tp_state_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], digests
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
