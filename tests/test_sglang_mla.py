@@ -151,3 +151,31 @@ def test_the_other_policies_run_on_the_mla_pool(mla_model, vanilla, policy):
     for o, b in zip(outs, vanilla["long"]):
         assert last(o["meta_info"], "kv_tokens_evicted") > 0
         assert o["output_ids"][:first] == b["output_ids"][:first]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_keep_the_same_latent_rows(mla_model):
+    """tp_size=2 (two ranks, gloo): MLA's latent cache is replicated on every rank while the
+    query heads are split, so each rank scores with its own heads' absorbed queries and the
+    scores are summed over the ranks before selection. With Kara's debug checks on, every
+    compression compares the ranks' keep sets, freed slots and rows (a divergence kills the
+    scheduler); at the end the ranks' whole tables and free lists are compared."""
+    plain = make_engine(mla_model, tp_size=2)
+    try:
+        want = [o["output_ids"] for o in plain.generate(PROMPTS, greedy(SHORT))]
+    finally:
+        plain.shutdown()
+    engine = make_engine(mla_model, tp_size=2, **KARA)
+    try:
+        # Nothing compressed yet: the outputs of vanilla at the same TP size.
+        assert [o["output_ids"] for o in engine.generate(PROMPTS, greedy(SHORT))] == want
+        outs = engine.generate(PROMPTS, greedy(LONG))
+        assert all(last(o["meta_info"], "kv_tokens_evicted") > 0 for o in outs)
+        state = pool_state(engine)
+        assert state["tp_size"] == 2 and state["compression_events"] > 0, state
+        assert 0 < state["score_allreduces"] <= state["compression_events"], state
+        digests = state["tp_state_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], digests
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
