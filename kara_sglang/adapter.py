@@ -28,8 +28,7 @@ from kara_sglang.overhead import OverheadMeter
 from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_kernels.recall import QUANT_GROUP
-from kara_sglang.recall import RecallStore, bits_of, recall_attention, recall_fill_tier
-from kara_kernels.recall_tier import rank_tier, recall_decode_tier
+from kara_sglang.recall import RecallStore, bits_of, recall_attention, recall_attention_tier, recall_fill_tier
 from kara_sglang.recall_tier import RecallTier
 from kara_sglang import kv_pool, req_kv, session_continue, swa_window
 from kara_sglang.reasoning import ReasoningEnd
@@ -345,26 +344,31 @@ class KaraRuntime:
         if not capturing and not self.buffer_rows:
             return
         n_cols = self.recall.slots.shape[1] if capturing else self.recall.longest
-        # A padded entry of a captured batch names row 0 with a length of at most 1: never live.
-        live = self.buffer_on[rows] * (forward_batch.seq_lens > self.buffer_end[rows])
+        live = self._live_buffers(forward_batch)
         self.buffer_fills.add_(live.sum())
         recall_fill_tier(select, self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows,
                          self.recall.counts[rows], live, self.buffer_slots,
                          self.kv_pool.get_key_buffer(layer.layer_id), self.kv_pool.get_value_buffer(layer.layer_id),
                          float(layer.scaling), n_cols)
 
+    def _live_buffers(self, forward_batch: Any) -> torch.Tensor:
+        """``[B]`` int32: 1 where the batch entry's recall buffer is written and read this step.
+        A padded entry of a captured batch names row 0 with a length of at most 1: never live."""
+        rows = forward_batch.req_pool_indices
+        return self.buffer_on[rows] * (forward_batch.seq_lens > self.buffer_end[rows])
+
     def check_recall_output(self, layer: Any, q: torch.Tensor, out: Any, forward_batch: Any) -> None:
         """Debug (eager steps): SGLang's attention output for each request with a live buffer
         equals recall's own kernel over the row's resident columns without the buffer plus the
         same selected tier tokens (kernels/recall_tier.py, ``recall_decode_tier``)."""
+        if self.recall_queries is not None:
+            return  # lag 0 only: lag 1's queries were consumed by the fill
         rows = forward_batch.req_pool_indices
-        live = (self.buffer_on[rows] * (forward_batch.seq_lens > self.buffer_end[rows])).bool()
+        live = self._live_buffers(forward_batch).bool()
         if not isinstance(out, torch.Tensor) or not bool(live.any()):
             return
         B, Hq = rows.shape[0], layer.tp_q_head_num
-        queries = q.reshape(B, Hq, -1)  # lag 0 only: lag 1's queries were consumed by the fill
-        if self.recall_queries is not None:
-            return
+        queries = q.reshape(B, Hq, -1)
         R, table = self.config.recall_tokens, self.req_to_token_pool.req_to_token
         resident = table.clone()  # each live row without its buffer's columns
         lens = forward_batch.seq_lens.clone().to(torch.int64)
@@ -373,15 +377,11 @@ class KaraRuntime:
                 cols = list(range(end - R)) + list(range(end, n))
                 resident[row, :len(cols)] = table[row, cols]
                 lens[b] = len(cols)
-        n_cols = self.recall.longest
-        layer_tier = self.tier.layer(layer.layer_id)
-        rank = rank_tier(queries, *layer_tier[:3], self.recall.slots, rows, self.recall.counts[rows], n_cols,
-                         self.tier.bits, float(layer.scaling))
-        selected = rank.topk(min(R, n_cols), dim=-1).indices.masked_fill(~live[:, None, None], -1)
-        want = recall_decode_tier(queries, self.kv_pool.get_key_buffer(layer.layer_id),
-                                  self.kv_pool.get_value_buffer(layer.layer_id), resident,
-                                  lens, *layer_tier, self.recall.slots, rows, selected, self.tier.bits,
-                                  float(layer.scaling))
+        # Rows that are not live are compared with nothing (their selection is not attended).
+        want = recall_attention_tier(queries, queries, self.kv_pool.get_key_buffer(layer.layer_id),
+                                     self.kv_pool.get_value_buffer(layer.layer_id), resident, lens,
+                                     self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows,
+                                     self.recall.counts[rows], R, float(layer.scaling), n_cols=self.recall.longest)
         got = out.view(B, Hq, -1)[live].float()
         tol = 1e-3 if out.dtype == torch.float32 else 5e-2
         if not torch.allclose(got, want[live], atol=tol, rtol=tol):
