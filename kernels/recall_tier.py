@@ -36,6 +36,8 @@ the unpacking is written out in each kernel.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -141,35 +143,30 @@ def _rank_tier_kernel(
     OUT, stride_ob, stride_oh,
     n_cols, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-    BLOCK_E: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_E: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr,
+    QGROUP: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Scores of a block of tier tokens for one request and KV head, on the tensor cores.
+    """Scores of one request's tier tokens for one KV head, on the tensor cores.
 
     With ``code`` the unpacked codes and ``g`` a group of 32 channels,
     ``q . dequant(k) = sum_g step_g * (q_g . code_g) + lo_g * sum(q_g)``: one matrix product
     of the codes ``[BLOCK_E, channels]`` with a block-diagonal query matrix ``[channels,
     groups x heads]`` (head h's channels of group g in column g * G_PAD + h) gives every
     ``q_g . code_g``; lo and step are read once per group, the packed bytes once each.
+
+    Program ``s`` of ``SPLIT`` takes the row's token blocks ``s, s + SPLIT, ...`` up to the
+    request's count, read on the device (a CUDA graph captured at the row's full width does no
+    work past the count), and writes -inf over its blocks from there to ``n_cols``. The query
+    matrix is built once per program, and the loop's loads are pipelined ``STAGES`` deep.
     """
     pid_b = tl.program_id(0)
     kv_head = tl.program_id(1)
-    offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pid_s = tl.program_id(2)
     PER_BYTE: tl.constexpr = 8 // BITS
     BLOCK_D: tl.constexpr = BLOCK_BYTES * PER_BYTE
     NG: tl.constexpr = BLOCK_D // QGROUP
     n_tier = tl.load(T_LENS + pid_b)
-    valid = offs_e < n_tier
     row = tl.load(ROWS + pid_b).to(tl.int64)
-    slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
-    offs_byte = tl.arange(0, BLOCK_BYTES)
-    byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + offs_byte[None, :],
-                   mask=valid[:, None] & (offs_byte < HEAD_DIM * BITS // 8)[None, :], other=0).to(tl.int32)
-    # Channel PER_BYTE * i + j is bits j * BITS .. of byte i (padding bytes give code 0).
-    if BITS == 8:
-        code = byte
-    else:
-        shift = tl.arange(0, PER_BYTE) * BITS
-        code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & (2 ** BITS - 1), (BLOCK_E, BLOCK_D))
     offs_d = tl.arange(0, BLOCK_D)
     offs_h = tl.arange(0, G_PAD)
     # Queries [BLOCK_D, G_PAD] (padding heads and channels 0), then block-diagonal by group.
@@ -177,23 +174,44 @@ def _rank_tier_kernel(
                 + offs_d[:, None], mask=(offs_d < HEAD_DIM)[:, None] & (offs_h < GROUP)[None, :], other=0.0)
     offs_g = tl.arange(0, NG)
     in_group = (offs_d // QGROUP)[:, None] == offs_g[None, :]  # [BLOCK_D, NG]
-    q_blocks = tl.reshape(tl.where(in_group[:, :, None], q[:, None, :], 0.0), (BLOCK_D, NG * G_PAD))
-    # TF32 keeps 10 mantissa bits: codes (<= 255) and bf16 / fp16 queries are exact in it, so
-    # the products are; float32 queries take IEEE float32.
-    if IEEE:
-        part = tl.dot(code.to(tl.float32), q_blocks.to(tl.float32), input_precision="ieee")
-    else:
-        part = tl.dot(code.to(tl.float32), q_blocks.to(tl.float32), input_precision="tf32")
-    part = tl.reshape(part, (BLOCK_E, NG, G_PAD))
-    q_sum = tl.reshape(tl.sum(q_blocks.to(tl.float32), axis=0), (NG, G_PAD))
+    q_blocks = tl.reshape(tl.where(in_group[:, :, None], q[:, None, :], 0.0), (BLOCK_D, NG * G_PAD)).to(tl.float32)
+    q_sum = tl.reshape(tl.sum(q_blocks, axis=0), (NG, G_PAD))
     g_ok = offs_g < HEAD_DIM // QGROUP
-    s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + offs_g[None, :]
-    lo = tl.load(KLO + s_off, mask=valid[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-    step = tl.load(KST + s_off, mask=valid[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-    score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
-    best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
+    offs_byte = tl.arange(0, BLOCK_BYTES)
+    byte_ok = offs_byte < HEAD_DIM * BITS // 8
     out = OUT + pid_b.to(tl.int64) * stride_ob + kv_head * stride_oh
-    tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
+    for start in tl.range(pid_s * BLOCK_E, n_tier, SPLIT * BLOCK_E, num_stages=STAGES):
+        offs_e = start + tl.arange(0, BLOCK_E)
+        valid = offs_e < n_tier
+        slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
+        byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + offs_byte[None, :],
+                       mask=valid[:, None] & byte_ok[None, :], other=0).to(tl.int32)
+        s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + offs_g[None, :]
+        lo = tl.load(KLO + s_off, mask=valid[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        step = tl.load(KST + s_off, mask=valid[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        # Channel PER_BYTE * i + j is bits j * BITS .. of byte i (padding bytes give code 0).
+        if BITS == 8:
+            code = byte
+        else:
+            shift = tl.arange(0, PER_BYTE) * BITS
+            code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & (2 ** BITS - 1), (BLOCK_E, BLOCK_D))
+        # TF32 keeps 10 mantissa bits: codes (<= 255) and bf16 / fp16 queries are exact in it, so
+        # the products are; float32 queries take IEEE float32.
+        if IEEE:
+            part = tl.dot(code.to(tl.float32), q_blocks, input_precision="ieee")
+        else:
+            part = tl.dot(code.to(tl.float32), q_blocks, input_precision="tf32")
+        part = tl.reshape(part, (BLOCK_E, NG, G_PAD))
+        score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
+        best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
+        tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
+    # This program's blocks past the count: -inf (the first is the first block k >= the count's
+    # block with k % SPLIT == pid_s).
+    first = tl.cdiv(n_tier, BLOCK_E)
+    first = first + (pid_s - first % SPLIT + SPLIT) % SPLIT
+    for start in range(first * BLOCK_E, n_cols, SPLIT * BLOCK_E):
+        offs_e = start + tl.arange(0, BLOCK_E)
+        tl.store(out + offs_e, tl.full((BLOCK_E,), float("-inf"), tl.float32), mask=offs_e < n_cols)
 
 
 @triton.jit
@@ -362,7 +380,8 @@ def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: 
 
 def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
               tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
-              sm_scale: float, block_e: int = 64) -> torch.Tensor:
+              sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
+              stages: int = 2, num_warps: int = 4, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
     ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
@@ -373,6 +392,13 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         tier_table: ``[rows, capacity]`` int64 tier slots per ``req_to_token`` row.
         rows, tier_lens: ``[B]`` each request's row and tier-token count.
         n_cols: columns of the result (at least the longest count).
+        block_e, split, stages, num_warps: tokens per block (default 64; under the CPU
+            interpreter, which pays per program and per loop step, up to 1024); programs per
+            request and KV head (default: one per block, the launch measured on an H200; fewer
+            make each program loop over several blocks, a setting
+            benchmarks/reasoning/rank_select_bench.py times; under the interpreter 1); the
+            loop's pipeline depth; warps per program.
+        out: where to write the result (every element is written), else a new tensor.
     Returns:
         ``[B, Hkv, n_cols]`` float32.
     """
@@ -381,25 +407,32 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
     Hkv = k_codes.shape[1]
     _check_dims(D, D)
     _check_tier(k_codes, k_lo, k_step, D, bits, "K tier")
-    out = torch.empty(B, Hkv, n_cols, dtype=torch.float32, device=queries.device)
+    if out is None:
+        out = torch.empty(B, Hkv, n_cols, dtype=torch.float32, device=queries.device)
+    elif out.shape != (B, Hkv, n_cols) or out.dtype != torch.float32 or out.stride(2) != 1:
+        raise ValueError(f"out must be float32 {(B, Hkv, n_cols)} with unit last stride")
     if B == 0 or n_cols == 0:
         return out
-    if interpreting():
-        block_e = max(block_e, min(1024, triton.next_power_of_2(n_cols)))
+    if block_e is None:
+        block_e = max(64, min(1024, triton.next_power_of_2(n_cols))) if interpreting() else 64
+    n_blocks = triton.cdiv(n_cols, block_e)
+    if split is None:
+        split = 1 if interpreting() else n_blocks
+    split = max(1, min(split, n_blocks))
     if queries.stride(2) != 1:
         queries = queries.contiguous()
     group = Hq // Hkv
     n_groups = _block(D) // QUANT_GROUP
     # The matrix product needs at least 16 columns (groups x padded heads).
     g_pad = max(triton.next_power_of_2(group), 16 // n_groups)
-    _rank_tier_kernel[(B, Hkv, triton.cdiv(n_cols, block_e))](
+    _rank_tier_kernel[(B, Hkv, split)](
         queries, queries.stride(0), queries.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
         tier_table, tier_table.stride(0), rows, tier_lens,
         out, out.stride(0), out.stride(1),
         n_cols, sm_scale,
-        GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, BITS=bits,
-        QGROUP=QUANT_GROUP, IEEE=queries.dtype == torch.float32,
+        GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, SPLIT=split,
+        STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=queries.dtype == torch.float32, num_warps=num_warps,
     )
     return out
 

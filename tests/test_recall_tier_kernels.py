@@ -116,31 +116,45 @@ def test_bad_bits_and_head_dims_are_refused():
     assert tier_bytes_per_token(1, 1, 128, 128, 8) == 2 * (128 + 16)
 
 
+def _check_rank(bits, D, Hq, Hkv, q_dtype, T, lens, n_cols, **blocking):
+    """rank_tier against float64 dot products on a random tier; rows out of batch order and a
+    table wider than any count."""
+    seed, gen = _gen()
+    B, G = len(lens), Hq // Hkv
+    k_codes, k_lo, k_step = (t[1] for t in _tier(2, T, Hkv, D, D, bits, gen)[:3])
+    q = torch.randn(B, Hq, D, generator=gen).to(q_dtype)
+    width = max(lens) + 3
+    table = torch.stack([torch.randperm(T, generator=gen)[:width] for _ in range(B + 2)])
+    rows, lens = torch.randperm(B + 2, generator=gen)[:B], torch.tensor(lens)
+    # NaN where nothing was written.
+    got = rank_tier(q, k_codes, k_lo, k_step, table, rows, lens, n_cols, bits, 0.3, **blocking,
+                    out=torch.full((B, Hkv, n_cols), float("nan")))
+    keys = _dequant64(_unpack(k_codes, bits), k_lo, k_step)  # [T, Hkv, D] float64
+    want = torch.full((B, Hkv, n_cols), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        n = int(lens[b])
+        k_b = keys[table[rows[b], :n]]  # [n, Hkv, D]
+        for h in range(Hkv):
+            want[b, h, :n] = (k_b[:, h] @ q[b, h * G:(h + 1) * G].double().T).amax(-1) * 0.3
+    bad = ~((got.double() - want).abs() <= 1e-4 + 1e-5 * want.abs()) & ~((got == float("-inf")) & (want == float("-inf")))
+    assert not bad.any(), f"seed {seed}: {bad.nonzero()[:5].tolist()} of {blocking}"
+
+
 @pytest.mark.parametrize("bits, D, Hq, Hkv, q_dtype", [(2, 64, 6, 2, torch.float32), (4, 128, 4, 1, torch.float32),
                                                       (8, 96, 2, 2, torch.float32), (4, 128, 32, 8, torch.bfloat16),
                                                       (2, 96, 3, 1, torch.bfloat16)])
 def test_rank_tier_scores_are_dequantised_dot_products_max_over_the_group(bits, D, Hq, Hkv, q_dtype):
-    seed, gen = _gen()
-    B, T, n_cols = 3, 50, 13
-    G = Hq // Hkv
-    k_codes, k_lo, k_step = (t[1] for t in _tier(2, T, Hkv, D, D, bits, gen)[:3])
-    q = torch.randn(B, Hq, D, generator=gen).to(q_dtype)
-    # Rows out of batch order, a table wider than any count, a request with none.
-    table = torch.stack([torch.randperm(T, generator=gen)[:11] for _ in range(5)])
-    rows, lens = torch.tensor([4, 1, 2]), torch.tensor([11, 0, 6])
-    got = rank_tier(q, k_codes, k_lo, k_step, table, rows, lens, n_cols, bits, 0.3)
-    assert got.shape == (B, Hkv, n_cols)
-    keys = _dequant64(_unpack(k_codes, bits), k_lo, k_step)  # [T, Hkv, D] float64
-    for b in range(B):
-        for h in range(Hkv):
-            for e in range(n_cols):
-                where = f"seed {seed}: b={b} h={h} e={e}"
-                if e >= lens[b]:
-                    assert got[b, h, e] == float("-inf"), where
-                    continue
-                key = keys[table[rows[b], e], h]
-                want = max(float(q[b, h * G + g].double() @ key) for g in range(G)) * 0.3
-                assert abs(float(got[b, h, e]) - want) < 1e-4 + 1e-5 * abs(want), where
+    # A request with none; -inf past each count up to n_cols.
+    _check_rank(bits, D, Hq, Hkv, q_dtype, T=50, lens=[11, 0, 6], n_cols=13)
+
+
+@pytest.mark.parametrize("block_e, split", [(16, 3), (32, 2), (16, 20)])
+def test_rank_tier_split_over_token_blocks_covers_every_column_once(block_e, split):
+    """The GPU's layout on the interpreter: each (request, KV head) split over programs looping
+    over every split-th block up to the count, then -inf over their blocks up to n_cols (counts
+    ending inside a block, on a block's end, and none; more programs than blocks)."""
+    _check_rank(4, 64, 4, 2, torch.bfloat16, T=400, lens=[150, 0, 37, 64], n_cols=170, block_e=block_e,
+                split=split)
 
 
 def _reference_decode(q, k, v, resident, tier_rows, keys_t, vals_t, selected, scale):

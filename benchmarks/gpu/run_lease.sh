@@ -3,7 +3,8 @@
 # (each call carries at most 64 MiB and may last at most 10 minutes; /tmp lives while the
 # machine stays warm, so issue the calls back to back):
 #   bash benchmarks/gpu/run_lease.sh part         # carry one of .whl/parts/part-a? or .whl/fa3/* per call
-#   bash benchmarks/gpu/run_lease.sh bench ARGS   # recall_step_bench.py ARGS (torch + Triton only)
+#   bash benchmarks/gpu/run_lease.sh bench [SCRIPT.py] ARGS   # a benchmarks/reasoning script
+#       # (default recall_step_bench.py) with ARGS, torch + Triton only; carry .whl/kara
 #   WAIT=540 bash benchmarks/gpu/run_lease.sh serve "NAME:SECONDS:BENCH_SERVING_ARGS" ...
 #       # carry .whl/kara and .whl/extra; installs what the parts hold, starts run_serving.sh in
 #       # the background and waits up to WAIT seconds for it
@@ -31,7 +32,9 @@ part)
   ls /tmp/wheels /tmp/fa3 ;;
 bench)
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/kara .whl/kara/*.whl 2>&1 | grep -v "already exists"
-  PYTHONPATH=/tmp/kara python3 benchmarks/reasoning/recall_step_bench.py "$@" 2>&1 | tee ${OUT:-/tmp}/step_bench.txt ;;
+  SCRIPT=recall_step_bench.py
+  case ${1:-} in *.py) SCRIPT=$1; shift ;; esac
+  PYTHONPATH=/tmp/kara python3 benchmarks/reasoning/$SCRIPT "$@" 2>&1 | tee ${OUT:-/tmp}/${SCRIPT%.py}.txt ;;
 serve)
   # env.sh joins the parts (offline_install.sh) and installs .whl/kara; SGLang's HTTP server
   # also imports soundfile (+ cffi, pycparser), carried in .whl/extra.
