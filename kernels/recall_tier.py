@@ -381,7 +381,7 @@ def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: 
 def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
               tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
               sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
-              stages: int = 2, num_warps: int = 4, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              stages: int = 1, num_warps: int = 4, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
     ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
@@ -397,7 +397,7 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
             request and KV head (default: one per block, the launch measured on an H200; fewer
             make each program loop over several blocks, a setting
             benchmarks/reasoning/rank_select_bench.py times; under the interpreter 1); the
-            loop's pipeline depth; warps per program.
+            loop's pipeline depth (default 1: no pipelining, as measured); warps per program.
         out: where to write the result (every element is written), else a new tensor.
     Returns:
         ``[B, Hkv, n_cols]`` float32.

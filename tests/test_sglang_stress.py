@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from support.engines import assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, tally_outcome, use_cpu_sglang
+from support.engines import (assert_pool_back_to_idle, assert_pool_consistent, last, make_engine, pool_state,
+                             tally_outcome, use_cpu_sglang)
 from test_sglang_engine import KARA, greedy
 
 pytestmark = pytest.mark.sglang
@@ -74,7 +75,8 @@ async def _random_workload(engine, n_requests: int, seed: int):
     return results
 
 
-def run_stress(tiny_model, n_requests: int, seed: int, **engine_args):
+def run_stress(tiny_model, n_requests: int, seed: int, check_idle=None, **engine_args):
+    """``check_idle(engine)``: further checks once the pool is back to idle."""
     engine = make_engine(tiny_model, max_total_tokens=4000, **engine_args)
     try:
         results = engine.loop.run_until_complete(_random_workload(engine, n_requests, seed))
@@ -82,6 +84,8 @@ def run_stress(tiny_model, n_requests: int, seed: int, **engine_args):
         assert results["evicted"] > 0 and results["aborted"] > 0
         assert_pool_consistent(engine)
         assert_pool_back_to_idle(engine)
+        if check_idle is not None:
+            check_idle(engine)
         return results
     finally:
         engine.shutdown()
@@ -97,6 +101,25 @@ def test_randomized_stress_500_requests_zero_leaks(tiny_model, page_size):
 @pytest.mark.slow
 def test_randomized_stress_2000_requests_zero_leaks(tiny_model):
     run_stress(tiny_model, 2000, seed=11, **KARA)
+
+
+def _tier_idle(engine):
+    """The recall tier holds nothing once every request ended, after it stored windows, fell
+    back when full, and filled recall buffers."""
+    state = pool_state(engine)
+    assert state["recall_tier_tokens_held"] == 0 and state["recall_buffers"] == 0, state
+    assert state["recall_tier_tokens_stored"] > 0 and state["recall_tier_fallback_tokens"] > 0, state
+    assert state["recall_buffer_fills"] > 0, state
+
+
+@pytest.mark.slow
+def test_randomized_stress_2000_requests_with_the_recall_tier_zero_leaks(tiny_model):
+    """The same workload with the GPU tier's design on the CPU: a 4-bit tier of 1,500 tokens
+    (smaller than the evicted total, so windows fall back), 4 tokens recalled per layer and KV
+    head through each request's recall buffer; SGLang's strict checks and Kara's double-free
+    and recall-output debug checks on (support.engines.TEST_ENV)."""
+    run_stress(tiny_model, 2000, seed=23, check_idle=_tier_idle, kara_recall_tokens=4, kara_recall_kv="bits4",
+               kara_recall_tier_tokens=1500, **KARA)
 
 
 def _started_before_first_finish(engine, prompts, n_new):
