@@ -144,7 +144,7 @@ def _rank_tier_kernel(
     n_cols, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     BLOCK_E: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr,
-    QGROUP: tl.constexpr, IEEE: tl.constexpr,
+    QGROUP: tl.constexpr, IEEE: tl.constexpr, LOW_DOT: tl.constexpr,
 ):
     """Scores of one request's tier tokens for one KV head, on the tensor cores.
 
@@ -174,7 +174,8 @@ def _rank_tier_kernel(
                 + offs_d[:, None], mask=(offs_d < HEAD_DIM)[:, None] & (offs_h < GROUP)[None, :], other=0.0)
     offs_g = tl.arange(0, NG)
     in_group = (offs_d // QGROUP)[:, None] == offs_g[None, :]  # [BLOCK_D, NG]
-    q_blocks = tl.reshape(tl.where(in_group[:, :, None], q[:, None, :], 0.0), (BLOCK_D, NG * G_PAD)).to(tl.float32)
+    q_blocks_own = tl.reshape(tl.where(in_group[:, :, None], q[:, None, :], 0.0), (BLOCK_D, NG * G_PAD))
+    q_blocks = q_blocks_own.to(tl.float32)
     q_sum = tl.reshape(tl.sum(q_blocks, axis=0), (NG, G_PAD))
     g_ok = offs_g < HEAD_DIM // QGROUP
     offs_byte = tl.arange(0, BLOCK_BYTES)
@@ -195,9 +196,12 @@ def _rank_tier_kernel(
         else:
             shift = tl.arange(0, PER_BYTE) * BITS
             code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & (2 ** BITS - 1), (BLOCK_E, BLOCK_D))
-        # TF32 keeps 10 mantissa bits: codes (<= 255) and bf16 / fp16 queries are exact in it, so
-        # the products are; float32 queries take IEEE float32.
-        if IEEE:
+        # Exact products, float32 sums: codes (<= 255) and bf16 / fp16 queries are exact in the
+        # queries' own 16-bit type (LOW_DOT: half the operand bytes in shared memory) and in
+        # TF32 (10 mantissa bits); float32 queries take IEEE float32.
+        if LOW_DOT:
+            part = tl.dot(code.to(q_blocks_own.dtype), q_blocks_own, out_dtype=tl.float32)
+        elif IEEE:
             part = tl.dot(code.to(tl.float32), q_blocks, input_precision="ieee")
         else:
             part = tl.dot(code.to(tl.float32), q_blocks, input_precision="tf32")
@@ -207,6 +211,71 @@ def _rank_tier_kernel(
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
     # This program's blocks past the count: -inf (the first is the first block k >= the count's
     # block with k % SPLIT == pid_s).
+    first = tl.cdiv(n_tier, BLOCK_E)
+    first = first + (pid_s - first % SPLIT + SPLIT) % SPLIT
+    for start in range(first * BLOCK_E, n_cols, SPLIT * BLOCK_E):
+        offs_e = start + tl.arange(0, BLOCK_E)
+        tl.store(out + offs_e, tl.full((BLOCK_E,), float("-inf"), tl.float32), mask=offs_e < n_cols)
+
+
+@triton.jit
+def _rank_tier_grouped_kernel(
+    Q, stride_qb, stride_qh,
+    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
+    TT, stride_tt, ROWS, T_LENS,
+    OUT, stride_ob, stride_oh,
+    n_cols, scale,
+    GROUP: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr,
+    SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr, IEEE: tl.constexpr,
+    DOT16: tl.constexpr,
+):
+    """:func:`_rank_tier_kernel`'s scores, one group of 32 channels at a time: per group a
+    product of that group's codes ``[BLOCK_E, 32]`` with the group's queries ``[32, heads]``
+    (no block-diagonal matrix), then ``step_g * part + lo_g * sum(q_g)`` accumulated. Only one
+    group's codes are live at a time (fewer registers, more programs per SM); a token's groups
+    are read by the same program, so the bytes come from one pass over DRAM."""
+    pid_b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    PER_BYTE: tl.constexpr = 8 // BITS
+    GROUP_BYTES: tl.constexpr = QGROUP * BITS // 8
+    NG: tl.constexpr = HEAD_DIM // QGROUP
+    n_tier = tl.load(T_LENS + pid_b)
+    row = tl.load(ROWS + pid_b).to(tl.int64)
+    offs_h = tl.arange(0, H_PAD)
+    h_ok = offs_h < GROUP
+    offs_c = tl.arange(0, QGROUP)
+    offs_gb = tl.arange(0, GROUP_BYTES)
+    q_base = Q + pid_b.to(tl.int64) * stride_qb + (kv_head * GROUP + offs_h)[None, :] * stride_qh
+    out = OUT + pid_b.to(tl.int64) * stride_ob + kv_head * stride_oh
+    for start in tl.range(pid_s * BLOCK_E, n_tier, SPLIT * BLOCK_E, num_stages=STAGES):
+        offs_e = start + tl.arange(0, BLOCK_E)
+        valid = offs_e < n_tier
+        slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
+        code_base = KC + slots[:, None] * stride_kcs + kv_head * stride_kch + offs_gb[None, :]
+        s_base = slots * stride_kss + kv_head * stride_ksh
+        acc = tl.zeros((BLOCK_E, H_PAD), tl.float32)
+        for g in tl.static_range(NG):
+            q_g = tl.load(q_base + (g * QGROUP + offs_c)[:, None], mask=h_ok[None, :], other=0.0)  # [32, H_PAD]
+            byte = tl.load(code_base + g * GROUP_BYTES, mask=valid[:, None], other=0).to(tl.int32)
+            if BITS == 8:
+                code = byte
+            else:
+                shift = tl.arange(0, PER_BYTE) * BITS
+                code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & (2 ** BITS - 1), (BLOCK_E, QGROUP))
+            # Exact products, float32 sums (see _rank_tier_kernel): DOT16 in the queries' own
+            # 16-bit type, else float32 (IEEE for float32 queries).
+            if DOT16:
+                part = tl.dot(code.to(tl.float32).to(q_g.dtype), q_g, out_dtype=tl.float32)
+            elif IEEE:
+                part = tl.dot(code.to(tl.float32), q_g.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(code.to(tl.float32), q_g.to(tl.float32), input_precision="tf32")
+            lo = tl.load(KLO + s_base + g, mask=valid, other=0.0).to(tl.float32)
+            step = tl.load(KST + s_base + g, mask=valid, other=0.0).to(tl.float32)
+            acc += step[:, None] * part + lo[:, None] * tl.sum(q_g.to(tl.float32), axis=0)[None, :]
+        best = tl.max(tl.where(h_ok[None, :], acc, float("-inf")), axis=1)
+        tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
     first = tl.cdiv(n_tier, BLOCK_E)
     first = first + (pid_s - first % SPLIT + SPLIT) % SPLIT
     for start in range(first * BLOCK_E, n_cols, SPLIT * BLOCK_E):
@@ -381,7 +450,8 @@ def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: 
 def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
               tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
               sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
-              stages: int = 1, num_warps: int = 4, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              stages: int = 1, num_warps: int = 4, low_dot: bool = False, grouped: bool = False,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
     ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
@@ -398,6 +468,10 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
             make each program loop over several blocks, a setting
             benchmarks/reasoning/rank_select_bench.py times; under the interpreter 1); the
             loop's pipeline depth (default 1: no pipelining, as measured); warps per program.
+        low_dot: bf16 / fp16 queries: the codes x queries product in the queries' own type
+            (exact as TF32 is; default off, as measured; on a GPU only).
+        grouped: the kernel that multiplies one group of 32 channels at a time (fewer
+            registers; not yet timed on a GPU, so off by default).
         out: where to write the result (every element is written), else a new tensor.
     Returns:
         ``[B, Hkv, n_cols]`` float32.
@@ -425,6 +499,21 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
     n_groups = _block(D) // QUANT_GROUP
     # The matrix product needs at least 16 columns (groups x padded heads).
     g_pad = max(triton.next_power_of_2(group), 16 // n_groups)
+    # Triton's CPU interpreter gets 16-bit matrix products wrong (and int -> bf16 casts): there
+    # the product is always float32, so low_dot is tested only on a GPU.
+    dot16 = queries.dtype in (torch.bfloat16, torch.float16) and not interpreting()
+    if grouped:
+        _rank_tier_grouped_kernel[(B, Hkv, split)](
+            queries, queries.stride(0), queries.stride(1),
+            k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
+            tier_table, tier_table.stride(0), rows, tier_lens,
+            out, out.stride(0), out.stride(1),
+            n_cols, sm_scale,
+            GROUP=group, H_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_E=block_e, SPLIT=split,
+            STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=queries.dtype == torch.float32,
+            DOT16=low_dot and dot16, num_warps=num_warps,
+        )
+        return out
     _rank_tier_kernel[(B, Hkv, split)](
         queries, queries.stride(0), queries.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
@@ -432,7 +521,8 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         out, out.stride(0), out.stride(1),
         n_cols, sm_scale,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, SPLIT=split,
-        STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=queries.dtype == torch.float32, num_warps=num_warps,
+        STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=queries.dtype == torch.float32,
+        LOW_DOT=low_dot and dot16, num_warps=num_warps,
     )
     return out
 

@@ -57,7 +57,7 @@ def _select_top_kernel(
     prefix = tl.zeros((), tl.int32)
     k_left = k
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros((256,), tl.int32)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)

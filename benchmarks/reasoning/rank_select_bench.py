@@ -67,40 +67,45 @@ def main() -> None:
     table = tier.rows.slots
     print(f"batch={B} tier tokens={E} width={W} heads={a.q_heads}/{Hkv} dim={D} R={a.tokens}", flush=True)
 
-    # Correctness on the GPU: scores against a torch dequantisation of a few rows.
-    rank = rank_tier(q, *layer, table, rows, lens, W, 4, 0.125)
+    # Correctness on the GPU: every setting's scores against a torch dequantisation of 3 rows.
     codes, lo, step = layer
+    g = a.q_heads // Hkv
+    wants = {}
     for b in (0, B // 2, B - 1):
         slots = table[rows[b], :E]
         c = codes[slots].long()
         c = torch.stack((c & 15, c >> 4), -1).reshape(E, Hkv, D).float()
         keys = (c.view(E, Hkv, D // 32, 32) * step[slots].float()[..., None]
                 + lo[slots].float()[..., None]).view(E, Hkv, D)
-        g = a.q_heads // Hkv
-        want = torch.einsum("ehd,hgd->ehg", keys, q[b].float().view(Hkv, g, D)).amax(-1).T * 0.125
-        err = (rank[b, :, :E] - want).abs().max().item()
-        assert err < 1e-3, f"rank mismatch {err}"
-        assert torch.isinf(rank[b, :, E:]).all()
-    print("rank_tier matches torch on 3 rows", flush=True)
+        wants[b] = torch.einsum("ehd,hgd->ehg", keys, q[b].float().view(Hkv, g, D)).amax(-1).T * 0.125
 
+    def error(rank):
+        assert all(torch.isinf(rank[b, :, E:]).all() for b in wants)
+        return max((rank[b, :, :E] - want).abs().max().item() for b, want in wants.items())
+
+    # What the ranking must read: packed codes, lo and step, and the table.
     bytes_read = B * E * Hkv * (D // 2 + 2 * 2 * (D // 32)) + B * E * 8
-    for block_e, warps, stages, split in itertools.chain(
-            itertools.product((64, 128, 256), (4, 8), (1, 3), (None,)),
-            itertools.product((64, 128), (4,), (2,), (2, 4))):
+    # Kernels: block-diagonal product in TF32 (measured) or in the queries' bf16, or one group
+    # of 32 channels at a time in bf16; one block per program (split None) or two looping,
+    # pipelined or not. The first setting is the server's default (measured in serving).
+    kernels = (dict(), dict(low_dot=True), dict(grouped=True, low_dot=True))
+    loops = ((None, 1), (2, 1), (2, 3))
+    settings = [dict(block_e=be, num_warps=w, split=sp, stages=st, **kernel) for kernel in kernels
+                 for be, w in ((64, 4), (128, 4), (256, 8)) for sp, st in loops]
+    rank = None
+    for setting in settings:
         def run(n_cols):
-            return rank_tier(q, *layer, table, rows, lens, n_cols, 4, 0.125, block_e=block_e, split=split,
-                             stages=stages, num_warps=warps)
+            return rank_tier(q, *layer, table, rows, lens, n_cols, 4, 0.125, **setting)
         try:
-            ref = run(W)
-            ok = torch.equal(ref, rank)
+            err = error(run(W))
             t_long, t_wide = timed(lambda: run(E), a.iters), timed(lambda: run(W), a.iters)
         except Exception as exc:  # a setting the compiler refuses (shared memory) is reported
-            print(f"rank block_e={block_e} warps={warps} stages={stages} split={split}: {type(exc).__name__}",
-                  flush=True)
+            print(f"rank {setting}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             continue
-        print(f"rank block_e={block_e} warps={warps} stages={stages} split={split or 'auto'}: "
-              f"{t_long:.3f} ms/layer longest, {t_wide:.3f} captured width, "
-              f"{bytes_read / t_long / 1e6:.0f} GB/s, same scores {ok}", flush=True)
+        if rank is None:
+            rank = run(W)
+        print(f"rank {setting}: {t_long:.3f} ms/layer longest, {t_wide:.3f} captured width, "
+              f"{bytes_read / t_long / 1e6:.0f} GB/s, max error vs torch {err:.1e}", flush=True)
 
     # Selection: the same set as torch.topk (ties aside: compare the picked scores).
     top = rank.topk(a.tokens, dim=-1)

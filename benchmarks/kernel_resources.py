@@ -1,0 +1,77 @@
+"""Registers, spills and shared memory of the recall tier's kernels compiled for a GPU, without one.
+
+    TRITON_INTERPRET=0 python benchmarks/kernel_resources.py [--arch 90]
+
+Triton compiles ahead of time for a named target (no device needed) and its bundled ptxas
+reports each kernel's registers per thread, spills and shared memory; from those, how many
+programs fit one SM (Hopper: 65,536 registers, 228 KB shared memory, 64 warps). A kernel that
+fits few programs per SM has few loads in flight: the first thing to check when a
+memory-bound kernel runs far below the bandwidth, and a check that the GPU will compile it at
+all (the CPU interpreter accepts code the compiler refuses). One line per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kara_kernels.recall_tier import _rank_tier_grouped_kernel, _rank_tier_kernel
+from kara_kernels.select_top import _select_top_kernel
+
+SM_REGS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
+
+RANK_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "KC": "*u8", "stride_kcs": "i32",
+            "stride_kch": "i32", "KLO": "*fp16", "KST": "*fp16", "stride_kss": "i32", "stride_ksh": "i32",
+            "TT": "*i64", "stride_tt": "i32", "ROWS": "*i64", "T_LENS": "*i64", "OUT": "*fp32", "stride_ob": "i32",
+            "stride_oh": "i32", "n_cols": "i32", "scale": "fp32"}
+SELECT_SIG = {"RANK": "*fp32", "stride_rb": "i32", "stride_rh": "i32", "LENS": "*i64", "OUT": "*i64",
+              "stride_ob": "i32", "stride_oh": "i32", "n_cols": "i32", "R": "i32"}
+
+
+def _ptxas() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def resources(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> str:
+    sig = dict(signature, **{name: "constexpr" for name in constexprs})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    shared = kernel.metadata.shared
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([_ptxas(), f"-arch=sm_{arch}a", "-v", ptx.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    per_sm = min(SM_REGS // (regs * 32 * num_warps), SM_SHARED // max(shared, 1), SM_WARPS // num_warps)
+    return f"{regs} regs, {spills} B spilled, {shared // 1024} KB shared: {per_sm} programs ({per_sm * num_warps} warps) per SM"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90)
+    a = ap.parse_args()
+    # The headline's shape: Llama-8B (4 query heads per KV head, head dim 128), 4-bit tier.
+    for block_e, warps, stages in ((64, 4, 1), (128, 4, 1), (128, 4, 3), (256, 8, 3)):
+        common = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=block_e, SPLIT=2, STAGES=stages, BITS=4, QGROUP=32, IEEE=False)
+        for name, fn, c in (
+                ("block-diagonal, TF32", _rank_tier_kernel, dict(G_PAD=4, BLOCK_BYTES=64, LOW_DOT=False)),
+                ("block-diagonal, bf16", _rank_tier_kernel, dict(G_PAD=4, BLOCK_BYTES=64, LOW_DOT=True)),
+                ("grouped, bf16", _rank_tier_grouped_kernel, dict(H_PAD=16, DOT16=True))):
+            print(f"rank_tier {name} block_e={block_e} warps={warps} stages={stages}: "
+                  f"{resources(fn, RANK_SIG, dict(common, **c), warps, a.arch)}", flush=True)
+    for block, warps in ((512, 4), (1024, 8), (2048, 8), (2048, 16)):
+        print(f"select_top block={block} warps={warps}: "
+              f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=256), warps, a.arch)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
