@@ -29,6 +29,7 @@ from kara_sglang.policies import KVPolicy, make_policy
 from kara_sglang.query_buffer import QueryBuffer
 from kara_kernels.recall import QUANT_GROUP
 from kara_sglang.recall import RecallStore, bits_of, recall_attention, recall_attention_tier, recall_fill_tier
+from kara_sglang.recall_tune import tune_fill_for_server
 from kara_sglang.recall_tier import RecallTier
 from kara_sglang import kv_pool, req_kv, session_continue, swa_window
 from kara_sglang.reasoning import ReasoningEnd
@@ -180,6 +181,10 @@ class KaraRuntime:
             if config.recall_tier_tokens:
                 self.tier = self._make_tier(num_layers, kv_heads, head_dim, rows, row_capacity, device)
                 self.recall = self.tier.rows
+                # Before CUDA graphs are captured: the fill's fastest correct launch on this GPU.
+                self.fill_launch = tune_fill_for_server(q_heads, kv_heads, head_dim, self.tier.bits, rows,
+                                                        config.recall_tier_tokens, row_capacity,
+                                                        config.recall_tokens, query_dtype, device)
                 # Each row's recall buffer (kara_sglang/window.py, CompressionTask.recall_buffer):
                 # its pool slots, the column after it, and whether it is written this step.
                 width = config.recall_tokens
@@ -349,7 +354,7 @@ class KaraRuntime:
         recall_fill_tier(select, self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows,
                          self.recall.counts[rows], live, self.buffer_slots,
                          self.kv_pool.get_key_buffer(layer.layer_id), self.kv_pool.get_value_buffer(layer.layer_id),
-                         float(layer.scaling), n_cols)
+                         float(layer.scaling), n_cols, self.fill_launch)
 
     def _live_buffers(self, forward_batch: Any) -> torch.Tensor:
         """``[B]`` int32: 1 where the batch entry's recall buffer is written and read this step.

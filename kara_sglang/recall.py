@@ -29,6 +29,7 @@ import torch
 
 from kara_kernels.recall import rank_evicted, recall_decode
 from kara_kernels.recall_tier import fill_recall_buffer, rank_tier, recall_decode_tier
+from kara_sglang.recall_tune import FillLaunch, top_columns
 
 
 def bits_of(setting: str) -> int:
@@ -87,13 +88,6 @@ class RecallStore:
         return self.slots[row, :n].clone()
 
 
-def _top(rank: torch.Tensor, tokens: int, n_cols: int) -> torch.Tensor:
-    """``[B, Hkv, R]`` the highest-ranked columns; past a request's count the rank is -inf:
-    those picks are no token (-1)."""
-    top = rank.topk(min(tokens, n_cols), dim=-1)
-    return top.indices.masked_fill(top.values == float("-inf"), -1)
-
-
 def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      resident_table: torch.Tensor, resident_lens: torch.Tensor,
                      evicted_table: torch.Tensor, rows: torch.Tensor, evicted_lens: torch.Tensor,
@@ -119,7 +113,7 @@ def recall_attention(q: torch.Tensor, select_q: torch.Tensor, k_buffer: torch.Te
     B, Hkv = q.shape[0], k_buffer.shape[1]
     if tokens and n_cols:
         rank = rank_evicted(select_q, k_buffer, evicted_table, rows, evicted_lens, n_cols, bits_of(digest), sm_scale)
-        selected = _top(rank, tokens, n_cols)
+        selected = top_columns(rank, evicted_lens, tokens, n_cols, "torch")
     else:
         selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
     return recall_decode(q, k_buffer, v_buffer, resident_table, resident_lens, evicted_table, rows,
@@ -141,7 +135,7 @@ def recall_attention_tier(q: torch.Tensor, select_q: torch.Tensor, k_buffer: tor
     B, Hkv = q.shape[0], k_buffer.shape[1]
     if tokens and n_cols:
         rank = rank_tier(select_q, k_codes, k_lo, k_step, tier_table, rows, tier_lens, n_cols, bits, sm_scale)
-        selected = _top(rank, tokens, n_cols)
+        selected = top_columns(rank, tier_lens, tokens, n_cols, "torch")
     else:
         selected = torch.full((B, Hkv, 0), -1, dtype=torch.int64, device=q.device)
     return recall_decode_tier(q, k_buffer, v_buffer, resident_table, resident_lens, k_codes, k_lo, k_step,
@@ -150,19 +144,22 @@ def recall_attention_tier(q: torch.Tensor, select_q: torch.Tensor, k_buffer: tor
 
 def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor], bits: int, tier_table: torch.Tensor,
                      rows: torch.Tensor, tier_lens: torch.Tensor, live: torch.Tensor, buffer_slots: torch.Tensor,
-                     k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float, n_cols: int) -> None:
+                     k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float, n_cols: int,
+                     launch: FillLaunch = FillLaunch()) -> None:
     """Recall through SGLang's own attention: rank each request's tier tokens with ``select_q``,
     and write the top R per KV head (R = the buffer's width), dequantised, into the request's
     recall-buffer slots, which its ``req_to_token`` row holds among its resident columns.
 
     Only device work with shapes fixed by ``n_cols`` (capture it at the tier row's width and a
     CUDA graph replays it); a request holding fewer than R tier tokens must not be ``live``.
+    ``launch``: the ranking's launch and the top-R selection (kara_sglang/recall_tune.py).
     """
     k_codes, k_lo, k_step = tier_layer[:3]
     tokens = buffer_slots.shape[1]
     if not n_cols or not tokens:
         return
-    rank = rank_tier(select_q, k_codes, k_lo, k_step, tier_table, rows, tier_lens, n_cols, bits, sm_scale)
-    selected = _top(rank, tokens, n_cols)
+    rank = rank_tier(select_q, k_codes, k_lo, k_step, tier_table, rows, tier_lens, n_cols, bits, sm_scale,
+                     **launch.rank)
+    selected = top_columns(rank, tier_lens, tokens, n_cols, launch.select)
     fill_recall_buffer(selected, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
                        k_buffer, v_buffer, bits)

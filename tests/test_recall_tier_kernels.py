@@ -399,3 +399,37 @@ def test_fill_ranked_over_a_wider_row_writes_the_same():
     assert not torch.equal(results[0][0], k), f"seed {seed}: nothing written"
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), f"seed {seed}"
 
+
+
+def test_fill_tuning_keeps_only_launches_that_agree_with_the_reference(monkeypatch):
+    """kara_sglang/recall_tune.py at tiny shapes on the interpreter: every candidate is checked
+    against the reference launch before it is timed; one made wrong (its scores scaled) and a
+    selection made wrong (its picks shifted) are rejected, never chosen."""
+    import kara_sglang.recall_tune as tune
+
+    real_rank, real_select = tune.rank_tier, tune.select_top
+
+    def rank_tier(*args, wrong=False, **kwargs):
+        out = real_rank(*args, **kwargs)
+        return out * 1.5 if wrong else out
+
+    def select_top(rank, lens, tokens, n_cols):
+        picks = real_select(rank, lens, tokens, n_cols)
+        return torch.where(picks > 0, picks - 1, picks)  # the column before each pick
+
+    monkeypatch.setattr(tune, "rank_tier", rank_tier)
+    monkeypatch.setattr(tune, "select_top", select_top)
+    launch, lines = tune.tune_fill(4, 2, 64, 4, batch=3, per_row=40, n_cols=70, tokens=8, dtype=torch.bfloat16,
+                                   device=torch.device("cpu"), iters=1,
+                                   rank_candidates=({}, {"grouped": True}, {"wrong": True}))
+    assert len(lines) == 5, lines
+    assert "rejected" in lines[2] and "rejected" in lines[4], lines
+    assert "rejected" not in lines[0] + lines[1] + lines[3], lines
+    assert launch.rank in ({}, {"grouped": True}) and launch.select == "torch"
+    # Unpatched, both selections agree at these shapes (ties aside) and one is chosen.
+    monkeypatch.setattr(tune, "select_top", real_select)
+    launch, lines = tune.tune_fill(4, 2, 64, 4, batch=2, per_row=30, n_cols=40, tokens=8, dtype=torch.bfloat16,
+                                   device=torch.device("cpu"), iters=1, rank_candidates=({},))
+    assert not any("rejected" in line for line in lines), lines
+    # The server's entry point times nothing on the CPU.
+    assert tune.tune_fill_for_server(4, 2, 64, 4, 3, 100, 70, 8, torch.bfloat16, torch.device("cpu")) == tune.FillLaunch()

@@ -1,0 +1,167 @@
+"""The recall fill's kernel launch, chosen at start-up on the server's own GPU and shapes.
+
+Each decode step ranks every tier token of every request holding a recall buffer, per layer
+(kernels/recall_tier.py ``rank_tier``), and keeps the top R per KV head. Which launch of the
+ranking is fastest depends on the GPU, the batch and the row width, and the selection can be
+``torch.topk`` or the radix kernel (kernels/select_top.py). So before CUDA graphs are captured
+the server times each candidate once on a synthetic tier of its own shapes (random codes, as
+many requests as it can run, each holding as many tier tokens as the tier gives it, ranked
+over the captured row width) and keeps the fastest. A candidate whose scores or picks differ
+from the reference launch's (beyond float32 summation order) is never chosen: a kernel wrong
+on this GPU costs speed, not answers. On the CPU nothing is timed: the reference launch.
+
+Engine-independent: shapes in, a :class:`FillLaunch` out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from kara_kernels.recall import QUANT_GROUP
+from kara_kernels.recall_tier import rank_tier
+from kara_kernels.select_top import select_top
+
+logger = logging.getLogger(__name__)
+
+# The reference (the launch measured in serving) first.
+RANK_CANDIDATES: Tuple[Dict, ...] = (
+    {},
+    {"low_dot": True},
+    {"grouped": True, "low_dot": True},
+    {"grouped": True, "low_dot": True, "block_e": 128, "split": 2, "stages": 3},
+    {"low_dot": True, "block_e": 128, "split": 2, "stages": 3},
+)
+SELECT_CANDIDATES = ("torch", "radix")
+
+
+@dataclass(frozen=True)
+class FillLaunch:
+    rank: Dict = field(default_factory=dict)  # rank_tier's launch keywords
+    select: str = "torch"  # top-R: torch.topk or the radix kernel
+
+
+def top_columns(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: int, select: str) -> torch.Tensor:
+    """``[B, Hkv, min(R, n_cols)]`` each request's highest-ranked columns below its count; past
+    it -1 (no token). ``torch``: in score order; ``radix``: in column order."""
+    tokens = min(tokens, n_cols)
+    if select == "radix":
+        return select_top(rank, lens, tokens, n_cols)
+    top = rank.topk(tokens, dim=-1)
+    return top.indices.masked_fill(top.values == float("-inf"), -1)
+
+
+def _synthetic(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: int, head_dim: int, bits: int,
+               dtype: torch.dtype, device: torch.device, seed: int = 0) -> Tuple:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    slots = batch * per_row
+    codes = torch.randint(0, 256, (slots, kv_heads, head_dim * bits // 8), generator=gen, device=device,
+                          dtype=torch.uint8)
+    groups = head_dim // QUANT_GROUP
+    lo = (-torch.rand(slots, kv_heads, groups, generator=gen, device=device) * 2).half()
+    step = (torch.rand(slots, kv_heads, groups, generator=gen, device=device) * 0.3 + 0.01).half()
+    table = torch.zeros(batch, n_cols, dtype=torch.int64, device=device)
+    table[:, :per_row] = torch.randperm(slots, generator=gen, device=device).view(batch, per_row)
+    rows = torch.arange(batch, device=device)
+    lens = torch.full((batch,), per_row, dtype=torch.int64, device=device)
+    q = torch.randn(batch, q_heads, head_dim, generator=gen, device=device).to(dtype)
+    return q, (codes, lo, step), table, rows, lens
+
+
+def _time(step, iters: int) -> float:
+    step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def _same_picks(rank: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same multiset of picked scores (ties may pick different columns)."""
+    def picked(sel):
+        return rank.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf")).sort(-1).values
+    return a.shape == b.shape and torch.equal(picked(a), picked(b))
+
+
+# At most this many synthetic tier tokens (about 170 MB at 8 KV heads of 128 dims, 4 bits):
+# fewer per row beyond it, so the tuning fits beside the pool and the tier.
+MAX_SYNTHETIC_TOKENS = 1 << 18
+
+
+def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, rows: int, tier_tokens: int,
+                         n_cols: int, tokens: int, dtype: torch.dtype, device: torch.device) -> FillLaunch:
+    """:func:`tune_fill` at a server's shapes (every row running, each with its share of the
+    tier), logged; the reference launch on the CPU or when the GPU lacks the scratch memory."""
+    if device.type != "cuda":
+        return FillLaunch()
+    per_row = max(1, min(tier_tokens // max(rows, 1), n_cols, MAX_SYNTHETIC_TOKENS // max(rows, 1)))
+    need = rows * per_row * kv_heads * (head_dim * bits // 8 + 4 * head_dim // QUANT_GROUP) + 3 * rows * n_cols * 8
+    if 2 * need > torch.cuda.mem_get_info(device)[0]:
+        logger.info("kara: recall fill not tuned (%.0f MiB of scratch does not fit): the reference launch",
+                    need / 2**20)
+        return FillLaunch()
+    t0 = time.perf_counter()
+    launch, lines = tune_fill(q_heads, kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype, device)
+    for line in lines:
+        logger.info("kara: recall fill, %d rows x %d tier tokens over %d columns: %s", rows, per_row, n_cols, line)
+    logger.info("kara: recall fill launch %s (tuned in %.1f s)", launch, time.perf_counter() - t0)
+    torch.cuda.empty_cache()
+    return launch
+
+
+def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int, per_row: int, n_cols: int,
+              tokens: int, dtype: torch.dtype, device: torch.device, iters: int = 10,
+              rank_candidates: Sequence[Dict] = RANK_CANDIDATES,
+              select_candidates: Sequence[str] = SELECT_CANDIDATES) -> Tuple[FillLaunch, List[str]]:
+    """The fastest correct launch at these shapes (module docstring), and one report line per
+    candidate (milliseconds per layer, or why it was rejected)."""
+    per_row = max(1, min(per_row, n_cols))
+    q, layer, table, rows, lens = _synthetic(batch, per_row, n_cols, q_heads, kv_heads, head_dim, bits, dtype,
+                                             device)
+    scale = head_dim ** -0.5
+    lines: List[str] = []
+
+    def rank_with(kwargs):
+        return rank_tier(q, *layer, table, rows, lens, n_cols, bits, scale, **kwargs)
+
+    reference = rank_with(rank_candidates[0])
+    tolerance = 1e-4 * float(reference[:, :, :per_row].abs().max()) + 1e-5
+    best_rank, best_ms = dict(rank_candidates[0]), float("inf")
+    for kwargs in rank_candidates:
+        try:
+            got = rank_with(kwargs)
+            finite = torch.isfinite(reference)
+            if not (torch.equal(got[~finite], reference[~finite])
+                    and bool(((got - reference).abs()[finite] <= tolerance).all())):
+                lines.append(f"rank {kwargs}: rejected, its scores differ from the reference launch's")
+                continue
+            ms = _time(lambda: rank_with(kwargs), iters)
+        except Exception as exc:  # e.g. a launch this GPU's shared memory cannot hold
+            lines.append(f"rank {kwargs}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        lines.append(f"rank {kwargs}: {ms:.3f} ms/layer")
+        if ms < best_ms:
+            best_rank, best_ms = dict(kwargs), ms
+    picks = top_columns(reference, lens, tokens, n_cols, select_candidates[0])
+    best_select, best_ms = select_candidates[0], float("inf")
+    for select in select_candidates:
+        try:
+            if not _same_picks(reference, top_columns(reference, lens, tokens, n_cols, select), picks):
+                lines.append(f"select {select}: rejected, its picks differ from the reference's")
+                continue
+            ms = _time(lambda: top_columns(reference, lens, tokens, n_cols, select), iters)
+        except Exception as exc:
+            lines.append(f"select {select}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        lines.append(f"select {select}: {ms:.3f} ms/layer")
+        if ms < best_ms:
+            best_select, best_ms = select, ms
+    return FillLaunch(best_rank, best_select), lines
