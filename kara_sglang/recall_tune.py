@@ -109,7 +109,12 @@ def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, 
                     need / 2**20)
         return FillLaunch()
     t0 = time.perf_counter()
-    launch, lines = tune_fill(q_heads, kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype, device)
+    try:
+        launch, lines = tune_fill(q_heads, kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype, device)
+    except Exception as exc:  # the tuning can only cost speed: never the server's start
+        logger.warning("kara: recall fill tuning failed (%s: %s): the reference launch", type(exc).__name__, exc)
+        torch.cuda.empty_cache()
+        return FillLaunch()
     for line in lines:
         logger.info("kara: recall fill, %d rows x %d tier tokens over %d columns: %s", rows, per_row, n_cols, line)
     logger.info("kara: recall fill launch %s (tuned in %.1f s)", launch, time.perf_counter() - t0)
