@@ -113,12 +113,13 @@ def _tier_idle(engine):
 
 
 @pytest.mark.slow
-def test_randomized_stress_2000_requests_with_the_recall_tier_zero_leaks(tiny_model):
-    """The same workload with the GPU tier's design on the CPU: a 4-bit tier of 1,500 tokens
+@pytest.mark.parametrize("n_requests", [300, 2000])
+def test_randomized_stress_with_the_recall_tier_zero_leaks(tiny_model, n_requests):
+    """The stress workload with the GPU tier's design on the CPU: a 4-bit tier of 1,500 tokens
     (smaller than the evicted total, so windows fall back), 4 tokens recalled per layer and KV
     head through each request's recall buffer; SGLang's strict checks and Kara's double-free
     and recall-output debug checks on (support.engines.TEST_ENV)."""
-    run_stress(tiny_model, 2000, seed=23, check_idle=_tier_idle, kara_recall_tokens=4, kara_recall_kv="bits4",
+    run_stress(tiny_model, n_requests, seed=23, check_idle=_tier_idle, kara_recall_tokens=4, kara_recall_kv="bits4",
                kara_recall_tier_tokens=1500, **KARA)
 
 
