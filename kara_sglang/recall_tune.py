@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -72,7 +72,8 @@ def _synthetic(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: in
     return q, (codes, lo, step), table, rows, lens
 
 
-def _time(step, iters: int) -> float:
+def time_ms(step, iters: int) -> float:
+    """Milliseconds per call of ``step`` (one warm-up call, then ``iters``, device synchronised)."""
     step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -138,17 +139,17 @@ def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int,
         return rank_tier(q, *layer, table, rows, lens, n_cols, bits, scale, **kwargs)
 
     reference = rank_with(rank_candidates[0])
+    finite = torch.isfinite(reference)
     tolerance = 1e-4 * float(reference[:, :, :per_row].abs().max()) + 1e-5
     best_rank, best_ms = dict(rank_candidates[0]), float("inf")
     for kwargs in rank_candidates:
         try:
             got = rank_with(kwargs)
-            finite = torch.isfinite(reference)
             if not (torch.equal(got[~finite], reference[~finite])
                     and bool(((got - reference).abs()[finite] <= tolerance).all())):
                 lines.append(f"rank {kwargs}: rejected, its scores differ from the reference launch's")
                 continue
-            ms = _time(lambda: rank_with(kwargs), iters)
+            ms = time_ms(lambda: rank_with(kwargs), iters)
         except Exception as exc:  # e.g. a launch this GPU's shared memory cannot hold
             lines.append(f"rank {kwargs}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
             continue
@@ -162,7 +163,7 @@ def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int,
             if not _same_picks(reference, top_columns(reference, lens, tokens, n_cols, select), picks):
                 lines.append(f"select {select}: rejected, its picks differ from the reference's")
                 continue
-            ms = _time(lambda: top_columns(reference, lens, tokens, n_cols, select), iters)
+            ms = time_ms(lambda: top_columns(reference, lens, tokens, n_cols, select), iters)
         except Exception as exc:
             lines.append(f"select {select}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
             continue

@@ -136,6 +136,17 @@ def _quantize_kernel(
 
 
 @triton.jit
+def _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
+    """Program ``pid_s``'s token blocks past the count, up to ``n_cols``: -inf (the first is the
+    first block k >= the count's block with k % SPLIT == pid_s)."""
+    first = tl.cdiv(n_tier, BLOCK_E)
+    first = first + (pid_s - first % SPLIT + SPLIT) % SPLIT
+    for start in range(first * BLOCK_E, n_cols, SPLIT * BLOCK_E):
+        offs_e = start + tl.arange(0, BLOCK_E)
+        tl.store(out + offs_e, tl.full((BLOCK_E,), float("-inf"), tl.float32), mask=offs_e < n_cols)
+
+
+@triton.jit
 def _rank_tier_kernel(
     Q, stride_qb, stride_qh,
     KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
@@ -209,13 +220,7 @@ def _rank_tier_kernel(
         score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
         best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
-    # This program's blocks past the count: -inf (the first is the first block k >= the count's
-    # block with k % SPLIT == pid_s).
-    first = tl.cdiv(n_tier, BLOCK_E)
-    first = first + (pid_s - first % SPLIT + SPLIT) % SPLIT
-    for start in range(first * BLOCK_E, n_cols, SPLIT * BLOCK_E):
-        offs_e = start + tl.arange(0, BLOCK_E)
-        tl.store(out + offs_e, tl.full((BLOCK_E,), float("-inf"), tl.float32), mask=offs_e < n_cols)
+    _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
 
 
 @triton.jit
@@ -276,11 +281,7 @@ def _rank_tier_grouped_kernel(
             acc += step[:, None] * part + lo[:, None] * tl.sum(q_g.to(tl.float32), axis=0)[None, :]
         best = tl.max(tl.where(h_ok[None, :], acc, float("-inf")), axis=1)
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
-    first = tl.cdiv(n_tier, BLOCK_E)
-    first = first + (pid_s - first % SPLIT + SPLIT) % SPLIT
-    for start in range(first * BLOCK_E, n_cols, SPLIT * BLOCK_E):
-        offs_e = start + tl.arange(0, BLOCK_E)
-        tl.store(out + offs_e, tl.full((BLOCK_E,), float("-inf"), tl.float32), mask=offs_e < n_cols)
+    _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
 
 
 @triton.jit

@@ -14,28 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import torch
 
 from kara_kernels.recall_tier import rank_tier
 from kara_kernels.select_top import select_top
 from kara_sglang.recall_tier import RecallTier
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(step, iters: int) -> float:
-    step()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _sync()
-    return (time.perf_counter() - t0) / iters * 1e3
+from kara_sglang.recall_tune import time_ms
 
 
 def main() -> None:
@@ -98,7 +83,7 @@ def main() -> None:
             return rank_tier(q, *layer, table, rows, lens, n_cols, 4, 0.125, **setting)
         try:
             err = error(run(W))
-            t_long, t_wide = timed(lambda: run(E), a.iters), timed(lambda: run(W), a.iters)
+            t_long, t_wide = time_ms(lambda: run(E), a.iters), time_ms(lambda: run(W), a.iters)
         except Exception as exc:  # a setting the compiler refuses (shared memory) is reported
             print(f"rank {setting}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             continue
@@ -112,10 +97,10 @@ def main() -> None:
     for block, warps in itertools.product((512, 1024, 2048), (4, 8, 16)):
         sel = select_top(rank, lens, a.tokens, block=block, num_warps=warps)
         same = torch.equal(rank.gather(-1, sel).sort(-1).values, top.values.sort(-1).values)
-        t = timed(lambda: select_top(rank, lens, a.tokens, block=block, num_warps=warps), a.iters)
+        t = time_ms(lambda: select_top(rank, lens, a.tokens, block=block, num_warps=warps), a.iters)
         print(f"select_top block={block} warps={warps}: {t:.3f} ms/layer, {t * a.layers:.1f} ms/step, "
               f"same picks as torch.topk {same}", flush=True)
-    t = timed(lambda: rank.topk(a.tokens, dim=-1), a.iters)
+    t = time_ms(lambda: rank.topk(a.tokens, dim=-1), a.iters)
     print(f"torch.topk: {t:.3f} ms/layer, {t * a.layers:.1f} ms/step", flush=True)
 
 
