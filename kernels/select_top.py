@@ -7,9 +7,10 @@ R best. ``torch.topk`` sorts its way there (0.25 to 0.31 ms per layer at batch 1
 writes the positions at or above it in one more pass. Each pass reads the row (from L2 after
 the first), and nothing is sorted.
 
-Not yet called by the server: the recall tier selects with ``torch.topk``, the selection
-measured on the H200 so far; benchmarks/reasoning/rank_select_bench.py times both (and checks
-they pick the same scores) before this one replaces it.
+A server with a recall tier times it against ``torch.topk`` at start-up and keeps the faster
+(kara_sglang/recall_tune.py); on an H200 at that shape it took 0.285 ms per layer against
+torch.topk's 0.317 (benchmarks/reasoning/rank_select_bench.py, which checks that both pick
+the same scores).
 
 Semantics: for row ``(b, h)`` with ``n = min(lens[b], n_cols)`` valid columns, the result's
 first ``min(R, n)`` entries are the column indices of the ``min(R, n)`` largest scores among
@@ -97,7 +98,7 @@ def _select_top_kernel(
 
 
 def select_top(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: Optional[int] = None,
-               block: int = 1024, num_warps: int = 8) -> torch.Tensor:
+               block: int = 2048, num_warps: int = 4) -> torch.Tensor:
     """``[B, H, tokens]`` int64: per row, the columns of its ``tokens`` largest scores among the
     first ``lens[b]`` (module docstring), then -1.
 
