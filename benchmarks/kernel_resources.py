@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kara_kernels.recall_tier import _rank_tier_all_heads_kernel, _rank_tier_grouped_kernel, _rank_tier_kernel
+from kara_kernels.recall_tier import _rank_tier_kernel
 from kara_kernels.select_top import _select_top_kernel
 
 SM_REGS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
@@ -60,24 +60,12 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90)
     a = ap.parse_args()
     # The headline's shape: Llama-8B (4 query heads per KV head, head dim 128), 4-bit tier.
-    for block_e, warps, stages in ((64, 4, 1), (128, 4, 1), (128, 4, 3), (256, 8, 3)):
+    for block_e, warps, stages in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 1)):
         common = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=block_e, SPLIT=2, STAGES=stages, BITS=4, QGROUP=32, IEEE=False)
-        for name, fn, c in (
-                ("block-diagonal, TF32", _rank_tier_kernel, dict(G_PAD=4, BLOCK_BYTES=64, LOW_DOT=False,
-                                                                 HEAD_MAJOR=False)),
-                ("block-diagonal, bf16", _rank_tier_kernel, dict(G_PAD=4, BLOCK_BYTES=64, LOW_DOT=True,
-                                                                 HEAD_MAJOR=False)),
-                ("grouped, bf16", _rank_tier_grouped_kernel, dict(H_PAD=16, DOT16=True, HEAD_MAJOR=False))):
-            print(f"rank_tier {name} block_e={block_e} warps={warps} stages={stages}: "
-                  f"{resources(fn, RANK_SIG, dict(common, **c), warps, a.arch)}", flush=True)
-    # Every KV head per program (8 at the headline's shape): fewer tokens per block.
-    for block_e, warps, stages in ((16, 4, 1), (16, 8, 1), (16, 4, 3), (32, 8, 3)):
-        c = dict(HKV=8, HKV_PAD=8, GROUP=4, G_PAD=4, HEAD_DIM=128, BLOCK_BYTES=64, BLOCK_E=block_e, SPLIT=2,
-                 STAGES=stages, BITS=4, QGROUP=32, IEEE=False)
         for name, low in (("TF32", False), ("bf16", True)):
-            print(f"rank_tier all heads, {name} block_e={block_e} warps={warps} stages={stages}: "
-                  f"{resources(_rank_tier_all_heads_kernel, RANK_SIG, dict(c, LOW_DOT=low), warps, a.arch)}",
-                  flush=True)
+            c = dict(common, G_PAD=4, BLOCK_BYTES=64, LOW_DOT=low, HEAD_MAJOR=False)
+            print(f"rank_tier block-diagonal, {name} block_e={block_e} warps={warps} stages={stages}: "
+                  f"{resources(_rank_tier_kernel, RANK_SIG, c, warps, a.arch)}", flush=True)
     for block, warps in ((512, 4), (1024, 8), (2048, 4), (2048, 8)):
         print(f"select_top block={block} warps={warps}: "
               f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=256), warps, a.arch)}", flush=True)

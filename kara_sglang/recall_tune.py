@@ -30,14 +30,13 @@ logger = logging.getLogger(__name__)
 
 # The reference (the launch measured in serving) first, then the fastest of
 # benchmarks/reasoning/rank_select_bench.py's grid on an H200 at the headline's shape (batch
-# 100, 14,336 tier tokens: 1.79 ms per layer for the reference, 1.01-1.26 for these).
+# 100, 14,336 tier tokens: 1.79 ms per layer for the reference, 1.01-1.19 for these).
 RANK_CANDIDATES: Tuple[Dict, ...] = (
     {},
     {"low_dot": True, "block_e": 64, "split": 8, "stages": 3, "head_major": True},
     {"low_dot": True, "block_e": 64, "split": 32, "stages": 2},
     {"low_dot": True, "block_e": 64, "split": 8, "stages": 3},
     {"low_dot": True, "block_e": 128},
-    {"grouped": True, "low_dot": True, "block_e": 128, "split": 32, "stages": 2},
 )
 SELECT_CANDIDATES = ("torch", "radix")
 

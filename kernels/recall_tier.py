@@ -136,15 +136,14 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _minus_inf_past_count(out, rows_ok, n_tier, n_cols, pid_s, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
+def _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
     """Program ``pid_s``'s token blocks past the count, up to ``n_cols``: -inf (the first is the
-    first block k >= the count's block with k % SPLIT == pid_s). ``out``: a row's pointer, or a
-    column of rows' pointers with ``rows_ok`` masking padding rows."""
+    first block k >= the count's block with k % SPLIT == pid_s)."""
     first = tl.cdiv(n_tier, BLOCK_E)
     first = first + (pid_s - first % SPLIT + SPLIT) % SPLIT
     for start in range(first * BLOCK_E, n_cols, SPLIT * BLOCK_E):
         offs_e = start + tl.arange(0, BLOCK_E)
-        tl.store(out + offs_e, tl.full((BLOCK_E,), float("-inf"), tl.float32), mask=(offs_e < n_cols) & rows_ok)
+        tl.store(out + offs_e, tl.full((BLOCK_E,), float("-inf"), tl.float32), mask=offs_e < n_cols)
 
 
 @triton.jit
@@ -223,142 +222,8 @@ def _rank_tier_kernel(
         score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
         best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
-    _minus_inf_past_count(out, True, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
+    _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
 
-
-@triton.jit
-def _rank_tier_grouped_kernel(
-    Q, stride_qb, stride_qh,
-    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
-    TT, stride_tt, ROWS, T_LENS,
-    OUT, stride_ob, stride_oh,
-    n_cols, scale,
-    GROUP: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr,
-    SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr, IEEE: tl.constexpr,
-    DOT16: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-):
-    """:func:`_rank_tier_kernel`'s scores, one group of 32 channels at a time: per group a
-    product of that group's codes ``[BLOCK_E, 32]`` with the group's queries ``[32, heads]``
-    (no block-diagonal matrix), then ``step_g * part + lo_g * sum(q_g)`` accumulated. Only one
-    group's codes are live at a time (fewer registers, more programs per SM); a token's groups
-    are read by the same program, so the bytes come from one pass over DRAM."""
-    pid_b = tl.program_id(1 if HEAD_MAJOR else 0)
-    kv_head = tl.program_id(0 if HEAD_MAJOR else 1)
-    pid_s = tl.program_id(2)
-    PER_BYTE: tl.constexpr = 8 // BITS
-    GROUP_BYTES: tl.constexpr = QGROUP * BITS // 8
-    NG: tl.constexpr = HEAD_DIM // QGROUP
-    n_tier = tl.load(T_LENS + pid_b)
-    row = tl.load(ROWS + pid_b).to(tl.int64)
-    offs_h = tl.arange(0, H_PAD)
-    h_ok = offs_h < GROUP
-    offs_c = tl.arange(0, QGROUP)
-    offs_gb = tl.arange(0, GROUP_BYTES)
-    q_base = Q + pid_b.to(tl.int64) * stride_qb + (kv_head * GROUP + offs_h)[None, :] * stride_qh
-    out = OUT + pid_b.to(tl.int64) * stride_ob + kv_head * stride_oh
-    for start in tl.range(pid_s * BLOCK_E, n_tier, SPLIT * BLOCK_E, num_stages=STAGES):
-        offs_e = start + tl.arange(0, BLOCK_E)
-        valid = offs_e < n_tier
-        slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
-        code_base = KC + slots[:, None] * stride_kcs + kv_head * stride_kch + offs_gb[None, :]
-        s_base = slots * stride_kss + kv_head * stride_ksh
-        acc = tl.zeros((BLOCK_E, H_PAD), tl.float32)
-        for g in tl.static_range(NG):
-            q_g = tl.load(q_base + (g * QGROUP + offs_c)[:, None], mask=h_ok[None, :], other=0.0)  # [32, H_PAD]
-            byte = tl.load(code_base + g * GROUP_BYTES, mask=valid[:, None], other=0).to(tl.int32)
-            if BITS == 8:
-                code = byte
-            else:
-                shift = tl.arange(0, PER_BYTE) * BITS
-                code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & (2 ** BITS - 1), (BLOCK_E, QGROUP))
-            # Exact products, float32 sums (see _rank_tier_kernel): DOT16 in the queries' own
-            # 16-bit type, else float32 (IEEE for float32 queries).
-            if DOT16:
-                part = tl.dot(code.to(tl.float32).to(q_g.dtype), q_g, out_dtype=tl.float32)
-            elif IEEE:
-                part = tl.dot(code.to(tl.float32), q_g.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(code.to(tl.float32), q_g.to(tl.float32), input_precision="tf32")
-            lo = tl.load(KLO + s_base + g, mask=valid, other=0.0).to(tl.float32)
-            step = tl.load(KST + s_base + g, mask=valid, other=0.0).to(tl.float32)
-            acc += step[:, None] * part + lo[:, None] * tl.sum(q_g.to(tl.float32), axis=0)[None, :]
-        best = tl.max(tl.where(h_ok[None, :], acc, float("-inf")), axis=1)
-        tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
-    _minus_inf_past_count(out, True, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
-
-
-@triton.jit
-def _rank_tier_all_heads_kernel(
-    Q, stride_qb, stride_qh,
-    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
-    TT, stride_tt, ROWS, T_LENS,
-    OUT, stride_ob, stride_oh,
-    n_cols, scale,
-    HKV: tl.constexpr, HKV_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr,
-    STAGES: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr, IEEE: tl.constexpr, LOW_DOT: tl.constexpr,
-):
-    """:func:`_rank_tier_kernel`'s scores for every KV head of a request in one program: a
-    block of tokens is one contiguous run of bytes per token (a tier slot holds its heads side
-    by side), its table entries are read once for all heads, and one batched product (heads x
-    tokens x channels) with the heads' block-diagonal queries gives every ``q_g . code_g``."""
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    PER_BYTE: tl.constexpr = 8 // BITS
-    BLOCK_D: tl.constexpr = BLOCK_BYTES * PER_BYTE
-    NG: tl.constexpr = BLOCK_D // QGROUP
-    n_tier = tl.load(T_LENS + pid_b)
-    row = tl.load(ROWS + pid_b).to(tl.int64)
-    offs_k = tl.arange(0, HKV_PAD)
-    k_ok = offs_k < HKV
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_h = tl.arange(0, G_PAD)
-    # Queries [heads, BLOCK_D, G_PAD], then block-diagonal by group: [heads, BLOCK_D, NG x G_PAD].
-    q = tl.load(Q + pid_b.to(tl.int64) * stride_qb
-                + (offs_k[:, None, None] * GROUP + offs_h[None, None, :]) * stride_qh + offs_d[None, :, None],
-                mask=k_ok[:, None, None] & (offs_d < HEAD_DIM)[None, :, None] & (offs_h < GROUP)[None, None, :],
-                other=0.0)
-    offs_g = tl.arange(0, NG)
-    in_group = (offs_d // QGROUP)[:, None] == offs_g[None, :]  # [BLOCK_D, NG]
-    q_blocks_own = tl.reshape(tl.where(in_group[None, :, :, None], q[:, :, None, :], 0.0),
-                              (HKV_PAD, BLOCK_D, NG * G_PAD))
-    q_blocks = q_blocks_own.to(tl.float32)
-    q_sum = tl.reshape(tl.sum(q_blocks, axis=1), (HKV_PAD, NG, G_PAD))
-    g_ok = offs_g < HEAD_DIM // QGROUP
-    offs_byte = tl.arange(0, BLOCK_BYTES)
-    byte_ok = offs_byte < HEAD_DIM * BITS // 8
-    out = OUT + pid_b.to(tl.int64) * stride_ob + offs_k[:, None] * stride_oh  # [HKV_PAD, 1]
-    for start in tl.range(pid_s * BLOCK_E, n_tier, SPLIT * BLOCK_E, num_stages=STAGES):
-        offs_e = start + tl.arange(0, BLOCK_E)
-        valid = offs_e < n_tier
-        slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
-        tok_ok = k_ok[:, None] & valid[None, :]  # [HKV_PAD, BLOCK_E]
-        byte = tl.load(KC + slots[None, :, None] * stride_kcs + offs_k[:, None, None] * stride_kch
-                       + offs_byte[None, None, :], mask=tok_ok[:, :, None] & byte_ok[None, None, :],
-                       other=0).to(tl.int32)
-        s_off = slots[None, :, None] * stride_kss + offs_k[:, None, None] * stride_ksh + offs_g[None, None, :]
-        s_ok = tok_ok[:, :, None] & g_ok[None, None, :]
-        lo = tl.load(KLO + s_off, mask=s_ok, other=0.0).to(tl.float32)
-        step = tl.load(KST + s_off, mask=s_ok, other=0.0).to(tl.float32)
-        if BITS == 8:
-            code = byte
-        else:
-            shift = tl.arange(0, PER_BYTE) * BITS
-            code = tl.reshape((byte[:, :, :, None] >> shift[None, None, None, :]) & (2 ** BITS - 1),
-                              (HKV_PAD, BLOCK_E, BLOCK_D))
-        # Exact products, float32 sums, as in _rank_tier_kernel.
-        if LOW_DOT:
-            part = tl.dot(code.to(q_blocks_own.dtype), q_blocks_own, out_dtype=tl.float32)
-        elif IEEE:
-            part = tl.dot(code.to(tl.float32), q_blocks, input_precision="ieee")
-        else:
-            part = tl.dot(code.to(tl.float32), q_blocks, input_precision="tf32")
-        part = tl.reshape(part, (HKV_PAD, BLOCK_E, NG, G_PAD))
-        score = tl.sum(step[:, :, :, None] * part + lo[:, :, :, None] * q_sum[:, None, :, :], axis=2)
-        best = tl.max(tl.where((offs_h < GROUP)[None, None, :], score, float("-inf")), axis=2)  # [HKV_PAD, BLOCK_E]
-        tl.store(out + offs_e[None, :], tl.where(valid[None, :], best * scale, float("-inf")),
-                 mask=k_ok[:, None] & (offs_e < n_cols)[None, :])
-    _minus_inf_past_count(out, k_ok[:, None], n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
 
 @triton.jit
 def _recall_decode_tier_kernel(
@@ -527,8 +392,7 @@ def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: 
 def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
               tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
               sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
-              stages: int = 1, num_warps: int = 4, low_dot: bool = False, grouped: bool = False,
-              head_major: bool = False, all_heads: bool = False,
+              stages: int = 1, num_warps: int = 4, low_dot: bool = False, head_major: bool = False,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
@@ -548,11 +412,7 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
             loop's pipeline depth (default 1: no pipelining, as measured); warps per program.
         low_dot: bf16 / fp16 queries: the codes x queries product in the queries' own type
             (exact as TF32 is; default off, as measured; on a GPU only).
-        grouped: the kernel that multiplies one group of 32 channels at a time (fewer
-            registers).
         head_major: programs ordered KV head first (a request's heads side by side).
-        all_heads: one program per request (and split) ranks every KV head: each token's bytes
-            read as one run, its table entry once (default block 16).
         out: where to write the result (every element is written), else a new tensor.
     Returns:
         ``[B, Hkv, n_cols]`` float32.
@@ -569,7 +429,7 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
     if B == 0 or n_cols == 0:
         return out
     if block_e is None:
-        block_e = max(64, min(1024, triton.next_power_of_2(n_cols))) if interpreting() else 16 if all_heads else 64
+        block_e = max(64, min(1024, triton.next_power_of_2(n_cols))) if interpreting() else 64
     n_blocks = triton.cdiv(n_cols, block_e)
     if split is None:
         split = 1 if interpreting() else n_blocks
@@ -585,30 +445,6 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
     dot16 = queries.dtype in (torch.bfloat16, torch.float16) and not interpreting()
     ieee = queries.dtype == torch.float32
     grid = (Hkv, B, split) if head_major else (B, Hkv, split)
-    if all_heads:
-        _rank_tier_all_heads_kernel[(B, split)](
-            queries, queries.stride(0), queries.stride(1),
-            k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
-            tier_table, tier_table.stride(0), rows, tier_lens,
-            out, out.stride(0), out.stride(1),
-            n_cols, sm_scale,
-            HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), GROUP=group, G_PAD=g_pad, HEAD_DIM=D,
-            BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, SPLIT=split, STAGES=stages, BITS=bits,
-            QGROUP=QUANT_GROUP, IEEE=ieee, LOW_DOT=low_dot and dot16, num_warps=num_warps,
-        )
-        return out
-    if grouped:
-        _rank_tier_grouped_kernel[grid](
-            queries, queries.stride(0), queries.stride(1),
-            k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
-            tier_table, tier_table.stride(0), rows, tier_lens,
-            out, out.stride(0), out.stride(1),
-            n_cols, sm_scale,
-            GROUP=group, H_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_E=block_e, SPLIT=split,
-            STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=ieee, DOT16=low_dot and dot16,
-            HEAD_MAJOR=head_major, num_warps=num_warps,
-        )
-        return out
     _rank_tier_kernel[grid](
         queries, queries.stride(0), queries.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),

@@ -143,16 +143,14 @@ def _check_rank(bits, D, Hq, Hkv, q_dtype, T, lens, n_cols, **blocking):
 @pytest.mark.parametrize("bits, D, Hq, Hkv, q_dtype", [(2, 64, 6, 2, torch.float32), (4, 128, 4, 1, torch.float32),
                                                       (8, 96, 2, 2, torch.float32), (4, 128, 32, 8, torch.bfloat16),
                                                       (2, 96, 3, 1, torch.bfloat16)])
-@pytest.mark.parametrize("variant", [{}, {"grouped": True}, {"all_heads": True}])
+@pytest.mark.parametrize("variant", [{}, {"head_major": True}])
 def test_rank_tier_scores_are_dequantised_dot_products_max_over_the_group(bits, D, Hq, Hkv, q_dtype, variant):
     # A request with none; -inf past each count up to n_cols.
     _check_rank(bits, D, Hq, Hkv, q_dtype, T=50, lens=[11, 0, 6], n_cols=13, **variant)
 
 
-@pytest.mark.parametrize("block_e, split, variant", [(16, 3, {}), (32, 2, {}), (16, 20, {}), (16, 3, {"grouped": True}),
-                                                     (16, 3, {"all_heads": True}), (16, 20, {"all_heads": True}),
-                                                     (32, 2, {"head_major": True}),
-                                                     (16, 3, {"grouped": True, "head_major": True})])
+@pytest.mark.parametrize("block_e, split, variant", [(16, 3, {}), (32, 2, {}), (16, 20, {}),
+                                                     (32, 2, {"head_major": True}), (16, 20, {"head_major": True})])
 def test_rank_tier_split_over_token_blocks_covers_every_column_once(block_e, split, variant):
     """The GPU's layout on the interpreter: each (request, KV head) split over programs looping
     over every split-th block up to the count, then -inf over their blocks up to n_cols (counts
@@ -424,11 +422,11 @@ def test_fill_tuning_keeps_only_launches_that_agree_with_the_reference(monkeypat
     monkeypatch.setattr(tune, "select_top", select_top)
     launch, lines = tune.tune_fill(4, 2, 64, 4, batch=3, per_row=40, n_cols=70, tokens=8, dtype=torch.bfloat16,
                                    device=torch.device("cpu"), iters=1,
-                                   rank_candidates=({}, {"grouped": True}, {"wrong": True}))
+                                   rank_candidates=({}, {"head_major": True}, {"wrong": True}))
     assert len(lines) == 5, lines
     assert "rejected" in lines[2] and "rejected" in lines[4], lines
     assert "rejected" not in lines[0] + lines[1] + lines[3], lines
-    assert launch.rank in ({}, {"grouped": True}) and launch.select == "torch"
+    assert launch.rank in ({}, {"head_major": True}) and launch.select == "torch"
     # Unpatched, both selections agree at these shapes (ties aside) and one is chosen.
     monkeypatch.setattr(tune, "select_top", real_select)
     launch, lines = tune.tune_fill(4, 2, 64, 4, batch=2, per_row=30, n_cols=40, tokens=8, dtype=torch.bfloat16,
