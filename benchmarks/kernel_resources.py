@@ -62,8 +62,8 @@ def main() -> None:
     # The headline's shape: Llama-8B (4 query heads per KV head, head dim 128), 4-bit tier.
     for block_e, warps, stages in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 1)):
         common = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=block_e, SPLIT=2, STAGES=stages, BITS=4, QGROUP=32, IEEE=False)
-        for name, low in (("TF32", False), ("bf16", True)):
-            c = dict(common, G_PAD=4, BLOCK_BYTES=64, LOW_DOT=low, HEAD_MAJOR=False)
+        for name, low, bias in (("TF32", False, False), ("bf16", True, False), ("bf16, biased codes", True, True)):
+            c = dict(common, G_PAD=4, BLOCK_BYTES=64, LOW_DOT=low, HEAD_MAJOR=False, BIAS_CODES=bias)
             print(f"rank_tier block-diagonal, {name} block_e={block_e} warps={warps} stages={stages}: "
                   f"{resources(_rank_tier_kernel, RANK_SIG, c, warps, a.arch)}", flush=True)
     for block, warps in ((512, 4), (1024, 8), (2048, 4), (2048, 8)):

@@ -29,14 +29,16 @@ from kara_kernels.select_top import select_top
 logger = logging.getLogger(__name__)
 
 # The reference (the launch measured in serving) first, then the fastest of
-# benchmarks/reasoning/rank_select_bench.py's grid on an H200 at the headline's shape (batch
-# 100, 14,336 tier tokens: 1.79 ms per layer for the reference, 1.01-1.19 for these).
+# benchmarks/reasoning/rank_select_bench.py's and tier_layout_bench.py's grids on an H200 at
+# the headline's shape (batch 100, 14,336 tier tokens: the reference 1.79 ms per layer, these
+# 0.90-1.07).
 RANK_CANDIDATES: Tuple[Dict, ...] = (
     {},
+    {"low_dot": True, "block_e": 64, "split": 8, "stages": 3, "head_major": True, "bias_codes": True},
+    {"low_dot": True, "block_e": 64, "split": 8, "stages": 3, "bias_codes": True},
     {"low_dot": True, "block_e": 64, "split": 8, "stages": 3, "head_major": True},
-    {"low_dot": True, "block_e": 64, "split": 32, "stages": 2},
     {"low_dot": True, "block_e": 64, "split": 8, "stages": 3},
-    {"low_dot": True, "block_e": 128},
+    {"low_dot": True, "block_e": 64, "split": 32, "stages": 2},
 )
 SELECT_CANDIDATES = ("torch", "radix")
 

@@ -156,6 +156,7 @@ def _rank_tier_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     BLOCK_E: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr,
     QGROUP: tl.constexpr, IEEE: tl.constexpr, LOW_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+    BIAS_CODES: tl.constexpr,
 ):
     """Scores of one request's tier tokens for one KV head, on the tensor cores.
 
@@ -212,13 +213,27 @@ def _rank_tier_kernel(
         # Exact products, float32 sums: codes (<= 255) and bf16 / fp16 queries are exact in the
         # queries' own 16-bit type (LOW_DOT: half the operand bytes in shared memory) and in
         # TF32 (10 mantissa bits); float32 queries take IEEE float32.
-        if LOW_DOT:
-            part = tl.dot(code.to(q_blocks_own.dtype), q_blocks_own, out_dtype=tl.float32)
-        elif IEEE:
-            part = tl.dot(code.to(tl.float32), q_blocks, input_precision="ieee")
+        # BIAS_CODES (codes < 128): the product takes 128 + code, whose bf16 bits are
+        # 0x4300 | code (an OR and a truncation, no int-to-float conversion, which bounds this
+        # loop on a GPU: 2-bit codes, half the bytes, rank no faster); 128 * sum(q_g) is taken
+        # off through lo below.
+        if BIAS_CODES and LOW_DOT:
+            operand = (code | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        elif BIAS_CODES:
+            operand = code.to(tl.float32) + 128.0
+        elif LOW_DOT:
+            operand = code.to(q_blocks_own.dtype)
         else:
-            part = tl.dot(code.to(tl.float32), q_blocks, input_precision="tf32")
+            operand = code.to(tl.float32)
+        if LOW_DOT:
+            part = tl.dot(operand, q_blocks_own, out_dtype=tl.float32)
+        elif IEEE:
+            part = tl.dot(operand, q_blocks, input_precision="ieee")
+        else:
+            part = tl.dot(operand, q_blocks, input_precision="tf32")
         part = tl.reshape(part, (BLOCK_E, NG, G_PAD))
+        if BIAS_CODES:
+            lo = lo - 128.0 * step
         score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
         best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
@@ -393,7 +408,7 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
               tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
               sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
               stages: int = 1, num_warps: int = 4, low_dot: bool = False, head_major: bool = False,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              bias_codes: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
     ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
@@ -413,6 +428,9 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         low_dot: bf16 / fp16 queries: the codes x queries product in the queries' own type
             (exact as TF32 is; default off, as measured; on a GPU only).
         head_major: programs ordered KV head first (a request's heads side by side).
+        bias_codes: 2- and 4-bit codes enter the product as 128 + code (with ``low_dot`` and
+            bf16 queries, built from the code's bits without an int-to-float conversion), the
+            bias taken off after it (float32 scores, within summation order of the others).
         out: where to write the result (every element is written), else a new tensor.
     Returns:
         ``[B, Hkv, n_cols]`` float32.
@@ -444,6 +462,8 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
     # the product is always float32, so low_dot is tested only on a GPU.
     dot16 = queries.dtype in (torch.bfloat16, torch.float16) and not interpreting()
     ieee = queries.dtype == torch.float32
+    low = low_dot and dot16
+    bias = bias_codes and bits <= 4 and (not low or queries.dtype == torch.bfloat16)
     grid = (Hkv, B, split) if head_major else (B, Hkv, split)
     _rank_tier_kernel[grid](
         queries, queries.stride(0), queries.stride(1),
@@ -452,8 +472,8 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         out, out.stride(0), out.stride(1),
         n_cols, sm_scale,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, SPLIT=split,
-        STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=ieee, LOW_DOT=low_dot and dot16,
-        HEAD_MAJOR=head_major, num_warps=num_warps,
+        STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=ieee, LOW_DOT=low, HEAD_MAJOR=head_major,
+        BIAS_CODES=bias, num_warps=num_warps,
     )
     return out
 

@@ -143,14 +143,15 @@ def _check_rank(bits, D, Hq, Hkv, q_dtype, T, lens, n_cols, **blocking):
 @pytest.mark.parametrize("bits, D, Hq, Hkv, q_dtype", [(2, 64, 6, 2, torch.float32), (4, 128, 4, 1, torch.float32),
                                                       (8, 96, 2, 2, torch.float32), (4, 128, 32, 8, torch.bfloat16),
                                                       (2, 96, 3, 1, torch.bfloat16)])
-@pytest.mark.parametrize("variant", [{}, {"head_major": True}])
+@pytest.mark.parametrize("variant", [{}, {"head_major": True}, {"bias_codes": True}])
 def test_rank_tier_scores_are_dequantised_dot_products_max_over_the_group(bits, D, Hq, Hkv, q_dtype, variant):
     # A request with none; -inf past each count up to n_cols.
     _check_rank(bits, D, Hq, Hkv, q_dtype, T=50, lens=[11, 0, 6], n_cols=13, **variant)
 
 
 @pytest.mark.parametrize("block_e, split, variant", [(16, 3, {}), (32, 2, {}), (16, 20, {}),
-                                                     (32, 2, {"head_major": True}), (16, 20, {"head_major": True})])
+                                                     (32, 2, {"head_major": True}), (16, 20, {"head_major": True}),
+                                                     (16, 3, {"bias_codes": True, "head_major": True})])
 def test_rank_tier_split_over_token_blocks_covers_every_column_once(block_e, split, variant):
     """The GPU's layout on the interpreter: each (request, KV head) split over programs looping
     over every split-th block up to the count, then -inf over their blocks up to n_cols (counts
