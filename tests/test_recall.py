@@ -222,6 +222,9 @@ def _prompts(seed, n):
 
 
 @pytest.mark.sglang
+# Once (6 minutes on the CPU per release, five engines): the aborts / opt-outs tests below run
+# recall and the tier through the scheduler on every release.
+@pytest.mark.newest_release
 def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does_not(tiny_model):
     """float32 (SGLang's attention and recall's agree to rounding): with R above every
     request's evicted count, each step attends to exactly the tokens vanilla does."""
