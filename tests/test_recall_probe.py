@@ -94,6 +94,32 @@ def test_digest_scores_and_rankings_against_float64(probe, name, P):
         assert torch.allclose(ref.gather(-1, idx), ref.topk(k, dim=-1).values, atol=1e-5)  # same ranking
 
 
+def test_two_stage_digest_ranks_only_the_tokens_of_the_best_pages(probe):
+    """quest4+bits4 with 8 prefilter tokens: each (KV head, query) keeps its two pages of 4
+    with the highest Quest bound; their tokens carry their 4-bit-key scores, every other token
+    -inf."""
+    import recall_probe as rp
+
+    _, cap, sched = probe
+    dig = rp.Digest("quest4+bits4", cap, sched, bits_group=8, prefilter_tokens=8)
+    pos, _ = sched.pages[4]
+    rows = [sched.first_due, sched.first_due + 7, T - 1]
+    for layer in range(cap.q.shape[0]):
+        ours = dig.layer_scores(layer, torch.tensor(rows)).double()
+        bounds = ref_scores("exact", cap, sched, layer, rows, 4)
+        tokens = ref_scores("bits4", cap, sched, layer, rows, 1)
+        want = torch.full_like(tokens, float("-inf"))
+        for g in range(bounds.shape[0]):
+            for n in range(len(rows)):
+                fin = (bounds[g, n] > float("-inf")).nonzero().flatten().tolist()
+                for c in sorted(fin, key=lambda c: -float(bounds[g, n, c]))[:2]:
+                    for tok in (int(x) for x in pos[c] if x >= 0):
+                        want[g, n, tok] = tokens[g, n, tok]
+        assert torch.equal(ours == float("-inf"), want == float("-inf")), layer
+        fin = want > float("-inf")
+        assert fin.any() and torch.allclose(ours[fin], want[fin], rtol=1e-5, atol=1e-5)
+
+
 def test_shared_scores_sum_softmaxes(probe):
     import recall_probe as rp
 
@@ -224,7 +250,7 @@ def hard_case(cap, sched, enc_reads, enc_sources):
 
 
 @pytest.mark.parametrize("digest,scope", [("exact", "layer"), ("quest4", "layer"), ("exact", "shared"),
-                                          ("quest8", "shared")])
+                                          ("quest8", "shared"), ("quest4+bits4", "layer")])
 def test_need_and_churn_against_explicit_selections(probe, digest, scope):
     """value_need: the smallest R whose selection holds a whole copy equals checking the
     selections themselves, R by R; churn equals explicit set differences."""
@@ -243,13 +269,13 @@ def test_need_and_churn_against_explicit_selections(probe, digest, scope):
     enc = hard_case(cap, sched, reads, sources)
     hr = rp.hard_reads(enc, sched.evict)
     assert len(hr.index) == len(reads) - 1
-    dig = rp.Digest(digest, cap, sched)
+    dig = rp.Digest(digest, cap, sched, prefilter_tokens=8)  # two pages of 4: most tokens never ranked
     H = 3
     need = rp.value_need(dig, scope, hr, H, [0, 1], block=5)
     # one layer and one entry at a time (the memory-bounded path) gives the same
     assert torch.equal(need, rp.value_need(dig, scope, hr, H, [0, 1], block=3, budget=1))
     P = dig.P
-    for R in (P, 2 * P, 4 * P, 8 * P):
+    for R in (P, 2 * P, 4 * P, 8 * P, 16 * P):  # 16: more than the two-stage digest ever ranks
         sel = rp.selections(dig, scope, R, T, [0, 1])
         for n, (drows, copies) in enumerate(zip(hr.digit_rows, hr.copies)):
             for layer in range(sel.shape[0]):

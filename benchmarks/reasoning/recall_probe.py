@@ -18,6 +18,9 @@ by a digest:
   bits2/3/4  q·k' with k' the key quantised per token and KV head, asymmetric min/max in
              groups of --bits-group channels (default 32: two scale/zero pairs per 64-wide head),
              round to nearest
+  quest16+bits4  two stages: the Quest-16 bound picks the best pages, --prefilter-tokens of
+             them (default 1024), and only their tokens are ranked, by 4-bit keys (the GPU
+             tier ranks every evicted token each step; this ranks a fixed few pages' worth)
 
 Scopes: ``layer`` selects per (layer, KV head): a token's score is the max over the GQA group's
 query heads (a sharp lookup by any head counts); ``shared`` selects once for every layer and
@@ -72,9 +75,9 @@ from kara_sglang.accuracy.stats import wilson_interval  # noqa: E402
 from kara_sglang.config import KaraConfig  # noqa: E402
 from kara_sglang.token2chunk import token2chunk  # noqa: E402
 
-DIGESTS = ("exact", "quest16", "quest32", "bits2", "bits3", "bits4")
+DIGESTS = ("exact", "quest16", "quest32", "bits2", "bits3", "bits4", "quest16+bits4")
 SCOPES = ("layer", "shared")
-R_GRID = (16, 32, 64, 128, 256, 512)
+R_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)  # 1024+: how many tokens a page stage must keep
 NEVER = 1 << 40  # evict time of a token that is never evicted
 INF = 1 << 30  # need of a value that no selection of that query holds
 DEFAULT_FORWARDS = ("exact/layer@0.25:64:0,exact/layer@0.25:256:0,exact/layer@0.25:256:1,"
@@ -83,7 +86,13 @@ DEFAULT_FORWARDS = ("exact/layer@0.25:64:0,exact/layer@0.25:256:0,exact/layer@0.
 
 
 def page_size(digest: str) -> int:
-    return int(digest[5:]) if digest.startswith("quest") else 1
+    """Tokens per selected candidate: a Quest page, or 1 (a two-stage digest selects tokens)."""
+    return int(digest[5:]) if digest.startswith("quest") and "+" not in digest else 1
+
+
+def prefilter_page(digest: str) -> int:
+    """Page size of a two-stage digest's first stage (``questP+bitsB``), else 0."""
+    return int(digest[5:digest.index("+")]) if "+" in digest else 0
 
 
 def quantize(k: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -144,14 +153,17 @@ def resident_mask(evict: torch.Tensor) -> torch.Tensor:
 class Digest:
     """Scores of evicted candidates (tokens, or pages for Quest) for a set of query rows."""
 
-    def __init__(self, name: str, cap: "sp.Captured", sched: Schedule, bits_group: int = 32) -> None:
+    def __init__(self, name: str, cap: "sp.Captured", sched: Schedule, bits_group: int = 32,
+                 prefilter_tokens: int = 1024) -> None:
         self.name, self.cap, self.sched = name, cap, sched
         self.P = page_size(name)
+        self.pre_P = prefilter_page(name)
+        self.pre_pages = prefilter_tokens // self.pre_P if self.pre_P else 0
         L, Hkv, T, D = cap.k.shape
         self.group = cap.q.shape[1] // Hkv
-        if self.P > 1:
-            pos, due = sched.pages[self.P]
-            self.page_pos, self.cand_time = pos, due  # candidate c available to queries t >= cand_time[c]
+        if self.P > 1 or self.pre_P:
+            pos, due = sched.pages[self.P if self.P > 1 else self.pre_P]
+            self.page_pos, self.page_due = pos, due  # page c available to queries t >= page_due[c]
             k = cap.k.float()[:, :, pos.clamp_min(0)]  # [L, Hkv, n, P, D]
             valid = (pos >= 0)[None, None, :, :, None]
             self.kmax = k.masked_fill(~valid, float("-inf")).amax(3)
@@ -161,9 +173,12 @@ class Digest:
             rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
             self.page_of[pos[pos >= 0]] = rows[pos >= 0]
             self.page_len = (pos >= 0).sum(1)
+        if self.P > 1:
+            self.cand_time = self.page_due  # candidate c available to queries t >= cand_time[c]
         else:
             self.cand_time = sched.evict
-            self.keys = quantize(cap.k, int(name[4:]), bits_group) if name.startswith("bits") else cap.k.float()
+            bits = name[name.index("bits") + 4:] if "bits" in name else ""
+            self.keys = quantize(cap.k, int(bits), bits_group) if bits else cap.k.float()
 
     @property
     def n_cand(self) -> int:
@@ -176,13 +191,28 @@ class Digest:
         layers = [layer] if isinstance(layer, int) else list(layer)
         q = self.cap.q[layers][:, :, rows].float().flatten(0, 1)  # [nl * Hq, n, D]
         if self.P > 1:
-            kmax = self.kmax[layers].repeat_interleave(self.group, 1).flatten(0, 1)
-            kmin = self.kmin[layers].repeat_interleave(self.group, 1).flatten(0, 1)
-            s = torch.einsum("hnd,hcd->hnc", q.clamp_min(0), kmax) + torch.einsum("hnd,hcd->hnc", q.clamp_max(0), kmin)
-        else:
-            s = torch.einsum("hnd,hcd->hnc", q, self.keys[layers].repeat_interleave(self.group, 1).flatten(0, 1))
+            return self._page_bounds(q, layers, rows)
+        s = torch.einsum("hnd,hcd->hnc", q, self.keys[layers].repeat_interleave(self.group, 1).flatten(0, 1))
         s = s.view(-1, self.group, *s.shape[1:]).amax(1)
-        return s.masked_fill(self.cand_time[None, None, :] > rows[None, :, None], float("-inf"))
+        s = s.masked_fill(self.cand_time[None, None, :] > rows[None, :, None], float("-inf"))
+        if self.pre_P:
+            # Only tokens of the query's best pre_pages pages (by their bound) are ranked.
+            bounds = self._page_bounds(q, layers, rows)  # [H, n, pages]
+            val, idx = bounds.topk(min(self.pre_pages, bounds.shape[-1]), dim=-1)
+            chosen = torch.zeros_like(bounds, dtype=torch.bool).scatter_(-1, idx, val > float("-inf"))
+            page = self.page_of.clamp_min(0).view(1, 1, -1).expand(*chosen.shape[:2], -1)
+            in_chosen = chosen.gather(-1, page) & (self.page_of >= 0)
+            s = s.masked_fill(~in_chosen, float("-inf"))
+        return s
+
+    def _page_bounds(self, q: torch.Tensor, layers: List[int], rows: torch.Tensor) -> torch.Tensor:
+        """Quest bounds ``[n_layers * Hkv, n, pages]`` (max over each KV group's query heads;
+        -inf for pages not yet evicted at the query)."""
+        kmax = self.kmax[layers].repeat_interleave(self.group, 1).flatten(0, 1)
+        kmin = self.kmin[layers].repeat_interleave(self.group, 1).flatten(0, 1)
+        s = torch.einsum("hnd,hcd->hnc", q.clamp_min(0), kmax) + torch.einsum("hnd,hcd->hnc", q.clamp_max(0), kmin)
+        s = s.view(-1, self.group, *s.shape[1:]).amax(1)
+        return s.masked_fill(self.page_due[None, None, :] > rows[None, :, None], float("-inf"))
 
     def shared_scores(self, layers: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
         """``[1, n, C]``: the sum over ``layers`` and KV heads of softmax(score / sqrt(D))."""
@@ -403,7 +433,8 @@ def value_need(dig: Digest, scope: str, hr: HardReads, horizon: int, shared_laye
                 rank = (srow > mine).sum(-1)  # [H, ne]
                 # pages: whole pages are taken while they fit, so a page is in iff its rank < R // P
                 got = (rank + 1) * dig.P
-                got = torch.where(avail[e][None], got, torch.full_like(got, INF))
+                # a two-stage digest leaves tokens outside its chosen pages at -inf: never selected
+                got = torch.where(avail[e][None] & (mine[..., 0] > float("-inf")), got, torch.full_like(got, INF))
                 ent_need[e, cols] = got.T
     ent_need[torch.tensor(e_res, device=device)] = 0
     # max over a copy's digits, then min over copies (copies a read lacks stay INF)
@@ -467,9 +498,10 @@ def parse_forwards(text: str) -> List[Tuple[str, str, float, int, int]]:
         head, R, lag = item.split(":")
         sel, ratio = head.split("@")
         digest, scope = sel.split("/")
-        if digest not in DIGESTS or scope not in SCOPES or int(lag) not in (0, 1):
+        if (digest not in DIGESTS or scope not in SCOPES or int(lag) not in (0, 1)
+                or (prefilter_page(digest) and scope != "layer")):
             raise SystemExit(f"bad forward setting {item!r}: digest/scope@ratio:R:lag, digest in {DIGESTS}, "
-                             f"scope in {SCOPES}, lag 0 or 1")
+                             f"scope in {SCOPES} (two-stage digests: layer), lag 0 or 1")
         out.append((digest, scope, float(ratio), int(R), int(lag)))
     return out
 
@@ -503,8 +535,10 @@ def probe_problem(model, enc: "sp.Encoded", target: str, a, forwards, stats: dic
         mass = value_mass(cap, hr, sched.evict) if rank else None
         mine = [f for f in forwards if f[2] == ratio]
         for digest in a.digests:
-            dig = Digest(digest, cap, sched, a.bits_group)
+            dig = Digest(digest, cap, sched, a.bits_group, a.prefilter_tokens)
             for scope in a.scopes:
+                if dig.pre_P and scope != "layer":  # a page choice per (layer, KV head) only
+                    continue
                 key = f"{digest}/{scope}@{ratio:g}"
                 st = stats.setdefault(key, new_stats(a.horizon))
                 if rank:
@@ -594,6 +628,8 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--horizon", type=int, default=16, help="steps looked back for the lead time")
     ap.add_argument("--churn-stride", type=int, default=8, help="sample one step pair in this many")
     ap.add_argument("--bits-group", type=int, default=32, help="channels per scale/zero of the low-bit keys")
+    ap.add_argument("--prefilter-tokens", type=int, default=1024,
+                    help="tokens of the pages a two-stage digest (quest16+bits4) ranks")
     ap.add_argument("--mask-gib", type=float, default=12, help="mask memory per batched forward")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--buffer", type=int, default=64)
@@ -642,7 +678,7 @@ def write(a, model, records: List[dict], stats: dict, t0: float) -> dict:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     result = {"window": a.window, "buffer": a.buffer, "chunk_size": a.chunk_size, "chunk_fraction": a.chunk_fraction,
               "ratios": a.ratios, "r_grid": list(R_GRID), "horizon": a.horizon, "rank_every": a.rank_every, "churn_stride": a.churn_stride,
-              "bits_group": a.bits_group, "digests": a.digests, "scopes": a.scopes, "shared_layers": a.shared_layers_resolved, "forwards": a.forwards,
+              "bits_group": a.bits_group, "prefilter_tokens": a.prefilter_tokens, "digests": a.digests, "scopes": a.scopes, "shared_layers": a.shared_layers_resolved, "forwards": a.forwards,
               "layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim,
               "trace_tokens": a.trace_tokens or None, "model": a.model,
               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
@@ -658,6 +694,9 @@ def digest_bytes(digest: str, head_dim: int, group: int) -> float:
     """GPU bytes per evicted token per KV head that the digest keeps (exact: the bf16 key)."""
     if digest == "exact":
         return 2 * head_dim
+    if prefilter_page(digest):
+        first, second = digest.split("+")
+        return digest_bytes(first, head_dim, group) + digest_bytes(second, head_dim, group)
     if digest.startswith("quest"):
         return 2 * head_dim * 2 / page_size(digest)  # bf16 min and max per page
     return int(digest[4:]) * head_dim / 8 + 4 * head_dim / group  # fp16 scale and zero per group
