@@ -68,8 +68,12 @@ def _synthetic(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: in
     groups = head_dim // QUANT_GROUP
     lo = (-torch.rand(slots, kv_heads, groups, generator=gen, device=device) * 2).half()
     step = (torch.rand(slots, kv_heads, groups, generator=gen, device=device) * 0.3 + 0.01).half()
+    # A compression stores a window's tokens in consecutive tier slots: rows hold runs of them.
+    run = 256
+    starts = torch.randperm(-(-slots // run), generator=gen, device=device)[:, None] * run
+    order = (starts + torch.arange(run, device=device)).flatten()
     table = torch.zeros(batch, n_cols, dtype=torch.int64, device=device)
-    table[:, :per_row] = torch.randperm(slots, generator=gen, device=device).view(batch, per_row)
+    table[:, :per_row] = order[order < slots].view(batch, per_row)
     rows = torch.arange(batch, device=device)
     lens = torch.full((batch,), per_row, dtype=torch.int64, device=device)
     q = torch.randn(batch, q_heads, head_dim, generator=gen, device=device).to(dtype)
@@ -96,18 +100,21 @@ def _same_picks(rank: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(picked(a), picked(b))
 
 
-# At most this many synthetic tier tokens (about 170 MB at 8 KV heads of 128 dims, 4 bits):
-# fewer per row beyond it, so the tuning fits beside the pool and the tier.
-MAX_SYNTHETIC_TOKENS = 1 << 18
+# At most this many synthetic tier tokens (about 680 MB at 8 KV heads of 128 dims, 4 bits):
+# fewer rows beyond it (each keeps its share of the tier: a launch's speed depends on the row's
+# length), so the tuning fits beside the pool and the tier.
+MAX_SYNTHETIC_TOKENS = 1 << 20
 
 
 def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, rows: int, tier_tokens: int,
                          n_cols: int, tokens: int, dtype: torch.dtype, device: torch.device) -> FillLaunch:
-    """:func:`tune_fill` at a server's shapes (every row running, each with its share of the
-    tier), logged; the reference launch on the CPU or when the GPU lacks the scratch memory."""
+    """:func:`tune_fill` at a server's shapes (rows running, each with its share of the tier;
+    fewer rows past MAX_SYNTHETIC_TOKENS), logged; the reference launch on the CPU or when the
+    GPU lacks the scratch memory."""
     if device.type != "cuda":
         return FillLaunch()
-    per_row = max(1, min(tier_tokens // max(rows, 1), n_cols, MAX_SYNTHETIC_TOKENS // max(rows, 1)))
+    per_row = max(1, min(tier_tokens // max(rows, 1), n_cols, MAX_SYNTHETIC_TOKENS))
+    rows = max(1, min(rows, MAX_SYNTHETIC_TOKENS // per_row))
     need = rows * per_row * kv_heads * (head_dim * bits // 8 + 4 * head_dim // QUANT_GROUP) + 3 * rows * n_cols * 8
     if 2 * need > torch.cuda.mem_get_info(device)[0]:
         logger.info("kara: recall fill not tuned (%.0f MiB of scratch does not fit): the reference launch",
