@@ -764,12 +764,12 @@ def print_report(result: dict) -> dict:
           f"γ {result['chunk_size']}, lead horizon {result['horizon']} steps, {result['seconds']} s")
     print(f"\nranking, one problem in {result.get('rank_every', 1)} (reads whose value is evicted; recall = share of the lookup's attention whose keys are "
           "selected; lead = median steps in the top R before the read, among recalled reads):")
-    print(f"{'style':8} {'selector':22} {'R':>4} {'reads':>6} {'recall lag0':>11} {'lag1':>6} {'lead':>5} "
+    print(f"{'style':8} {'selector':30} {'R':>4} {'reads':>6} {'recall lag0':>11} {'lag1':>6} {'lead':>5} "
           f"{'lead>=1':>7} {'new tok/step/l,h':>16} {'KiB/step':>9} {'digest/KV':>9}")
     for r in rank_rows(result):
         lead = "-" if r["median_lead"] is None else str(r["median_lead"])
         fetched = r["fetched_tokens_per_step_per_layer_head"]
-        print(f"{r['style']:8} {r['selector']:22} {r['R']:4d} {r['evicted_reads']:6d} {pct(r['recall_lag0']):>10}% "
+        print(f"{r['style']:8} {r['selector']:30} {r['R']:4d} {r['evicted_reads']:6d} {pct(r['recall_lag0']):>10}% "
               f"{pct(r['recall_lag1']):>5}% {lead:>5} {pct(r['lead_ge1']):>6}% "
               f"{'-' if fetched is None else f'{fetched:.2f}':>16} "
               f"{'-' if fetched is None else format(r['fetched_kib_per_step'], '.1f'):>9} "
