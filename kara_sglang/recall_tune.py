@@ -59,8 +59,11 @@ def top_columns(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: int
     return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
-def _synthetic(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: int, head_dim: int, bits: int,
-               dtype: torch.dtype, device: torch.device, seed: int = 0) -> Tuple:
+def synthetic_tier(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: int, head_dim: int, bits: int,
+                   dtype: torch.dtype, device: torch.device, seed: int = 0) -> Tuple:
+    """Random queries and one layer's K tier (codes, lo, step) with its table, rows and counts:
+    ``batch`` requests of ``per_row`` tier tokens each, in tables ``n_cols`` wide (also what
+    benchmarks/reasoning/tier_layout_bench.py times)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     slots = batch * per_row
     codes = torch.randint(0, 256, (slots, kv_heads, head_dim * bits // 8), generator=gen, device=device,
@@ -141,8 +144,8 @@ def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int,
     """The fastest correct launch at these shapes (module docstring), and one report line per
     candidate (milliseconds per layer, or why it was rejected)."""
     per_row = max(1, min(per_row, n_cols))
-    q, layer, table, rows, lens = _synthetic(batch, per_row, n_cols, q_heads, kv_heads, head_dim, bits, dtype,
-                                             device)
+    q, layer, table, rows, lens = synthetic_tier(batch, per_row, n_cols, q_heads, kv_heads, head_dim, bits, dtype,
+                                                 device)
     scale = head_dim ** -0.5
     lines: List[str] = []
 

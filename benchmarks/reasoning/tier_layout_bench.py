@@ -22,7 +22,7 @@ import argparse
 import torch
 
 from kara_kernels.recall_tier import rank_tier
-from kara_sglang.recall_tune import time_ms
+from kara_sglang.recall_tune import synthetic_tier, time_ms
 
 LAUNCHES = ({"low_dot": True, "block_e": 64, "split": 8, "stages": 3},
             {"low_dot": True, "block_e": 64, "split": 8, "stages": 3, "head_major": True},
@@ -56,22 +56,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: TRITON_INTERPRET=1, a check of the script
-    gen = torch.Generator(device=dev).manual_seed(0)
     B, E, W, Hkv, D = a.batch, a.evicted, a.row_width, a.kv_heads, a.head_dim
-    T = B * E
-    # Rows hold their tier slots in runs of 384 (a window), interleaved across rows.
-    runs = torch.randperm(T // 384 + 1, device=dev, generator=gen)[:, None] * 384 + torch.arange(384, device=dev)
-    table = torch.zeros(B, W, dtype=torch.int64, device=dev)
-    table[:, :E] = runs.flatten()[runs.flatten() < T][:T].view(B, E)
-    rows = torch.arange(B, device=dev)
-    lens = torch.full((B,), E, device=dev)
-    q = torch.randn(B, a.q_heads, D, device=dev, generator=gen, dtype=torch.bfloat16)
     ng = D // 32
-    lo = (-torch.rand(T, Hkv, ng, device=dev, generator=gen) * 2).half()
-    step = (torch.rand(T, Hkv, ng, device=dev, generator=gen) * 0.3 + 0.01).half()
     print(f"batch={B} tier tokens={E} width={W} heads={a.q_heads}/{Hkv} dim={D}", flush=True)
     for bits in (4, 2):
-        codes = torch.randint(0, 256, (T, Hkv, D * bits // 8), device=dev, generator=gen, dtype=torch.uint8)
+        # Rows hold their tier slots in runs of consecutive slots, as compressions store them.
+        q, (codes, lo, step), table, rows, lens = synthetic_tier(B, E, W, a.q_heads, Hkv, D, bits, torch.bfloat16, dev)
         layouts = {"served": (codes, lo, step)}
         if bits == 4:
             layouts["record"] = records(codes, lo, step, D * bits // 8 + 4 * ng)
