@@ -5,6 +5,20 @@ import sys
 
 import pytest
 
+
+def _share_the_cores_between_xdist_workers():
+    """Each pytest-xdist worker (and every SGLang process it starts, which inherit the
+    environment) gets its share of the cores for torch's OpenMP threads. Left alone, each
+    engine's scheduler uses every core, and two workers' engines on 2 cores spin against each
+    other: the fidelity test took 100 s alone and 600 s beside a second copy, 125 s with one
+    thread each. Set before torch loads; an explicit OMP_NUM_THREADS is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+_share_the_cores_between_xdist_workers()
+
 try:
     import torch
 
