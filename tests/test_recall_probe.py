@@ -169,12 +169,12 @@ def test_resident_mask_is_score_probes_compressed_mask(probe):
     assert int((sched.evict < rp.NEVER).sum()) == len(wins) * (W - cfg.window_budget)
 
 
-@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("lag", [0, 1, 3, "e3"])
 def test_mask_is_resident_union_selection_of_the_lagged_query(probe, lag):
     import recall_probe as rp
 
     _, cap, sched = probe
-    g = torch.Generator().manual_seed(lag)
+    g = torch.Generator().manual_seed(sum(map(ord, str(lag))))
     L, Hkv = 2, 2
     sel = torch.randint(0, T, (L, Hkv, T, 5), generator=g)
     sel = torch.minimum(sel, torch.arange(T).view(1, 1, T, 1)).to(torch.int32)  # causal, like a real selection
@@ -186,13 +186,25 @@ def test_mask_is_resident_union_selection_of_the_lagged_query(probe, lag):
             for t in range(T):
                 for j in range(t + 1):
                     hand[h, t, j] = int(sched.evict[j]) > t
-                if t - lag >= 0:
-                    for j in sel[layer, h, t - lag].tolist():
+                source = t - t % 3 if lag == "e3" else t - lag  # "e3": refreshed every 3 steps
+                if source >= 0:
+                    for j in sel[layer, h, source].tolist():
                         hand[h, t, j] = True
         assert torch.equal(ours, hand)
     # a shared selection ([1, 1, T, R]) serves every layer and head alike
     shared = rp.setting_mask(resident, sel[:1, :1], 1, lag, Hkv)
     assert torch.equal(shared[0], shared[1]) and torch.equal(shared[0], rp.setting_mask(resident, sel[:1, :1].expand(L, Hkv, -1, -1), 0, lag, Hkv)[1])
+
+
+def test_forward_settings_take_a_lag_or_a_refresh_period():
+    import recall_probe as rp
+
+    assert rp.parse_forwards("bits4/layer@0.125:256:e4,exact/layer@0.25:64:2") == [
+        ("bits4", "layer", 0.125, 256, "e4"), ("exact", "layer", 0.25, 64, "2")]
+    assert [rp.lag_label(x) for x in ("0", "e4")] == ["lag0", "every4"]
+    for bad in ("bits4/layer@0.125:256:e0", "bits4/layer@0.125:256:x", "quest16+bits4/shared@0.25:256:0"):
+        with pytest.raises(SystemExit):
+            rp.parse_forwards(bad)
 
 
 @pytest.mark.parametrize("digest,scope", [("exact", "layer"), ("quest4", "layer"), ("bits2", "shared")])

@@ -58,6 +58,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -270,17 +271,36 @@ def selections(dig: Digest, scope: str, R: int, T: int, shared_layers: Sequence[
 # --------------------------------------------------------------------------- masked forward
 
 
-def setting_mask(resident: torch.Tensor, sel: Optional[torch.Tensor], layer: int, lag: int, Hkv: int) -> torch.Tensor:
+def selection_source(T: int, lag) -> torch.Tensor:
+    """The position whose selection query ``t`` uses (-1: none): ``t - L`` for a lag ``L``, or
+    ``t - t % K`` for ``"eK"`` (a selection refreshed every K steps and reused in between, as a
+    server that ranks every K-th step would)."""
+    t = torch.arange(T)
+    lag = str(lag)
+    if lag.startswith("e"):
+        return t - t % int(lag[1:])
+    src = t - int(lag)
+    return torch.where(src >= 0, src, -1)
+
+
+def lag_label(lag) -> str:
+    """``lag0``, ``lag1`` ...; ``every4`` for a selection refreshed every 4 steps."""
+    return f"every{str(lag)[1:]}" if str(lag).startswith("e") else f"lag{lag}"
+
+
+def setting_mask(resident: torch.Tensor, sel: Optional[torch.Tensor], layer: int, lag, Hkv: int) -> torch.Tensor:
     """``[Hkv, T, T]`` bool for one layer: resident, plus each query's selection (``sel``
-    ``[L or 1, Hkv or 1, T, R]``) made at its own position (lag 0) or the previous one (lag 1)."""
+    ``[L or 1, Hkv or 1, T, R]``) made at the position :func:`selection_source` names."""
     T = resident.shape[0]
     allowed = resident.expand(Hkv, T, T).clone()
     if sel is None:
         return allowed
     idx = sel[layer if sel.shape[0] > 1 else 0].long().expand(Hkv, -1, -1)
-    if lag:
-        pos = torch.arange(T, device=idx.device).view(1, -1, 1)
-        idx = torch.cat([pos[:, :lag].expand(Hkv, -1, idx.shape[-1]), idx[:, :T - lag]], 1)
+    if str(lag) != "0":
+        src = selection_source(T, lag).to(idx.device)
+        pos = torch.arange(T, device=idx.device).view(1, -1, 1).expand_as(idx)
+        # No earlier selection: the query's own position (resident anyway) stands in.
+        idx = torch.where((src >= 0).view(1, -1, 1), idx[:, src.clamp(min=0)], pos)
     return allowed.scatter_(-1, idx, True)
 
 
@@ -498,11 +518,12 @@ def parse_forwards(text: str) -> List[Tuple[str, str, float, int, int]]:
         head, R, lag = item.split(":")
         sel, ratio = head.split("@")
         digest, scope = sel.split("/")
-        if (digest not in DIGESTS or scope not in SCOPES or int(lag) not in (0, 1)
+        if (digest not in DIGESTS or scope not in SCOPES or not re.fullmatch(r"\d+|e[1-9]\d*", lag)
                 or (prefilter_page(digest) and scope != "layer")):
             raise SystemExit(f"bad forward setting {item!r}: digest/scope@ratio:R:lag, digest in {DIGESTS}, "
-                             f"scope in {SCOPES} (two-stage digests: layer), lag 0 or 1")
-        out.append((digest, scope, float(ratio), int(R), int(lag)))
+                             f"scope in {SCOPES} (two-stage digests: layer), lag a step count (0: the "
+                             f"query's own) or eK (a selection refreshed every K steps)")
+        out.append((digest, scope, float(ratio), int(R), lag))
     return out
 
 
@@ -554,7 +575,7 @@ def probe_problem(model, enc: "sp.Encoded", target: str, a, forwards, stats: dic
                 sel = selections(dig, scope, max(f[3] for f in runs), T, shared_layers)
                 batch = [(sel[..., :(f[3] // dig.P) * dig.P], f[4]) for f in runs]
                 batch = [(s if s.shape[-1] else None, lag) for s, lag in batch]
-                names = [f"{digest}/{scope}@{ratio:g} R{f[3]} lag{f[4]}" for f in runs]
+                names = [f"{digest}/{scope}@{ratio:g} R{f[3]} {lag_label(f[4])}" for f in runs]
                 out.update(run_batches(model, enc, sched, batch, names, hr, target, a.mask_gib))
                 del sel
         out.update(run_batches(model, enc, sched, [(None, 0)], [f"kara@{ratio:g}"], hr, target, a.mask_gib))
