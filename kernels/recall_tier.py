@@ -152,11 +152,12 @@ def _rank_tier_kernel(
     KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
     TT, stride_tt, ROWS, T_LENS,
     OUT, stride_ob, stride_oh,
+    PAGES, stride_pb, stride_ph,
     n_cols, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     BLOCK_E: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr,
     QGROUP: tl.constexpr, IEEE: tl.constexpr, LOW_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    BIAS_CODES: tl.constexpr,
+    BIAS_CODES: tl.constexpr, PAGE: tl.constexpr,
 ):
     """Scores of one request's tier tokens for one KV head, on the tensor cores.
 
@@ -172,6 +173,10 @@ def _rank_tier_kernel(
     matrix is built once per program, and the loop's loads are pipelined ``STAGES`` deep.
     ``HEAD_MAJOR`` orders the programs KV head first, so a request's heads run side by side
     and read each token's bytes (heads adjacent in the tier) at about the same time.
+
+    ``PAGE`` > 0 (the second stage of a two-stage ranking): output column ``c`` scores the
+    row's column ``PAGES[b, h, c // PAGE] * PAGE + c % PAGE`` (-inf for a page of -1 or a
+    column past the count), over all ``n_cols`` output columns.
     """
     pid_b = tl.program_id(1 if HEAD_MAJOR else 0)
     kv_head = tl.program_id(0 if HEAD_MAJOR else 1)
@@ -195,10 +200,18 @@ def _rank_tier_kernel(
     offs_byte = tl.arange(0, BLOCK_BYTES)
     byte_ok = offs_byte < HEAD_DIM * BITS // 8
     out = OUT + pid_b.to(tl.int64) * stride_ob + kv_head * stride_oh
-    for start in tl.range(pid_s * BLOCK_E, n_tier, SPLIT * BLOCK_E, num_stages=STAGES):
+    end = n_cols if PAGE else n_tier
+    for start in tl.range(pid_s * BLOCK_E, end, SPLIT * BLOCK_E, num_stages=STAGES):
         offs_e = start + tl.arange(0, BLOCK_E)
-        valid = offs_e < n_tier
-        slots = tl.load(TT + row * stride_tt + offs_e, mask=valid, other=0).to(tl.int64)
+        if PAGE:
+            page = tl.load(PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph + offs_e // PAGE,
+                           mask=offs_e < n_cols, other=-1)
+            cols = page * PAGE + offs_e % PAGE
+            valid = (page >= 0) & (cols < n_tier) & (offs_e < n_cols)
+        else:
+            cols = offs_e
+            valid = offs_e < n_tier
+        slots = tl.load(TT + row * stride_tt + cols, mask=valid, other=0).to(tl.int64)
         byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + offs_byte[None, :],
                        mask=valid[:, None] & byte_ok[None, :], other=0).to(tl.int32)
         s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + offs_g[None, :]
@@ -237,7 +250,8 @@ def _rank_tier_kernel(
         score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
         best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
-    _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
+    if not PAGE:
+        _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
 
 
 @triton.jit
@@ -408,7 +422,8 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
               tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
               sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
               stages: int = 1, num_warps: int = 4, low_dot: bool = False, head_major: bool = False,
-              bias_codes: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              bias_codes: bool = False, out: Optional[torch.Tensor] = None,
+              pages: Optional[torch.Tensor] = None, page: int = 0) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
     ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
@@ -432,6 +447,9 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
             bf16 queries, built from the code's bits without an int-to-float conversion), the
             bias taken off after it (float32 scores, within summation order of the others).
         out: where to write the result (every element is written), else a new tensor.
+        pages, page: rank only the chosen pages of each row: ``pages`` ``[B, Hkv, P]`` page
+            indices (-1: none) of ``page`` columns each; output column ``c`` of head ``h``
+            scores column ``pages[b, h, c // page] * page + c % page`` (``n_cols`` = P * page).
     Returns:
         ``[B, Hkv, n_cols]`` float32.
     """
@@ -444,6 +462,12 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         out = torch.empty(B, Hkv, n_cols, dtype=torch.float32, device=queries.device)
     elif out.shape != (B, Hkv, n_cols) or out.dtype != torch.float32 or out.stride(2) != 1:
         raise ValueError(f"out must be float32 {(B, Hkv, n_cols)} with unit last stride")
+    if pages is not None:
+        if page <= 0 or pages.shape[:2] != (B, Hkv) or pages.shape[2] * page != n_cols or pages.stride(2) != 1:
+            raise ValueError(f"pages must be [B, Hkv, P] with unit last stride and n_cols = P * page, "
+                             f"got {tuple(pages.shape)}, page {page}, n_cols {n_cols}")
+    else:
+        pages, page = tier_lens, 0  # unused by the kernel
     if B == 0 or n_cols == 0:
         return out
     if block_e is None:
@@ -470,10 +494,11 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
         tier_table, tier_table.stride(0), rows, tier_lens,
         out, out.stride(0), out.stride(1),
+        pages, pages.stride(0) if page else 0, pages.stride(1) if page else 0,
         n_cols, sm_scale,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, SPLIT=split,
         STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=ieee, LOW_DOT=low, HEAD_MAJOR=head_major,
-        BIAS_CODES=bias, num_warps=num_warps,
+        BIAS_CODES=bias, PAGE=page, num_warps=num_warps,
     )
     return out
 
