@@ -194,6 +194,8 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
                     help="kara recall: evicted tokens attended again per layer and KV head (the emulation, without a tier, runs without CUDA graphs)")
     ap.add_argument("--recall-tier-tokens", type=int, default=0, help="kara recall: the GPU tier's tokens (0: emulation)")
     ap.add_argument("--recall-kv", default="exact", help="kara recall: the tier's / recalled K and V precision")
+    ap.add_argument("--recall-pages", type=int, default=0,
+                    help="kara recall tier: 16-token pages kept by the first of two ranking stages (0: one stage)")
     ap.add_argument("--keep-ratio", type=float, default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--window", type=int, default=512)
@@ -254,7 +256,7 @@ def start_engine(args, **extra):
             kara["kara_budget"] = args.budget
         if args.recall_tokens:
             kara.update(kara_recall_tokens=args.recall_tokens, kara_recall_tier_tokens=args.recall_tier_tokens,
-                        kara_recall_kv=args.recall_kv)
+                        kara_recall_kv=args.recall_kv, kara_recall_pages=args.recall_pages)
             if not args.recall_tier_tokens:
                 device_args["disable_cuda_graph"] = True  # the emulation's attention is not graph-capturable
     print("BENCH-CONFIG " + json.dumps(vars(args), default=lambda o: getattr(o, "spec", str(o))), file=sys.stderr, flush=True)
@@ -337,7 +339,7 @@ def main() -> None:
                 "score_allreduce_host_s": spent["score_allreduce_host_s"],
                 "server_policy": args.policy, "startup_s": startup,
                 "recall_tokens": args.recall_tokens, "recall_tier_tokens": args.recall_tier_tokens,
-                "recall_kv": args.recall_kv if args.recall_tokens else None,
+                "recall_kv": args.recall_kv if args.recall_tokens else None, "recall_pages": args.recall_pages,
                 "recall_tier_tokens_stored": spent["recall_tier_tokens_stored"],
                 "recall_tier_fallback_tokens": spent["recall_tier_fallback_tokens"],
                 "recall_buffer_fills": spent["recall_buffer_fills"],

@@ -33,8 +33,8 @@ RANK_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "KC": "*u8", "
             "TT": "*i64", "stride_tt": "i32", "ROWS": "*i64", "T_LENS": "*i64", "OUT": "*fp32", "stride_ob": "i32",
             "stride_oh": "i32", "PAGES": "*i64", "stride_pb": "i32", "stride_ph": "i32", "n_cols": "i32",
             "scale": "fp32"}
-PAGES_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "HI": "*fp16", "LO": "*fp16", "stride_br": "i32",
-             "stride_bp": "i32", "stride_bh": "i32", "ROWS": "*i64", "T_LENS": "*i64", "OUT": "*fp32",
+PAGES_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "HI": "*fp16", "LO": "*fp16", "stride_bp": "i32",
+             "stride_bh": "i32", "PT": "*i64", "stride_pt": "i32", "ROWS": "*i64", "T_LENS": "*i64", "OUT": "*fp32",
              "stride_ob": "i32", "stride_oh": "i32", "n_pages": "i32", "scale": "fp32"}
 SELECT_SIG = {"RANK": "*fp32", "stride_rb": "i32", "stride_rh": "i32", "LENS": "*i64", "OUT": "*i64",
               "stride_ob": "i32", "stride_oh": "i32", "n_cols": "i32", "R": "i32"}

@@ -226,7 +226,8 @@ class KaraRuntime:
         bits = bits_of(self.config.recall_kv)
         v_head_dim = kv_pool.value_buffers(self.kv_pool)[0].shape[-1]
         tokens = self.config.recall_tier_tokens
-        need = RecallTier.bytes_needed(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits)
+        pages = bool(self.config.recall_pages)
+        need = RecallTier.bytes_needed(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits, rows, pages)
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             if need > free:
@@ -234,7 +235,8 @@ class KaraRuntime:
                     f"--kara-recall-tier-tokens {tokens}: the tier needs {need / 2**30:.2f} GiB, the GPU has "
                     f"{free / 2**30:.2f} GiB free after SGLang's pool (lower --mem-fraction-static or the tier)")
         logger.info("kara: recall tier of %d tokens at %d bits = %.1f MiB", tokens, bits, need / 2**20)
-        return RecallTier(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits, rows, row_capacity, device)
+        return RecallTier(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits, rows, row_capacity, device,
+                          pages=pages)
 
     def _layout(self) -> KVLayout:
         # Read the buffers each time: SGLang may reallocate the pool after graph capture.
@@ -354,7 +356,9 @@ class KaraRuntime:
         recall_fill_tier(select, self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows,
                          self.recall.counts[rows], live, self.buffer_slots,
                          self.kv_pool.get_key_buffer(layer.layer_id), self.kv_pool.get_value_buffer(layer.layer_id),
-                         float(layer.scaling), n_cols, self.fill_launch)
+                         float(layer.scaling), n_cols, self.fill_launch,
+                         self.tier.layer_pages(layer.layer_id) if self.config.recall_pages else None,
+                         self.config.recall_pages)
 
     def _live_buffers(self, forward_batch: Any) -> torch.Tensor:
         """``[B]`` int32: 1 where the batch entry's recall buffer is written and read this step.
@@ -698,7 +702,8 @@ class KaraRuntime:
 
     def _tier_counters(self) -> dict:
         return {"recall_tier_tokens_held": self.tier.held, "recall_tier_tokens_stored": self.tier.stored_tokens,
-                "recall_tier_fallback_tokens": self.tier.fallback_tokens, "recall_buffers": len(self.buffer_rows),
+                "recall_tier_fallback_tokens": self.tier.fallback_tokens, "recall_tier_pages_held": self.tier.pages_held,
+                "recall_buffers": len(self.buffer_rows),
                 "recall_buffer_fills": int(self.buffer_fills.item())}
 
     @property

@@ -70,6 +70,9 @@ class KaraConfig:
         recall_tier_tokens: 0 (default): the emulation holds evicted slots in SGLang's pool;
             N > 0: evicted K and V move into a GPU tier of N tokens at ``recall_kv`` bits and
             their pool slots are freed (``kara_sglang.recall_tier``).
+        recall_pages: with a tier: 0 (default) ranks every tier token each step; N > 0 ranks
+            16-token pages by their key bounds first and then only the tokens of the best N
+            pages (two stages, kernels/recall_pages.py; N * 16 must cover recall_tokens).
     """
 
     policy: str = "kara"
@@ -90,6 +93,7 @@ class KaraConfig:
     recall_lag: int = 0
     recall_kv: str = "exact"
     recall_tier_tokens: int = 0
+    recall_pages: int = 0
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -196,6 +200,14 @@ class KaraConfig:
         if tier and self.recall_kv not in RECALL_TIER_KV:
             fail("kara-recall-tier-tokens", f"the tier stores K and V at --kara-recall-kv bits "
                  f"({', '.join(RECALL_TIER_KV)}), got {self.recall_kv}")
+        pages = self.recall_pages
+        if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
+            fail("kara-recall-pages", f"must be an integer >= 0, got {pages!r}")
+        if pages and not tier:
+            fail("kara-recall-pages", "two-stage ranking ranks the tier's pages: set --kara-recall-tier-tokens too")
+        if pages and pages * 16 < self.recall_tokens:
+            fail("kara-recall-pages", f"{pages} pages of 16 tokens hold fewer than the "
+                 f"{self.recall_tokens} recalled tokens (--kara-recall-tokens)")
         if tier and self.recall_digest != "exact":
             fail("kara-recall-tier-tokens", "tier tokens are ranked by the tier's own keys: leave "
                  f"--kara-recall-digest at exact, got {self.recall_digest}")

@@ -78,6 +78,10 @@ FLAGS = (
          "kara recall: a GPU tier of this many tokens (all layers) holds evicted K and V at "
          "--kara-recall-kv bits (2/4/8) and their pool slots are freed; windows that find it full "
          "are evicted as without recall (default 0: the emulation holds evicted slots in the pool)."),
+    Flag("kara_recall_pages", "recall_pages", int,
+         "kara recall tier: rank 16-token pages by their key bounds, then only the tokens of the "
+         "best N pages (default 0: every tier token ranked each step). N x 16 must cover "
+         "--kara-recall-tokens; the bounds add 1/5 of the tier's K bytes."),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 

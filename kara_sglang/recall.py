@@ -23,13 +23,14 @@ Engine-independent: tensors in, tensors out; the work is two Triton launches and
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from kara_kernels.recall import rank_evicted, recall_decode
+from kara_kernels.recall_pages import PAGE, select_two_stage
 from kara_kernels.recall_tier import fill_recall_buffer, rank_tier, recall_decode_tier
-from kara_sglang.recall_tune import FillLaunch, top_columns
+from kara_sglang.recall_tune import SECOND_STAGE_LAUNCH, FillLaunch, top_columns
 
 
 def bits_of(setting: str) -> int:
@@ -61,6 +62,10 @@ class RecallStore:
 
     def count(self, row: int) -> int:
         return self._host.get(row, 0)
+
+    def counts_by_row(self) -> Dict[int, int]:
+        """Each row holding slots -> how many (host copy)."""
+        return dict(self._host)
 
     def hold(self, rows: Sequence[int], per_row: Sequence[int], slots: torch.Tensor) -> None:
         """Append ``slots`` (concatenated, ``per_row[i]`` for ``rows[i]``) to their rows."""
@@ -145,7 +150,8 @@ def recall_attention_tier(q: torch.Tensor, select_q: torch.Tensor, k_buffer: tor
 def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor], bits: int, tier_table: torch.Tensor,
                      rows: torch.Tensor, tier_lens: torch.Tensor, live: torch.Tensor, buffer_slots: torch.Tensor,
                      k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float, n_cols: int,
-                     launch: FillLaunch = FillLaunch()) -> None:
+                     launch: FillLaunch = FillLaunch(), pages: Optional[Tuple[torch.Tensor, ...]] = None,
+                     pages_kept: int = 0) -> None:
     """Recall through SGLang's own attention: rank each request's tier tokens with ``select_q``,
     and write the top R per KV head (R = the buffer's width), dequantised, into the request's
     recall-buffer slots, which its ``req_to_token`` row holds among its resident columns.
@@ -153,13 +159,20 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
     Only device work with shapes fixed by ``n_cols`` (capture it at the tier row's width and a
     CUDA graph replays it); a request holding fewer than R tier tokens must not be ``live``.
     ``launch``: the ranking's launch and the top-R selection (kara_sglang/recall_tune.py).
+    ``pages`` (the layer's page table and bounds, kara_sglang/recall_tier.py) with
+    ``pages_kept``: two stages, only the tokens of the best ``pages_kept`` pages ranked
+    (kernels/recall_pages.py).
     """
-    k_codes, k_lo, k_step = tier_layer[:3]
     tokens = buffer_slots.shape[1]
     if not n_cols or not tokens:
         return
-    rank = rank_tier(select_q, k_codes, k_lo, k_step, tier_table, rows, tier_lens, n_cols, bits, sm_scale,
-                     **launch.rank)
-    selected = top_columns(rank, tier_lens, tokens, n_cols, launch.select)
+    if pages is not None and pages_kept:
+        n_pages = -(-n_cols // PAGE)
+        selected = select_two_stage(select_q, tier_layer[:3], tier_table, rows, tier_lens, *pages, n_pages,
+                                    pages_kept, tokens, bits, sm_scale, launch.select, SECOND_STAGE_LAUNCH)
+    else:
+        rank = rank_tier(select_q, *tier_layer[:3], tier_table, rows, tier_lens, n_cols, bits, sm_scale,
+                         **launch.rank)
+        selected = top_columns(rank, tier_lens, tokens, n_cols, launch.select)
     fill_recall_buffer(selected, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
                        k_buffer, v_buffer, bits)

@@ -9,6 +9,11 @@ the top R (kernels/recall_tier.py). The accuracy grid chose 4 bits: through the 
 recalled K and V kept every answer full KV kept on the finished problems, 2 bits lost many
 (docs/accuracy.md).
 
+Two-stage ranking (``pages``): the tier also keeps, per 16-column page of each row, layer and KV
+head, the max and min of the page's dequantised keys (kernels/recall_pages.py), computed when a
+compression stores the page's tokens; a step then ranks pages by Quest's bound and only the
+best pages' tokens by their keys. Bound pages are allocated as rows grow and freed with them.
+
 Bounded: the tier holds ``capacity`` tokens, allocated once at start-up. A window whose evicted
 tokens do not fit (the tier, or the request's row of it, is full) is evicted as without recall:
 those tokens are gone, counted in ``fallback_tokens``. A request's tier tokens go back when the
@@ -23,6 +28,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from kara_kernels.recall_pages import PAGE, page_bounds
 from kara_kernels.recall_tier import QUANT_GROUP, quantize_to_tier, tier_bytes_per_token
 from kara_sglang.recall import RecallStore
 
@@ -36,7 +42,7 @@ class RecallTier:
     """
 
     def __init__(self, num_layers: int, capacity: int, kv_heads: int, head_dim: int, v_head_dim: int,
-                 bits: int, rows: int, row_capacity: int, device: torch.device) -> None:
+                 bits: int, rows: int, row_capacity: int, device: torch.device, pages: bool = False) -> None:
         if head_dim % QUANT_GROUP or v_head_dim % QUANT_GROUP:
             raise ValueError(f"the recall tier needs head dims divisible by {QUANT_GROUP}, got {head_dim}/{v_head_dim}")
         self.bits, self.capacity = bits, capacity
@@ -54,16 +60,43 @@ class RecallTier:
         self.rows = RecallStore(rows, row_capacity, device)
         self.stored_tokens = 0
         self.fallback_tokens = 0
+        self.page_table = None
+        if pages:
+            # A row of n tokens uses ceil(n / PAGE) bound pages: all rows together at most the
+            # tier's pages plus one partial page per row.
+            n_bound = self.bound_pages(capacity, rows)
+            self.page_table = torch.zeros(rows, -(-row_capacity // PAGE), dtype=torch.int64, device=device)
+            self.page_hi = torch.zeros(num_layers, n_bound, kv_heads, head_dim, dtype=torch.float16, device=device)
+            self.page_lo = torch.zeros_like(self.page_hi)
+            self.free_pages = torch.arange(n_bound, dtype=torch.int64, device=device)
+            self.n_free_pages = n_bound
+
+    @staticmethod
+    def bound_pages(capacity: int, rows: int) -> int:
+        return -(-capacity // PAGE) + rows
 
     @staticmethod
     def bytes_needed(num_layers: int, capacity: int, kv_heads: int, head_dim: int, v_head_dim: int,
-                     bits: int) -> int:
-        return capacity * tier_bytes_per_token(num_layers, kv_heads, head_dim, v_head_dim, bits)
+                     bits: int, rows: int = 0, pages: bool = False) -> int:
+        """The tier's bytes; with ``pages``, the page bounds too (two float16 per channel, KV
+        head and layer for every 16 tokens, plus a partial page per row)."""
+        tier = capacity * tier_bytes_per_token(num_layers, kv_heads, head_dim, v_head_dim, bits)
+        bounds = RecallTier.bound_pages(capacity, rows) * num_layers * kv_heads * head_dim * 4 if pages else 0
+        return tier + bounds
+
+    @property
+    def pages_held(self) -> int:
+        """Bound pages owned by rows (two-stage ranking; 0 without it)."""
+        return 0 if self.page_table is None else self.free_pages.numel() - self.n_free_pages
 
     @property
     def held(self) -> int:
         """Tier slots owned by requests (``capacity - held`` are free)."""
         return self.capacity - self.n_free
+
+    def layer_pages(self, layer_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(page_table, page_hi, page_lo) of one layer (two-stage ranking)."""
+        return self.page_table, self.page_hi[layer_id], self.page_lo[layer_id]
 
     def layer(self, layer_id: int) -> Tuple[torch.Tensor, ...]:
         """One layer's (k_codes, k_lo, k_step, v_codes, v_lo, v_step) views."""
@@ -94,17 +127,41 @@ class RecallTier:
         self.n_free -= total
         for layer_id, (k_buffer, v_buffer) in enumerate(zip(k_buffers, v_buffers)):
             quantize_to_tier(k_buffer, v_buffer, src, dst, *self.layer(layer_id), self.bits)
+        before = [self.rows.count(row) for row in keep_rows]
         self.rows.hold(keep_rows, keep_counts, dst)
+        if self.page_table is not None:
+            self._store_bounds(keep_rows, before, [b + n for b, n in zip(before, keep_counts)])
         self.stored_tokens += total
         return total
 
+    def _store_bounds(self, rows: Sequence[int], before: Sequence[int], after: Sequence[int]) -> None:
+        """Bound pages for the rows' new pages, then the bounds of every page the store touched
+        (a row's partial last page included: it gained tokens)."""
+        for row, b, a in zip(rows, before, after):
+            first_new, end = -(-b // PAGE), -(-a // PAGE)
+            n = end - first_new
+            if n:
+                self.page_table[row, first_new:end] = self.free_pages[self.n_free_pages - n:self.n_free_pages]
+                self.n_free_pages -= n
+        device = self.page_table.device
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+        rows_t, lens_t = as_tensor(list(rows)), as_tensor(list(after))
+        first_t, end_t = as_tensor([b // PAGE for b in before]), as_tensor([-(-a // PAGE) for a in after])
+        for layer_id in range(self.k_codes.shape[0]):
+            page_bounds(*self.layer(layer_id)[:3], self.rows.slots, rows_t, lens_t, first_t, end_t, self.bits,
+                        *self.layer_pages(layer_id))
+
     def release(self, row: int) -> int:
-        """The row's tier slots go back to the free stack; returns how many."""
+        """The row's tier slots (and bound pages) go back to their free stacks; returns how many slots."""
         slots = self.rows.release(row)
         n = int(slots.numel())
         if n:
             self.free_slots[self.n_free:self.n_free + n] = slots
             self.n_free += n
+        if n and self.page_table is not None:
+            pages = -(-n // PAGE)
+            self.free_pages[self.n_free_pages:self.n_free_pages + pages] = self.page_table[row, :pages]
+            self.n_free_pages += pages
         return n
 
     def check_free_once(self) -> None:
@@ -112,3 +169,8 @@ class RecallTier:
         free = self.free_slots[:self.n_free]
         if free.unique().numel() != self.n_free:
             raise AssertionError("kara recall tier: a tier slot is free twice")
+        if self.page_table is not None:
+            used = [self.page_table[row, :-(-n // PAGE)] for row, n in self.rows.counts_by_row().items()]
+            pages = torch.cat([self.free_pages[:self.n_free_pages], *used])
+            if pages.numel() != self.free_pages.numel() or pages.unique().numel() != pages.numel():
+                raise AssertionError("kara recall tier: a bound page is lost, free twice or used by two rows")

@@ -41,6 +41,9 @@ RANK_CANDIDATES: Tuple[Dict, ...] = (
     {"low_dot": True, "block_e": 64, "split": 32, "stages": 2},
 )
 SELECT_CANDIDATES = ("torch", "radix")
+# Two-stage ranking's second stage (a few pages' tokens per row): the launch measured fastest
+# on an H200 at 64 pages kept (benchmarks/reasoning/two_stage_bench.py: 0.119 ms per layer).
+SECOND_STAGE_LAUNCH: Dict = {"low_dot": True, "bias_codes": True, "stages": 1}
 
 
 @dataclass(frozen=True)

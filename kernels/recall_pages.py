@@ -7,9 +7,11 @@ step and layer; on an H200 that work, not the bytes it reads, bounds the tier's 
 answers, where ranking less often does not. Here:
 
 - ``page_bounds``: per page of ``PAGE`` consecutive columns of a request's tier row, KV head
-  and channel, the max and min of its tokens' dequantised keys (float16, ``[rows, pages, Hkv,
-  D]`` per layer). A page's bounds are computed from the tokens it holds when called; the
-  caller recomputes a page whose tokens change (a compression appending to a row's last page).
+  and channel, the max and min of its tokens' dequantised keys (float16, ``[bound pages, Hkv,
+  D]`` per layer; ``page_table[row, p]`` names the bound page of the row's p-th page, so bounds
+  take memory only for pages in use). A page's bounds are computed from the tokens it holds
+  when called; the caller recomputes a page whose tokens change (a compression appending to a
+  row's last page).
 - ``rank_pages``: Quest's upper bound of q . k over a page, ``sum_d max(q_d hi_d, q_d lo_d)``
   (max over the GQA group), written as two matrix products, ``q+ . hi + q- . lo`` with
   ``q+ = max(q, 0)`` and ``q- = min(q, 0)``, so it runs on the tensor cores.
@@ -38,8 +40,8 @@ __all__ = ["PAGE", "page_bounds", "rank_pages", "select_two_stage"]
 @triton.jit
 def _page_bounds_kernel(
     KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
-    TT, stride_tt, ROWS, T_LENS, FIRST, END,
-    HI, LO, stride_br, stride_bp, stride_bh,
+    TT, stride_tt, ROWS, T_LENS, FIRST, END, PT, stride_pt,
+    HI, LO, stride_bp, stride_bh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr, PAGE: tl.constexpr,
 ):
     """Pages ``FIRST[i] .. END[i]`` of row ``ROWS[i]``, one KV head: max and min of the
@@ -66,7 +68,8 @@ def _page_bounds_kernel(
         hi = tl.max(tl.where(mask, k, float("-inf")), axis=0)
         lo = tl.min(tl.where(mask, k, float("inf")), axis=0)
         any_valid = p * PAGE < n_tier
-        out = row * stride_br + p * stride_bp + head * stride_bh + offs_d
+        bound = tl.load(PT + row * stride_pt + p).to(tl.int64)
+        out = bound * stride_bp + head * stride_bh + offs_d
         # A page with no token (never ranked: past the count) gets 0, not an infinity.
         tl.store(HI + out, tl.where(any_valid, hi, 0.0).to(tl.float16), mask=d_ok)
         tl.store(LO + out, tl.where(any_valid, lo, 0.0).to(tl.float16), mask=d_ok)
@@ -75,7 +78,7 @@ def _page_bounds_kernel(
 @triton.jit
 def _rank_pages_kernel(
     Q, stride_qb, stride_qh,
-    HI, LO, stride_br, stride_bp, stride_bh,
+    HI, LO, stride_bp, stride_bh, PT, stride_pt,
     ROWS, T_LENS,
     OUT, stride_ob, stride_oh,
     n_pages, scale,
@@ -93,8 +96,9 @@ def _rank_pages_kernel(
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + pid_b.to(tl.int64) * stride_qb + (head * GROUP + offs_h)[None, :] * stride_qh
                 + offs_d[:, None], mask=d_ok[:, None] & (offs_h < GROUP)[None, :], other=0.0).to(tl.float32)
-    valid = offs_p * PAGE < n_tier
-    b_off = row * stride_br + offs_p[:, None] * stride_bp + head * stride_bh + offs_d[None, :]
+    valid = (offs_p * PAGE < n_tier) & (offs_p < n_pages)
+    bound = tl.load(PT + row * stride_pt + offs_p, mask=valid, other=0).to(tl.int64)
+    b_off = bound[:, None] * stride_bp + head * stride_bh + offs_d[None, :]
     mask = valid[:, None] & d_ok[None, :]
     hi = tl.load(HI + b_off, mask=mask, other=0.0)
     lo = tl.load(LO + b_off, mask=mask, other=0.0)
@@ -111,48 +115,52 @@ def _rank_pages_kernel(
              tl.where(valid, best * scale, float("-inf")), mask=offs_p < n_pages)
 
 
-def _check_bounds(page_hi: torch.Tensor, page_lo: torch.Tensor, Hkv: int, D: int) -> None:
+def _check_bounds(page_hi: torch.Tensor, page_lo: torch.Tensor, page_table: torch.Tensor, Hkv: int, D: int) -> None:
     if (page_hi.dtype != torch.float16 or page_hi.shape != page_lo.shape or page_hi.stride() != page_lo.stride()
-            or page_hi.dim() != 4 or page_hi.shape[2:] != (Hkv, D) or page_hi.stride(3) != 1):
-        raise ValueError(f"page bounds must be two float16 [rows, pages, {Hkv}, {D}] tensors of one layout, "
+            or page_hi.dim() != 3 or page_hi.shape[1:] != (Hkv, D) or page_hi.stride(2) != 1):
+        raise ValueError(f"page bounds must be two float16 [bound pages, {Hkv}, {D}] tensors of one layout, "
                          f"got {tuple(page_hi.shape)} {page_hi.dtype} / {tuple(page_lo.shape)}")
+    if page_table.dim() != 2 or page_table.stride(1) != 1 or page_table.is_floating_point():
+        raise ValueError(f"the page table must be an integer [rows, pages] tensor, got {tuple(page_table.shape)}")
 
 
 def page_bounds(k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor, tier_table: torch.Tensor,
                 rows: torch.Tensor, tier_lens: torch.Tensor, first_page: torch.Tensor, end_page: torch.Tensor,
-                bits: int, page_hi: torch.Tensor, page_lo: torch.Tensor) -> None:
+                bits: int, page_table: torch.Tensor, page_hi: torch.Tensor, page_lo: torch.Tensor) -> None:
     """Write pages ``first_page[i] .. end_page[i] - 1`` of row ``rows[i]`` (tier count
     ``tier_lens[i]``): per KV head and channel the max / min of the page's dequantised keys,
     rounded to float16 (so within float16 rounding of a bound). Other pages are untouched.
 
     Args:
         k_codes, k_lo, k_step: one layer's K tier; tier_table: ``[rows, capacity]`` tier slots.
-        page_hi, page_lo: ``[rows, capacity // PAGE (rounded up), Hkv, D]`` float16, one layer.
+        page_table: ``[rows, capacity // PAGE (rounded up)]`` the bound page of each row's page
+            (those written must be set).
+        page_hi, page_lo: ``[bound pages, Hkv, D]`` float16, one layer.
     """
     _check_bits(bits)
     Hkv, D = k_codes.shape[1], k_lo.shape[-1] * QUANT_GROUP
     _check_dims(D, D)
     _check_tier(k_codes, k_lo, k_step, D, bits, "K tier")
-    _check_bounds(page_hi, page_lo, Hkv, D)
+    _check_bounds(page_hi, page_lo, page_table, Hkv, D)
     n = rows.numel()
     if n == 0:
         return
     _page_bounds_kernel[(n, Hkv)](
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
-        tier_table, tier_table.stride(0), rows, tier_lens, first_page, end_page,
-        page_hi, page_lo, page_hi.stride(0), page_hi.stride(1), page_hi.stride(2),
+        tier_table, tier_table.stride(0), rows, tier_lens, first_page, end_page, page_table, page_table.stride(0),
+        page_hi, page_lo, page_hi.stride(0), page_hi.stride(1),
         HEAD_DIM=D, BLOCK_D=_block(D), BITS=bits, QGROUP=QUANT_GROUP, PAGE=PAGE,
     )
 
 
-def rank_pages(queries: torch.Tensor, page_hi: torch.Tensor, page_lo: torch.Tensor, rows: torch.Tensor,
-               tier_lens: torch.Tensor, n_pages: int, sm_scale: float, block_p: int = 64,
+def rank_pages(queries: torch.Tensor, page_table: torch.Tensor, page_hi: torch.Tensor, page_lo: torch.Tensor,
+               rows: torch.Tensor, tier_lens: torch.Tensor, n_pages: int, sm_scale: float, block_p: int = 64,
                num_warps: int = 4) -> torch.Tensor:
     """``[B, Hkv, n_pages]`` float32: each page's bound of ``max_g q_g . k * sm_scale`` over its
     tokens, -inf for pages past ``ceil(tier_lens[b] / PAGE)``. Device work only (CUDA graphs)."""
     B, Hq, D = queries.shape
-    Hkv = page_hi.shape[2]
-    _check_bounds(page_hi, page_lo, Hkv, D)
+    Hkv = page_hi.shape[1]
+    _check_bounds(page_hi, page_lo, page_table, Hkv, D)
     out = torch.empty(B, Hkv, n_pages, dtype=torch.float32, device=queries.device)
     if B == 0 or n_pages == 0:
         return out
@@ -164,7 +172,7 @@ def rank_pages(queries: torch.Tensor, page_hi: torch.Tensor, page_lo: torch.Tens
     dot16 = queries.dtype in (torch.bfloat16, torch.float16) and not interpreting()
     _rank_pages_kernel[(B, Hkv, triton.cdiv(n_pages, block_p))](
         queries, queries.stride(0), queries.stride(1),
-        page_hi, page_lo, page_hi.stride(0), page_hi.stride(1), page_hi.stride(2),
+        page_hi, page_lo, page_hi.stride(0), page_hi.stride(1), page_table, page_table.stride(0),
         rows, tier_lens, out, out.stride(0), out.stride(1), n_pages, sm_scale,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=_block(D),
         BLOCK_P=block_p, PAGE=PAGE, DOT16=dot16, num_warps=num_warps,
@@ -181,14 +189,14 @@ def _top(rank: torch.Tensor, lens: torch.Tensor, k: int, select: str) -> torch.T
 
 
 def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier_table: torch.Tensor,
-                     rows: torch.Tensor, tier_lens: torch.Tensor, page_hi: torch.Tensor, page_lo: torch.Tensor,
-                     n_pages: int, pages_kept: int, tokens: int, bits: int, sm_scale: float,
+                     rows: torch.Tensor, tier_lens: torch.Tensor, page_table: torch.Tensor, page_hi: torch.Tensor,
+                     page_lo: torch.Tensor, n_pages: int, pages_kept: int, tokens: int, bits: int, sm_scale: float,
                      select: str = "torch", rank_kwargs: Optional[Dict] = None) -> torch.Tensor:
     """``[B, Hkv, R']`` columns of each row (-1: none), R' = min(tokens, kept pages' columns):
     the ``pages_kept`` best pages by :func:`rank_pages`, then the ``tokens`` best of their
     tokens by ``rank_tier``. With every page kept it selects what ``rank_tier`` over the whole
     row selects. Device work only, shapes fixed by ``n_pages`` (CUDA graphs)."""
-    page_rank = rank_pages(queries, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
+    page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
     kept = min(pages_kept, n_pages)
     chosen = _top(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, select).contiguous()
     n_cand = kept * PAGE

@@ -157,6 +157,42 @@ def test_tier_stores_whole_windows_falls_back_when_full_and_releases_once():
     assert sorted(tier.free_slots.tolist()) == list(range(10))
 
 
+def test_tier_pages_hold_the_bounds_of_their_tokens_through_stores_and_releases():
+    """With two-stage ranking, each row's pages name bound pages whose bounds equal the max/min
+    of the page's keys after every store (a row's partial last page grows across windows), and
+    releases give every bound page back once."""
+    from kara_kernels.recall_pages import PAGE
+    from kara_sglang.recall_tier import RecallTier
+    from test_recall_tier_kernels import _dequant64, _unpack
+
+    seed = random.randrange(2 ** 31)
+    gen = torch.Generator().manual_seed(seed)
+    layers, heads, dim, slots = 2, 2, 32, 200
+    k = [torch.randn(slots, heads, dim, generator=gen) for _ in range(layers)]
+    tier = RecallTier(layers, 120, heads, dim, dim, 4, rows=3, row_capacity=60, device=torch.device("cpu"), pages=True)
+    windows = [([0, 2], [20, 7]), ([0], [13]), ([2, 0], [18, 9])]  # pages end mid-window and grow
+    src = iter(torch.randperm(slots, generator=gen).tolist())
+    for rows, counts in windows:
+        pool = torch.tensor([next(src) for _ in range(sum(counts))])
+        assert tier.store(rows, counts, pool, k, k) == sum(counts)
+        for layer in range(layers):
+            keys = _dequant64(_unpack(tier.k_codes[layer], 4), tier.k_lo[layer], tier.k_step[layer])
+            table, hi, lo = tier.layer_pages(layer)
+            for row, n in tier.rows.counts_by_row().items():
+                for p in range(-(-n // PAGE)):
+                    page_keys = keys[tier.rows.slots[row, p * PAGE:min(n, (p + 1) * PAGE)]]
+                    bound = int(table[row, p])
+                    assert torch.allclose(hi[bound].double(), page_keys.amax(0), rtol=2 ** -10, atol=1e-6), seed
+                    assert torch.allclose(lo[bound].double(), page_keys.amin(0), rtol=2 ** -10, atol=1e-6), seed
+    assert tier.rows.counts.tolist() == [42, 0, 25] and tier.pages_held == 3 + 2
+    tier.check_free_once()
+    assert tier.release(0) == 42 and tier.pages_held == 2 and tier.release(0) == 0 and tier.pages_held == 2
+    tier.check_free_once()
+    tier.free_pages[tier.n_free_pages - 1] = tier.page_table[2, 0]  # a page both free and used
+    with pytest.raises(AssertionError, match="bound page"):
+        tier.check_free_once()
+
+
 def test_store_holds_per_row_in_order_and_releases_once():
     store = RecallStore(rows=4, capacity=6, device=torch.device("cpu"))
     store.hold([2, 0], [3, 1], torch.tensor([11, 12, 13, 20]))
@@ -178,6 +214,10 @@ def test_store_holds_per_row_in_order_and_releases_once():
     (dict(recall_lag=2), "--kara-recall-lag: must be 0 or 1"),
     (dict(recall_kv="bits16"), "--kara-recall-kv: must be one of"),
     (dict(recall_tier_tokens=-5, recall_tokens=8, recall_kv="bits4"), "--kara-recall-tier-tokens: must be an integer"),
+    (dict(recall_pages=-1), "--kara-recall-pages: must be an integer >= 0"),
+    (dict(recall_pages=4, recall_tokens=8), "--kara-recall-pages: .* set --kara-recall-tier-tokens"),
+    (dict(recall_pages=1, recall_tokens=32, recall_tier_tokens=1000, recall_kv="bits4"),
+     "--kara-recall-pages: 1 pages of 16 tokens hold fewer than the 32"),
     (dict(recall_tier_tokens=1000, recall_kv="bits4"), "--kara-recall-tier-tokens: .* set --kara-recall-tokens"),
     (dict(recall_tier_tokens=1000, recall_tokens=8), "--kara-recall-tier-tokens: the tier stores K and V at"),
     (dict(recall_tier_tokens=1000, recall_tokens=8, recall_kv="bits3"), "--kara-recall-tier-tokens: the tier stores"),
@@ -237,6 +277,8 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
     tier = dict(KARA, kara_recall_tokens=R_TIER, kara_recall_kv="bits8")
     for name, extra in (("vanilla", {}), ("kara", KARA), ("recall", dict(KARA, kara_recall_tokens=10_000)),
                         ("tier", dict(tier, kara_recall_tier_tokens=50_000)),
+                        # Two stages keeping every page: the same selection as one stage.
+                        ("tier-pages", dict(tier, kara_recall_tier_tokens=50_000, kara_recall_pages=10_000)),
                         ("tier-full", dict(tier, kara_recall_tier_tokens=8))):
         engine = make_engine(tiny_model, dtype="float32", **extra)
         try:
@@ -253,9 +295,10 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
                     # at the end.
                     assert state["kv_slots_freed"] == state["tokens_evicted"] > 0, state
                     assert state["recall_tier_tokens_held"] == 0 and state["recall_buffers"] == 0, state
+                    assert state["recall_tier_pages_held"] == 0, state
                     stored, fallback = state["recall_tier_tokens_stored"], state["recall_tier_fallback_tokens"]
                     assert (stored, fallback) == ((state["tokens_evicted"] + R_TIER * len(prompts), 0)
-                                                  if name == "tier" else (0, state["tokens_evicted"])), state
+                                                  if name != "tier-full" else (0, state["tokens_evicted"])), state
             assert_pool_back_to_idle(engine)
         finally:
             engine.shutdown()
@@ -266,6 +309,7 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
     # further than plain Kara does (not token for token: R is below the evicted count, and
     # 8-bit rounding flips near-tied greedy tokens of this random model).
     assert outputs["tier-full"] == outputs["kara"]
+    assert outputs["tier-pages"] == outputs["tier"]
 
     def agree(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -274,16 +318,17 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
 
 
 @pytest.mark.sglang
-@pytest.mark.parametrize("digest, lag, kv, tier", [("exact", 0, "exact", 0), ("bits2", 1, "bits4", 0),
-                                                   ("exact", 0, "bits4", 48)])
-def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, kv, tier):
+@pytest.mark.parametrize("digest, lag, kv, tier, pages", [("exact", 0, "exact", 0, 0), ("bits2", 1, "bits4", 0, 0),
+                                                          ("exact", 0, "bits4", 48, 0), ("exact", 0, "bits4", 48, 1)])
+def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, kv, tier, pages):
     import asyncio
 
     from support.engines import assert_pool_back_to_idle, make_engine, pool_state, tally_outcome, use_cpu_sglang
 
     use_cpu_sglang()
     engine = make_engine(tiny_model, max_total_tokens=3000, kara_recall_tokens=4, kara_recall_digest=digest,
-                         kara_recall_lag=lag, kara_recall_kv=kv, kara_recall_tier_tokens=tier, **KARA)
+                         kara_recall_lag=lag, kara_recall_kv=kv, kara_recall_tier_tokens=tier,
+                         kara_recall_pages=pages, **KARA)
     rng = random.Random(17 + lag)
     results = {"done": 0, "aborted": 0, "evicted": 0}
 
@@ -307,7 +352,7 @@ def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, 
         state = pool_state(engine)
         assert state["recall_slots_held"] == 0, state
         if tier:  # a tier smaller than the evicted tokens: some windows stored, some fell back
-            assert state["recall_tier_tokens_held"] == 0, state
+            assert state["recall_tier_tokens_held"] == 0 and state["recall_tier_pages_held"] == 0, state
             assert state["recall_tier_tokens_stored"] > 0 and state["recall_tier_fallback_tokens"] > 0, state
         assert_pool_back_to_idle(engine)
     finally:

@@ -23,31 +23,34 @@ def _case(bits=4, D=64, Hq=4, Hkv=2, T=300, lens=(70, 0, 16, 33), q_dtype=torch.
     q = torch.randn(B, Hq, D, generator=gen).to(q_dtype)
     keys = _dequant64(_unpack(k_codes, bits), k_lo, k_step)  # [T, Hkv, D]
     n_pages = -(-width // PAGE)
-    hi = torch.full((B + 2, n_pages, Hkv, D), float("nan"), dtype=torch.float16)
+    # Each row's pages name bound pages in a shuffled order (the tier allocates them as rows grow).
+    page_table = torch.randperm((B + 2) * n_pages + 5, generator=gen)[:(B + 2) * n_pages].view(B + 2, n_pages)
+    hi = torch.full(((B + 2) * n_pages + 5, Hkv, D), float("nan"), dtype=torch.float16)
     lo = hi.clone()
     return seed, dict(q=q, tier=(k_codes, k_lo, k_step), table=table, rows=rows, lens=lens, keys=keys,
-                      hi=hi, lo=lo, n_pages=n_pages, bits=bits, G=Hq // Hkv)
+                      pt=page_table, hi=hi, lo=lo, n_pages=n_pages, bits=bits, G=Hq // Hkv)
 
 
 def _all_bounds(c):
     pages = (c["lens"] + PAGE - 1) // PAGE
     page_bounds(*c["tier"], c["table"], c["rows"], c["lens"], torch.zeros_like(pages), pages, c["bits"],
-                c["hi"], c["lo"])
+                c["pt"], c["hi"], c["lo"])
 
 
 def test_page_bounds_are_each_pages_key_max_and_min_and_touch_nothing_else():
     seed, c = _case(lens=(70, 0, 16, 33))
     first = torch.tensor([1, 0, 0, 0])  # row 0: pages 1..4 only (page 0 stays NaN)
     end = (c["lens"] + PAGE - 1) // PAGE
-    page_bounds(*c["tier"], c["table"], c["rows"], c["lens"], first, end, c["bits"], c["hi"], c["lo"])
-    written = torch.zeros(c["hi"].shape[:2], dtype=torch.bool)
+    page_bounds(*c["tier"], c["table"], c["rows"], c["lens"], first, end, c["bits"], c["pt"], c["hi"], c["lo"])
+    written = torch.zeros(c["hi"].shape[0], dtype=torch.bool)
     for b, row in enumerate(c["rows"].tolist()):
         n = int(c["lens"][b])
         for p in range(int(first[b]), int(end[b])):
             k = c["keys"][c["table"][row, p * PAGE:min(n, (p + 1) * PAGE)]]  # [tokens, Hkv, D]
-            for got, want in ((c["hi"][row, p], k.amax(0)), (c["lo"][row, p], k.amin(0))):
+            bound = int(c["pt"][row, p])
+            for got, want in ((c["hi"][bound], k.amax(0)), (c["lo"][bound], k.amin(0))):
                 assert torch.allclose(got.double(), want, rtol=2 ** -10, atol=1e-6), f"seed {seed}: row {row} page {p}"
-            written[row, p] = True
+            written[bound] = True
     assert c["hi"][~written].isnan().all() and c["lo"][~written].isnan().all(), f"seed {seed}: wrote past its pages"
 
 
@@ -56,7 +59,7 @@ def test_page_scores_are_quest_bounds_max_over_the_group_and_bound_every_token(q
     seed, c = _case(Hq=6, Hkv=2, lens=(70, 0, 16, 33), q_dtype=q_dtype)
     _all_bounds(c)
     n_pages = c["n_pages"]
-    got = rank_pages(c["q"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3)
+    got = rank_pages(c["q"], c["pt"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3)
     tokens = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_pages * PAGE, c["bits"], 0.3)
     G = c["G"]
     for b, row in enumerate(c["rows"].tolist()):
@@ -64,7 +67,8 @@ def test_page_scores_are_quest_bounds_max_over_the_group_and_bound_every_token(q
         assert (got[b, :, n_valid:] == float("-inf")).all(), f"seed {seed}"
         for h in range(got.shape[1]):
             q = c["q"][b, h * G:(h + 1) * G].double()  # [G, D]
-            hi, lo = c["hi"][row, :n_valid, h].double(), c["lo"][row, :n_valid, h].double()
+            bounds = c["pt"][row, :n_valid]
+            hi, lo = c["hi"][bounds, h].double(), c["lo"][bounds, h].double()
             want = torch.maximum(q[:, None] * hi[None], q[:, None] * lo[None]).sum(-1).amax(0) * 0.3
             assert torch.allclose(got[b, h, :n_valid].double(), want, rtol=1e-4, atol=1e-4), f"seed {seed}"
             # A bound: no token of a page scores above it (up to the bounds' float16 rounding).
@@ -98,9 +102,9 @@ def test_two_stages_pick_the_best_tokens_of_the_best_pages(select):
     seed, c = _case(lens=(70, 0, 16, 33, 100))
     _all_bounds(c)
     n_pages, R = c["n_pages"], 8
-    args = (c["q"], c["tier"], c["table"], c["rows"], c["lens"], c["hi"], c["lo"], n_pages)
+    args = (c["q"], c["tier"], c["table"], c["rows"], c["lens"], c["pt"], c["hi"], c["lo"], n_pages)
     full = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_pages * PAGE, c["bits"], 0.3)
-    page_rank = rank_pages(c["q"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3)
+    page_rank = rank_pages(c["q"], c["pt"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3)
 
     def picked(cols):  # the multiset of picked scores, -inf for no pick
         return full.gather(-1, cols.clamp(min=0)).masked_fill(cols < 0, float("-inf")).sort(-1).values

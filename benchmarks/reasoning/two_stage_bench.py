@@ -73,12 +73,13 @@ def main() -> None:
     q = torch.randn(B, a.q_heads, D, device=dev, generator=gen, dtype=torch.bfloat16)
     k_tier, table, scale = tier.layer(0)[:3], tier.rows.slots, D ** -0.5
     n_pages = -(-W // PAGE)
-    hi = torch.zeros(B, n_pages, Hkv, D, dtype=torch.float16, device=dev)
+    page_table = torch.arange(B * n_pages, device=dev).view(B, n_pages)
+    hi = torch.zeros(B * n_pages, Hkv, D, dtype=torch.float16, device=dev)
     lo = torch.zeros_like(hi)
     zeros = torch.zeros(B, dtype=torch.int64, device=dev)
     pages = (lens + PAGE - 1) // PAGE
     print(f"batch={B} tier tokens={E} width={W} ({n_pages} pages) heads={a.q_heads}/{Hkv} dim={D} R={R}", flush=True)
-    ms = time_ms(lambda: page_bounds(*k_tier, table, rows, lens, zeros, pages, 4, hi, lo), 3)
+    ms = time_ms(lambda: page_bounds(*k_tier, table, rows, lens, zeros, pages, 4, page_table, hi, lo), 3)
     print(f"page bounds of every row (once per compression, new pages only): {ms:.3f} ms/layer", flush=True)
 
     # One stage: the tier's fill today.
@@ -93,7 +94,7 @@ def main() -> None:
     def picked(cols):
         return full.gather(-1, cols.clamp(min=0)).masked_fill(cols < 0, float("-inf")).sort(-1).values
 
-    every = select_two_stage(q, k_tier, table, rows, lens, hi, lo, n_pages, n_pages, R, 4, scale, "radix", ONE_STAGE)
+    every = select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, n_pages, R, 4, scale, "radix", ONE_STAGE)
     ok = torch.equal(picked(every), picked(one_stage()))
     print(f"two stages keeping every page pick what one stage picks: {ok}", flush=True)
     if not ok:
@@ -101,9 +102,9 @@ def main() -> None:
 
     # The pieces, then the whole two-stage fill per setting.
     for block_p, warps in ((32, 4), (64, 8), (64, 4)):
-        t = time_ms(lambda: rank_pages(q, hi, lo, rows, lens, n_pages, scale, block_p=block_p, num_warps=warps), a.iters)
+        t = time_ms(lambda: rank_pages(q, page_table, hi, lo, rows, lens, n_pages, scale, block_p=block_p, num_warps=warps), a.iters)
         print(f"rank_pages block_p={block_p} warps={warps}: {t:.3f} ms/layer", flush=True)
-    page_rank = rank_pages(q, hi, lo, rows, lens, n_pages, scale)
+    page_rank = rank_pages(q, page_table, hi, lo, rows, lens, n_pages, scale)
     for kept in (int(x) for x in a.pages_kept.split(",")):
         for select in ("torch", "radix"):
             if select == "radix":
@@ -122,7 +123,7 @@ def main() -> None:
         for select in ("torch", "radix"):
             for kwargs in SECOND_STAGE[1:3]:
                 def two():
-                    return select_two_stage(q, k_tier, table, rows, lens, hi, lo, n_pages, kept, R, 4, scale, select,
+                    return select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, kept, R, 4, scale, select,
                                             kwargs)
                 print(f"two stages, {kept} pages, {select}, {kwargs}: {time_ms(two, a.iters):.3f} ms/layer eager, "
                       f"{graph_ms(two, a.iters):.3f} in a graph", flush=True)
