@@ -176,7 +176,9 @@ def _rank_tier_kernel(
 
     ``PAGE`` > 0 (the second stage of a two-stage ranking): output column ``c`` scores the
     row's column ``PAGES[b, h, c // PAGE] * PAGE + c % PAGE`` (-inf for a page of -1 or a
-    column past the count), over all ``n_cols`` output columns.
+    column past the count). The chosen pages come first (as both selections write them), so
+    only the first ``ceil(count / PAGE)`` pages are read: a row holding few tier tokens costs
+    little, as in the one-stage ranking.
     """
     pid_b = tl.program_id(1 if HEAD_MAJOR else 0)
     kv_head = tl.program_id(0 if HEAD_MAJOR else 1)
@@ -200,7 +202,10 @@ def _rank_tier_kernel(
     offs_byte = tl.arange(0, BLOCK_BYTES)
     byte_ok = offs_byte < HEAD_DIM * BITS // 8
     out = OUT + pid_b.to(tl.int64) * stride_ob + kv_head * stride_oh
-    end = n_cols if PAGE else n_tier
+    if PAGE:
+        end = tl.minimum(n_cols, tl.cdiv(n_tier, PAGE) * PAGE)
+    else:
+        end = n_tier
     for start in tl.range(pid_s * BLOCK_E, end, SPLIT * BLOCK_E, num_stages=STAGES):
         offs_e = start + tl.arange(0, BLOCK_E)
         if PAGE:
@@ -250,8 +255,7 @@ def _rank_tier_kernel(
         score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
         best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
-    if not PAGE:
-        _minus_inf_past_count(out, n_tier, n_cols, pid_s, BLOCK_E, SPLIT)
+    _minus_inf_past_count(out, end, n_cols, pid_s, BLOCK_E, SPLIT)
 
 
 @triton.jit
@@ -448,8 +452,9 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
             bias taken off after it (float32 scores, within summation order of the others).
         out: where to write the result (every element is written), else a new tensor.
         pages, page: rank only the chosen pages of each row: ``pages`` ``[B, Hkv, P]`` page
-            indices (-1: none) of ``page`` columns each; output column ``c`` of head ``h``
-            scores column ``pages[b, h, c // page] * page + c % page`` (``n_cols`` = P * page).
+            indices of ``page`` columns each, the chosen ones first, then -1; output column
+            ``c`` of head ``h`` scores column ``pages[b, h, c // page] * page + c % page``
+            (``n_cols`` = P * page); past ``ceil(tier_lens[b] / page)`` pages, -inf.
     Returns:
         ``[B, Hkv, n_cols]`` float32.
     """

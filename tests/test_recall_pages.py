@@ -80,7 +80,9 @@ def test_ranking_chosen_pages_scores_their_columns_and_nothing_else():
     seed, c = _case(lens=(70, 0, 16, 33))
     gen = torch.Generator().manual_seed(seed)
     B, Hkv = len(c["lens"]), c["tier"][0].shape[1]
-    pages = torch.randint(-1, 6, (B, Hkv, 3), generator=gen)  # some -1, some past the count
+    # The chosen pages first, then -1 (as the selections write them); some past the count.
+    pages = torch.randint(0, 6, (B, Hkv, 3), generator=gen)
+    pages[torch.rand(B, Hkv, 3, generator=gen).cumsum(-1) > 1.5] = -1
     n_cand = 3 * PAGE
     full = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], 6 * PAGE, c["bits"], 0.3)
     got = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_cand, c["bits"], 0.3, pages=pages,
@@ -90,7 +92,9 @@ def test_ranking_chosen_pages_scores_their_columns_and_nothing_else():
             for j in range(n_cand):
                 p = int(pages[b, h, j // PAGE])
                 col = p * PAGE + j % PAGE
-                want = full[b, h, col] if p >= 0 and col < int(c["lens"][b]) else float("-inf")
+                n = int(c["lens"][b])  # only the first ceil(n / PAGE) chosen pages are ranked
+                ranked = p >= 0 and col < n and j // PAGE < -(-n // PAGE)
+                want = full[b, h, col] if ranked else float("-inf")
                 assert got[b, h, j] == want or abs(float(got[b, h, j] - want)) < 1e-5, f"seed {seed}: {(b, h, j)}"
     with pytest.raises(ValueError):
         rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_cand + 1, c["bits"], 0.3, pages=pages,
