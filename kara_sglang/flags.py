@@ -81,7 +81,7 @@ FLAGS = (
     Flag("kara_recall_pages", "recall_pages", int,
          "kara recall tier: rank 16-token pages by their key bounds, then only the tokens of the "
          "best N pages (default 0: every tier token ranked each step). N x 16 must cover "
-         "--kara-recall-tokens; the bounds add 1/5 of the tier's K bytes."),
+         "--kara-recall-tokens; the bounds add a fifth to a 4-bit tier's bytes."),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 

@@ -127,7 +127,12 @@ class RecallTier:
         self.n_free -= total
         for layer_id, (k_buffer, v_buffer) in enumerate(zip(k_buffers, v_buffers)):
             quantize_to_tier(k_buffer, v_buffer, src, dst, *self.layer(layer_id), self.bits)
-        before = [self.rows.count(row) for row in keep_rows]
+        # Each entry's count before it is appended (a row listed twice grows twice).
+        counts, before = {}, []
+        for row, n in zip(keep_rows, keep_counts):
+            have = counts.get(row, self.rows.count(row))
+            before.append(have)
+            counts[row] = have + n
         self.rows.hold(keep_rows, keep_counts, dst)
         if self.page_table is not None:
             self._store_bounds(keep_rows, before, [b + n for b, n in zip(before, keep_counts)])

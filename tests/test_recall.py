@@ -170,7 +170,8 @@ def test_tier_pages_hold_the_bounds_of_their_tokens_through_stores_and_releases(
     layers, heads, dim, slots = 2, 2, 32, 200
     k = [torch.randn(slots, heads, dim, generator=gen) for _ in range(layers)]
     tier = RecallTier(layers, 120, heads, dim, dim, 4, rows=3, row_capacity=60, device=torch.device("cpu"), pages=True)
-    windows = [([0, 2], [20, 7]), ([0], [13]), ([2, 0], [18, 9])]  # pages end mid-window and grow
+    # Pages end mid-window and grow; row 2 is stored twice in one call.
+    windows = [([0, 2], [20, 7]), ([0], [13]), ([2, 0, 2], [10, 9, 8])]
     src = iter(torch.randperm(slots, generator=gen).tolist())
     for rows, counts in windows:
         pool = torch.tensor([next(src) for _ in range(sum(counts))])
