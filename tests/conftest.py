@@ -92,8 +92,8 @@ def pytest_terminal_summary(terminalreporter):
 # loadfile each file runs whole on one worker, and a long file handed out last runs alone while
 # the other core idles. The rest keep their order after these.
 LONGEST_FIRST = [
-    "test_sglang_stress.py", "test_sglang_sessions.py", "test_longflow.py", "test_bench_agent.py",
-    "test_fidelity.py", "test_accuracy_cmd.py", "test_sglang_http.py", "test_examples.py", "test_cask.py", "test_recall.py",
+    "test_recall.py", "test_sglang_stress.py", "test_sglang_sessions.py", "test_longflow.py", "test_bench_agent.py",
+    "test_fidelity.py", "test_accuracy_cmd.py", "test_sglang_http.py", "test_examples.py", "test_cask.py",
     "test_follow_up.py", "test_sglang_session_continue.py", "test_sglang_engine.py", "test_sglang_layouts.py",
     "test_sglang_reasoning.py", "test_sglang_pd_decode.py", "test_fp8_kv.py", "test_sglang_parallel.py",
     "test_sglang_swa.py", "test_sglang_mla.py",

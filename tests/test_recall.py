@@ -278,8 +278,6 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
     tier = dict(KARA, kara_recall_tokens=R_TIER, kara_recall_kv="bits8")
     for name, extra in (("vanilla", {}), ("kara", KARA), ("recall", dict(KARA, kara_recall_tokens=10_000)),
                         ("tier", dict(tier, kara_recall_tier_tokens=50_000)),
-                        # Two stages keeping every page: the same selection as one stage.
-                        ("tier-pages", dict(tier, kara_recall_tier_tokens=50_000, kara_recall_pages=10_000)),
                         ("tier-full", dict(tier, kara_recall_tier_tokens=8))):
         engine = make_engine(tiny_model, dtype="float32", **extra)
         try:
@@ -310,12 +308,38 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
     # further than plain Kara does (not token for token: R is below the evicted count, and
     # 8-bit rounding flips near-tied greedy tokens of this random model).
     assert outputs["tier-full"] == outputs["kara"]
-    assert outputs["tier-pages"] == outputs["tier"]
 
     def agree(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
 
     assert sum(map(agree, outputs["tier"], outputs["vanilla"])) > sum(map(agree, outputs["kara"], outputs["vanilla"]))
+
+
+@pytest.mark.sglang
+@pytest.mark.newest_release  # the same scheduler path as one stage (the aborts test runs both on every release)
+def test_two_stages_keeping_every_page_give_one_stages_tokens(tiny_model):
+    """The server path of --kara-recall-pages (page bounds stored at each compression, pages
+    ranked, then their tokens): with every page kept it selects what one stage selects, so a
+    float32 model's tokens are the one-stage tier's, over two compressions per request."""
+    from support.engines import assert_pool_back_to_idle, make_engine, pool_state, use_cpu_sglang
+
+    use_cpu_sglang()
+    prompts = _prompts(11, 2)
+    tier = dict(KARA, kara_recall_tokens=R_TIER, kara_recall_kv="bits8", kara_recall_tier_tokens=50_000)
+    outputs = {}
+    for name, extra in (("one", tier), ("two", dict(tier, kara_recall_pages=10_000))):
+        engine = make_engine(tiny_model, dtype="float32", **extra)
+        try:
+            outs = engine.generate(input_ids=prompts, sampling_params=_greedy(2 * W + U + 10))
+            outputs[name] = [o["output_ids"] for o in outs]
+            state = pool_state(engine)
+            assert state["compression_events"] == 2 * len(prompts), state
+            assert state["recall_buffer_fills"] > 0, state
+            assert state["recall_tier_tokens_held"] == 0 and state["recall_tier_pages_held"] == 0, state
+            assert_pool_back_to_idle(engine)
+        finally:
+            engine.shutdown()
+    assert outputs["two"] == outputs["one"]
 
 
 @pytest.mark.sglang
