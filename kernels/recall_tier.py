@@ -210,9 +210,9 @@ def _rank_tier_kernel(
         offs_e = start + tl.arange(0, BLOCK_E)
         if PAGE:
             page = tl.load(PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph + offs_e // PAGE,
-                           mask=offs_e < n_cols, other=-1)
+                           mask=offs_e < end, other=-1)
             cols = page * PAGE + offs_e % PAGE
-            valid = (page >= 0) & (cols < n_tier) & (offs_e < n_cols)
+            valid = (page >= 0) & (cols < n_tier) & (offs_e < end)
         else:
             cols = offs_e
             valid = offs_e < n_tier
