@@ -30,7 +30,8 @@ import torch
 from kara_kernels.recall import rank_evicted, recall_decode
 from kara_kernels.recall_pages import PAGE, select_two_stage
 from kara_kernels.recall_tier import fill_recall_buffer, rank_tier, recall_decode_tier
-from kara_sglang.recall_tune import SECOND_STAGE_LAUNCH, FillLaunch, top_columns
+from kara_kernels.select_top import top_columns
+from kara_sglang.recall_tune import SECOND_STAGE_LAUNCH, FillLaunch
 
 
 def bits_of(setting: str) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from kara_kernels.recall import QUANT_GROUP
 from kara_kernels.recall_tier import rank_tier
-from kara_kernels.select_top import select_top
+from kara_kernels.select_top import top_columns
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,6 @@ SECOND_STAGE_LAUNCH: Dict = {"low_dot": True, "bias_codes": True, "stages": 1}
 class FillLaunch:
     rank: Dict = field(default_factory=dict)  # rank_tier's launch keywords
     select: str = "torch"  # top-R: torch.topk or the radix kernel
-
-
-def top_columns(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: int, select: str) -> torch.Tensor:
-    """``[B, Hkv, min(R, n_cols)]`` each request's highest-ranked columns below its count; past
-    it -1 (no token). ``torch``: in score order; ``radix``: in column order."""
-    tokens = min(tokens, n_cols)
-    if select == "radix":
-        return select_top(rank, lens, tokens, n_cols)
-    top = rank.topk(tokens, dim=-1)
-    return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
 def synthetic_tier(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: int, head_dim: int, bits: int,

@@ -30,7 +30,7 @@ import triton.language as tl
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import QUANT_GROUP
 from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_tier, rank_tier
-from kara_kernels.select_top import select_top
+from kara_kernels.select_top import top_columns
 
 PAGE = 16
 
@@ -180,14 +180,6 @@ def rank_pages(queries: torch.Tensor, page_table: torch.Tensor, page_hi: torch.T
     return out
 
 
-def _top(rank: torch.Tensor, lens: torch.Tensor, k: int, select: str) -> torch.Tensor:
-    """Top ``k`` columns below ``lens`` per row (-1 past), by the radix kernel or torch.topk."""
-    if select == "radix":
-        return select_top(rank, lens, k)
-    top = rank.topk(k, dim=-1)
-    return top.indices.masked_fill(top.values == float("-inf"), -1)
-
-
 def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier_table: torch.Tensor,
                      rows: torch.Tensor, tier_lens: torch.Tensor, page_table: torch.Tensor, page_hi: torch.Tensor,
                      page_lo: torch.Tensor, n_pages: int, pages_kept: int, tokens: int, bits: int, sm_scale: float,
@@ -198,11 +190,11 @@ def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier
     row selects. Device work only, shapes fixed by ``n_pages`` (CUDA graphs)."""
     page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
     kept = min(pages_kept, n_pages)
-    chosen = _top(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, select).contiguous()
+    chosen = top_columns(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, n_pages, select).contiguous()
     n_cand = kept * PAGE
     cand = rank_tier(queries, *k_tier, tier_table, rows, tier_lens, n_cand, bits, sm_scale,
                      pages=chosen, page=PAGE, **(rank_kwargs or {}))
-    pick = _top(cand, torch.full_like(tier_lens, n_cand), min(tokens, n_cand), select)
+    pick = top_columns(cand, torch.full_like(tier_lens, n_cand), tokens, n_cand, select)
     safe = pick.clamp(min=0)
     page_of = chosen.gather(-1, safe // PAGE)
     cols = page_of * PAGE + safe % PAGE

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from kara_kernels._buffers import interpreting
 
-__all__ = ["select_top"]
+__all__ = ["select_top", "top_columns"]
 
 
 @triton.jit
@@ -125,3 +125,13 @@ def select_top(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: Opti
         BLOCK=block, BLOCK_R=min(1024, triton.next_power_of_2(tokens)), num_warps=num_warps,
     )
     return out
+
+
+def top_columns(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: int, select: str) -> torch.Tensor:
+    """``[B, Hkv, min(R, n_cols)]`` each request's highest-ranked columns below its count; past
+    it -1 (no token). ``torch``: in score order; ``radix``: in column order."""
+    tokens = min(tokens, n_cols)
+    if select == "radix":
+        return select_top(rank, lens, tokens, n_cols)
+    top = rank.topk(tokens, dim=-1)
+    return top.indices.masked_fill(top.values == float("-inf"), -1)

@@ -407,9 +407,10 @@ def test_fill_tuning_keeps_only_launches_that_agree_with_the_reference(monkeypat
     """kara_sglang/recall_tune.py at tiny shapes on the interpreter: every candidate is checked
     against the reference launch before it is timed; one made wrong (its scores scaled) and a
     selection made wrong (its picks shifted) are rejected, never chosen."""
+    import kara_kernels.select_top as selection
     import kara_sglang.recall_tune as tune
 
-    real_rank, real_select = tune.rank_tier, tune.select_top
+    real_rank, real_select = tune.rank_tier, selection.select_top
 
     def rank_tier(*args, wrong=False, **kwargs):
         out = real_rank(*args, **kwargs)
@@ -420,7 +421,7 @@ def test_fill_tuning_keeps_only_launches_that_agree_with_the_reference(monkeypat
         return torch.where(picks > 0, picks - 1, picks)  # the column before each pick
 
     monkeypatch.setattr(tune, "rank_tier", rank_tier)
-    monkeypatch.setattr(tune, "select_top", select_top)
+    monkeypatch.setattr(selection, "select_top", select_top)
     launch, lines = tune.tune_fill(4, 2, 64, 4, batch=3, per_row=40, n_cols=70, tokens=8, dtype=torch.bfloat16,
                                    device=torch.device("cpu"), iters=1,
                                    rank_candidates=({}, {"head_major": True}, {"wrong": True}))
@@ -429,7 +430,7 @@ def test_fill_tuning_keeps_only_launches_that_agree_with_the_reference(monkeypat
     assert "rejected" not in lines[0] + lines[1] + lines[3], lines
     assert launch.rank in ({}, {"head_major": True}) and launch.select == "torch"
     # Unpatched, both selections agree at these shapes (ties aside) and one is chosen.
-    monkeypatch.setattr(tune, "select_top", real_select)
+    monkeypatch.setattr(selection, "select_top", real_select)
     launch, lines = tune.tune_fill(4, 2, 64, 4, batch=2, per_row=30, n_cols=40, tokens=8, dtype=torch.bfloat16,
                                    device=torch.device("cpu"), iters=1, rank_candidates=({},))
     assert not any("rejected" in line for line in lines), lines
