@@ -31,11 +31,12 @@ SM_REGS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
 RANK_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "KC": "*u8", "stride_kcs": "i32",
             "stride_kch": "i32", "KLO": "*fp16", "KST": "*fp16", "stride_kss": "i32", "stride_ksh": "i32",
             "TT": "*i64", "stride_tt": "i32", "ROWS": "*i64", "T_LENS": "*i64", "OUT": "*fp32", "stride_ob": "i32",
-            "stride_oh": "i32", "PAGES": "*i64", "stride_pb": "i32", "stride_ph": "i32", "n_cols": "i32",
-            "scale": "fp32"}
+            "stride_oh": "i32", "PAGES": "*i64", "stride_pb": "i32", "stride_ph": "i32", "SEL": "*i64",
+            "stride_sb": "i32", "stride_sh": "i32", "n_top": "i32", "n_cols": "i32", "scale": "fp32"}
 PAGES_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "HI": "*fp16", "LO": "*fp16", "stride_bp": "i32",
              "stride_bh": "i32", "PT": "*i64", "stride_pt": "i32", "ROWS": "*i64", "T_LENS": "*i64", "OUT": "*fp32",
-             "stride_ob": "i32", "stride_oh": "i32", "n_pages": "i32", "scale": "fp32"}
+             "stride_ob": "i32", "stride_oh": "i32", "SEL": "*i64", "stride_sb": "i32", "stride_sh": "i32",
+             "n_top": "i32", "n_pages": "i32", "scale": "fp32"}
 SELECT_SIG = {"RANK": "*fp32", "stride_rb": "i32", "stride_rh": "i32", "LENS": "*i64", "OUT": "*i64",
               "stride_ob": "i32", "stride_oh": "i32", "n_cols": "i32", "R": "i32"}
 
@@ -68,18 +69,24 @@ def main() -> None:
     for block_e, warps, stages in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 1)):
         common = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=block_e, SPLIT=2, STAGES=stages, BITS=4, QGROUP=32, IEEE=False)
         for name, low, bias in (("TF32", False, False), ("bf16", True, False), ("bf16, biased codes", True, True)):
-            c = dict(common, G_PAD=4, BLOCK_BYTES=64, LOW_DOT=low, HEAD_MAJOR=False, BIAS_CODES=bias, PAGE=0)
+            c = dict(common, G_PAD=4, BLOCK_BYTES=64, LOW_DOT=low, HEAD_MAJOR=False, BIAS_CODES=bias, PAGE=0,
+                     TOP=False, BLOCK_SEL=16)
             print(f"rank_tier block-diagonal, {name} block_e={block_e} warps={warps} stages={stages}: "
                   f"{resources(_rank_tier_kernel, RANK_SIG, c, warps, a.arch)}", flush=True)
-    # The two-stage ranking: the pages' bound, then the chosen pages' tokens (16-token pages).
-    for block_p, warps in ((32, 4), (64, 8)):
-        c = dict(GROUP=4, G_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_P=block_p, PAGE=16, DOT16=True)
-        print(f"rank_pages block_p={block_p} warps={warps}: "
+    # The two-stage ranking: the pages' bound, then the chosen pages' tokens (16-token pages);
+    # "selecting": the selection in the ranking kernel (scores of up to 2,048 pages of a
+    # 17.5k-token row, then 64 pages' 1,024 tokens).
+    for block_p, warps, top in ((32, 4, False), (64, 8, False), (32, 4, True)):
+        c = dict(GROUP=4, G_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_P=block_p, PAGE=16, DOT16=True, TOP=top,
+                 BLOCK_SEL=2048 if top else 16)
+        print(f"rank_pages{', selecting' if top else ''} block_p={block_p} warps={warps}: "
               f"{resources(_rank_pages_kernel, PAGES_SIG, c, warps, a.arch)}", flush=True)
-    c = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=64, SPLIT=2, STAGES=3, BITS=4, QGROUP=32, IEEE=False, G_PAD=4,
-             BLOCK_BYTES=64, LOW_DOT=True, HEAD_MAJOR=False, BIAS_CODES=True, PAGE=16)
-    print(f"rank_tier over chosen pages, bf16, biased codes, block_e=64 warps=4 stages=3: "
-          f"{resources(_rank_tier_kernel, RANK_SIG, c, 4, a.arch)}", flush=True)
+    for split, top in ((2, False), (1, True)):
+        c = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=64, SPLIT=split, STAGES=3, BITS=4, QGROUP=32, IEEE=False, G_PAD=4,
+                 BLOCK_BYTES=64, LOW_DOT=True, HEAD_MAJOR=False, BIAS_CODES=True, PAGE=16, TOP=top,
+                 BLOCK_SEL=1024 if top else 16)
+        print(f"rank_tier over chosen pages{', selecting' if top else ''}, bf16, biased codes, block_e=64 warps=4 "
+              f"stages=3: {resources(_rank_tier_kernel, RANK_SIG, c, 4, a.arch)}", flush=True)
     for block, warps in ((512, 4), (1024, 8), (2048, 4), (2048, 8)):
         print(f"select_top block={block} warps={warps}: "
               f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=256), warps, a.arch)}", flush=True)

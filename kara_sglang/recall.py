@@ -159,7 +159,8 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
 
     Only device work with shapes fixed by ``n_cols`` (capture it at the tier row's width and a
     CUDA graph replays it); a request holding fewer than R tier tokens must not be ``live``.
-    ``launch``: the ranking's launch and the top-R selection (kara_sglang/recall_tune.py).
+    ``launch``: the ranking's launch and the top-R selection, one stage or two
+    (kara_sglang/recall_tune.py).
     ``pages`` (the layer's page table and bounds, kara_sglang/recall_tier.py) with
     ``pages_kept``: two stages, only the tokens of the best ``pages_kept`` pages ranked
     (kernels/recall_pages.py).
@@ -170,7 +171,7 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
     if pages is not None and pages_kept:
         n_pages = -(-n_cols // PAGE)
         selected = select_two_stage(select_q, tier_layer[:3], tier_table, rows, tier_lens, *pages, n_pages,
-                                    pages_kept, tokens, bits, sm_scale, launch.select, SECOND_STAGE_LAUNCH)
+                                    pages_kept, tokens, bits, sm_scale, launch.two_stage_select, SECOND_STAGE_LAUNCH)
     else:
         rank = rank_tier(select_q, *tier_layer[:3], tier_table, rows, tier_lens, n_cols, bits, sm_scale,
                          **launch.rank)

@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from kara_kernels.recall import QUANT_GROUP
+from kara_kernels.recall_pages import PAGE, page_bounds, select_two_stage
 from kara_kernels.recall_tier import rank_tier
 from kara_kernels.select_top import top_columns
 
@@ -41,6 +42,9 @@ RANK_CANDIDATES: Tuple[Dict, ...] = (
     {"low_dot": True, "block_e": 64, "split": 32, "stages": 2},
 )
 SELECT_CANDIDATES = ("torch", "radix")
+# Two stages (--kara-recall-pages): each stage's selection inside its ranking kernel (two
+# launches a layer), first as the default, or separate ones after each ranking.
+TWO_STAGE_SELECT_CANDIDATES = ("fused", "radix", "torch")
 # Two-stage ranking's second stage (a few pages' tokens per row): the launch measured fastest
 # on an H200 at 64 pages kept (benchmarks/reasoning/two_stage_bench.py: 0.119 ms per layer).
 SECOND_STAGE_LAUNCH: Dict = {"low_dot": True, "bias_codes": True, "stages": 1}
@@ -50,6 +54,7 @@ SECOND_STAGE_LAUNCH: Dict = {"low_dot": True, "bias_codes": True, "stages": 1}
 class FillLaunch:
     rank: Dict = field(default_factory=dict)  # rank_tier's launch keywords
     select: str = "torch"  # top-R: torch.topk or the radix kernel
+    two_stage_select: str = "fused"  # with pages: select_two_stage's ``select``
 
 
 def synthetic_tier(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: int, head_dim: int, bits: int,
@@ -103,22 +108,27 @@ MAX_SYNTHETIC_TOKENS = 1 << 20
 
 
 def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, rows: int, tier_tokens: int,
-                         n_cols: int, tokens: int, dtype: torch.dtype, device: torch.device) -> FillLaunch:
+                         n_cols: int, tokens: int, dtype: torch.dtype, device: torch.device,
+                         pages_kept: int = 0) -> FillLaunch:
     """:func:`tune_fill` at a server's shapes (rows running, each with its share of the tier;
     fewer rows past MAX_SYNTHETIC_TOKENS), logged; the reference launch on the CPU or when the
-    GPU lacks the scratch memory."""
+    GPU lacks the scratch memory. ``pages_kept`` > 0 (two stages): the two-stage selections
+    are timed too."""
     if device.type != "cuda":
         return FillLaunch()
     per_row = max(1, min(tier_tokens // max(rows, 1), n_cols, MAX_SYNTHETIC_TOKENS))
     rows = max(1, min(rows, MAX_SYNTHETIC_TOKENS // per_row))
     need = rows * per_row * kv_heads * (head_dim * bits // 8 + 4 * head_dim // QUANT_GROUP) + 3 * rows * n_cols * 8
+    if pages_kept:  # the synthetic tier's page bounds, float16 max and min
+        need += rows * -(-n_cols // PAGE) * kv_heads * head_dim * 4
     if 2 * need > torch.cuda.mem_get_info(device)[0]:
         logger.info("kara: recall fill not tuned (%.0f MiB of scratch does not fit): the reference launch",
                     need / 2**20)
         return FillLaunch()
     t0 = time.perf_counter()
     try:
-        launch, lines = tune_fill(q_heads, kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype, device)
+        launch, lines = tune_fill(q_heads, kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype, device,
+                                  pages_kept=pages_kept)
     except Exception as exc:  # the tuning can only cost speed: never the server's start
         logger.warning("kara: recall fill tuning failed (%s: %s): the reference launch", type(exc).__name__, exc)
         torch.cuda.empty_cache()
@@ -133,9 +143,11 @@ def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, 
 def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int, per_row: int, n_cols: int,
               tokens: int, dtype: torch.dtype, device: torch.device, iters: int = 10,
               rank_candidates: Sequence[Dict] = RANK_CANDIDATES,
-              select_candidates: Sequence[str] = SELECT_CANDIDATES) -> Tuple[FillLaunch, List[str]]:
+              select_candidates: Sequence[str] = SELECT_CANDIDATES, pages_kept: int = 0,
+              two_stage_candidates: Sequence[str] = TWO_STAGE_SELECT_CANDIDATES) -> Tuple[FillLaunch, List[str]]:
     """The fastest correct launch at these shapes (module docstring), and one report line per
-    candidate (milliseconds per layer, or why it was rejected)."""
+    candidate (milliseconds per layer, or why it was rejected). ``pages_kept`` > 0: also the
+    fastest two-stage selection whose picks agree with the first candidate's."""
     per_row = max(1, min(per_row, n_cols))
     q, layer, table, rows, lens = synthetic_tier(batch, per_row, n_cols, q_heads, kv_heads, head_dim, bits, dtype,
                                                  device)
@@ -177,4 +189,41 @@ def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int,
         lines.append(f"select {select}: {ms:.3f} ms/layer")
         if ms < best_ms:
             best_select, best_ms = select, ms
-    return FillLaunch(best_rank, best_select), lines
+    two_stage = two_stage_candidates[0]
+    if pages_kept:
+        two_stage = _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pages_kept, iters,
+                                    two_stage_candidates, lines)
+    return FillLaunch(best_rank, best_select, two_stage), lines
+
+
+def _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pages_kept, iters,
+                    candidates: Sequence[str], lines: List[str]) -> str:
+    """The fastest two-stage selection on the synthetic tier (its page bounds built here)
+    whose picks agree with the first candidate's; a report line for each."""
+    n_pages = -(-n_cols // PAGE)
+    Hkv, D = layer[0].shape[1], q.shape[2]
+    page_table = torch.arange(rows.numel() * n_pages, device=q.device).view(-1, n_pages)
+    hi = torch.zeros(page_table.numel(), Hkv, D, dtype=torch.float16, device=q.device)
+    lo = torch.zeros_like(hi)
+    page_bounds(*layer, table, rows, lens, torch.zeros_like(lens), (lens + PAGE - 1) // PAGE, bits, page_table, hi, lo)
+    reference = rank_tier(q, *layer, table, rows, lens, n_cols, bits, scale)
+
+    def run(select):
+        return select_two_stage(q, layer, table, rows, lens, page_table, hi, lo, n_pages, pages_kept, tokens, bits,
+                                scale, select, SECOND_STAGE_LAUNCH)
+
+    picks = run(candidates[0])
+    best, best_ms = candidates[0], float("inf")
+    for select in candidates:
+        try:
+            if not _same_picks(reference, run(select), picks):
+                lines.append(f"two stages, {select}: rejected, its picks differ from {candidates[0]}'s")
+                continue
+            ms = time_ms(lambda: run(select), iters)
+        except Exception as exc:
+            lines.append(f"two stages, {select}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        lines.append(f"two stages, {pages_kept} pages, {select}: {ms:.3f} ms/layer")
+        if ms < best_ms:
+            best, best_ms = select, ms
+    return best

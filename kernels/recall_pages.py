@@ -17,6 +17,9 @@ answers, where ranking less often does not. Here:
   ``q+ = max(q, 0)`` and ``q- = min(q, 0)``, so it runs on the tensor cores.
 - ``select_two_stage``: the best pages per KV head, then ``rank_tier`` over their tokens only,
   then the top R of those, returned as columns of the row (what ``fill_recall_buffer`` takes).
+  Fused, each ranking kernel also selects (kernels/select_top.py's radix selection over the
+  scores it just wrote): two launches a layer, where separate selections and the mapping of
+  picks back to columns took about ten small ones, a fixed cost a CUDA graph does not remove.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import triton.language as tl
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import QUANT_GROUP
 from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_tier, rank_tier
-from kara_kernels.select_top import top_columns
+from kara_kernels.select_top import _top_of_row, top_columns
 
 PAGE = 16
 
@@ -81,38 +84,51 @@ def _rank_pages_kernel(
     HI, LO, stride_bp, stride_bh, PT, stride_pt,
     ROWS, T_LENS,
     OUT, stride_ob, stride_oh,
+    SEL, stride_sb, stride_sh, n_top,
     n_pages, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PAGE: tl.constexpr, DOT16: tl.constexpr,
+    BLOCK_P: tl.constexpr, PAGE: tl.constexpr, DOT16: tl.constexpr, TOP: tl.constexpr, BLOCK_SEL: tl.constexpr,
 ):
-    """One block of a request's pages for one KV head: ``max_g (q+ . hi + q- . lo) * scale``."""
+    """Blocks of a request's pages for one KV head: ``max_g (q+ . hi + q- . lo) * scale``.
+
+    Program ``s`` of the grid's third dimension takes blocks ``s, s + programs, ...``. With
+    ``TOP`` (one program per request and KV head) the scores are scratch: only the row's own
+    pages are scored, then the same program writes the ``n_top`` best pages to ``SEL``
+    (select_top's semantics), so the selection costs no launch and no pass over memory of
+    its own."""
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     row = tl.load(ROWS + pid_b).to(tl.int64)
-    n_tier = tl.load(T_LENS + pid_b)
+    n_row = tl.minimum(tl.cdiv(tl.load(T_LENS + pid_b), PAGE), n_pages)
     offs_d = tl.arange(0, BLOCK_D)
     offs_h = tl.arange(0, G_PAD)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + pid_b.to(tl.int64) * stride_qb + (head * GROUP + offs_h)[None, :] * stride_qh
                 + offs_d[:, None], mask=d_ok[:, None] & (offs_h < GROUP)[None, :], other=0.0).to(tl.float32)
-    valid = (offs_p * PAGE < n_tier) & (offs_p < n_pages)
-    bound = tl.load(PT + row * stride_pt + offs_p, mask=valid, other=0).to(tl.int64)
-    b_off = bound[:, None] * stride_bp + head * stride_bh + offs_d[None, :]
-    mask = valid[:, None] & d_ok[None, :]
-    hi = tl.load(HI + b_off, mask=mask, other=0.0)
-    lo = tl.load(LO + b_off, mask=mask, other=0.0)
     q_pos = tl.maximum(q, 0.0)
     q_neg = tl.minimum(q, 0.0)
-    if DOT16:
-        score = tl.dot(hi, q_pos.to(tl.float16), out_dtype=tl.float32)
-        score += tl.dot(lo, q_neg.to(tl.float16), out_dtype=tl.float32)
-    else:
-        score = tl.dot(hi.to(tl.float32), q_pos, input_precision="ieee")
-        score += tl.dot(lo.to(tl.float32), q_neg, input_precision="ieee")
-    best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
-    tl.store(OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh + offs_p,
-             tl.where(valid, best * scale, float("-inf")), mask=offs_p < n_pages)
+    out = OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh
+    end = n_row if TOP else n_pages
+    for start in range(tl.program_id(2) * BLOCK_P, end, tl.num_programs(2) * BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        valid = offs_p < n_row
+        bound = tl.load(PT + row * stride_pt + offs_p, mask=valid, other=0).to(tl.int64)
+        b_off = bound[:, None] * stride_bp + head * stride_bh + offs_d[None, :]
+        mask = valid[:, None] & d_ok[None, :]
+        hi = tl.load(HI + b_off, mask=mask, other=0.0)
+        lo = tl.load(LO + b_off, mask=mask, other=0.0)
+        if DOT16:
+            score = tl.dot(hi, q_pos.to(tl.float16), out_dtype=tl.float32)
+            score += tl.dot(lo, q_neg.to(tl.float16), out_dtype=tl.float32)
+        else:
+            score = tl.dot(hi.to(tl.float32), q_pos, input_precision="ieee")
+            score += tl.dot(lo.to(tl.float32), q_neg, input_precision="ieee")
+        best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
+        tl.store(out + offs_p, tl.where(valid, best * scale, float("-inf")), mask=offs_p < end)
+    if TOP:
+        tl.debug_barrier()  # the row's scores, written by all of this program's threads
+        _top_of_row(out, n_row, n_top, SEL + pid_b.to(tl.int64) * stride_sb + head * stride_sh, PT, 0,
+                    BLOCK_SEL, 16)
 
 
 def _check_bounds(page_hi: torch.Tensor, page_lo: torch.Tensor, page_table: torch.Tensor, Hkv: int, D: int) -> None:
@@ -154,30 +170,44 @@ def page_bounds(k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
 
 
 def rank_pages(queries: torch.Tensor, page_table: torch.Tensor, page_hi: torch.Tensor, page_lo: torch.Tensor,
-               rows: torch.Tensor, tier_lens: torch.Tensor, n_pages: int, sm_scale: float, block_p: int = 64,
-               num_warps: int = 4) -> torch.Tensor:
+               rows: torch.Tensor, tier_lens: torch.Tensor, n_pages: int, sm_scale: float,
+               block_p: Optional[int] = None, num_warps: int = 4, top: int = 0) -> torch.Tensor:
     """``[B, Hkv, n_pages]`` float32: each page's bound of ``max_g q_g . k * sm_scale`` over its
-    tokens, -inf for pages past ``ceil(tier_lens[b] / PAGE)``. Device work only (CUDA graphs)."""
+    tokens, -inf for pages past ``ceil(tier_lens[b] / PAGE)``. Device work only (CUDA graphs).
+
+    ``top`` > 0: instead ``[B, Hkv, min(top, n_pages)]`` int64, the ``top`` best pages of each
+    row (as ``select_top`` of the scores picks them: column order, then -1), selected in the
+    kernel that scores them (one program per request and KV head).
+
+    ``block_p``: pages per block, default 64 (fastest on an H200, two_stage_bench.py, though
+    ptxas reports 88 B spilled at 4 warps), 32 with ``top`` (the selection's registers on top
+    of 64 spill more; 32 spills nothing, benchmarks/kernel_resources.py)."""
     B, Hq, D = queries.shape
     Hkv = page_hi.shape[1]
     _check_bounds(page_hi, page_lo, page_table, Hkv, D)
-    out = torch.empty(B, Hkv, n_pages, dtype=torch.float32, device=queries.device)
+    scores = torch.empty(B, Hkv, n_pages, dtype=torch.float32, device=queries.device)
+    top = min(top, n_pages)
+    sel = torch.empty(B, Hkv, top, dtype=torch.int64, device=queries.device) if top else scores
     if B == 0 or n_pages == 0:
-        return out
+        return sel
     if queries.stride(2) != 1:
         queries = queries.contiguous()
+    if block_p is None:
+        block_p = 32 if top else 64
     if interpreting():
         block_p = max(block_p, min(1024, triton.next_power_of_2(n_pages)))
     group = Hq // Hkv
     dot16 = queries.dtype in (torch.bfloat16, torch.float16) and not interpreting()
-    _rank_pages_kernel[(B, Hkv, triton.cdiv(n_pages, block_p))](
+    _rank_pages_kernel[(B, Hkv, 1 if top else triton.cdiv(n_pages, block_p))](
         queries, queries.stride(0), queries.stride(1),
         page_hi, page_lo, page_hi.stride(0), page_hi.stride(1), page_table, page_table.stride(0),
-        rows, tier_lens, out, out.stride(0), out.stride(1), n_pages, sm_scale,
+        rows, tier_lens, scores, scores.stride(0), scores.stride(1), sel, sel.stride(0), sel.stride(1), top,
+        n_pages, sm_scale,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=_block(D),
-        BLOCK_P=block_p, PAGE=PAGE, DOT16=dot16, num_warps=num_warps,
+        BLOCK_P=block_p, PAGE=PAGE, DOT16=dot16, TOP=bool(top),
+        BLOCK_SEL=min(2048, triton.next_power_of_2(max(16, n_pages))), num_warps=num_warps,
     )
-    return out
+    return sel
 
 
 def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier_table: torch.Tensor,
@@ -187,9 +217,17 @@ def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier
     """``[B, Hkv, R']`` columns of each row (-1: none), R' = min(tokens, kept pages' columns):
     the ``pages_kept`` best pages by :func:`rank_pages`, then the ``tokens`` best of their
     tokens by ``rank_tier``. With every page kept it selects what ``rank_tier`` over the whole
-    row selects. Device work only, shapes fixed by ``n_pages`` (CUDA graphs)."""
-    page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
+    row selects. Device work only, shapes fixed by ``n_pages`` (CUDA graphs).
+
+    ``select``: how each stage picks its best: ``torch`` (torch.topk) or ``radix`` (the radix
+    kernel, kernels/select_top.py) after each ranking, or ``fused``: the radix selection inside
+    each ranking kernel (two launches in all, nothing else; the same picks as ``radix``)."""
     kept = min(pages_kept, n_pages)
+    if select == "fused":
+        chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept)
+        return rank_tier(queries, *k_tier, tier_table, rows, tier_lens, kept * PAGE, bits, sm_scale,
+                         pages=chosen, page=PAGE, top=tokens, **(rank_kwargs or {}))
+    page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
     chosen = top_columns(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, n_pages, select).contiguous()
     n_cand = kept * PAGE
     cand = rank_tier(queries, *k_tier, tier_table, rows, tier_lens, n_cand, bits, sm_scale,

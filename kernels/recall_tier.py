@@ -47,6 +47,7 @@ from triton.language.standard import _sum_combine
 
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import LOG2E, QUANT_GROUP
+from kara_kernels.select_top import _top_of_row
 
 TIER_BITS = (2, 4, 8)
 
@@ -153,11 +154,12 @@ def _rank_tier_kernel(
     TT, stride_tt, ROWS, T_LENS,
     OUT, stride_ob, stride_oh,
     PAGES, stride_pb, stride_ph,
+    SEL, stride_sb, stride_sh, n_top,
     n_cols, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     BLOCK_E: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr,
     QGROUP: tl.constexpr, IEEE: tl.constexpr, LOW_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    BIAS_CODES: tl.constexpr, PAGE: tl.constexpr,
+    BIAS_CODES: tl.constexpr, PAGE: tl.constexpr, TOP: tl.constexpr, BLOCK_SEL: tl.constexpr,
 ):
     """Scores of one request's tier tokens for one KV head, on the tensor cores.
 
@@ -179,6 +181,11 @@ def _rank_tier_kernel(
     column past the count). The chosen pages come first (as both selections write them), so
     only the first ``ceil(count / PAGE)`` pages are read: a row holding few tier tokens costs
     little, as in the one-stage ranking.
+
+    ``TOP`` (``SPLIT`` 1): the scores are scratch, written up to the count only; then the same
+    program writes the ``n_top`` best to ``SEL`` as row columns (select_top's semantics; with
+    ``PAGE``, mapped through the pages, a pick of no token -1), so the selection costs no
+    launch and no pass over memory of its own.
     """
     pid_b = tl.program_id(1 if HEAD_MAJOR else 0)
     kv_head = tl.program_id(0 if HEAD_MAJOR else 1)
@@ -255,7 +262,12 @@ def _rank_tier_kernel(
         score = tl.sum(step[:, :, None] * part + lo[:, :, None] * q_sum[None, :, :], axis=1)  # [BLOCK_E, G_PAD]
         best = tl.max(tl.where((offs_h < GROUP)[None, :], score, float("-inf")), axis=1)
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
-    _minus_inf_past_count(out, end, n_cols, pid_s, BLOCK_E, SPLIT)
+    if TOP:
+        tl.debug_barrier()  # the row's scores, written by all of this program's threads
+        _top_of_row(out, tl.minimum(end, n_cols), n_top, SEL + pid_b.to(tl.int64) * stride_sb + kv_head * stride_sh,
+                    PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph, PAGE, BLOCK_SEL, 16)
+    else:
+        _minus_inf_past_count(out, end, n_cols, pid_s, BLOCK_E, SPLIT)
 
 
 @triton.jit
@@ -427,7 +439,7 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
               sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
               stages: int = 1, num_warps: int = 4, low_dot: bool = False, head_major: bool = False,
               bias_codes: bool = False, out: Optional[torch.Tensor] = None,
-              pages: Optional[torch.Tensor] = None, page: int = 0) -> torch.Tensor:
+              pages: Optional[torch.Tensor] = None, page: int = 0, top: int = 0) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
     ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
@@ -455,8 +467,13 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
             indices of ``page`` columns each, the chosen ones first, then -1; output column
             ``c`` of head ``h`` scores column ``pages[b, h, c // page] * page + c % page``
             (``n_cols`` = P * page); past ``ceil(tier_lens[b] / page)`` pages, -inf.
+        top: > 0: return instead ``[B, Hkv, min(top, n_cols)]`` int64, the row columns of the
+            ``top`` best scores of each row, picked as ``select_top`` picks them (column order
+            of the output columns, then -1; with ``pages``, a pick of no token is -1), in the
+            kernel that scores them: one program per request and KV head (``split`` ignored),
+            ``out`` the scores' scratch, valid up to each row's count only.
     Returns:
-        ``[B, Hkv, n_cols]`` float32.
+        ``[B, Hkv, n_cols]`` float32 (``top``: the picks).
     """
     _check_bits(bits)
     B, Hq, D = queries.shape
@@ -473,14 +490,16 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
                              f"got {tuple(pages.shape)}, page {page}, n_cols {n_cols}")
     else:
         pages, page = tier_lens, 0  # unused by the kernel
+    top = min(top, n_cols)
+    sel = torch.empty(B, Hkv, top, dtype=torch.int64, device=queries.device) if top else out
     if B == 0 or n_cols == 0:
-        return out
+        return sel
     if block_e is None:
         block_e = max(64, min(1024, triton.next_power_of_2(n_cols))) if interpreting() else 64
     n_blocks = triton.cdiv(n_cols, block_e)
     if split is None:
         split = 1 if interpreting() else n_blocks
-    split = max(1, min(split, n_blocks))
+    split = 1 if top else max(1, min(split, n_blocks))
     if queries.stride(2) != 1:
         queries = queries.contiguous()
     group = Hq // Hkv
@@ -500,12 +519,14 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         tier_table, tier_table.stride(0), rows, tier_lens,
         out, out.stride(0), out.stride(1),
         pages, pages.stride(0) if page else 0, pages.stride(1) if page else 0,
+        sel, sel.stride(0), sel.stride(1), top,
         n_cols, sm_scale,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, SPLIT=split,
         STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=ieee, LOW_DOT=low, HEAD_MAJOR=head_major,
-        BIAS_CODES=bias, PAGE=page, num_warps=num_warps,
+        BIAS_CODES=bias, PAGE=page, TOP=bool(top), BLOCK_SEL=min(2048, triton.next_power_of_2(max(16, n_cols))),
+        num_warps=num_warps,
     )
-    return out
+    return sel
 
 
 def recall_decode_tier(queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

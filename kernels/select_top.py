@@ -42,16 +42,12 @@ def _key(x):
 
 
 @triton.jit
-def _select_top_kernel(
-    RANK, stride_rb, stride_rh, LENS, OUT, stride_ob, stride_oh, n_cols, R,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_b = tl.program_id(0)
-    head = tl.program_id(1)
-    n = tl.minimum(tl.load(LENS + pid_b).to(tl.int32), n_cols)
+def _top_of_row(src, n, R, dst, pages, PAGE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``dst[0:R]``: the columns of the ``min(n, R)`` largest of ``src[0:n]`` in column order
+    (module docstring), then -1. Also the epilogue of the rankings that select in the kernel
+    that scored (kernels/recall_pages.py): with ``PAGE`` > 0 a pick ``c`` is written as the
+    column ``pages[c // PAGE] * PAGE + c % PAGE``, and a pick of a -inf score (no token) as -1."""
     k = tl.minimum(n, R)
-    src = RANK + pid_b.to(tl.int64) * stride_rb + head * stride_rh
-    dst = OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh
     bins = tl.arange(0, 256)
     # The k-th largest key, 8 bits at a time from the top: `prefix` holds the bits found so far,
     # `k_left` how many of the keys sharing them still have to be taken.
@@ -85,16 +81,33 @@ def _select_top_kernel(
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < n
-        key = _key(tl.load(src + offs, mask=valid, other=0.0))
+        score = tl.load(src + offs, mask=valid, other=0.0)
+        key = _key(score)
         tie = valid & (key == prefix)
         take = (valid & (key > prefix)) | (tie & (tl.cumsum(tie.to(tl.int32), 0) + ties_seen <= k_left))
         pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(dst + pos, offs.to(tl.int64), mask=take)
+        pick = offs.to(tl.int64)
+        if PAGE:
+            page = tl.load(pages + offs // PAGE, mask=take, other=-1).to(tl.int64)
+            pick = tl.where((page >= 0) & (score != float("-inf")), page * PAGE + pick % PAGE, -1)
+        tl.store(dst + pos, pick, mask=take)
         written += tl.sum(take.to(tl.int32), 0)
         ties_seen += tl.sum(tie.to(tl.int32), 0)
     for start in range(k, R, BLOCK_R):
         offs_r = start + tl.arange(0, BLOCK_R)
         tl.store(dst + offs_r, tl.full((BLOCK_R,), -1, tl.int64), mask=offs_r < R)
+
+
+@triton.jit
+def _select_top_kernel(
+    RANK, stride_rb, stride_rh, LENS, OUT, stride_ob, stride_oh, n_cols, R,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    head = tl.program_id(1)
+    n = tl.minimum(tl.load(LENS + pid_b).to(tl.int32), n_cols)
+    _top_of_row(RANK + pid_b.to(tl.int64) * stride_rb + head * stride_rh, n, R,
+                OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh, LENS, 0, BLOCK, BLOCK_R)
 
 
 def select_top(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: Optional[int] = None,

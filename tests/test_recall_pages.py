@@ -9,6 +9,7 @@ import torch
 
 from kara_kernels.recall_pages import PAGE, page_bounds, rank_pages, select_two_stage
 from kara_kernels.recall_tier import rank_tier
+from kara_kernels.select_top import select_top
 from test_recall_tier_kernels import _dequant64, _tier, _unpack
 
 
@@ -101,7 +102,7 @@ def test_ranking_chosen_pages_scores_their_columns_and_nothing_else():
                   page=PAGE)
 
 
-@pytest.mark.parametrize("select", ["torch", "radix"])
+@pytest.mark.parametrize("select", ["torch", "radix", "fused"])
 def test_two_stages_pick_the_best_tokens_of_the_best_pages(select):
     seed, c = _case(lens=(70, 0, 16, 33, 100))
     _all_bounds(c)
@@ -130,3 +131,42 @@ def test_two_stages_pick_the_best_tokens_of_the_best_pages(select):
             assert cols.numel() == want.numel(), f"seed {seed}: {(b, h)}"
             assert torch.equal(full[b, h, cols].sort().values, want.sort().values), f"seed {seed}: {(b, h)}"
             assert all(c_ in cand.tolist() for c_ in cols.tolist()), f"seed {seed}: a column outside the best pages"
+
+
+def test_rankings_that_select_in_the_kernel_pick_what_the_radix_selection_of_their_scores_picks():
+    """``top``: the selection inside the ranking kernel (one program per row and KV head, the
+    scores as scratch) against the separate radix kernel over the same scores, exactly: same
+    columns, same order, -1 in the same places. Rows of 0, fewer than R and many tokens; R and
+    the pages kept both below and above what rows hold."""
+    seed, c = _case(lens=(70, 0, 16, 33, 100, 5))
+    _all_bounds(c)
+    n_pages = c["n_pages"]
+    pages = (c["lens"] + PAGE - 1) // PAGE
+    scores = rank_pages(c["q"], c["pt"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3)
+    for kept in (1, 3, n_pages):
+        got = rank_pages(c["q"], c["pt"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3, top=kept)
+        assert torch.equal(got, select_top(scores, pages, kept)), f"seed {seed}: {kept} pages"
+        n_cand = kept * PAGE
+        cand = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_cand, c["bits"], 0.3, pages=got,
+                         page=PAGE)
+        for R in (1, 8, 40):
+            picks = select_top(cand, torch.full_like(c["lens"], n_cand), min(R, n_cand))
+            safe = picks.clamp(min=0)
+            page_of = got.gather(-1, safe // PAGE)
+            dead = (picks < 0) | (page_of < 0) | (cand.gather(-1, safe) == float("-inf"))
+            want = (page_of * PAGE + safe % PAGE).masked_fill(dead, -1)
+            fused = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_cand, c["bits"], 0.3,
+                              pages=got, page=PAGE, top=R)
+            assert fused.shape == want.shape, f"seed {seed}"
+            # Where a row has at least R tokens in its pages the two agree entry by entry; where
+            # fewer, the radix kernel also picks -inf columns past the row's pages, both as -1.
+            full_rows = (want >= 0).sum(-1) == min(R, n_cand)
+            assert torch.equal(fused[full_rows], want[full_rows]), f"seed {seed}: {kept} pages, R {R}"
+            for b, h in (~full_rows).nonzero().tolist():
+                assert torch.equal(fused[b, h][fused[b, h] >= 0], want[b, h][want[b, h] >= 0]), f"seed {seed}"
+    # One stage, no pages: every column of the row ranked and selected in one kernel.
+    width = int(c["lens"].max())
+    one = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], width, c["bits"], 0.3)
+    for R in (1, 8, 40):
+        got = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], width, c["bits"], 0.3, top=R)
+        assert torch.equal(got, select_top(one, c["lens"], R, width)), f"seed {seed}: R {R}"

@@ -436,3 +436,25 @@ def test_fill_tuning_keeps_only_launches_that_agree_with_the_reference(monkeypat
     assert not any("rejected" in line for line in lines), lines
     # The server's entry point times nothing on the CPU.
     assert tune.tune_fill_for_server(4, 2, 64, 4, 3, 100, 70, 8, torch.bfloat16, torch.device("cpu")) == tune.FillLaunch()
+
+
+def test_two_stage_tuning_keeps_only_selections_that_agree(monkeypatch):
+    """With pages, the tuning also times the two-stage selections (in-kernel, radix, torch) on
+    a synthetic tier with its page bounds; one made wrong (its picks shifted) is rejected."""
+    import kara_sglang.recall_tune as tune
+
+    real = tune.select_two_stage
+
+    def select_two_stage(*args):
+        picks = real(*args[:13], "radix" if args[13] == "wrong" else args[13], *args[14:])
+        return torch.where(picks > 0, picks - 1, picks) if args[13] == "wrong" else picks
+
+    monkeypatch.setattr(tune, "select_two_stage", select_two_stage)
+    launch, lines = tune.tune_fill(4, 2, 64, 4, batch=3, per_row=60, n_cols=70, tokens=8, dtype=torch.bfloat16,
+                                   device=torch.device("cpu"), iters=1, rank_candidates=({},),
+                                   select_candidates=("torch",), pages_kept=2,
+                                   two_stage_candidates=("fused", "wrong", "torch"))
+    two = [line for line in lines if line.startswith("two stages")]
+    assert len(two) == 3 and "rejected" in two[1] and "rejected" not in two[0] + two[2], lines
+    assert launch.two_stage_select in ("fused", "torch")
+    assert tune.FillLaunch().two_stage_select == "fused"  # the CPU's (untimed) reference

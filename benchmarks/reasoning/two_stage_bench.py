@@ -4,7 +4,8 @@
 
 One stage (the tier today): rank every tier token of a row (the fastest launch measured,
 rank_select_bench.py), radix top-R. Two stages (kernels/recall_pages.py): Quest bounds of
-16-token pages, the best ``--pages-kept`` pages, then only their tokens ranked, top R. Both are
+16-token pages, the best ``--pages-kept`` pages, then only their tokens ranked, top R, each
+selection after its ranking (torch.topk or the radix kernel) or inside it (``fused``). Both are
 timed eagerly and replayed from a CUDA graph (as the server runs them), at the serving
 headline's shape (Llama-3.1-8B heads, 100 requests of 14,336 4-bit tier tokens, rows 17,504
 columns wide). Before timing, the two stages keeping every page must pick what one stage picks.
@@ -120,7 +121,20 @@ def main() -> None:
                 print(f"  {kept} pages, their tokens ranked {kwargs}: {t:.3f} ms/layer", flush=True)
             except Exception as exc:  # a launch this GPU cannot hold
                 print(f"  {kept} pages, {kwargs}: failed, {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-        for select in ("torch", "radix"):
+        t = time_ms(lambda: rank_pages(q, page_table, hi, lo, rows, lens, n_pages, scale, top=kept), a.iters)
+        print(f"  {kept} pages, ranked and selected in one kernel: {t:.3f} ms/layer", flush=True)
+        t = time_ms(lambda: rank_tier(q, *k_tier, table, rows, lens, kept * PAGE, 4, scale, pages=chosen, page=PAGE,
+                                      top=R, **SECOND_STAGE[1]), a.iters)
+        print(f"  {kept} pages, their tokens ranked and selected in one kernel: {t:.3f} ms/layer", flush=True)
+        fused = select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, kept, R, 4, scale, "fused",
+                                 SECOND_STAGE[1])
+        radix = select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, kept, R, 4, scale, "radix",
+                                 SECOND_STAGE[1])
+        ok = torch.equal(picked(fused), picked(radix))
+        print(f"  {kept} pages: selections in the kernels pick what the radix kernel picks: {ok}", flush=True)
+        for select in ("torch", "radix", "fused"):
+            if select == "fused" and not ok:
+                continue
             for kwargs in SECOND_STAGE[1:3]:
                 def two():
                     return select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, kept, R, 4, scale, select,
