@@ -193,9 +193,14 @@ class KaraRuntime:
                 self.buffer_end = torch.zeros(rows, dtype=torch.int64, device=device)
                 self.buffer_on = torch.zeros(rows, dtype=torch.int32, device=device)
                 self.buffer_rows: set = set()  # rows holding a buffer (host)
-                # Buffers filled, summed over layers and steps (counted on the device, inside
-                # CUDA graphs too: shows that the captured steps fill them).
+                # Buffers filled, summed over steps (counted on the device, inside CUDA graphs
+                # too: shows that the captured steps fill them).
                 self.buffer_fills = torch.zeros((), dtype=torch.int64, device=device)
+                # This step's live buffers and tier counts, set by its first layer's fill.
+                self._first_layer = getattr(self.kv_pool, "start_layer", 0) or 0
+                self._step_batch: Any = None
+                self._step_live: Optional[torch.Tensor] = None
+                self._step_counts: Optional[torch.Tensor] = None
                 self._tier_plan: Dict[int, bool] = {}  # this step's windows: stored in the tier or not
             else:
                 self.recall = RecallStore(rows, row_capacity, device)
@@ -352,10 +357,18 @@ class KaraRuntime:
         if not capturing and not self.buffer_rows:
             return
         n_cols = self.recall.slots.shape[1] if capturing else self.recall.longest
-        live = self._live_buffers(forward_batch)
-        self.buffer_fills.add_(live.sum())
+        # Which buffers are live and each row's tier count are the same in every layer of a
+        # step: computed in the step's first layer and reused (about seven small kernels a
+        # layer fewer, a fixed cost CUDA graphs keep). Recomputed at every first layer, never
+        # only when the batch object changes: a CUDA graph's capture runs one batch object
+        # more than once, and the captured run must compute them itself.
+        if layer.layer_id == self._first_layer or forward_batch is not self._step_batch:
+            self._step_batch = forward_batch
+            self._step_live = self._live_buffers(forward_batch)
+            self._step_counts = self.recall.counts[rows]
+            self.buffer_fills.add_(self._step_live.sum())
         recall_fill_tier(select, self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows,
-                         self.recall.counts[rows], live, self.buffer_slots,
+                         self._step_counts, self._step_live, self.buffer_slots,
                          self.kv_pool.get_key_buffer(layer.layer_id), self.kv_pool.get_value_buffer(layer.layer_id),
                          float(layer.scaling), n_cols, self.fill_launch,
                          self.tier.layer_pages(layer.layer_id) if self.config.recall_pages else None,
