@@ -33,7 +33,7 @@ import triton.language as tl
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import QUANT_GROUP
 from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_tier, rank_tier
-from kara_kernels.select_top import _top_of_row, top_columns
+from kara_kernels.select_top import top_columns, top_of_row
 
 PAGE = 16
 
@@ -127,7 +127,7 @@ def _rank_pages_kernel(
         tl.store(out + offs_p, tl.where(valid, best * scale, float("-inf")), mask=offs_p < end)
     if TOP:
         tl.debug_barrier()  # the row's scores, written by all of this program's threads
-        _top_of_row(out, n_row, n_top, SEL + pid_b.to(tl.int64) * stride_sb + head * stride_sh, PT, 0,
+        top_of_row(out, n_row, n_top, SEL + pid_b.to(tl.int64) * stride_sb + head * stride_sh, PT, 0,
                     BLOCK_SEL, 16)
 
 

@@ -47,7 +47,7 @@ from triton.language.standard import _sum_combine
 
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import LOG2E, QUANT_GROUP
-from kara_kernels.select_top import _top_of_row
+from kara_kernels.select_top import top_of_row
 
 TIER_BITS = (2, 4, 8)
 
@@ -264,7 +264,7 @@ def _rank_tier_kernel(
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
     if TOP:
         tl.debug_barrier()  # the row's scores, written by all of this program's threads
-        _top_of_row(out, tl.minimum(end, n_cols), n_top, SEL + pid_b.to(tl.int64) * stride_sb + kv_head * stride_sh,
+        top_of_row(out, tl.minimum(end, n_cols), n_top, SEL + pid_b.to(tl.int64) * stride_sb + kv_head * stride_sh,
                     PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph, PAGE, BLOCK_SEL, 16)
     else:
         _minus_inf_past_count(out, end, n_cols, pid_s, BLOCK_E, SPLIT)

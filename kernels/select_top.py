@@ -17,6 +17,10 @@ first ``min(R, n)`` entries are the column indices of the ``min(R, n)`` largest 
 columns ``[0, n)``, in increasing column order; ties at the threshold are taken lowest column
 first; the remaining entries are -1. Deterministic: the same scores give the same picks on
 every rank of a TP group. NaN scores are not allowed (the ranking never produces them).
+
+``top_of_row`` is the selection as a device function: the recall tier's rankings call it at
+their end to select from the scores they just wrote (kernels/recall_pages.py), without a
+launch of their own.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import triton.language as tl
 
 from kara_kernels._buffers import interpreting
 
-__all__ = ["select_top", "top_columns"]
+__all__ = ["select_top", "top_columns", "top_of_row"]
 
 
 @triton.jit
@@ -42,7 +46,7 @@ def _key(x):
 
 
 @triton.jit
-def _top_of_row(src, n, R, dst, pages, PAGE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+def top_of_row(src, n, R, dst, pages, PAGE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
     """``dst[0:R]``: the columns of the ``min(n, R)`` largest of ``src[0:n]`` in column order
     (module docstring), then -1. Also the epilogue of the rankings that select in the kernel
     that scored (kernels/recall_pages.py): with ``PAGE`` > 0 a pick ``c`` is written as the
@@ -106,7 +110,7 @@ def _select_top_kernel(
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
     n = tl.minimum(tl.load(LENS + pid_b).to(tl.int32), n_cols)
-    _top_of_row(RANK + pid_b.to(tl.int64) * stride_rb + head * stride_rh, n, R,
+    top_of_row(RANK + pid_b.to(tl.int64) * stride_rb + head * stride_rh, n, R,
                 OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh, LENS, 0, BLOCK, BLOCK_R)
 
 
