@@ -193,6 +193,11 @@ class KaraRuntime:
                 self.buffer_end = torch.zeros(rows, dtype=torch.int64, device=device)
                 self.buffer_on = torch.zeros(rows, dtype=torch.int32, device=device)
                 self.buffer_rows: set = set()  # rows holding a buffer (host)
+                # Per layer, row, KV head and buffer position: the tier column its slot holds
+                # for that head (-1: none known), so a step writes only what changed
+                # (kernels/recall_buffer.py).
+                self.buffer_held = torch.full((num_layers, rows, kv_heads, width), -1, dtype=torch.int32,
+                                              device=device)
                 # Buffers filled, summed over steps (counted on the device, inside CUDA graphs
                 # too: shows that the captured steps fill them).
                 self.buffer_fills = torch.zeros((), dtype=torch.int64, device=device)
@@ -234,6 +239,7 @@ class KaraRuntime:
         tokens = self.config.recall_tier_tokens
         pages = bool(self.config.recall_pages)
         need = RecallTier.bytes_needed(num_layers, tokens, kv_heads, head_dim, v_head_dim, bits, rows, pages)
+        need += num_layers * rows * kv_heads * self.config.recall_tokens * 4  # the buffers' held map
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             if need > free:
@@ -368,7 +374,7 @@ class KaraRuntime:
             self._step_counts = self.recall.counts[rows]
             self.buffer_fills.add_(self._step_live.sum())
         recall_fill_tier(select, self.tier.layer(layer.layer_id), self.tier.bits, self.recall.slots, rows,
-                         self._step_counts, self._step_live, self.buffer_slots,
+                         self._step_counts, self._step_live, self.buffer_slots, self.buffer_held[layer.layer_id],
                          self.kv_pool.get_key_buffer(layer.layer_id), self.kv_pool.get_value_buffer(layer.layer_id),
                          float(layer.scaling), n_cols, self.fill_launch,
                          self.tier.layer_pages(layer.layer_id) if self.config.recall_pages else None,
@@ -586,6 +592,7 @@ class KaraRuntime:
         rows = list(new_buffers)
         index = to_device(rows, device)
         self.buffer_slots[index] = torch.stack([new_buffers[r] for r in rows])
+        self.buffer_held[:, index] = -1  # its slots hold evicted tokens' exact KV, no tier column
         self.buffer_end[index] = to_device([ends[r] for r in rows], device)
         self.buffer_on[index] = 1
         self.buffer_rows.update(rows)

@@ -28,6 +28,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from kara_kernels.recall import rank_evicted, recall_decode
+from kara_kernels.recall_buffer import refresh_recall_buffer
 from kara_kernels.recall_pages import PAGE, select_two_stage
 from kara_kernels.recall_tier import fill_recall_buffer, rank_tier, recall_decode_tier
 from kara_kernels.select_top import top_columns
@@ -150,12 +151,15 @@ def recall_attention_tier(q: torch.Tensor, select_q: torch.Tensor, k_buffer: tor
 
 def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor], bits: int, tier_table: torch.Tensor,
                      rows: torch.Tensor, tier_lens: torch.Tensor, live: torch.Tensor, buffer_slots: torch.Tensor,
-                     k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float, n_cols: int,
+                     held: Optional[torch.Tensor], k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float,
+                     n_cols: int,
                      launch: FillLaunch = FillLaunch(), pages: Optional[Tuple[torch.Tensor, ...]] = None,
                      pages_kept: int = 0) -> None:
     """Recall through SGLang's own attention: rank each request's tier tokens with ``select_q``,
     and write the top R per KV head (R = the buffer's width), dequantised, into the request's
     recall-buffer slots, which its ``req_to_token`` row holds among its resident columns.
+    ``held`` (``[rows, Hkv, R]``, kernels/recall_buffer.py): which tier column each buffer
+    position holds; then only the picks not held yet are written. ``None``: all R are.
 
     Only device work with shapes fixed by ``n_cols`` (capture it at the tier row's width and a
     CUDA graph replays it); a request holding fewer than R tier tokens must not be ``live``.
@@ -176,5 +180,9 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
         rank = rank_tier(select_q, *tier_layer[:3], tier_table, rows, tier_lens, n_cols, bits, sm_scale,
                          **launch.rank)
         selected = top_columns(rank, tier_lens, tokens, n_cols, launch.select)
-    fill_recall_buffer(selected, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
-                       k_buffer, v_buffer, bits)
+    if held is None:
+        fill_recall_buffer(selected, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
+                           k_buffer, v_buffer, bits)
+    else:
+        refresh_recall_buffer(selected, held, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
+                              k_buffer, v_buffer, bits)

@@ -396,7 +396,7 @@ def test_fill_ranked_over_a_wider_row_writes_the_same():
     results = []
     for n_cols in (int(tier_lens.max()), tier_table.shape[1]):
         kk, vv = k.clone(), v.clone()
-        recall_fill_tier(q, tier, bits, tier_table, rows, tier_lens, live, buffer_slots, kk, vv, 0.125, n_cols)
+        recall_fill_tier(q, tier, bits, tier_table, rows, tier_lens, live, buffer_slots, None, kk, vv, 0.125, n_cols)
         results.append((kk, vv))
     assert not torch.equal(results[0][0], k), f"seed {seed}: nothing written"
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), f"seed {seed}"

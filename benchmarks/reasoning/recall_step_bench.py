@@ -10,8 +10,11 @@ every step (two Triton launches and a top-k per layer). The ``tier`` lines time 
 with the evicted tokens in the 4-bit GPU tier (kara_sglang/recall_tier.py: ranked by the
 tier's keys, attended dequantised by recall's own kernel), ``tier fill`` what the server runs
 instead (rank, top R, the picks written into each row's recall buffer for SGLang's attention),
-and ``quantise`` one compression's move of a window's evicted tokens (384 per row, every row,
-every layer) into the tier.
+``quantise`` one compression's move of a window's evicted tokens (384 per row, every row,
+every layer) into the tier, and ``buffer write`` the fill's last part: every pick written
+(``fill_recall_buffer``) against only the picks a buffer does not hold yet
+(``refresh_recall_buffer``, kernels/recall_buffer.py), with consecutive selections sharing all
+but ``--churn`` of their picks.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import time
 
 import torch
 
-from kara_kernels.recall_tier import quantize_to_tier, rank_tier
+from kara_kernels.recall_buffer import refresh_recall_buffer
+from kara_kernels.recall_tier import fill_recall_buffer, quantize_to_tier, rank_tier
 from kara_sglang.recall import recall_attention, recall_attention_tier, recall_fill_tier
 from kara_sglang.recall_tier import RecallTier
 
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--row-width", type=int, default=0, help="the tier row's width (default evicted + 64)")
     ap.add_argument("--skip-emulation", action="store_true", help="time only the tier's fill and quantise")
+    ap.add_argument("--churn", type=float, default=0.3, help="share of a step's picks new (the probe: 0.24-0.36)")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -90,11 +95,25 @@ def main() -> None:
     live = torch.ones(B, dtype=torch.int32, device=dev)
     for label, n_cols in (("longest row", E), (f"row width {width}, as captured", width)):
         timed(f"tier fill ({label})", lambda: recall_fill_tier(
-            q, tier.layer(0), 4, tier.rows.slots, rows, lens_e, live, buffers, k, v, 0.125, n_cols))
+            q, tier.layer(0), 4, tier.rows.slots, rows, lens_e, live, buffers, None, k, v, 0.125, n_cols))
         timed("  of which the ranking", lambda: rank_tier(q, *tier.layer(0)[:3], tier.rows.slots, rows, lens_e,
                                                             n_cols, 4, 0.125))
         rank = torch.randn(B, a.kv_heads, n_cols, device=dev)
         timed(f"  of which top-R over {n_cols} columns", lambda: rank.topk(a.tokens, dim=-1))
+    R, n_new = a.tokens, int(a.churn * a.tokens)
+    picks = torch.stack([torch.randperm(E, device=dev, generator=gen)[:R + n_new] for _ in range(B * a.kv_heads)])
+    picks = picks.view(B, a.kv_heads, R + n_new)
+    sel_a, sel_b = picks[..., :R].contiguous(), picks[..., n_new:].contiguous()  # R - n_new shared
+    timed("buffer write, every pick", lambda: fill_recall_buffer(
+        sel_a, tier.rows.slots, rows, lens_e, live, buffers, *tier.layer(0), k, v, 4))
+    held = torch.full((B, a.kv_heads, R), -1, dtype=torch.int32, device=dev)
+    flip = [sel_a, sel_b]
+
+    def refresh():
+        flip.reverse()
+        refresh_recall_buffer(flip[0], held, tier.rows.slots, rows, lens_e, live, buffers, *tier.layer(0), k, v, 4)
+
+    timed(f"buffer write, new picks only ({n_new} of {R} a step)", refresh)
     window = min(384, E)
     src, dst = evicted[rows, :window].reshape(-1), torch.arange(B * window, device=dev)
     timed(f"quantise (one compression of {window} tokens per row; ms/layer is per layer)", lambda: quantize_to_tier(
