@@ -10,7 +10,10 @@ timed eagerly and replayed from a CUDA graph (as the server runs them), at the s
 headline's shape (Llama-3.1-8B heads, 100 requests of 14,336 4-bit tier tokens, rows 17,504
 columns wide). Before timing, the two stages keeping every page must pick what one stage picks.
 Also timed: building the page bounds of every row (the server would compute only a
-compression's new pages).
+compression's new pages), and the server's whole fill per layer (``recall_fill_tier``: two
+stages with the selections in the kernels, then the buffer refreshed) when consecutive steps
+pick the same tokens (the same query: nothing to write) and when they share none (independent
+queries: every pick written), which brackets the real churn (the probe: about 30% new).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import torch
 from kara_kernels.recall_pages import PAGE, page_bounds, rank_pages, select_two_stage
 from kara_kernels.recall_tier import rank_tier
 from kara_kernels.select_top import select_top
+from kara_sglang.recall import recall_fill_tier
 from kara_sglang.recall_tier import RecallTier
-from kara_sglang.recall_tune import time_ms
+from kara_sglang.recall_tune import FillLaunch, time_ms
 
 ONE_STAGE = {"low_dot": True, "block_e": 64, "split": 8, "stages": 3, "head_major": True, "bias_codes": True}
 SECOND_STAGE = ({}, {"low_dot": True, "bias_codes": True, "stages": 1},
@@ -141,6 +145,35 @@ def main() -> None:
                                             kwargs)
                 print(f"two stages, {kept} pages, {select}, {kwargs}: {time_ms(two, a.iters):.3f} ms/layer eager, "
                       f"{graph_ms(two, a.iters):.3f} in a graph", flush=True)
+
+    # The server's whole fill: two stages, selections in the kernels, the buffer refreshed.
+    pool_slots = torch.randperm(B * E, device=dev, generator=gen)[:B * R].view(B, R) + 1
+    buffer_slots = torch.zeros(B, R, dtype=torch.int64, device=dev)
+    buffer_slots[rows] = pool_slots
+    live = torch.ones(B, dtype=torch.int32, device=dev)
+    queries = [q, torch.randn_like(q)]
+    step_q = q.clone()
+    for kept in (int(x) for x in a.pages_kept.split(",")):
+        held = torch.full((B, Hkv, R), -1, dtype=torch.int32, device=dev)
+
+        def fill():
+            recall_fill_tier(step_q, tier.layer(0), 4, table, rows, lens, live, buffer_slots, held, k, k, scale, W,
+                             FillLaunch(), (page_table, hi, lo), kept)
+
+        for churn, pattern in (("none", [0]), ("all", [0, 1])):
+            turn = [0]
+
+            def step():
+                turn[0] += 1
+                step_q.copy_(queries[pattern[turn[0] % len(pattern)]])
+                fill()
+
+            fill()
+            print(f"whole fill, two stages in the kernels, {kept} pages, buffer refreshed, new picks {churn}: "
+                  f"{time_ms(step, a.iters):.3f} ms/layer eager", flush=True)
+        if torch.cuda.is_available():
+            print(f"whole fill, {kept} pages, new picks none, in a graph: {graph_ms(fill, a.iters):.3f} ms/layer",
+                  flush=True)
 
 
 if __name__ == "__main__":
