@@ -160,35 +160,19 @@ def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int,
     reference = rank_with(rank_candidates[0])
     finite = torch.isfinite(reference)
     tolerance = 1e-4 * float(reference[:, :, :per_row].abs().max()) + 1e-5
-    best_rank, best_ms = dict(rank_candidates[0]), float("inf")
-    for kwargs in rank_candidates:
-        try:
-            got = rank_with(kwargs)
-            if not (torch.equal(got[~finite], reference[~finite])
-                    and bool(((got - reference).abs()[finite] <= tolerance).all())):
-                lines.append(f"rank {kwargs}: rejected, its scores differ from the reference launch's")
-                continue
-            ms = time_ms(lambda: rank_with(kwargs), iters)
-        except Exception as exc:  # e.g. a launch this GPU's shared memory cannot hold
-            lines.append(f"rank {kwargs}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
-            continue
-        lines.append(f"rank {kwargs}: {ms:.3f} ms/layer")
-        if ms < best_ms:
-            best_rank, best_ms = dict(kwargs), ms
-    picks = top_columns(reference, lens, tokens, n_cols, select_candidates[0])
-    best_select, best_ms = select_candidates[0], float("inf")
-    for select in select_candidates:
-        try:
-            if not _same_picks(reference, top_columns(reference, lens, tokens, n_cols, select), picks):
-                lines.append(f"select {select}: rejected, its picks differ from the reference's")
-                continue
-            ms = time_ms(lambda: top_columns(reference, lens, tokens, n_cols, select), iters)
-        except Exception as exc:
-            lines.append(f"select {select}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
-            continue
-        lines.append(f"select {select}: {ms:.3f} ms/layer")
-        if ms < best_ms:
-            best_select, best_ms = select, ms
+
+    def same_scores(got):
+        return (torch.equal(got[~finite], reference[~finite])
+                and bool(((got - reference).abs()[finite] <= tolerance).all()))
+
+    best_rank = dict(_fastest("rank", rank_candidates, rank_with, same_scores, iters, lines))
+
+    def select_with(select):
+        return top_columns(reference, lens, tokens, n_cols, select)
+
+    picks = select_with(select_candidates[0])
+    best_select = _fastest("select", select_candidates, select_with,
+                           lambda got: _same_picks(reference, got, picks), iters, lines)
     two_stage = two_stage_candidates[0]
     if pages_kept:
         two_stage = _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pages_kept, iters,
@@ -213,17 +197,25 @@ def _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pa
                                 scale, select, SECOND_STAGE_LAUNCH)
 
     picks = run(candidates[0])
+    return _fastest(f"two stages, {pages_kept} pages,", candidates, run,
+                    lambda got: _same_picks(reference, got, picks), iters, lines)
+
+
+def _fastest(label: str, candidates: Sequence, run, agrees, iters: int, lines: List[str]):
+    """The candidate whose ``run`` is fastest among those whose result ``agrees`` with the
+    reference, and a report line for each (milliseconds per layer, or why it was rejected);
+    the first candidate if none agrees."""
     best, best_ms = candidates[0], float("inf")
-    for select in candidates:
+    for candidate in candidates:
         try:
-            if not _same_picks(reference, run(select), picks):
-                lines.append(f"two stages, {select}: rejected, its picks differ from {candidates[0]}'s")
+            if not agrees(run(candidate)):
+                lines.append(f"{label} {candidate}: rejected, its result differs from the reference's")
                 continue
-            ms = time_ms(lambda: run(select), iters)
-        except Exception as exc:
-            lines.append(f"two stages, {select}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
+            ms = time_ms(lambda: run(candidate), iters)
+        except Exception as exc:  # e.g. a launch this GPU's shared memory cannot hold
+            lines.append(f"{label} {candidate}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
             continue
-        lines.append(f"two stages, {pages_kept} pages, {select}: {ms:.3f} ms/layer")
+        lines.append(f"{label} {candidate}: {ms:.3f} ms/layer")
         if ms < best_ms:
-            best, best_ms = select, ms
+            best, best_ms = candidate, ms
     return best
