@@ -21,8 +21,11 @@ overlap scheduling on (its default; this script's default stays off, as every ea
 (``attention_backend``, ``kv_cache_dtype``, ``overlap`` from ``/server_info``: a policy that turns
 overlap off shows it there) next to what was asked (``*_requested``), and the ``device``.
 
-Model: SGLang's ``--load-format dummy`` with Llama-3.1-8B's published shape (random weights,
-real shapes and speed), ``--skip-tokenizer-init`` with token ids. Peak running requests and
+Model: SGLang's ``--load-format dummy`` with a published shape (random weights, real shapes and
+speed; ``--model-shape``: Llama-3.1-8B by default, ``deepseek-v3-cut``, ``deepseek-v2-lite``,
+``gpt-oss-20b``, defined in ``model_shapes.py``; each row names it in ``model``),
+``--skip-tokenizer-init`` with token ids. ``--cpu-smoke`` runs a tiny model of the shape's family
+(MLA, MoE, sliding window as the shape has them) on SGLang's CPU path. Peak running requests and
 KV tokens come from SGLang's own decode log lines (``--log-file`` names the file this
 process's stderr goes to); compression overhead from Kara's counters in ``/server_info``.
 Every configuration runs in its own process because SGLang's ``Engine.shutdown()`` ends all
@@ -44,15 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-LLAMA_31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
-}
+from model_shapes import SHAPES
 
 WORKLOAD = re.compile(r"^(?:(\d+)\*)?(\d+)x(\d+)\+(\d+)(?:@([0-9.]+))?(?:/(\d+))?(?:~(\w+)((?:,\w+=[0-9.]+)*))?$")
 
@@ -104,9 +99,10 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def random_ids(rng: random.Random, n: int) -> list:
-    """``n`` random token ids, clear of Llama-3's special and low ids (dummy weights: any id works)."""
-    return [rng.randrange(1000, 120000) for _ in range(n)]
+def random_ids(rng: random.Random, n: int, vocab_size: int = 128256) -> list:
+    """``n`` random token ids, clear of the low and (Llama-3's) special ids and inside the
+    vocabulary (dummy weights: any id works)."""
+    return [rng.randrange(1000, min(120000, vocab_size)) for _ in range(n)]
 
 
 async def stream_chunks(engine, ids, sampling, session_params=None):
@@ -155,8 +151,8 @@ async def profile_later(engine, at_s: float, steps: int, out_dir: str):
         output_dir=out_dir, num_steps=steps, activities=["CPU", "GPU"], with_stack=False, record_shapes=False))
 
 
-async def run_workload(engine, w: Workload, rng: random.Random, profile=None):
-    prompts = [random_ids(rng, w.prompt_len) for _ in range(w.num_requests)]
+async def run_workload(engine, w: Workload, rng: random.Random, vocab_size: int, profile=None):
+    prompts = [random_ids(rng, w.prompt_len, vocab_size) for _ in range(w.num_requests)]
     sampling = {"temperature": 0, "max_new_tokens": w.output_len, "ignore_eos": True}
     if w.custom_params():
         sampling["custom_params"] = w.custom_params()
@@ -219,23 +215,29 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp-size", type=int, default=1, help="SGLang --tp-size (one GPU per rank)")
     ap.add_argument("--dp-size", type=int, default=1, help="SGLang --dp-size (replicas)")
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="llama-3.1-8b",
+                    help="the published shape loaded with dummy weights (model_shapes.py)")
     ap.add_argument("--cpu-smoke", action="store_true",
-                    help="check this script on a CPU: a 2-layer model of the same family, tiny pool")
+                    help="check this script on a CPU: a tiny model of the shape's family and features, tiny pool")
 
 
 def start_engine(args, **extra):
     """One sglang.Engine for the run's settings; returns it, the resolved settings (device,
     release, pool, backend, KV dtype, overlap) and its start-up seconds."""
-    shape, device_args = dict(LLAMA_31_8B), {}
+    model_shape = SHAPES[args.model_shape]
+    shape, device_args = dict(model_shape.config), {}
     if args.cpu_smoke:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
         from support.engines import use_cpu_sglang
 
         use_cpu_sglang()
-        shape.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=64, vocab_size=128256)
-        device_args = dict(device="cpu", disable_cuda_graph=True, max_total_tokens=6000)
-        args.attention_backend = "torch_native"
+        if model_shape.cpu_plugin:  # the schedulers SGLang spawns load plugins from PYTHONPATH
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(model_shape.cpu_plugin), os.environ["PYTHONPATH"]])
+            sys.path.insert(0, str(model_shape.cpu_plugin))
+        shape = model_shape.cpu_config()
+        device_args = dict(device="cpu", disable_cuda_graph=True, max_total_tokens=6000,
+                           **{k: v for k, v in model_shape.cpu_engine_args.items() if k != "attention_backend"})
+        args.attention_backend = model_shape.cpu_engine_args["attention_backend"]
     if args.max_total_tokens:
         device_args["max_total_tokens"] = args.max_total_tokens
     if args.context_length:
@@ -274,7 +276,9 @@ def start_engine(args, **extra):
     info = engine.get_server_info()
     max_total_tokens = info["internal_states"][0]["kara"]["max_total_tokens"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    model = args.model_shape + ("-cpu-smoke" if args.cpu_smoke else "")
     env = {"device": device, "sglang_version": sglang.__version__, "max_total_tokens": max_total_tokens,
+           "model": model,
            **resolved_settings(info, args)}
     # For rows rebuilt from this log when the process is killed before writing them.
     print("BENCH-ENV " + json.dumps(env), file=sys.stderr, flush=True)
@@ -294,6 +298,7 @@ def main() -> None:
     args = ap.parse_args()
     engine, env, startup = start_engine(args)
     max_total_tokens = env["max_total_tokens"]
+    vocab_size = SHAPES[args.model_shape].config["vocab_size"]  # --cpu-smoke keeps the shape's
     rows = []
     rng = random.Random(0)
     loop = engine.loop  # the tokenizer manager's receive loop runs on the engine's own loop
@@ -305,7 +310,7 @@ def main() -> None:
             profile = None
             if args.profile_at is not None and w is not args.warmup and not rows:
                 profile = (args.profile_at, args.profile_steps, os.path.splitext(args.out)[0] + "-profile")
-            wall, record = loop.run_until_complete(run_workload(engine, w, rng, profile))
+            wall, record = loop.run_until_complete(run_workload(engine, w, rng, vocab_size, profile))
             print(f"BENCH-END {tag}", file=sys.stderr, flush=True)
             if w is args.warmup:
                 continue
@@ -393,7 +398,8 @@ def peaks_from_log(log_text: str) -> dict:
         elif "BENCH-END" in line:
             current = None
         elif current is not None:
-            m = re.search(r"Decode batch.*#running-req: (\d+), #token: (\d+)", line)
+            # Hybrid sliding-window pools log the full-attention layers' tokens as "#full token".
+            m = re.search(r"Decode batch.*#running-req: (\d+), #(?:full )?token: (\d+)", line)
             if m:
                 p = peaks[current]
                 p["peak_running_requests"] = max(p["peak_running_requests"], int(m.group(1)))

@@ -21,6 +21,11 @@ as the server resolved them, and ``device``; rows from before those fields were 
 (bf16) KV, overlap off, on the H100 (``with_defaults``). Rows are compared with vanilla of the
 same backend, KV dtype and device, preferring vanilla with overlap on (SGLang's default), and
 the bytes model counts 1 byte per KV element for FP8.
+
+Model shapes: rows carry ``model`` (``bench_serving.py --model-shape``); rows from before that
+field are all ``llama-3.1-8b``. Rows are compared with vanilla of the same model; rows of the
+other shapes get the bytes model of ``arch_bytes_model.py`` (MLA and sliding-window KV, the
+experts a step touches) at their measured peak concurrency.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import os
 import re
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,8 +45,9 @@ from bench_serving import parse_workload  # noqa: E402  (the workload grammar, o
 
 WEIGHT_BYTES = 16.06e9  # Llama-3.1-8B, bf16
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head_dim x (K, V) x bf16
+LLAMA = "llama-3.1-8b"  # the shape every row had before rows named theirs
 OLD_ROW = {"attention_backend": "triton", "kv_cache_dtype": "auto", "overlap": False,
-           "device": "NVIDIA H100 80GB HBM3"}  # what every row had before these fields
+           "device": "NVIDIA H100 80GB HBM3", "model": LLAMA}  # what every row had before these fields
 
 
 def with_defaults(row: dict) -> dict:
@@ -142,7 +149,7 @@ def add_gains(rows) -> None:
     kind and settings); rows are only compared within one attention backend."""
     def shape(r):
         return (r["prompt_len"], r["output_len"], r.get("request_rate"), r.get("tp_size") or 1,
-                r["attention_backend"], r["kv_cache_dtype"], r["device"])
+                r["attention_backend"], r["kv_cache_dtype"], r["device"], r["model"])
 
     vanilla = [r for r in rows if r["policy"] == "vanilla" and r.get("model_tok_per_s")]
     for row in rows:
@@ -211,14 +218,31 @@ def collect(raw_dir: str):
         with_defaults(rows[-1])
     for row in rows:
         avg, peak = kv_profile(row["policy"], row["prompt_len"], row["output_len"], row.get("keep_ratio"),
-                               row.get("budget"))
+                               row.get("budget"), row.get("window") or 512, row.get("buffer") or 64)
         row["model_avg_kv_tokens"], row["model_peak_kv_tokens"] = round(avg), peak
-        if row.get("peak_running_requests"):
+        if row.get("peak_running_requests") and row["model"] != LLAMA:
+            model = arch_model_tok_per_s(row)
+            if model is not None:
+                row["model_tok_per_s"] = model
+        elif row.get("peak_running_requests"):
             # Tensor parallel: each rank reads 1/tp of the weights and of every request's KV.
             row["model_tok_per_s"] = (row.get("tp_size") or 1) * model_tok_per_s(
                 row["peak_running_requests"], avg, kv_bytes_per_token(row),
                 BANDWIDTH_BY_DEVICE.get(row["device"], BANDWIDTH))
     return rows
+
+
+def arch_model_tok_per_s(row: dict) -> Optional[float]:
+    """A row of another model shape: arch_bytes_model.py's step (the H200's bandwidth) at the
+    row's measured peak concurrency; None where that model has no such shape or policy."""
+    import arch_bytes_model  # it imports this module: imported when needed
+
+    arch = next((a for a in arch_bytes_model.architectures() if a.name == row["model"]), None)
+    if arch is None or row["policy"] not in ("vanilla", "kara"):
+        return None  # a --cpu-smoke shape, or a policy that model does not cover
+    keep = row.get("keep_ratio") if row["policy"] == "kara" else None
+    return arch_bytes_model.step(arch, row["prompt_len"], row["output_len"], keep,
+                                 running=row["peak_running_requests"]).tok_per_s
 
 
 def plot(rows, prompt: int, outputs, path: str) -> None:
@@ -282,14 +306,14 @@ def main() -> None:
     add_gains(everything)
     json.dump(everything, open(out, "w"), indent=1)
     plot(everything, 1024, (4096, 8192, 16384), os.path.join(ROOT, "docs", "throughput_vs_concurrency.png"))
-    print(f"{'run':16} {'backend/kv/overlap':20} {'policy':9} {'keep':>5} {'budget':>6} {'workload':30} {'tok/s':>6} {'model':>6} "
+    print(f"{'run':16} {'shape':16} {'backend/kv/overlap':20} {'policy':9} {'keep':>5} {'budget':>6} {'workload':30} {'tok/s':>6} {'model':>6} "
           f"{'peak':>4} {'retr':>4} {'ITL':>6} {'done':>4} {'gain':>5} {'model':>5} {'share':>5}")
     for r in everything:
         if r["output_len"] < 1024:
             continue
         share = r.get("share_of_model_gain")
         config = f"{r['attention_backend']}/{r['kv_cache_dtype']}/{'on' if r['overlap'] else 'off'}"
-        print(f"{r['run']:16} {config:20} {r['policy']:9} {str(r.get('keep_ratio')):>5} {str(r.get('budget')):>6} "
+        print(f"{r['run']:16} {r['model']:16} {config:20} {r['policy']:9} {str(r.get('keep_ratio')):>5} {str(r.get('budget')):>6} "
               f"{r['workload']:30} {r['output_tok_per_s']:6.0f} {r.get('model_tok_per_s', 0):6.0f} "
               f"{r.get('peak_running_requests', 0):4} {r.get('retractions', 0):4} "
               f"{r.get('itl_mean_ms') or 0:6.2f} {r.get('fraction_done', 1.0):4.2f} "

@@ -33,6 +33,12 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_serving import (add_server_args, kara_counters, percentile, random_ids, start_engine,  # noqa: E402
                            stream_chunks)
+from model_shapes import SHAPES  # noqa: E402
+
+
+def shape_ids(rng, n: int, args) -> list:
+    """``n`` random token ids inside the vocabulary of the run's ``--model-shape``."""
+    return random_ids(rng, n, SHAPES[args.model_shape].config["vocab_size"])
 
 
 async def one_turn(engine, ids, sampling, session_params=None) -> dict:
@@ -54,16 +60,16 @@ async def one_turn(engine, ids, sampling, session_params=None) -> dict:
 
 async def conversation(engine, system, rng, args, sampling, gate, record, finished_at, t0):
     async with gate:
-        history = system + random_ids(rng, args.task_len)
+        history = system + shape_ids(rng, args.task_len, args)
         session = await open_session(engine) if args.session_continue else None
         for turn in range(args.turns):
             if session is None:
                 result = await one_turn(engine, history, sampling)
-                history = history + result.pop("output_ids") + random_ids(rng, args.tool_len)
+                history = history + result.pop("output_ids") + shape_ids(rng, args.tool_len, args)
             else:  # the session holds the conversation: send only what is new
                 result = await one_turn(engine, history, sampling, {"id": session})
                 result.pop("output_ids")
-                history = random_ids(rng, args.tool_len)
+                history = shape_ids(rng, args.tool_len, args)
             record.append({"turn": turn, **result})
             # A run stopped by its time limit keeps its finished turns in the log.
             print("AGENT-TURN " + json.dumps(record[-1]), file=sys.stderr, flush=True)
@@ -89,7 +95,7 @@ async def close_session(engine, sid: str) -> None:
 
 async def run(engine, args, seed: int = 0):
     rng = random.Random(seed)
-    system = random_ids(rng, args.system_len)
+    system = shape_ids(rng, args.system_len, args)
     sampling = {"temperature": 0, "max_new_tokens": args.reply_len, "ignore_eos": True}
     if args.session_continue:
         sampling["custom_params"] = {"kara_session_continue": True}
