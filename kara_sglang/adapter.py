@@ -365,8 +365,8 @@ class KaraRuntime:
         n_cols = self.recall.slots.shape[1] if capturing else self.recall.longest
         # Which buffers are live and each row's tier count are the same in every layer of a
         # step: computed in the step's first layer and reused (about seven small kernels a
-        # layer fewer, a fixed cost CUDA graphs keep). Recomputed at every first layer, never
-        # only when the batch object changes: a CUDA graph's capture runs one batch object
+        # layer fewer, a fixed cost CUDA graphs keep). Recomputed at each step's first layer,
+        # not only when the batch object changes: a CUDA graph's capture runs one batch object
         # more than once, and the captured run must compute them itself.
         if layer.layer_id == self._first_layer or forward_batch is not self._step_batch:
             self._step_batch = forward_batch
