@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kara_kernels.recall_buffer import _refresh_buffer_kernel
+from kara_kernels.recall_buffer import _plan_refresh_kernel, _write_planned_kernel
 from kara_kernels.recall_pages import _rank_pages_kernel
 from kara_kernels.recall_tier import _rank_tier_kernel
 from kara_kernels.select_top import _select_top_kernel
@@ -38,13 +38,17 @@ PAGES_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "HI": "*fp16"
              "stride_bh": "i32", "PT": "*i64", "stride_pt": "i32", "ROWS": "*i64", "T_LENS": "*i64", "OUT": "*fp32",
              "stride_ob": "i32", "stride_oh": "i32", "SEL": "*i64", "stride_sb": "i32", "stride_sh": "i32",
              "n_top": "i32", "n_pages": "i32", "scale": "fp32"}
-REFRESH_SIG = {name: "i32" for name in (
-    "stride_selb", "stride_selh", "n_sel", "stride_hr", "stride_hh", "stride_fb", "stride_fh", "R", "stride_tt",
-    "stride_buf", "stride_kcs", "stride_kch", "stride_kss", "stride_ksh", "stride_vcs", "stride_vch", "stride_vss",
-    "stride_vsh", "stride_kos", "stride_koh", "stride_vos", "stride_voh")}
-REFRESH_SIG.update(SEL="*i64", HELD="*i32", FREE="*i32", ROWS="*i64", T_LENS="*i64", LIVE="*i32", TT="*i64",
-                   BUF="*i64", KC="*u8", KLO="*fp16", KST="*fp16", VC="*u8", VLO="*fp16", VST="*fp16", KOUT="*bf16",
-                   VOUT="*bf16")
+PLAN_SIG = {name: "i32" for name in (
+    "stride_selb", "stride_selh", "n_sel", "stride_hr", "stride_hh", "R", "stride_mb", "stride_mh", "stride_mk",
+    "stride_pb", "stride_ph", "stride_pk")}
+PLAN_SIG.update(SEL="*i64", HELD="*i32", MARKS="*i32", PLAN="*i32", N_NEW="*i32", ROWS="*i64", T_LENS="*i64",
+                LIVE="*i32")
+WRITE_SIG = {name: "i32" for name in (
+    "stride_pb", "stride_ph", "stride_pk", "stride_tt", "stride_buf", "stride_kcs", "stride_kch", "stride_kss",
+    "stride_ksh", "stride_vcs", "stride_vch", "stride_vss", "stride_vsh", "stride_kos", "stride_koh", "stride_vos",
+    "stride_voh")}
+WRITE_SIG.update(PLAN="*i32", N_NEW="*i32", ROWS="*i64", TT="*i64", BUF="*i64", KC="*u8", KLO="*fp16",
+                 KST="*fp16", VC="*u8", VLO="*fp16", VST="*fp16", KOUT="*bf16", VOUT="*bf16")
 SELECT_SIG = {"RANK": "*fp32", "stride_rb": "i32", "stride_rh": "i32", "LENS": "*i64", "OUT": "*i64",
               "stride_ob": "i32", "stride_oh": "i32", "n_cols": "i32", "R": "i32"}
 
@@ -95,9 +99,11 @@ def main() -> None:
                  BLOCK_SEL=1024 if top else 16)
         print(f"rank_tier over chosen pages{', selecting' if top else ''}, bf16, biased codes, block_e=64 warps=4 "
               f"stages=3: {resources(_rank_tier_kernel, RANK_SIG, c, 4, a.arch)}", flush=True)
-    c = dict(HEAD_DIM=128, BLOCK_D=128, V_DIM=128, BLOCK_DV=128, BLOCK=32, BITS=4, QGROUP=32)
-    print(f"refresh_recall_buffer block=32 warps=4: {resources(_refresh_buffer_kernel, REFRESH_SIG, c, 4, a.arch)}",
-          flush=True)
+    print(f"refresh_recall_buffer plan block=256 warps=4: "
+          f"{resources(_plan_refresh_kernel, PLAN_SIG, dict(BLOCK=256), 4, a.arch)}", flush=True)
+    c = dict(HEAD_DIM=128, BLOCK_D=128, V_DIM=128, BLOCK_DV=128, BLOCK_W=16, BITS=4, QGROUP=32)
+    print(f"refresh_recall_buffer writes block_w=16 warps=4: "
+          f"{resources(_write_planned_kernel, WRITE_SIG, c, 4, a.arch)}", flush=True)
     for block, warps in ((512, 4), (1024, 8), (2048, 4), (2048, 8)):
         print(f"select_top block={block} warps={warps}: "
               f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=256), warps, a.arch)}", flush=True)

@@ -13,17 +13,19 @@ buffer), and a step writes only:
 
 Positions nobody takes keep their column and their KV (``held`` stays true), so a later step
 selecting that column again finds it held. Attention reads the buffer as a set, so where a
-token sits does not matter. One program per request and KV head, K and V in one launch; device
-work only (a CUDA graph replays it).
+token sits does not matter. Device work only (a CUDA graph replays it), two launches:
 
-Why this is safe without a barrier in the second pass: while the picks are written, ``held``
-is read for the membership of later picks and written at taken positions by other threads. A
-read sees the old column (not among the picks: that is why the position was free) or the new
-pick (different from every other pick): either way a later pick is found held exactly when it
-was held before the pass.
+1. a plan per request and KV head (one program each): the picks and the held columns are
+   marked in two zeroed bitmaps over the row's tier columns, so each membership test is one
+   load and a program's work is linear in R (the pairwise test it replaces, R x R compares a
+   program, took 0.14 ms per layer at 100 requests on an H200 with nothing to write);
+2. the planned writes, dequantised, in blocks of a few picks, so a step's new picks spread over
+   many programs instead of one program per request and head.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -37,86 +39,110 @@ __all__ = ["refresh_recall_buffer"]
 
 
 @triton.jit
-def _refresh_buffer_kernel(
+def _plan_refresh_kernel(
     SEL, stride_selb, stride_selh, n_sel,
-    HELD, stride_hr, stride_hh, FREE, stride_fb, stride_fh, R,
-    ROWS, T_LENS, LIVE, TT, stride_tt, BUF, stride_buf,
-    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
-    VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh,
-    KOUT, stride_kos, stride_koh, VOUT, stride_vos, stride_voh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr,
+    HELD, stride_hr, stride_hh, R,
+    MARKS, stride_mb, stride_mh, stride_mk,
+    PLAN, stride_pb, stride_ph, stride_pk, N_NEW,
+    ROWS, T_LENS, LIVE,
+    BLOCK: tl.constexpr,
 ):
+    """Which picks a buffer lacks and where they go: two bitmaps of tier columns (picked, held;
+    zeroed by the caller) make every membership test one load, so a program's work is linear
+    in R. Writes the plan (buffer positions, tier columns) and its length; updates held."""
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
+    n_new = tl.zeros((), tl.int32)
     if tl.load(LIVE + pid_b) != 0:
         row = tl.load(ROWS + pid_b).to(tl.int64)
         n_tier = tl.load(T_LENS + pid_b)
         held = HELD + row * stride_hr + head * stride_hh
         sel = SEL + pid_b.to(tl.int64) * stride_selb + head * stride_selh
-        free = FREE + pid_b.to(tl.int64) * stride_fb + head * stride_fh
+        picked_marks = MARKS + pid_b.to(tl.int64) * stride_mb + head * stride_mh
+        held_marks = picked_marks + stride_mk
+        plan = PLAN + pid_b.to(tl.int64) * stride_pb + head * stride_ph
         offs = tl.arange(0, BLOCK)
-        # 1. The positions whose column is not picked, in position order.
-        n_free = tl.zeros((), tl.int32)
-        for i0 in range(0, R, BLOCK):
-            old = tl.load(held + i0 + offs, mask=i0 + offs < R, other=-1)
-            stays = tl.zeros((BLOCK,), tl.int32)
-            for j0 in range(0, n_sel, BLOCK):
-                new = tl.load(sel + j0 + offs, mask=j0 + offs < n_sel, other=-1)
-                new = tl.where((new >= 0) & (new < n_tier), new, -1).to(tl.int32)
-                match = (old[:, None] == new[None, :]) & (new[None, :] >= 0)
-                stays = tl.maximum(stays, tl.max(match.to(tl.int32), axis=1))
-            is_free = (i0 + offs < R) & (stays == 0)
-            at = n_free + tl.cumsum(is_free.to(tl.int32), 0) - 1
-            tl.store(free + at, i0 + offs, mask=is_free)
-            n_free += tl.sum(is_free.to(tl.int32), 0)
-        tl.debug_barrier()  # the free list, written by all of this program's threads
-        # 2. The picks not held take the free positions in order: dequantised into their slot.
+        new = tl.load(sel + offs, mask=offs < n_sel, other=-1)
+        valid = (new >= 0) & (new < n_tier)
+        new = tl.where(valid, new, 0).to(tl.int32)
+        old = tl.load(held + offs, mask=offs < R, other=-1)
+        was = old >= 0
+        old = tl.where(was, old, 0)
+        tl.atomic_or(picked_marks + (new >> 5), 1 << (new & 31), mask=valid)
+        tl.atomic_or(held_marks + (old >> 5), 1 << (old & 31), mask=was)
+        tl.debug_barrier()
+        found = (tl.load(held_marks + (new >> 5), mask=valid, other=0) >> (new & 31)) & 1
+        stays = (tl.load(picked_marks + (old >> 5), mask=was, other=0) >> (old & 31)) & 1
+        # The positions whose column is not picked, in position order, take the picks not held.
+        is_free = (offs < R) & (stays == 0)
+        n_free = tl.sum(is_free.to(tl.int32), 0)
+        free_rank = tl.cumsum(is_free.to(tl.int32), 0) - 1
+        need = valid & (found == 0)
+        need_rank = tl.cumsum(need.to(tl.int32), 0) - 1
+        need = need & (need_rank < n_free)  # only repeated picks could outnumber the free positions
+        n_new = tl.sum(need.to(tl.int32), 0)
+        # Ranks are distinct, so each rank below n_new is written once: position, then column.
+        tl.store(plan + free_rank, offs, mask=is_free & (free_rank < n_new))
+        tl.store(plan + stride_pk + need_rank, new, mask=need)
+        tl.debug_barrier()  # the plan's positions, written by all of this program's threads
+        pos = tl.load(plan + need_rank, mask=need, other=0)
+        tl.store(held + pos, new, mask=need)
+    tl.store(N_NEW + pid_b * tl.num_programs(1) + head, n_new)
+
+
+@triton.jit
+def _write_planned_kernel(
+    PLAN, stride_pb, stride_ph, stride_pk, N_NEW,
+    ROWS, TT, stride_tt, BUF, stride_buf,
+    KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
+    VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh,
+    KOUT, stride_kos, stride_koh, VOUT, stride_vos, stride_voh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_W: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr,
+):
+    """One block of BLOCK_W planned picks of one request and KV head, dequantised into the
+    buffer's pool slots; blocks past the plan's length return at once."""
+    pid_b = tl.program_id(0)
+    head = tl.program_id(1)
+    first = tl.program_id(2) * BLOCK_W
+    n_new = tl.load(N_NEW + pid_b * tl.num_programs(1) + head)
+    if first < n_new:
+        row = tl.load(ROWS + pid_b).to(tl.int64)
+        plan = PLAN + pid_b.to(tl.int64) * stride_pb + head * stride_ph
+        offs = first + tl.arange(0, BLOCK_W)
+        need = offs < n_new
+        pos = tl.load(plan + offs, mask=need, other=0)
+        col = tl.load(plan + stride_pk + offs, mask=need, other=0)
+        slot = tl.load(TT + row * stride_tt + col, mask=need, other=0).to(tl.int64)
+        dst = tl.load(BUF + row * stride_buf + pos, mask=need, other=0).to(tl.int64)
         PER_BYTE: tl.constexpr = 8 // BITS
         offs_d = tl.arange(0, BLOCK_D)
+        mk = need[:, None] & (offs_d < HEAD_DIM)[None, :]
+        byte = tl.load(KC + slot[:, None] * stride_kcs + head * stride_kch + (offs_d // PER_BYTE)[None, :],
+                       mask=mk, other=0).to(tl.int32)
+        code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+        s_off = slot[:, None] * stride_kss + head * stride_ksh + (offs_d // QGROUP)[None, :]
+        x = (code.to(tl.float32) * tl.load(KST + s_off, mask=mk, other=0.0).to(tl.float32)
+             + tl.load(KLO + s_off, mask=mk, other=0.0).to(tl.float32))
+        tl.store(KOUT + dst[:, None] * stride_kos + head * stride_koh + offs_d[None, :],
+                 x.to(KOUT.dtype.element_ty), mask=mk)
         offs_dv = tl.arange(0, BLOCK_DV)
-        n_taken = tl.zeros((), tl.int32)
-        for j0 in range(0, n_sel, BLOCK):
-            new = tl.load(sel + j0 + offs, mask=j0 + offs < n_sel, other=-1)
-            valid = (new >= 0) & (new < n_tier)
-            new = tl.where(valid, new, -1).to(tl.int32)
-            found = tl.zeros((BLOCK,), tl.int32)
-            for i0 in range(0, R, BLOCK):
-                old = tl.load(held + i0 + offs, mask=i0 + offs < R, other=-1)
-                found = tl.maximum(found, tl.max((new[:, None] == old[None, :]).to(tl.int32), axis=1))
-            need = valid & (found == 0)
-            k = n_taken + tl.cumsum(need.to(tl.int32), 0) - 1
-            need = need & (k < n_free)  # only repeated picks could outnumber the free positions
-            pos = tl.load(free + k, mask=need, other=0)
-            slot = tl.load(TT + row * stride_tt + new, mask=need, other=0).to(tl.int64)
-            dst = tl.load(BUF + row * stride_buf + pos, mask=need, other=0).to(tl.int64)
-            mk = need[:, None] & (offs_d < HEAD_DIM)[None, :]
-            byte = tl.load(KC + slot[:, None] * stride_kcs + head * stride_kch + (offs_d // PER_BYTE)[None, :],
-                           mask=mk, other=0).to(tl.int32)
-            code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-            s_off = slot[:, None] * stride_kss + head * stride_ksh + (offs_d // QGROUP)[None, :]
-            x = (code.to(tl.float32) * tl.load(KST + s_off, mask=mk, other=0.0).to(tl.float32)
-                 + tl.load(KLO + s_off, mask=mk, other=0.0).to(tl.float32))
-            tl.store(KOUT + dst[:, None] * stride_kos + head * stride_koh + offs_d[None, :],
-                     x.to(KOUT.dtype.element_ty), mask=mk)
-            mv = need[:, None] & (offs_dv < V_DIM)[None, :]
-            byte = tl.load(VC + slot[:, None] * stride_vcs + head * stride_vch + (offs_dv // PER_BYTE)[None, :],
-                           mask=mv, other=0).to(tl.int32)
-            code = (byte >> ((offs_dv % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-            s_off = slot[:, None] * stride_vss + head * stride_vsh + (offs_dv // QGROUP)[None, :]
-            x = (code.to(tl.float32) * tl.load(VST + s_off, mask=mv, other=0.0).to(tl.float32)
-                 + tl.load(VLO + s_off, mask=mv, other=0.0).to(tl.float32))
-            tl.store(VOUT + dst[:, None] * stride_vos + head * stride_voh + offs_dv[None, :],
-                     x.to(VOUT.dtype.element_ty), mask=mv)
-            tl.store(held + pos, new, mask=need)
-            n_taken += tl.sum(need.to(tl.int32), 0)
+        mv = need[:, None] & (offs_dv < V_DIM)[None, :]
+        byte = tl.load(VC + slot[:, None] * stride_vcs + head * stride_vch + (offs_dv // PER_BYTE)[None, :],
+                       mask=mv, other=0).to(tl.int32)
+        code = (byte >> ((offs_dv % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+        s_off = slot[:, None] * stride_vss + head * stride_vsh + (offs_dv // QGROUP)[None, :]
+        x = (code.to(tl.float32) * tl.load(VST + s_off, mask=mv, other=0.0).to(tl.float32)
+             + tl.load(VLO + s_off, mask=mv, other=0.0).to(tl.float32))
+        tl.store(VOUT + dst[:, None] * stride_vos + head * stride_voh + offs_dv[None, :],
+                 x.to(VOUT.dtype.element_ty), mask=mv)
 
 
 def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table: torch.Tensor, rows: torch.Tensor,
                           tier_lens: torch.Tensor, live: torch.Tensor, buffer_slots: torch.Tensor,
                           k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
                           v_codes: torch.Tensor, v_lo: torch.Tensor, v_step: torch.Tensor,
-                          k_buffer: torch.Tensor, v_buffer: torch.Tensor, bits: int, block: int = 32) -> None:
+                          k_buffer: torch.Tensor, v_buffer: torch.Tensor, bits: int, block_w: Optional[int] = None) -> None:
     """Make each live request's recall buffer hold its selected tier tokens, writing only those
     it does not hold yet (module docstring).
 
@@ -149,15 +175,25 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
         return
     if selected.stride(2) != 1:
         selected = selected.contiguous()
-    if interpreting():
-        block = max(block, min(256, triton.next_power_of_2(R)))
-    free = torch.empty(B, Hkv, R, dtype=torch.int32, device=selected.device)
-    _refresh_buffer_kernel[(B, Hkv)](
+    if block_w is None:  # picks written per program; interpreted, fewer and wider programs run faster
+        block_w = min(256, triton.next_power_of_2(R)) if interpreting() else 16
+    block = triton.next_power_of_2(max(R, n_sel))
+    words = -(-tier_table.shape[1] // 32)
+    marks = torch.zeros(B, Hkv, 2, words, dtype=torch.int32, device=selected.device)
+    plan = torch.empty(B, Hkv, 2, R, dtype=torch.int32, device=selected.device)
+    n_new = torch.empty(B, Hkv, dtype=torch.int32, device=selected.device)
+    _plan_refresh_kernel[(B, Hkv)](
         selected, selected.stride(0), selected.stride(1), n_sel,
-        held, held.stride(0), held.stride(1), free, free.stride(0), free.stride(1), R,
-        rows, tier_lens, live, tier_table, tier_table.stride(0), buffer_slots, buffer_slots.stride(0),
+        held, held.stride(0), held.stride(1), R,
+        marks, marks.stride(0), marks.stride(1), marks.stride(2),
+        plan, plan.stride(0), plan.stride(1), plan.stride(2), n_new,
+        rows, tier_lens, live, BLOCK=block,
+    )
+    _write_planned_kernel[(B, Hkv, triton.cdiv(R, block_w))](
+        plan, plan.stride(0), plan.stride(1), plan.stride(2), n_new,
+        rows, tier_table, tier_table.stride(0), buffer_slots, buffer_slots.stride(0),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
         v_codes, v_codes.stride(0), v_codes.stride(1), v_lo, v_step, v_lo.stride(0), v_lo.stride(1),
         k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
-        HEAD_DIM=D, BLOCK_D=_block(D), V_DIM=Dv, BLOCK_DV=_block(Dv), BLOCK=block, BITS=bits, QGROUP=QUANT_GROUP,
+        HEAD_DIM=D, BLOCK_D=_block(D), V_DIM=Dv, BLOCK_DV=_block(Dv), BLOCK_W=block_w, BITS=bits, QGROUP=QUANT_GROUP,
     )

@@ -23,8 +23,9 @@ def _next_selection(gen, previous, n_tier, R, keep):
     return [picks[i] for i in torch.randperm(len(picks), generator=gen).tolist()]
 
 
-@pytest.mark.parametrize("bits, dtype, R", [(4, torch.bfloat16, 8), (2, torch.float32, 5), (8, torch.float16, 40)])
-def test_refresh_writes_only_new_picks_into_unpicked_positions_and_every_pick_is_held(bits, dtype, R):
+@pytest.mark.parametrize("bits, dtype, R, block_w", [(4, torch.bfloat16, 8, None), (2, torch.float32, 5, None),
+                                                    (8, torch.float16, 40, None), (4, torch.float32, 40, 4)])
+def test_refresh_writes_only_new_picks_into_unpicked_positions_and_every_pick_is_held(bits, dtype, R, block_w):
     seed = random.randrange(2 ** 31)
     gen = torch.Generator().manual_seed(seed)
     Hkv, D, Dv, T, pool = 2, 64, 96, 240, 400
@@ -59,7 +60,8 @@ def test_refresh_writes_only_new_picks_into_unpicked_positions_and_every_pick_is
         k[buffer_slots[rows].flatten()] = SENTINEL
         v[buffer_slots[rows].flatten()] = SENTINEL
         k0, v0, held0 = k.clone(), v.clone(), held.clone()
-        refresh_recall_buffer(sel, held, tier_table, rows, tier_lens, live, buffer_slots, *tier, k, v, bits)
+        refresh_recall_buffer(sel, held, tier_table, rows, tier_lens, live, buffer_slots, *tier, k, v, bits,
+                              block_w=block_w)
         where = f"seed {seed}, step {step}"
         changed = ((k != k0).flatten(1).any(1) | (v != v0).flatten(1).any(1)).nonzero().flatten().tolist()
         assert set(changed) <= set(buffer_slots[rows].flatten().tolist()), f"{where}: wrote outside the buffers"
