@@ -142,7 +142,8 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
                           tier_lens: torch.Tensor, live: torch.Tensor, buffer_slots: torch.Tensor,
                           k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
                           v_codes: torch.Tensor, v_lo: torch.Tensor, v_step: torch.Tensor,
-                          k_buffer: torch.Tensor, v_buffer: torch.Tensor, bits: int, block_w: Optional[int] = None) -> None:
+                          k_buffer: torch.Tensor, v_buffer: torch.Tensor, bits: int, block_w: Optional[int] = None,
+                          write_warps: int = 4) -> None:
     """Make each live request's recall buffer hold its selected tier tokens, writing only those
     it does not hold yet (module docstring).
 
@@ -154,6 +155,7 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
         tier_table, rows, tier_lens, live, buffer_slots: as for ``fill_recall_buffer``
             (``buffer_slots`` ``[rows, R]``).
         k_codes .. v_step: one layer's tier; k_buffer, v_buffer: that layer's pool.
+        block_w, write_warps: the writes' launch (picks per program, warps per program).
     Afterwards, for a live request with ``n`` <= R picks of head ``h``, every pick is held
     at some position ``j`` of its row, and pool slot ``buffer_slots[row, j]`` holds its K and
     V dequantised (head ``h``); nothing else is written. Device work only.
@@ -196,4 +198,5 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
         v_codes, v_codes.stride(0), v_codes.stride(1), v_lo, v_step, v_lo.stride(0), v_lo.stride(1),
         k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
         HEAD_DIM=D, BLOCK_D=_block(D), V_DIM=Dv, BLOCK_DV=_block(Dv), BLOCK_W=block_w, BITS=bits, QGROUP=QUANT_GROUP,
+        num_warps=write_warps,
     )

@@ -109,11 +109,15 @@ def main() -> None:
     held = torch.full((B, a.kv_heads, R), -1, dtype=torch.int32, device=dev)
     flip = [sel_a, sel_b]
 
-    def refresh():
+    def refresh(**launch):
         flip.reverse()
-        refresh_recall_buffer(flip[0], held, tier.rows.slots, rows, lens_e, live, buffers, *tier.layer(0), k, v, 4)
+        refresh_recall_buffer(flip[0], held, tier.rows.slots, rows, lens_e, live, buffers, *tier.layer(0), k, v, 4,
+                              **launch)
 
     timed(f"buffer write, new picks only ({n_new} of {R} a step)", refresh)
+    for block_w, warps in ((4, 1), (4, 2), (8, 2), (8, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
+        timed(f"  the same, {block_w} picks per program, {warps} warps",
+              lambda: refresh(block_w=block_w, write_warps=warps))
     window = min(384, E)
     src, dst = evicted[rows, :window].reshape(-1), torch.arange(B * window, device=dev)
     timed(f"quantise (one compression of {window} tokens per row; ms/layer is per layer)", lambda: quantize_to_tier(
