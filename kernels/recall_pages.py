@@ -216,13 +216,24 @@ def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier
                      select: str = "torch", rank_kwargs: Optional[Dict] = None) -> torch.Tensor:
     """``[B, Hkv, R']`` columns of each row (-1: none), R' = min(tokens, kept pages' columns):
     the ``pages_kept`` best pages by :func:`rank_pages`, then the ``tokens`` best of their
-    tokens by ``rank_tier``. With every page kept it selects what ``rank_tier`` over the whole
-    row selects. Device work only, shapes fixed by ``n_pages`` (CUDA graphs).
+    tokens by ``rank_tier``; when the kept pages hold no more than ``tokens`` columns, all of
+    their tokens without the second ranking (Quest's selection alone). With every page kept it
+    selects what ``rank_tier`` over the whole row selects. Device work only, shapes fixed by
+    ``n_pages`` (CUDA graphs).
 
     ``select``: how each stage picks its best: ``torch`` (torch.topk) or ``radix`` (the radix
     kernel, kernels/select_top.py) after each ranking, or ``fused``: the radix selection inside
     each ranking kernel (two launches in all, nothing else; the same picks as ``radix``)."""
     kept = min(pages_kept, n_pages)
+    if kept * PAGE <= tokens:  # the kept pages' tokens all fit: no second ranking, every token of them
+        if select == "fused":
+            chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept)
+        else:
+            page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
+            chosen = top_columns(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, n_pages, select)
+        cols = (chosen.unsqueeze(-1) * PAGE + torch.arange(PAGE, device=chosen.device)).flatten(-2)
+        dead = (chosen < 0).repeat_interleave(PAGE, -1) | (cols >= tier_lens.view(-1, 1, 1))
+        return cols.masked_fill(dead, -1)
     if select == "fused":
         chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept)
         return rank_tier(queries, *k_tier, tier_table, rows, tier_lens, kept * PAGE, bits, sm_scale,

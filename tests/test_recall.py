@@ -343,6 +343,8 @@ def test_two_stages_keeping_every_page_give_one_stages_tokens(tiny_model):
 
 
 @pytest.mark.sglang
+# The last case keeps one page of 16 tokens for R = 16: the pages' tokens without a second ranking
+# (the token stage runs through the scheduler in test_two_stages_keeping_every_page_give_one_stages_tokens).
 @pytest.mark.parametrize("digest, lag, kv, tier, pages", [("exact", 0, "exact", 0, 0), ("bits2", 1, "bits4", 0, 0),
                                                           ("exact", 0, "bits4", 48, 0), ("exact", 0, "bits4", 48, 1)])
 def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, kv, tier, pages):
@@ -351,7 +353,7 @@ def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, 
     from support.engines import assert_pool_back_to_idle, make_engine, pool_state, tally_outcome, use_cpu_sglang
 
     use_cpu_sglang()
-    engine = make_engine(tiny_model, max_total_tokens=3000, kara_recall_tokens=4, kara_recall_digest=digest,
+    engine = make_engine(tiny_model, max_total_tokens=3000, kara_recall_tokens=16 if pages else 4, kara_recall_digest=digest,
                          kara_recall_lag=lag, kara_recall_kv=kv, kara_recall_tier_tokens=tier,
                          kara_recall_pages=pages, **KARA)
     rng = random.Random(17 + lag)

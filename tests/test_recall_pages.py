@@ -118,8 +118,14 @@ def test_two_stages_pick_the_best_tokens_of_the_best_pages(select):
     every = select_two_stage(*args, n_pages, R, c["bits"], 0.3, select)
     one = full.topk(R, -1)
     assert torch.equal(picked(every), one.values.sort(-1).values), f"seed {seed}"
+    # Every page kept with room for all their tokens: each row's columns, no more.
+    room = select_two_stage(*args, n_pages, n_pages * PAGE, c["bits"], 0.3, select)
+    for b, n in enumerate(c["lens"].tolist()):
+        for h in range(full.shape[1]):
+            assert sorted(room[b, h][room[b, h] >= 0].tolist()) == list(range(n)), f"seed {seed}: {(b, h)}"
     # Two pages kept: the best R tokens among the two best pages' tokens, nothing else.
     two = select_two_stage(*args, 2, R, c["bits"], 0.3, select)
+    whole = select_two_stage(*args, 2, 2 * PAGE, c["bits"], 0.3, select)
     for b in range(len(c["lens"])):
         for h in range(full.shape[1]):
             n_valid = -(-int(c["lens"][b]) // PAGE)
@@ -131,6 +137,9 @@ def test_two_stages_pick_the_best_tokens_of_the_best_pages(select):
             assert cols.numel() == want.numel(), f"seed {seed}: {(b, h)}"
             assert torch.equal(full[b, h, cols].sort().values, want.sort().values), f"seed {seed}: {(b, h)}"
             assert all(c_ in cand.tolist() for c_ in cols.tolist()), f"seed {seed}: a column outside the best pages"
+            # Room for every token of the two pages: exactly those, without a second ranking.
+            cols = whole[b, h][whole[b, h] >= 0]
+            assert sorted(cols.tolist()) == sorted(cand.tolist()), f"seed {seed}: {(b, h)}"
 
 
 def test_rankings_that_select_in_the_kernel_pick_what_the_radix_selection_of_their_scores_picks():
