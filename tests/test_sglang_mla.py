@@ -6,6 +6,12 @@ latent rows of 64 + 16 channels, YaRN RoPE); SGLang runs it on the CPU with the
 and, with the test plugin ``support/mla_cpu`` (why: its docstring), prefill too. Kara scores
 with the absorbed queries against the latent rows and moves latent rows. SGLang's strict
 per-step memory checks and Kara's double-free checks are on (``support.engines.TEST_ENV``).
+
+On a GPU (``KARA_TEST_DEVICE=cuda``, ``benchmarks/gpu/run_arch_suite.sh``) the engines take
+the suite's GPU settings (``support.engines``; ``KARA_TEST_ATTENTION_BACKEND=default``: SGLang's
+choice, FlashAttention-3 on Hopper), without the CPU plugin, and the model has DeepSeek's
+own latent dimensions (512 + 64, nope 128, v 128: what FA3's MLA kernels are built for);
+``KARA_TEST_MLA_DIMS=kv_lora_rank,rope,nope,v`` sets others.
 """
 
 import os
@@ -14,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support.engines import (assert_pool_back_to_idle, assert_pool_consistent, flush, last, make_engine,
+from support.engines import (ON_GPU, assert_pool_back_to_idle, assert_pool_consistent, flush, last, make_engine,
                              pool_state, shared_engine, use_cpu_sglang)
 from test_sglang_engine import KARA, LONG, OPT_OUT, PROMPTS, SHORT, SYSTEM, U, W, expected_eviction, greedy, run_conversation
 
@@ -28,7 +34,11 @@ MLA_CPU = str(Path(__file__).parent / "support" / "mla_cpu")
 @pytest.fixture(scope="module", autouse=True)
 def mla_cpu_plugin():
     """Schedulers load the MLA-on-torch_native plugin (restored after). They start with this
-    process's environment and ``sys.path``, so both are extended."""
+    process's environment and ``sys.path``, so both are extended. Not on a GPU (SGLang's own
+    MLA backends there)."""
+    if ON_GPU:
+        yield
+        return
     before = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([MLA_CPU] + [p for p in before.split(os.pathsep) if p])
     sys.path.insert(0, MLA_CPU)
@@ -39,9 +49,11 @@ def mla_cpu_plugin():
 
 @pytest.fixture(scope="module")
 def mla_model(tmp_path_factory):
-    from kara_sglang.demo_model import build_tiny_model
+    from kara_sglang.demo_model import MLA_DEEPSEEK, MLA_TINY, build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_mla_model"), arch="deepseek_v2")
+    dims = os.environ.get("KARA_TEST_MLA_DIMS")
+    dims = tuple(int(d) for d in dims.split(",")) if dims else MLA_DEEPSEEK if ON_GPU else MLA_TINY
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_mla_model"), arch="deepseek_v2", mla_dims=dims)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,13 @@ one, kills the scheduler) and Kara's debug checks are on (no slot freed twice; a
 compaction the request's SWA cursor is out of the window and splits its row into entries
 without and with an SWA peer: ``swa_window.check_row``). Overlap scheduling is on
 (``KARA_TEST_OVERLAP``). Triton attention on Triton's interpreter: one engine of each kind for
-the module, one batch each, short generations.
+the module, one batch each, short generations. On a GPU (``KARA_TEST_DEVICE=cuda``,
+``benchmarks/gpu/run_arch_suite.sh``) the engines take the suite's GPU settings
+(``support.engines``; ``KARA_TEST_ATTENTION_BACKEND=default``: SGLang's choice, FlashAttention-3
+on Hopper) and the model ``KARA_TEST_HEAD_DIM`` (64 there).
 """
+
+import os
 
 import pytest
 
@@ -64,7 +69,8 @@ def runs(tmp_path_factory):
 
     if swa_window.missing():  # Kara refuses the model at start-up there (kv_pool._check_swa)
         pytest.skip(f"this SGLang lacks the {swa_window.missing()}")
-    model = build_tiny_gpt_oss(tmp_path_factory.mktemp("tiny_gpt_oss"))
+    model = build_tiny_gpt_oss(tmp_path_factory.mktemp("tiny_gpt_oss"),
+                               head_dim=int(os.environ.get("KARA_TEST_HEAD_DIM", "32")))
     with scoped_environ(SCHEDULER_ENV):
         vanilla = make_engine(model, **ENGINE_ARGS)
         try:

@@ -10,17 +10,22 @@ GPU kernel and fails on the CPU).
 Small for the interpreter, whose cost grows with the programs launched per step (layers,
 heads, KV splits): two sliding-window and two full-attention layers, four query heads on two
 KV heads, a small hidden size and MoE, one KV split per decode step (SGLang's default is 8).
+On a GPU (``KARA_TEST_DEVICE=cuda``) none of these CPU settings: SGLang's default backends.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from support.engines import ON_GPU
+
 SLIDING_WINDOW = 4  # HF config; SGLang's sliding_window_size is 3 (gpt-oss counts the token itself)
 ENGINE_ARGS = dict(attention_backend="triton", moe_runner_backend="triton", triton_attention_num_kv_splits=1)
+if ON_GPU:  # KARA_TEST_DEVICE=cuda: the suite's GPU settings (support.engines), SGLang's own MoE runner
+    ENGINE_ARGS = {}
 
 
-def build_tiny_gpt_oss(folder: Path, seed: int = 0) -> Path:
+def build_tiny_gpt_oss(folder: Path, seed: int = 0, head_dim: int = 32) -> Path:
     import torch
     from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
 
@@ -33,7 +38,7 @@ def build_tiny_gpt_oss(folder: Path, seed: int = 0) -> Path:
     tok.save_pretrained(folder)
     config = GptOssConfig(
         vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, num_local_experts=2, num_experts_per_tok=1,
+        num_key_value_heads=2, head_dim=head_dim, num_local_experts=2, num_experts_per_tok=1,
         sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"] * 2,
         max_position_embeddings=8192, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id, tie_word_embeddings=False, torch_dtype="bfloat16")
