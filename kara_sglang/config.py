@@ -72,7 +72,8 @@ class KaraConfig:
             their pool slots are freed (``kara_sglang.recall_tier``).
         recall_pages: with a tier: 0 (default) ranks every tier token each step; N > 0 ranks
             16-token pages by their key bounds first and then only the tokens of the best N
-            pages (two stages, kernels/recall_pages.py; N * 16 must cover recall_tokens).
+            pages (two stages, kernels/recall_pages.py; N * 16 must cover recall_tokens;
+            N * 16 == recall_tokens recalls the N pages' tokens without ranking them).
     """
 
     policy: str = "kara"
