@@ -70,9 +70,9 @@ def _plan_refresh_kernel(
         old = tl.where(was, old, 0)
         tl.atomic_or(picked_marks + (new >> 5), 1 << (new & 31), mask=valid)
         tl.atomic_or(held_marks + (old >> 5), 1 << (old & 31), mask=was)
-        tl.debug_barrier()
-        found = (tl.load(held_marks + (new >> 5), mask=valid, other=0) >> (new & 31)) & 1
-        stays = (tl.load(picked_marks + (old >> 5), mask=was, other=0) >> (old & 31)) & 1
+        tl.debug_barrier()  # every mark set; the tests read L2 (.cg), where the atomics wrote
+        found = (tl.load(held_marks + (new >> 5), mask=valid, other=0, cache_modifier=".cg") >> (new & 31)) & 1
+        stays = (tl.load(picked_marks + (old >> 5), mask=was, other=0, cache_modifier=".cg") >> (old & 31)) & 1
         # The positions whose column is not picked, in position order, take the picks not held.
         is_free = (offs < R) & (stays == 0)
         n_free = tl.sum(is_free.to(tl.int32), 0)
