@@ -33,7 +33,7 @@ import triton.language as tl
 
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import QUANT_GROUP
-from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_pool, _check_tier
+from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_pool, _check_tier, dequant_tokens
 
 __all__ = ["refresh_recall_buffer"]
 
@@ -115,25 +115,16 @@ def _write_planned_kernel(
         col = tl.load(plan + stride_pk + offs, mask=need, other=0)
         slot = tl.load(TT + row * stride_tt + col, mask=need, other=0).to(tl.int64)
         dst = tl.load(BUF + row * stride_buf + pos, mask=need, other=0).to(tl.int64)
-        PER_BYTE: tl.constexpr = 8 // BITS
         offs_d = tl.arange(0, BLOCK_D)
         mk = need[:, None] & (offs_d < HEAD_DIM)[None, :]
-        byte = tl.load(KC + slot[:, None] * stride_kcs + head * stride_kch + (offs_d // PER_BYTE)[None, :],
-                       mask=mk, other=0).to(tl.int32)
-        code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-        s_off = slot[:, None] * stride_kss + head * stride_ksh + (offs_d // QGROUP)[None, :]
-        x = (code.to(tl.float32) * tl.load(KST + s_off, mask=mk, other=0.0).to(tl.float32)
-             + tl.load(KLO + s_off, mask=mk, other=0.0).to(tl.float32))
+        x = dequant_tokens(KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh, slot, head, offs_d, mk,
+                           BITS, QGROUP)
         tl.store(KOUT + dst[:, None] * stride_kos + head * stride_koh + offs_d[None, :],
                  x.to(KOUT.dtype.element_ty), mask=mk)
         offs_dv = tl.arange(0, BLOCK_DV)
         mv = need[:, None] & (offs_dv < V_DIM)[None, :]
-        byte = tl.load(VC + slot[:, None] * stride_vcs + head * stride_vch + (offs_dv // PER_BYTE)[None, :],
-                       mask=mv, other=0).to(tl.int32)
-        code = (byte >> ((offs_dv % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-        s_off = slot[:, None] * stride_vss + head * stride_vsh + (offs_dv // QGROUP)[None, :]
-        x = (code.to(tl.float32) * tl.load(VST + s_off, mask=mv, other=0.0).to(tl.float32)
-             + tl.load(VLO + s_off, mask=mv, other=0.0).to(tl.float32))
+        x = dequant_tokens(VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh, slot, head, offs_dv, mv,
+                           BITS, QGROUP)
         tl.store(VOUT + dst[:, None] * stride_vos + head * stride_voh + offs_dv[None, :],
                  x.to(VOUT.dtype.element_ty), mask=mv)
 

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import QUANT_GROUP
-from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_tier, rank_tier
+from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_tier, dequant_tokens, rank_tier
 from kara_kernels.select_top import top_columns, top_of_row
 
 PAGE = 16
@@ -53,7 +53,6 @@ def _page_bounds_kernel(
     head = tl.program_id(1)
     row = tl.load(ROWS + i).to(tl.int64)
     n_tier = tl.load(T_LENS + i)
-    PER_BYTE: tl.constexpr = 8 // BITS
     offs_c = tl.arange(0, PAGE)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -62,12 +61,8 @@ def _page_bounds_kernel(
         valid = cols < n_tier
         slots = tl.load(TT + row * stride_tt + cols, mask=valid, other=0).to(tl.int64)
         mask = valid[:, None] & d_ok[None, :]
-        byte = tl.load(KC + slots[:, None] * stride_kcs + head * stride_kch + (offs_d // PER_BYTE)[None, :],
-                       mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-        s_off = slots[:, None] * stride_kss + head * stride_ksh + (offs_d // QGROUP)[None, :]
-        k = (code.to(tl.float32) * tl.load(KST + s_off, mask=mask, other=0.0).to(tl.float32)
-             + tl.load(KLO + s_off, mask=mask, other=0.0).to(tl.float32))
+        k = dequant_tokens(KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh, slots, head, offs_d, mask,
+                           BITS, QGROUP)
         hi = tl.max(tl.where(mask, k, float("-inf")), axis=0)
         lo = tl.min(tl.where(mask, k, float("inf")), axis=0)
         any_valid = p * PAGE < n_tier

@@ -356,6 +356,20 @@ def _recall_decode_tier_kernel(
 
 
 @triton.jit
+def dequant_tokens(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh, slot, head, offs_d, mask,
+                   BITS: tl.constexpr, QGROUP: tl.constexpr):
+    """float32 ``[tokens, channels]``: the tier's codes of tier slots ``slot`` (one KV head),
+    times each channel group's step plus its minimum; 0 where ``mask`` is false."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    byte = tl.load(XC + slot[:, None] * stride_xcs + head * stride_xch + (offs_d // PER_BYTE)[None, :],
+                   mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+    s_off = slot[:, None] * stride_xss + head * stride_xsh + (offs_d // QGROUP)[None, :]
+    return (code.to(tl.float32) * tl.load(XST + s_off, mask=mask, other=0.0).to(tl.float32)
+            + tl.load(XLO + s_off, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _fill_buffer_kernel(
     SEL, stride_selb, stride_selh, n_sel,
     ROWS, T_LENS, LIVE, TT, stride_tt, BUF, stride_buf,
@@ -370,7 +384,6 @@ def _fill_buffer_kernel(
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DIM
-    PER_BYTE: tl.constexpr = 8 // BITS
     row = tl.load(ROWS + pid_b).to(tl.int64)
     n_tier = tl.load(T_LENS + pid_b)
     live = tl.load(LIVE + pid_b) != 0
@@ -380,12 +393,8 @@ def _fill_buffer_kernel(
     slot = tl.load(TT + row * stride_tt + pick, mask=valid, other=0).to(tl.int64)
     dst = tl.load(BUF + row * stride_buf + offs_r, mask=valid, other=0).to(tl.int64)
     mask = valid[:, None] & d_ok[None, :]
-    byte = tl.load(XC + slot[:, None] * stride_xcs + head * stride_xch + (offs_d // PER_BYTE)[None, :],
-                   mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-    s_off = slot[:, None] * stride_xss + head * stride_xsh + (offs_d // QGROUP)[None, :]
-    x = (code.to(tl.float32) * tl.load(XST + s_off, mask=mask, other=0.0).to(tl.float32)
-         + tl.load(XLO + s_off, mask=mask, other=0.0).to(tl.float32))
+    x = dequant_tokens(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh, slot, head, offs_d, mask,
+                       BITS, QGROUP)
     tl.store(OUT + dst[:, None] * stride_os + head * stride_oh + offs_d[None, :],
              x.to(OUT.dtype.element_ty), mask=mask)
 
