@@ -89,10 +89,14 @@ def test_a_freed_slot_releases_its_swa_peer_only_if_sglang_has_not():
 
     _, allocator = swa_pool()
     slots = allocator.alloc(10)
-    allocator.free_swa_segment(slots[:4], start_pos=0)  # out of the window: SGLang released them
-    assert allocator.swa_available_size() == SWA - 6
-    with pytest.raises(RuntimeError, match="swa.peer_mapped"):  # what a plain free would do
-        allocator.free(slots[:1])
+    if hasattr(allocator, "free_swa_segment"):  # out of the window: SGLang released them
+        allocator.free_swa_segment(slots[:4], start_pos=0)
+        assert allocator.swa_available_size() == SWA - 6
+        with pytest.raises(RuntimeError, match="swa.peer_mapped"):  # what a plain free would do
+            allocator.free(slots[:1])
+    else:  # SGLang 0.5.17: free_swa releases them; its free skips released peers
+        allocator.free_swa(slots[:4])
+        assert allocator.swa_available_size() == SWA - 6
     kv_pool.free_slots(allocator, slots)  # strict invariants: no free of a released peer
     assert allocator.full_available_size() == FULL and allocator.swa_available_size() == SWA
     assert bool((allocator.full_to_swa_index_mapping[:-1] == 0).all())
@@ -110,11 +114,9 @@ def assert_free_lists_exact(allocator, held_full=(), held_swa=()):
 
 def test_compaction_keeps_the_swa_cursor_pool_counts_and_sglang_eviction_in_step():
     from sglang.srt.managers.schedule_batch import ReqKvInfo
-    from sglang.srt.mem_cache.common import free_kv_row_segments, free_swa_out_of_window_slots
-    from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
-    from sglang.srt.managers.scheduler_components.pool_stats_observer import kv_private_swa_tokens
+    from sglang.srt.mem_cache import common
 
-    from kara_sglang import kv_pool, swa_window
+    from kara_sglang import kv_pool, req_kv, swa_window
     from kara_sglang.compressor import Compressor, DueRequest, KVLayout
     from kara_sglang.policies import make_policy
     from kara_sglang.query_buffer import QueryBuffer
@@ -128,24 +130,39 @@ def test_compaction_keeps_the_swa_cursor_pool_counts_and_sglang_eviction_in_step
     req_to_token = torch.zeros(2, 128, dtype=torch.int32)
     row = 1
     req_to_token[row, :n] = allocator.alloc(n).to(torch.int32)
-    req = SimpleNamespace(kv=ReqKvInfo(req_pool_idx=row, cache_protected_len=prompt, kv_committed_len=n,
-                                       kv_allocated_len=n), kara_offset=0)
+    newer = hasattr(common, "free_kv_row_segments")  # 0.5.23; 0.5.17 keeps the lengths on the Req
+    if newer:
+        req = SimpleNamespace(kv=ReqKvInfo(req_pool_idx=row, cache_protected_len=prompt, kv_committed_len=n,
+                                           kv_allocated_len=n), kara_offset=0)
+        evict_kwargs = dict(supports_prefix_sharing=True)
+    else:
+        req = SimpleNamespace(kv=ReqKvInfo(kv_allocated_len=n, swa_evicted_seqlen=0), req_pool_idx=row,
+                              cache_protected_len=prompt, kv_committed_len=n, kara_offset=0)
+        evict_kwargs = {}
     req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
 
     def sglang_evicts(pre_len):  # ScheduleBatch._evict_swa (frontier = the newest written entry)
-        free_swa_out_of_window_slots(req, pre_len, sliding_window_size=SLIDING, page_size=1,
-                                     req_to_token_pool=req_to_token_pool, token_to_kv_pool_allocator=allocator,
-                                     supports_prefix_sharing=True)
+        common.free_swa_out_of_window_slots(req, pre_len, sliding_window_size=SLIDING, page_size=1,
+                                            req_to_token_pool=req_to_token_pool,
+                                            token_to_kv_pool_allocator=allocator, **evict_kwargs)
+
+    def private_swa_tokens():  # SWA slots the request holds outside the tree's prefix
+        if newer:
+            from sglang.srt.managers.scheduler_components.pool_stats_observer import kv_private_swa_tokens
+
+            return kv_private_swa_tokens(req.kv, 1)
+        # 0.5.17's invariant checker: allocated - max(cache_protected_len, swa_evicted_seqlen)
+        return req.kv.kv_allocated_len - max(req.cache_protected_len, swa_window.cursor(req))
 
     def check_row(length, running=True):
         cursor = swa_window.cursor(req)
         mapping = allocator.full_to_swa_index_mapping[req_to_token[row, :length].long()]
-        dead_lo = req.kv.swa_dead_lo(1)
+        dead_lo = swa_window.dead_lo(req)
         assert bool((mapping[dead_lo:cursor] == 0).all()) and bool((mapping[:dead_lo] > 0).all())
         assert bool((mapping[cursor:length] > 0).all())  # the window always holds its peers
         assert not running or cursor <= length - (SLIDING + 1)
         assert allocator.full_available_size() == FULL - length
-        assert allocator.swa_available_size() == SWA - kv_private_swa_tokens(req.kv, 1) - prompt
+        assert allocator.swa_available_size() == SWA - private_swa_tokens() - prompt
         assert_free_lists_exact(allocator, req_to_token[row, :length].tolist(),
                                 [int(s) for s in mapping.tolist() if s > 0])
 
@@ -175,8 +192,7 @@ def test_compaction_keeps_the_swa_cursor_pool_counts_and_sglang_eviction_in_step
     freed = Compressor(policy, layout, queries, DIM ** -0.5).run([DueRequest(row, row, task, first=True)])
     assert freed.numel() == task.n_evicted
     kv_pool.free_slots(allocator, freed)
-    req.kv.kv_committed_len -= task.n_evicted
-    req.kv.kv_allocated_len -= task.n_evicted
+    req_kv.shorten(req, task.n_evicted)
     swa_window.shift(req, task.n_evicted)
     req.kara_offset = task.n_evicted
     length = n - task.n_evicted
@@ -187,7 +203,7 @@ def test_compaction_keeps_the_swa_cursor_pool_counts_and_sglang_eviction_in_step
     more = 6
     req_to_token[row, length:length + more] = allocator.alloc(more).to(torch.int32)
     length += more
-    req.kv.kv_committed_len = req.kv.kv_allocated_len = length
+    req_kv.cut_to(req, length)
     sglang_evicts(swa_window.kv_frontier(req, n + more - 1))
     assert swa_window.cursor(req) == length - 1 - SLIDING
     check_row(length)
@@ -195,11 +211,16 @@ def test_compaction_keeps_the_swa_cursor_pool_counts_and_sglang_eviction_in_step
     # Release: Kara cuts the row to its exact prefix (here the prompt), SGLang frees the rest.
     cut = prompt + 2
     kv_pool.free_slots(allocator, req_to_token[row, cut:length].long())
-    req.kv.kv_committed_len = req.kv.kv_allocated_len = cut
+    req_kv.cut_to(req, cut)
     swa_window.clamp(req, cut)
     check_row(cut, running=False)
-    free_kv_row_segments(allocator, [(req_to_token[row, :cut].long(), 0)],
-                         swa_evicted_seqlen=req.kv.get_evicted_seqlen(ComponentType.SWA),
-                         swa_dead_lo=req.kv.swa_dead_lo(1))
+    if newer:
+        from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
+
+        common.free_kv_row_segments(allocator, [(req_to_token[row, :cut].long(), 0)],
+                                    swa_evicted_seqlen=req.kv.get_evicted_seqlen(ComponentType.SWA),
+                                    swa_dead_lo=req.kv.swa_dead_lo(1))
+    else:  # 0.5.17 frees a row's full slots and the SWA peers they still have in one call
+        allocator.free(req_to_token[row, :cut].long())
     assert allocator.full_available_size() == FULL and allocator.swa_available_size() == SWA
     assert_free_lists_exact(allocator)

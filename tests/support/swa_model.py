@@ -41,6 +41,7 @@ def build_tiny_gpt_oss(folder: Path, seed: int = 0, head_dim: int = 32) -> Path:
         num_key_value_heads=2, head_dim=head_dim, num_local_experts=2, num_experts_per_tok=1,
         sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"] * 2,
         max_position_embeddings=8192, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id, tie_word_embeddings=False, torch_dtype="bfloat16")
+        pad_token_id=tok.eos_token_id, tie_word_embeddings=False, torch_dtype="bfloat16",
+        swiglu_limit=7.0)  # gpt-oss-20b's; transformers 5.12 (SGLang 0.5.17) has no default, SGLang reads it
     torch.manual_seed(seed)
     return _save(folder, GptOssForCausalLM(config))
