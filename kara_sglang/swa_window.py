@@ -64,8 +64,8 @@ class _Cursor:
     floor (``swa_dead_lo(page_size)``). 0.5.17: ``req.kv`` is ``None`` while nothing is held;
     the cursor is ``req.kv.swa_evicted_seqlen`` (0 on pools without SWA layers, which never
     move it) and the floor is computed inline by ``mem_cache/common.py:
-    free_swa_out_of_window_slots`` as ``max(req.cache_protected_len, req.swa_evict_floor)``,
-    page-aligned upward: the same quantity."""
+    free_swa_out_of_window_slots`` as ``max(req.cache_protected_len, req.swa_evict_floor)``
+    (rounded up to a page there; Kara's SWA support is page size 1): the same quantity."""
 
     def __init__(self, req: Any, kv: Any) -> None:
         self.req, self.kv = req, kv
@@ -84,14 +84,12 @@ class _Cursor:
         """Whether the pool has SWA layers whose cursor this request carries."""
         return _swa_component() in self.kv.component_evicted_seqlens if self.new else self.get() > 0
 
-    def dead_lo(self, page_size: int = 1) -> int:
+    def dead_lo(self) -> int:
+        """The floor at page size 1, the only one Kara runs on SWA pools (no page rounding)."""
         if self.new:
-            return self.kv.swa_dead_lo(page_size)
-        protected = int(getattr(self.req, "cache_protected_len", 0) or 0)
-        lo = max(protected, int(getattr(self.req, "swa_evict_floor", 0) or 0))
-        if page_size > 1 and lo > protected:
-            lo = -(-lo // page_size) * page_size
-        return lo
+            return self.kv.swa_dead_lo(1)
+        return max(int(getattr(self.req, "cache_protected_len", 0) or 0),
+                   int(getattr(self.req, "swa_evict_floor", 0) or 0))
 
     def clamp(self, length: int) -> None:
         if self.new:
@@ -116,7 +114,7 @@ def cursor(req: Any) -> int:
 def dead_lo(req: Any) -> int:
     """The lowest column whose SWA peer the request may release itself (``swa_dead_lo``)."""
     c = _cur(req)
-    return c.dead_lo(1) if c is not None else 0
+    return c.dead_lo() if c is not None else 0
 
 
 def release_region(req: Any, allocator: Any, req_to_token: torch.Tensor, row: int, region_end: int,
@@ -127,7 +125,7 @@ def release_region(req: Any, allocator: Any, req_to_token: torch.Tensor, row: in
     c = _cur(req)
     if c is None:
         return 0
-    dead_lo = c.dead_lo(1)
+    dead_lo = c.dead_lo()
     if region_start < dead_lo:
         # Entries below swa_dead_lo keep their SWA peers until the request ends (tree-owned
         # or shielded prefill rows): a compaction there would slide live peers under the cursor.
@@ -166,7 +164,7 @@ def check_row(req: Any, allocator: Any, req_to_token: torch.Tensor, row: int, sl
     c = _cur(req)
     if c is None:
         return
-    length, lo, cur = req_kv.committed_len(req), c.dead_lo(1), c.get()
+    length, lo, cur = req_kv.committed_len(req), c.dead_lo(), c.get()
     mapping = allocator.full_to_swa_index_mapping
     peers = mapping[req_to_token[row, :length].to(torch.int64).to(mapping.device)] > 0
     if cur > length - sliding_window - 1:

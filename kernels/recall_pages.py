@@ -220,21 +220,18 @@ def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier
     kernel, kernels/select_top.py) after each ranking, or ``fused``: the radix selection inside
     each ranking kernel (two launches in all, nothing else; the same picks as ``radix``)."""
     kept = min(pages_kept, n_pages)
+    if select == "fused":
+        chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept)
+    else:
+        page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
+        chosen = top_columns(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, n_pages, select).contiguous()
     if kept * PAGE <= tokens:  # the kept pages' tokens all fit: no second ranking, every token of them
-        if select == "fused":
-            chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept)
-        else:
-            page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
-            chosen = top_columns(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, n_pages, select)
         cols = (chosen.unsqueeze(-1) * PAGE + torch.arange(PAGE, device=chosen.device)).flatten(-2)
         dead = (chosen < 0).repeat_interleave(PAGE, -1) | (cols >= tier_lens.view(-1, 1, 1))
         return cols.masked_fill(dead, -1)
     if select == "fused":
-        chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept)
         return rank_tier(queries, *k_tier, tier_table, rows, tier_lens, kept * PAGE, bits, sm_scale,
                          pages=chosen, page=PAGE, top=tokens, **(rank_kwargs or {}))
-    page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
-    chosen = top_columns(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, n_pages, select).contiguous()
     n_cand = kept * PAGE
     cand = rank_tier(queries, *k_tier, tier_table, rows, tier_lens, n_cand, bits, sm_scale,
                      pages=chosen, page=PAGE, **(rank_kwargs or {}))

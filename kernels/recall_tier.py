@@ -271,6 +271,20 @@ def _rank_tier_kernel(
 
 
 @triton.jit
+def dequant_tokens(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh, slot, head, offs_d, mask,
+                   BITS: tl.constexpr, QGROUP: tl.constexpr):
+    """float32 ``[tokens, channels]``: the tier's codes of tier slots ``slot`` (one KV head),
+    times each channel group's step plus its minimum; 0 where ``mask`` is false."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    byte = tl.load(XC + slot[:, None] * stride_xcs + head * stride_xch + (offs_d // PER_BYTE)[None, :],
+                   mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
+    s_off = slot[:, None] * stride_xss + head * stride_xsh + (offs_d // QGROUP)[None, :]
+    return (code.to(tl.float32) * tl.load(XST + s_off, mask=mask, other=0.0).to(tl.float32)
+            + tl.load(XLO + s_off, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _recall_decode_tier_kernel(
     Q, stride_qb, stride_qh,
     K, stride_ks, stride_kh, V, stride_vs, stride_vh,
@@ -292,7 +306,6 @@ def _recall_decode_tier_kernel(
     d_ok = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < V_DIM
-    PER_BYTE: tl.constexpr = 8 // BITS
     q = tl.load(Q + pid_b.to(tl.int64) * stride_qb + head * stride_qh + offs_d,
                 mask=d_ok, other=0.0).to(tl.float32)
     row = tl.load(ROWS + pid_b).to(tl.int64)
@@ -328,20 +341,10 @@ def _recall_decode_tier_kernel(
         pick = tl.load(sel_row + offs, mask=offs < n_sel, other=-1)
         valid = pick >= 0
         slots = tl.load(tier_row + pick, mask=valid, other=0).to(tl.int64)
-        mk = valid[:, None] & d_ok[None, :]
-        byte = tl.load(KC + slots[:, None] * stride_kcs + kv_head * stride_kch + (offs_d // PER_BYTE)[None, :],
-                       mask=mk, other=0).to(tl.int32)
-        code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-        s_off = slots[:, None] * stride_kss + kv_head * stride_ksh + (offs_d // QGROUP)[None, :]
-        k = (code.to(tl.float32) * tl.load(KST + s_off, mask=mk, other=0.0).to(tl.float32)
-             + tl.load(KLO + s_off, mask=mk, other=0.0).to(tl.float32))
-        mv = valid[:, None] & dv_ok[None, :]
-        byte = tl.load(VC + slots[:, None] * stride_vcs + kv_head * stride_vch + (offs_dv // PER_BYTE)[None, :],
-                       mask=mv, other=0).to(tl.int32)
-        code = (byte >> ((offs_dv % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-        s_off = slots[:, None] * stride_vss + kv_head * stride_vsh + (offs_dv // QGROUP)[None, :]
-        v = (code.to(tl.float32) * tl.load(VST + s_off, mask=mv, other=0.0).to(tl.float32)
-             + tl.load(VLO + s_off, mask=mv, other=0.0).to(tl.float32))
+        k = dequant_tokens(KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh, slots, kv_head, offs_d,
+                           valid[:, None] & d_ok[None, :], BITS, QGROUP)
+        v = dequant_tokens(VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh, slots, kv_head, offs_dv,
+                           valid[:, None] & dv_ok[None, :], BITS, QGROUP)
         s = tl.where(valid, tl.reduce(q[None, :] * k, 1, _sum_combine) * qk_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 0, _max_combine))
         # A block with no valid token before any valid one keeps the state at its start.
@@ -353,20 +356,6 @@ def _recall_decode_tier_kernel(
         m_i = m_new
     out = OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh
     tl.store(out + offs_dv, acc / l_i, mask=dv_ok)
-
-
-@triton.jit
-def dequant_tokens(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh, slot, head, offs_d, mask,
-                   BITS: tl.constexpr, QGROUP: tl.constexpr):
-    """float32 ``[tokens, channels]``: the tier's codes of tier slots ``slot`` (one KV head),
-    times each channel group's step plus its minimum; 0 where ``mask`` is false."""
-    PER_BYTE: tl.constexpr = 8 // BITS
-    byte = tl.load(XC + slot[:, None] * stride_xcs + head * stride_xch + (offs_d // PER_BYTE)[None, :],
-                   mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((offs_d % PER_BYTE) * BITS)[None, :]) & (2 ** BITS - 1)
-    s_off = slot[:, None] * stride_xss + head * stride_xsh + (offs_d // QGROUP)[None, :]
-    return (code.to(tl.float32) * tl.load(XST + s_off, mask=mask, other=0.0).to(tl.float32)
-            + tl.load(XLO + s_off, mask=mask, other=0.0).to(tl.float32))
 
 
 @triton.jit
