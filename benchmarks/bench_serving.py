@@ -195,7 +195,8 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--keep-ratio", type=float, default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--buffer", type=int, default=64)
+    ap.add_argument("--buffer", type=int, default=None,
+                    help="Kara's U (default: the server's: 64, or the sliding window + 1 on hybrid SWA models)")
     ap.add_argument("--attention-backend", default="triton",
                     help="SGLang's backend (triton, fa3, flashinfer, ...); 'default': no flag, SGLang picks")
     ap.add_argument("--overlap", choices=("on", "off"), default="off",
@@ -275,6 +276,8 @@ def start_engine(args, **extra):
     startup = time.time() - t0
     info = engine.get_server_info()
     max_total_tokens = info["internal_states"][0]["kara"]["max_total_tokens"]
+    if args.policy != "none" and args.buffer is None:  # the U the server chose, for the rows
+        args.buffer = info["internal_states"][0]["kara"]["config"]["buffer"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     model = args.model_shape + ("-cpu-smoke" if args.cpu_smoke else "")
     env = {"device": device, "sglang_version": sglang.__version__, "max_total_tokens": max_total_tokens,

@@ -21,6 +21,9 @@ import re
 # First match wins; names are kernel symbols as CUPTI reports them (lower-cased).
 KINDS = [
     ("kara", r"_window_score_kernel|_compact_kernel|_merge_kernel|_longflow|_evict_lowest"),
+    # recall (kernels/recall*.py, select_top.py): before attention, whose pattern "decode_kernel" would match
+    ("kara_recall", r"_rank_kernel|_rank_pages|_rank_tier|_page_bounds|_recall_decode|_plan_refresh"
+                    r"|_write_planned|_fill_buffer|_quantize_kernel|_select_top"),
     # before attention: FlashInfer's norm and RoPE kernels carry "flashinfer" in their names
     ("norm_rope_act", r"rmsnorm|layernorm|rotary|rope|silu|act_and_mul|gelu"),
     ("attention", r"flash|fmha|attn|attention|batchdecode|batchprefill|decode_kernel|_fwd_kernel"),

@@ -36,7 +36,8 @@ FLAGS = (
          POLICY_NAMES, per_request=True),
     Flag("kara_window", "window", int, "Kara window W: decode tokens compressed at once (default 512)."),
     Flag("kara_buffer", "buffer", int,
-         "Kara buffer U: newest tokens kept uncompressed (default 64); threshold, streaming, "
+         "Kara buffer U: newest tokens kept uncompressed (default 64; on hybrid sliding-window "
+         "models the sliding window + 1, the least that covers it); threshold, streaming, "
          "longflow: the decode cache is cut back to the budget when it reaches budget + U."),
     Flag("kara_keep_ratio", "keep_ratio", float, "Share of each window kept, in (0, 1] (default 0.25).",
          per_request=True),
@@ -106,6 +107,14 @@ def config_from_attrs(source: Any) -> KaraConfig:
     if "policy" not in values:
         values["policy"] = "none"
     return KaraConfig(**values)
+
+
+def given(source: Any, attr: str) -> bool:
+    """Whether the flag ``attr`` (e.g. ``"kara_buffer"``) was set, on the command line or as an
+    Engine keyword, rather than left to its default."""
+    carried = getattr(source, FLAGS_ATTR, None)
+    value = carried.get(attr) if carried is not None else getattr(source, attr, None)
+    return value is not None
 
 
 def request_overrides(server: KaraConfig, custom_params: Optional[Mapping[str, Any]]) -> KaraConfig:

@@ -116,6 +116,24 @@ def check_supported(pool: Any, config: KaraConfig, page_size: int = 1,
             raise KaraConfigError("--kara-recall-tokens: not supported on an MLA KV pool")
 
 
+def fit_buffer(pool: Any, config: KaraConfig, sliding_window: Optional[int], buffer_given: bool) -> KaraConfig:
+    """The server's config for this pool: on a hybrid sliding-window pool Kara's uncompressed
+    tail must cover the sliding window (``sliding_window + 1`` entries, :func:`_check_swa`), so
+    with no ``--kara-buffer`` U becomes that (gpt-oss: 129) and ``--kv-policy kara`` needs no
+    other flag. A U given explicitly is checked by :func:`check_supported`, never changed."""
+    if (buffer_given or config.policy != "kara" or kind_of(pool) != "swa"
+            or sliding_window is None or sliding_window < 0):
+        return config
+    need = sliding_window + 1
+    if config.buffer >= need:
+        return config
+    if need >= config.window:
+        raise KaraConfigError(
+            f"--kara-window: W={config.window} must exceed the buffer U={need} that covers this "
+            f"model's sliding window ({sliding_window} + 1 entries)")
+    return config.with_overrides(buffer=need)
+
+
 def _check_swa(pool: Any, config: KaraConfig, page_size: int, sliding_window: Optional[int]) -> None:
     """What Kara on a hybrid SWA pool is built for (see the module docstring)."""
     from kara_sglang import sglang_versions, swa_window

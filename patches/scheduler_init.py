@@ -11,8 +11,8 @@ into token ids for ``--kara-scope reasoning``).
 from __future__ import annotations
 
 from kara_patches._patch import Patch
-from kara_sglang import adapter
-from kara_sglang.flags import config_from_attrs
+from kara_sglang import adapter, kv_pool
+from kara_sglang.flags import config_from_attrs, given
 
 
 def _server_args_of(args, kwargs):
@@ -44,9 +44,11 @@ def reasoning_end(scheduler, config):
 def _install(result, scheduler, *args, **kwargs):
     config = config_from_attrs(scheduler.server_args)
     if config.policy != "none":
+        runner = scheduler.tp_worker.model_runner
+        config = kv_pool.fit_buffer(runner.token_to_kv_pool, config, getattr(runner, "sliding_window_size", None),
+                                    buffer_given=given(scheduler.server_args, "kara_buffer"))
         overlap = adapter.OverlapView(scheduler) if scheduler.enable_overlap else None
-        adapter.install(config, scheduler.tp_worker.model_runner, scheduler.page_size,
-                        reasoning_end(scheduler, config), overlap)
+        adapter.install(config, runner, scheduler.page_size, reasoning_end(scheduler, config), overlap)
     return result
 
 

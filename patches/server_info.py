@@ -48,7 +48,9 @@ def swa_accounting(allocator, tree) -> dict:
 
 def pool_accounting(scheduler) -> dict:
     tree = scheduler.tree_cache
-    config = config_from_attrs(scheduler.server_args)
+    runtime = adapter.current()
+    # The runtime's config is the one in force (on a hybrid SWA pool U may follow the window).
+    config = runtime.config if runtime is not None else config_from_attrs(scheduler.server_args)
     info = {
         "max_total_tokens": int(scheduler.max_total_num_tokens),
         "available_tokens": int(scheduler.token_to_kv_pool_allocator.available_size()),
@@ -63,7 +65,6 @@ def pool_accounting(scheduler) -> dict:
         "dp_rank": dp_rank(scheduler),
     }
     info.update(swa_accounting(scheduler.token_to_kv_pool_allocator, tree))
-    runtime = adapter.current()
     if runtime is not None:
         info.update(runtime.counters())
         if runtime.debug_checks and runtime.tp is not None:

@@ -69,3 +69,17 @@ def test_overrides_are_validated():
     assert cfg.with_overrides(keep_ratio=0.5).window_budget == 256
     with pytest.raises(KaraConfigError, match="--kara-keep-ratio"):
         cfg.with_overrides(keep_ratio=2.0)
+
+
+def test_a_flag_counts_as_given_only_when_set():
+    """What lets a default follow the model (U on hybrid sliding-window pools) while a value
+    the user gave is kept: ``flags.given`` on ServerArgs' carried values and on a namespace."""
+    from types import SimpleNamespace
+
+    from kara_sglang.flags import FLAGS_ATTR, given
+
+    assert given(SimpleNamespace(**{FLAGS_ATTR: {"kara_buffer": 64}}), "kara_buffer")
+    assert not given(SimpleNamespace(**{FLAGS_ATTR: {"kara_buffer": None}}), "kara_buffer")
+    assert not given(SimpleNamespace(**{FLAGS_ATTR: {}}), "kara_buffer")
+    assert given(SimpleNamespace(kara_buffer=32), "kara_buffer")
+    assert not given(SimpleNamespace(kara_window=32), "kara_buffer")

@@ -84,6 +84,25 @@ def test_what_the_hybrid_pool_does_not_support_is_refused_with_one_line(changes,
         kv_pool.check_supported(pool, config(**changes), page_size=page_size, sliding_window=SLIDING)
 
 
+def test_with_no_buffer_flag_u_covers_the_sliding_window_and_a_given_one_is_kept():
+    """``--kv-policy kara`` with no other flag on a hybrid SWA model: U follows the window."""
+    from kara_sglang import kv_pool
+    from kara_sglang.config import KaraConfigError
+
+    pool, _ = swa_pool()
+    default = config(buffer=2)  # below the window's SLIDING + 1 entries
+    fitted = kv_pool.fit_buffer(pool, default, SLIDING, buffer_given=False)
+    assert fitted.buffer == SLIDING + 1 and fitted.window == default.window
+    kv_pool.check_supported(pool, fitted, page_size=1, sliding_window=SLIDING)  # now supported
+    assert kv_pool.fit_buffer(pool, config(buffer=12), SLIDING, buffer_given=False).buffer == 12  # covers it
+    given = kv_pool.fit_buffer(pool, default, SLIDING, buffer_given=True)
+    assert given.buffer == 2  # a given U is checked, not changed:
+    with pytest.raises(KaraConfigError, match="--kara-buffer"):
+        kv_pool.check_supported(pool, given, page_size=1, sliding_window=SLIDING)
+    with pytest.raises(KaraConfigError, match="--kara-window: W=8 must exceed the buffer U=8"):
+        kv_pool.fit_buffer(pool, config(window=8, buffer=2), SLIDING, buffer_given=False)
+
+
 def test_a_freed_slot_releases_its_swa_peer_only_if_sglang_has_not():
     from kara_sglang import kv_pool
 

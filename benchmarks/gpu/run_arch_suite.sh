@@ -7,8 +7,8 @@
 #      newest_release" as CI's 0.5.17 stage) -> $OUT/tests.txt
 #   2. a serving smoke of each full-size shape with dummy weights (bench_serving.py
 #      --model-shape deepseek-v3-cut / gpt-oss-20b, pools pinned as benchmarks/gpu/arch.sh pins
-#      them), Kara at its defaults (--policy kara --keep-ratio 0.25: W 512, U 64; gpt-oss also
-#      --buffer 128, which must cover its 128-token window) and --policy none, on $WORKLOAD
+#      them), Kara with no other flag (--policy kara --keep-ratio 0.25: W 512, U the server's
+#      default: 64, and on gpt-oss 128, which covers its sliding window) and --policy none, on $WORKLOAD
 #      (default 16x1024+2048: three compressions a Kara request) -> $OUT/log-*.txt, row-*.json
 # $OUT/summary.txt says, per part, whether it passed, whether the decode logs show Kara
 # compressing, and any error lines.
@@ -23,8 +23,6 @@
 # Time: TOTAL (default 510 s) bounds the whole call; SUITE_TIMEOUT (300) the tests,
 # SMOKE_TIMEOUT (240) each server, START_WAIT (200) the wait for the DeepSeek servers; a part
 # reaching the deadline is cut (its log kept) or skipped, and the summary says so.
-# SGLang 0.5.17 (the GPU image's) lacks the per-request SWA cursor Kara shifts: there the SWA
-# tests skip and Kara refuses gpt-oss at start-up with one line (docs/sglang-versions.md).
 # CPU_SMOKE=1 runs the same steps on a CPU (tests on the CPU, bench_serving.py --cpu-smoke).
 set -uo pipefail
 T0=$(date +%s)
@@ -59,7 +57,7 @@ else
   nvidia-smi > $OUT/gpu.txt 2>&1
   TEST_ENV=(KARA_TEST_DEVICE=cuda KARA_TEST_ATTENTION_BACKEND=default KARA_TEST_OVERLAP=1 KARA_TEST_HEAD_DIM=64)
   SMOKE_ARGS="--attention-backend default --overlap on --disable-prefill-cuda-graph --workload $WORKLOAD"
-  BUFFER=(64 128)  # deepseek-v3-cut (Kara's default), gpt-oss-20b (its window)
+  BUFFER=("" "")  # no --kara-buffer: the server's default U (gpt-oss: its sliding window + 1)
 fi
 ts "SGLang $(python3 -c 'import importlib.metadata as m; print(m.version("sglang"))' 2>/dev/null), $OUT"
 
@@ -71,7 +69,7 @@ pool() {  # SHAPE: the pool arch.sh pins (arch_bytes_model.py --counts; 90% of i
   echo $p
 }
 shape_args() {  # SHAPE BUFFER POOL
-  echo "--model-shape $1 --buffer $2 $SMOKE_ARGS${3:+ --max-total-tokens $3}"
+  echo "--model-shape $1${2:+ --buffer $2} $SMOKE_ARGS${3:+ --max-total-tokens $3}"
 }
 smoke() {  # NAME SECONDS ARGS: one bench_serving.py process (one server start-up)
   local name=$1 secs=$2 args=$3 t0=$(date +%s)
@@ -93,8 +91,8 @@ up_or_gone() {  # NAME PID: the server is up (its BENCH-ENV line) or its process
 if [ "$CPU_SMOKE" != 1 ]; then
   pool deepseek-v3-cut > $OUT/pool-deepseek-v3-cut.txt & pool gpt-oss-20b > $OUT/pool-gpt-oss-20b.txt & wait
 fi
-DS_ARGS=$(shape_args deepseek-v3-cut ${BUFFER[0]} "$(cat $OUT/pool-deepseek-v3-cut.txt 2>/dev/null)")
-GPT_ARGS=$(shape_args gpt-oss-20b ${BUFFER[1]} "$(cat $OUT/pool-gpt-oss-20b.txt 2>/dev/null)")
+DS_ARGS=$(shape_args deepseek-v3-cut "${BUFFER[0]}" "$(cat $OUT/pool-deepseek-v3-cut.txt 2>/dev/null)")
+GPT_ARGS=$(shape_args gpt-oss-20b "${BUFFER[1]}" "$(cat $OUT/pool-gpt-oss-20b.txt 2>/dev/null)")
 ts "deepseek-v3-cut: $DS_ARGS"
 ts "gpt-oss-20b: $GPT_ARGS"
 s=$(bound $SMOKE_TIMEOUT)
@@ -172,7 +170,7 @@ for name in ("deepseek-v3-cut-kara", "deepseek-v3-cut-vanilla", "gpt-oss-20b-van
         print(f"  up: SGLang {env.get('sglang_version')}, {env.get('device')}, backend {env.get('attention_backend')}, "
               f"overlap {env.get('overlap')}, pool {env.get('max_total_tokens')} tokens")
     for r in rows:
-        print(f"  row {r['workload']}: {r['output_tok_per_s']:.0f} tok/s, {r['num_requests']} requests, "
+        print(f"  row {r['workload']}: {r['output_tok_per_s']:.0f} tok/s, {r['num_requests']} requests, U {r.get('buffer')}, "
               f"peak running {r.get('peak_running_requests')}, peak KV {r.get('peak_kv_tokens')}, "
               f"compressions {r['compression_events']}, evicted {r['kv_tokens_evicted']}, retractions {r['retractions']}")
     print(f"  decode log lines in the measured workload: {decode}; last kara line: "
