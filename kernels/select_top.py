@@ -33,7 +33,9 @@ import triton.language as tl
 
 from kara_kernels._buffers import interpreting
 
-__all__ = ["select_top", "top_columns", "top_of_row"]
+__all__ = ["SORTED_MAX_COLS", "select_top", "top_columns", "top_of_row", "top_of_row_sorted"]
+
+SORTED_MAX_COLS = 4096  # the sorted selection holds a row in registers: 32 int64 a thread at 4 warps
 
 
 @triton.jit
@@ -103,19 +105,52 @@ def top_of_row(src, n, R, dst, pages, PAGE: tl.constexpr, BLOCK: tl.constexpr, B
 
 
 @triton.jit
+def top_of_row_sorted(src, n, R, dst, pages, PAGE: tl.constexpr, BLOCK: tl.constexpr, K_PAD: tl.constexpr):
+    """:func:`top_of_row`'s picks, written the same way, for a row that fits one block
+    (``n <= BLOCK``, ``R <= K_PAD <= BLOCK``, powers of two, ``K_PAD`` >= 2): the row is read once into
+    registers as int64 keys (score key above, inverted column below, so a tie goes to the
+    lowest column), a bitonic top-``K_PAD`` keeps the best, and a sort of their columns puts
+    them in column order. No pass over memory after the first, where the radix selection
+    makes five."""
+    offs = tl.arange(0, BLOCK)
+    valid = offs < n
+    score = tl.load(src + offs, mask=valid, other=float("-inf"))
+    packed = (_key(score).to(tl.int64) << 32) | (0x7FFFFFFF - offs).to(tl.int64)
+    packed = tl.where(valid, packed, -9223372036854775807 - 1)
+    best = tl.topk(packed, K_PAD)  # descending
+    rank = tl.arange(0, K_PAD)
+    take = (rank < R) & (best != -9223372036854775807 - 1)
+    col = 0x7FFFFFFF - (best & 0xFFFFFFFF)
+    neg_inf = ((best >> 32) == _key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)).to(tl.int64)
+    # Column order; a pick of a -inf score keeps its place (flag bit) and not-taken go last.
+    order = tl.sort(tl.where(take, col * 2 + neg_inf, 4611686018427387904))
+    picked = order != 4611686018427387904
+    c = order >> 1
+    pick = c
+    if PAGE:
+        page = tl.load(pages + c // PAGE, mask=picked, other=-1).to(tl.int64)
+        pick = tl.where((page >= 0) & ((order & 1) == 0), page * PAGE + c % PAGE, -1)
+    tl.store(dst + rank, tl.where(picked, pick, -1), mask=rank < R)
+
+
+@triton.jit
 def _select_top_kernel(
     RANK, stride_rb, stride_rh, LENS, OUT, stride_ob, stride_oh, n_cols, R,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, SORTED: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
     n = tl.minimum(tl.load(LENS + pid_b).to(tl.int32), n_cols)
-    top_of_row(RANK + pid_b.to(tl.int64) * stride_rb + head * stride_rh, n, R,
-                OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh, LENS, 0, BLOCK, BLOCK_R)
+    src = RANK + pid_b.to(tl.int64) * stride_rb + head * stride_rh
+    dst = OUT + pid_b.to(tl.int64) * stride_ob + head * stride_oh
+    if SORTED:
+        top_of_row_sorted(src, n, R, dst, LENS, 0, BLOCK, BLOCK_R)
+    else:
+        top_of_row(src, n, R, dst, LENS, 0, BLOCK, BLOCK_R)
 
 
 def select_top(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: Optional[int] = None,
-               block: int = 2048, num_warps: int = 4) -> torch.Tensor:
+               block: int = 2048, num_warps: int = 4, method: str = "radix") -> torch.Tensor:
     """``[B, H, tokens]`` int64: per row, the columns of its ``tokens`` largest scores among the
     first ``lens[b]`` (module docstring), then -1.
 
@@ -124,6 +159,8 @@ def select_top(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: Opti
         lens: ``[B]`` valid columns per request (clipped to ``n_cols``).
         tokens: R.
         n_cols: columns considered (default C).
+        method: ``radix`` (:func:`top_of_row`) or ``sorted`` (:func:`top_of_row_sorted`, rows
+            of at most :data:`SORTED_MAX_COLS` columns; ``block`` is then the row's).
     Device work only (no host read): a CUDA graph replays it.
     """
     if rank.dtype != torch.float32 or rank.dim() != 3 or rank.stride(2) != 1:
@@ -135,11 +172,20 @@ def select_top(rank: torch.Tensor, lens: torch.Tensor, tokens: int, n_cols: Opti
     out = torch.empty(B, H, tokens, dtype=torch.int64, device=rank.device)
     if B == 0 or H == 0 or tokens == 0:
         return out
-    if interpreting():
+    block_r = min(1024, triton.next_power_of_2(tokens))
+    if method == "sorted":
+        block_r = max(16, triton.next_power_of_2(tokens))  # tl.topk of 1 is a scalar
+        block = max(16, block_r, triton.next_power_of_2(max(1, n_cols)))
+        if block > SORTED_MAX_COLS:
+            raise ValueError(f"method 'sorted' reads a row of at most {SORTED_MAX_COLS} columns and "
+                             f"picks, got {n_cols} columns and {tokens} picks")
+    elif method != "radix":
+        raise ValueError(f"unknown selection method {method!r}")
+    elif interpreting():
         block = max(16, min(block, triton.next_power_of_2(max(1, n_cols))))
     _select_top_kernel[(B, H)](
         rank, rank.stride(0), rank.stride(1), lens, out, out.stride(0), out.stride(1), n_cols, tokens,
-        BLOCK=block, BLOCK_R=min(1024, triton.next_power_of_2(tokens)), num_warps=num_warps,
+        BLOCK=block, BLOCK_R=block_r, SORTED=method == "sorted", num_warps=num_warps,
     )
     return out
 

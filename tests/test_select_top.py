@@ -18,8 +18,10 @@ def _expected(row, n, tokens):
     return sorted(order) + [-1] * (tokens - min(tokens, n))
 
 
-@pytest.mark.parametrize("tokens, block", [(7, 16), (40, 32), (1, 64), (64, 1024)])
-def test_select_top_matches_a_sort(tokens, block):
+@pytest.mark.parametrize("tokens, block, method", [(7, 16, "radix"), (40, 32, "radix"), (1, 64, "radix"),
+                                                  (64, 1024, "radix"), (7, 0, "sorted"), (40, 0, "sorted"),
+                                                  (1, 0, "sorted"), (128, 0, "sorted")])
+def test_select_top_matches_a_sort(tokens, block, method):
     seed = random.randrange(2 ** 31)
     gen = torch.Generator().manual_seed(seed)
     B, H, C = 5, 3, 150
@@ -32,7 +34,7 @@ def test_select_top_matches_a_sort(tokens, block):
     rank[3, 2, ::3] = 0.0
     lens = torch.tensor([150, 90, 6, 40, 500])  # 500: clipped to n_cols
     n_cols = 120
-    got = select_top(rank, lens, tokens, n_cols=n_cols, block=block)
+    got = select_top(rank, lens, tokens, n_cols=n_cols, block=block, method=method)
     assert got.dtype == torch.int64 and got.shape == (B, H, tokens)
     for b in range(B):
         n = min(int(lens[b]), n_cols)

@@ -118,6 +118,18 @@ def main() -> None:
                 t = time_ms(lambda: page_rank.topk(kept, dim=-1), a.iters)
             print(f"  {kept} pages ({kept * PAGE} tokens), page selection {select}: {t:.3f} ms/layer", flush=True)
         chosen = select_top(page_rank, pages, kept)
+        # The selection alone, radix (five passes over the row) against sorted (the row in
+        # registers, bitonic top-k), on the page scores and on the second stage's candidates.
+        cand = rank_tier(q, *k_tier, table, rows, lens, kept * PAGE, 4, scale, pages=chosen, page=PAGE,
+                         **SECOND_STAGE[1])
+        n_cand = torch.full_like(lens, kept * PAGE)
+        for what, scores, counts, top in (("page", page_rank, pages, kept), ("token", cand, n_cand, R)):
+            same = torch.equal(select_top(scores, counts, top, method="sorted"), select_top(scores, counts, top))
+            for method in ("radix", "sorted"):
+                t = graph_ms(lambda: select_top(scores, counts, top, method=method), a.iters)
+                print(f"  {kept} pages, {what} selection alone ({scores.shape[-1]} columns, top {top}), {method}: "
+                      f"{t:.3f} ms/layer in a graph" + ("" if method == "radix" else f"; same picks as radix: {same}"),
+                      flush=True)
         for kwargs in SECOND_STAGE:
             try:
                 t = time_ms(lambda: rank_tier(q, *k_tier, table, rows, lens, kept * PAGE, 4, scale, pages=chosen,
