@@ -43,8 +43,9 @@ RANK_CANDIDATES: Tuple[Dict, ...] = (
 )
 SELECT_CANDIDATES = ("torch", "radix")
 # Two stages (--kara-recall-pages): each stage's selection inside its ranking kernel (two
-# launches a layer), first as the default, or separate ones after each ranking.
-TWO_STAGE_SELECT_CANDIDATES = ("fused", "radix", "torch")
+# launches a layer; radix passes, the default, or the row sorted in registers, which refuses
+# rows past its size and is then skipped), or separate ones after each ranking.
+TWO_STAGE_SELECT_CANDIDATES = ("fused", "sorted", "radix", "torch")
 # Two-stage ranking's second stage (a few pages' tokens per row): the launch measured fastest
 # on an H200 at 64 pages kept (benchmarks/reasoning/two_stage_bench.py: 0.119 ms per layer).
 SECOND_STAGE_LAUNCH: Dict = {"low_dot": True, "bias_codes": True, "stages": 1}

@@ -32,8 +32,9 @@ import triton.language as tl
 
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import QUANT_GROUP
-from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_tier, dequant_tokens, rank_tier
-from kara_kernels.select_top import top_columns, top_of_row
+from kara_kernels.recall_tier import (_block, _check_bits, _check_dims, _check_tier, _selection_blocks, dequant_tokens,
+                                      rank_tier)
+from kara_kernels.select_top import top_columns, top_of_row, top_of_row_sorted
 
 PAGE = 16
 
@@ -83,6 +84,7 @@ def _rank_pages_kernel(
     n_pages, scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PAGE: tl.constexpr, DOT16: tl.constexpr, TOP: tl.constexpr, BLOCK_SEL: tl.constexpr,
+    SORTED_TOP: tl.constexpr, K_TOP: tl.constexpr,
 ):
     """Blocks of a request's pages for one KV head: ``max_g (q+ . hi + q- . lo) * scale``.
 
@@ -122,8 +124,11 @@ def _rank_pages_kernel(
         tl.store(out + offs_p, tl.where(valid, best * scale, float("-inf")), mask=offs_p < end)
     if TOP:
         tl.debug_barrier()  # the row's scores, written by all of this program's threads
-        top_of_row(out, n_row, n_top, SEL + pid_b.to(tl.int64) * stride_sb + head * stride_sh, PT, 0,
-                    BLOCK_SEL, 16)
+        sel = SEL + pid_b.to(tl.int64) * stride_sb + head * stride_sh
+        if SORTED_TOP:
+            top_of_row_sorted(out, n_row, n_top, sel, PT, 0, BLOCK_SEL, K_TOP)
+        else:
+            top_of_row(out, n_row, n_top, sel, PT, 0, BLOCK_SEL, 16)
 
 
 def _check_bounds(page_hi: torch.Tensor, page_lo: torch.Tensor, page_table: torch.Tensor, Hkv: int, D: int) -> None:
@@ -166,7 +171,8 @@ def page_bounds(k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
 
 def rank_pages(queries: torch.Tensor, page_table: torch.Tensor, page_hi: torch.Tensor, page_lo: torch.Tensor,
                rows: torch.Tensor, tier_lens: torch.Tensor, n_pages: int, sm_scale: float,
-               block_p: Optional[int] = None, num_warps: int = 4, top: int = 0) -> torch.Tensor:
+               block_p: Optional[int] = None, num_warps: int = 4, top: int = 0,
+               sorted_top: bool = False) -> torch.Tensor:
     """``[B, Hkv, n_pages]`` float32: each page's bound of ``max_g q_g . k * sm_scale`` over its
     tokens, -inf for pages past ``ceil(tier_lens[b] / PAGE)``. Device work only (CUDA graphs).
 
@@ -176,7 +182,8 @@ def rank_pages(queries: torch.Tensor, page_table: torch.Tensor, page_hi: torch.T
 
     ``block_p``: pages per block, default 64 (fastest on an H200, two_stage_bench.py, though
     ptxas reports 88 B spilled at 4 warps), 32 with ``top`` (the selection's registers on top
-    of 64 spill more; 32 spills nothing, benchmarks/kernel_resources.py)."""
+    of 64 spill more; 32 spills nothing, benchmarks/kernel_resources.py). ``sorted_top``: the
+    selection by ``top_of_row_sorted`` (the same picks, rows up to ``SORTED_MAX_COLS`` pages)."""
     B, Hq, D = queries.shape
     Hkv = page_hi.shape[1]
     _check_bounds(page_hi, page_lo, page_table, Hkv, D)
@@ -193,6 +200,7 @@ def rank_pages(queries: torch.Tensor, page_table: torch.Tensor, page_hi: torch.T
         block_p = max(block_p, min(1024, triton.next_power_of_2(n_pages)))
     group = Hq // Hkv
     dot16 = queries.dtype in (torch.bfloat16, torch.float16) and not interpreting()
+    block_sel, k_top = _selection_blocks(n_pages, top, sorted_top)
     _rank_pages_kernel[(B, Hkv, 1 if top else triton.cdiv(n_pages, block_p))](
         queries, queries.stride(0), queries.stride(1),
         page_hi, page_lo, page_hi.stride(0), page_hi.stride(1), page_table, page_table.stride(0),
@@ -200,7 +208,7 @@ def rank_pages(queries: torch.Tensor, page_table: torch.Tensor, page_hi: torch.T
         n_pages, sm_scale,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=_block(D),
         BLOCK_P=block_p, PAGE=PAGE, DOT16=dot16, TOP=bool(top),
-        BLOCK_SEL=min(2048, triton.next_power_of_2(max(16, n_pages))), num_warps=num_warps,
+        BLOCK_SEL=block_sel, SORTED_TOP=sorted_top and bool(top), K_TOP=k_top, num_warps=num_warps,
     )
     return sel
 
@@ -217,11 +225,14 @@ def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier
     ``n_pages`` (CUDA graphs).
 
     ``select``: how each stage picks its best: ``torch`` (torch.topk) or ``radix`` (the radix
-    kernel, kernels/select_top.py) after each ranking, or ``fused``: the radix selection inside
-    each ranking kernel (two launches in all, nothing else; the same picks as ``radix``)."""
+    kernel, kernels/select_top.py) after each ranking, or inside each ranking kernel (two
+    launches in all, nothing else; the same picks as ``radix``): ``fused`` by the radix
+    selection, ``sorted`` by the sorted one (rows up to ``SORTED_MAX_COLS`` pages)."""
     kept = min(pages_kept, n_pages)
-    if select == "fused":
-        chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept)
+    in_kernel = select in ("fused", "sorted")
+    if in_kernel:
+        chosen = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale, top=kept,
+                            sorted_top=select == "sorted")
     else:
         page_rank = rank_pages(queries, page_table, page_hi, page_lo, rows, tier_lens, n_pages, sm_scale)
         chosen = top_columns(page_rank, (tier_lens + PAGE - 1) // PAGE, kept, n_pages, select).contiguous()
@@ -229,9 +240,9 @@ def select_two_stage(queries: torch.Tensor, k_tier: Sequence[torch.Tensor], tier
         cols = (chosen.unsqueeze(-1) * PAGE + torch.arange(PAGE, device=chosen.device)).flatten(-2)
         dead = (chosen < 0).repeat_interleave(PAGE, -1) | (cols >= tier_lens.view(-1, 1, 1))
         return cols.masked_fill(dead, -1)
-    if select == "fused":
+    if in_kernel:
         return rank_tier(queries, *k_tier, tier_table, rows, tier_lens, kept * PAGE, bits, sm_scale,
-                         pages=chosen, page=PAGE, top=tokens, **(rank_kwargs or {}))
+                         pages=chosen, page=PAGE, top=tokens, sorted_top=select == "sorted", **(rank_kwargs or {}))
     n_cand = kept * PAGE
     cand = rank_tier(queries, *k_tier, tier_table, rows, tier_lens, n_cand, bits, sm_scale,
                      pages=chosen, page=PAGE, **(rank_kwargs or {}))

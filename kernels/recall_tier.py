@@ -47,7 +47,7 @@ from triton.language.standard import _sum_combine
 
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import LOG2E, QUANT_GROUP
-from kara_kernels.select_top import top_of_row
+from kara_kernels.select_top import SORTED_MAX_COLS, top_of_row, top_of_row_sorted
 
 TIER_BITS = (2, 4, 8)
 
@@ -160,6 +160,7 @@ def _rank_tier_kernel(
     BLOCK_E: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr, BITS: tl.constexpr,
     QGROUP: tl.constexpr, IEEE: tl.constexpr, LOW_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
     BIAS_CODES: tl.constexpr, PAGE: tl.constexpr, TOP: tl.constexpr, BLOCK_SEL: tl.constexpr,
+    SORTED_TOP: tl.constexpr, K_TOP: tl.constexpr,
 ):
     """Scores of one request's tier tokens for one KV head, on the tensor cores.
 
@@ -264,8 +265,12 @@ def _rank_tier_kernel(
         tl.store(out + offs_e, tl.where(valid, best * scale, float("-inf")), mask=offs_e < n_cols)
     if TOP:
         tl.debug_barrier()  # the row's scores, written by all of this program's threads
-        top_of_row(out, tl.minimum(end, n_cols), n_top, SEL + pid_b.to(tl.int64) * stride_sb + kv_head * stride_sh,
-                    PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph, PAGE, BLOCK_SEL, 16)
+        sel = SEL + pid_b.to(tl.int64) * stride_sb + kv_head * stride_sh
+        sel_pages = PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph
+        if SORTED_TOP:
+            top_of_row_sorted(out, tl.minimum(end, n_cols), n_top, sel, sel_pages, PAGE, BLOCK_SEL, K_TOP)
+        else:
+            top_of_row(out, tl.minimum(end, n_cols), n_top, sel, sel_pages, PAGE, BLOCK_SEL, 16)
     else:
         _minus_inf_past_count(out, end, n_cols, pid_s, BLOCK_E, SPLIT)
 
@@ -432,12 +437,26 @@ def quantize_to_tier(k_buffer: torch.Tensor, v_buffer: torch.Tensor, src_slots: 
         )
 
 
+def _selection_blocks(n_cols: int, top: int, sorted_top: bool):
+    """``(BLOCK_SEL, K_TOP)`` of a ranking that selects: the radix's block over the row, or the
+    sorted selection's whole row and padded pick count (kernels/select_top.py)."""
+    if not (sorted_top and top):
+        return min(2048, triton.next_power_of_2(max(16, n_cols))), 16
+    k_top = max(16, triton.next_power_of_2(top))
+    block = max(16, k_top, triton.next_power_of_2(n_cols))
+    if block > SORTED_MAX_COLS:
+        raise ValueError(f"sorted_top reads a row of at most {SORTED_MAX_COLS} columns and picks, "
+                         f"got {n_cols} columns and {top} picks")
+    return block, k_top
+
+
 def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
               tier_table: torch.Tensor, rows: torch.Tensor, tier_lens: torch.Tensor, n_cols: int, bits: int,
               sm_scale: float, block_e: Optional[int] = None, split: Optional[int] = None,
               stages: int = 1, num_warps: int = 4, low_dot: bool = False, head_major: bool = False,
               bias_codes: bool = False, out: Optional[torch.Tensor] = None,
-              pages: Optional[torch.Tensor] = None, page: int = 0, top: int = 0) -> torch.Tensor:
+              pages: Optional[torch.Tensor] = None, page: int = 0, top: int = 0,
+              sorted_top: bool = False) -> torch.Tensor:
     """Score of each request's tier tokens per KV head by their dequantised keys, ``-inf`` past its count.
 
     ``rank[b, h, e] = max_g q[b, h * G + g] . dequant(K_tier[tier_table[rows[b], e], h]) * sm_scale``.
@@ -470,6 +489,8 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
             of the output columns, then -1; with ``pages``, a pick of no token is -1), in the
             kernel that scores them: one program per request and KV head (``split`` ignored),
             ``out`` the scores' scratch, valid up to each row's count only.
+        sorted_top: with ``top``, select by ``top_of_row_sorted`` (the row in registers, the
+            same picks; ``n_cols`` at most ``SORTED_MAX_COLS``) instead of the radix passes.
     Returns:
         ``[B, Hkv, n_cols]`` float32 (``top``: the picks).
     """
@@ -511,6 +532,7 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
     low = low_dot and dot16
     bias = bias_codes and bits <= 4 and (not low or queries.dtype == torch.bfloat16)
     grid = (Hkv, B, split) if head_major else (B, Hkv, split)
+    block_sel, k_top = _selection_blocks(n_cols, top, sorted_top)
     _rank_tier_kernel[grid](
         queries, queries.stride(0), queries.stride(1),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
@@ -521,8 +543,8 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         n_cols, sm_scale,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_BYTES=_block(D) * bits // 8, BLOCK_E=block_e, SPLIT=split,
         STAGES=stages, BITS=bits, QGROUP=QUANT_GROUP, IEEE=ieee, LOW_DOT=low, HEAD_MAJOR=head_major,
-        BIAS_CODES=bias, PAGE=page, TOP=bool(top), BLOCK_SEL=min(2048, triton.next_power_of_2(max(16, n_cols))),
-        num_warps=num_warps,
+        BIAS_CODES=bias, PAGE=page, TOP=bool(top), BLOCK_SEL=block_sel, SORTED_TOP=sorted_top and bool(top),
+        K_TOP=k_top, num_warps=num_warps,
     )
     return sel
 

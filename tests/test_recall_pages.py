@@ -102,7 +102,7 @@ def test_ranking_chosen_pages_scores_their_columns_and_nothing_else():
                   page=PAGE)
 
 
-@pytest.mark.parametrize("select", ["torch", "radix", "fused"])
+@pytest.mark.parametrize("select", ["torch", "radix", "fused", "sorted"])
 def test_two_stages_pick_the_best_tokens_of_the_best_pages(select):
     seed, c = _case(lens=(70, 0, 16, 33, 100))
     _all_bounds(c)
@@ -142,18 +142,21 @@ def test_two_stages_pick_the_best_tokens_of_the_best_pages(select):
             assert sorted(cols.tolist()) == sorted(cand.tolist()), f"seed {seed}: {(b, h)}"
 
 
-def test_rankings_that_select_in_the_kernel_pick_what_the_radix_selection_of_their_scores_picks():
+@pytest.mark.parametrize("sorted_top", [False, True])
+def test_rankings_that_select_in_the_kernel_pick_what_the_radix_selection_of_their_scores_picks(sorted_top):
     """``top``: the selection inside the ranking kernel (one program per row and KV head, the
-    scores as scratch) against the separate radix kernel over the same scores, exactly: same
-    columns, same order, -1 in the same places. Rows of 0, fewer than R and many tokens; R and
-    the pages kept both below and above what rows hold."""
+    scores as scratch; radix passes or, ``sorted_top``, the row sorted in registers) against the
+    separate radix kernel over the same scores, exactly: same columns, same order, -1 in the
+    same places. Rows of 0, fewer than R and many tokens; R and the pages kept both below and
+    above what rows hold."""
     seed, c = _case(lens=(70, 0, 16, 33, 100, 5))
     _all_bounds(c)
     n_pages = c["n_pages"]
     pages = (c["lens"] + PAGE - 1) // PAGE
     scores = rank_pages(c["q"], c["pt"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3)
     for kept in (1, 3, n_pages):
-        got = rank_pages(c["q"], c["pt"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3, top=kept)
+        got = rank_pages(c["q"], c["pt"], c["hi"], c["lo"], c["rows"], c["lens"], n_pages, 0.3, top=kept,
+                         sorted_top=sorted_top)
         assert torch.equal(got, select_top(scores, pages, kept)), f"seed {seed}: {kept} pages"
         n_cand = kept * PAGE
         cand = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_cand, c["bits"], 0.3, pages=got,
@@ -165,7 +168,7 @@ def test_rankings_that_select_in_the_kernel_pick_what_the_radix_selection_of_the
             dead = (picks < 0) | (page_of < 0) | (cand.gather(-1, safe) == float("-inf"))
             want = (page_of * PAGE + safe % PAGE).masked_fill(dead, -1)
             fused = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], n_cand, c["bits"], 0.3,
-                              pages=got, page=PAGE, top=R)
+                              pages=got, page=PAGE, top=R, sorted_top=sorted_top)
             assert fused.shape == want.shape, f"seed {seed}"
             # Where a row has at least R tokens in its pages the two agree entry by entry; where
             # fewer, the radix kernel also picks -inf columns past the row's pages, both as -1.
@@ -177,5 +180,6 @@ def test_rankings_that_select_in_the_kernel_pick_what_the_radix_selection_of_the
     width = int(c["lens"].max())
     one = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], width, c["bits"], 0.3)
     for R in (1, 8, 40):
-        got = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], width, c["bits"], 0.3, top=R)
+        got = rank_tier(c["q"], *c["tier"], c["table"], c["rows"], c["lens"], width, c["bits"], 0.3, top=R,
+                        sorted_top=sorted_top)
         assert torch.equal(got, select_top(one, c["lens"], R, width)), f"seed {seed}: R {R}"

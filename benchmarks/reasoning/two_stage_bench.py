@@ -137,8 +137,11 @@ def main() -> None:
                 print(f"  {kept} pages, their tokens ranked {kwargs}: {t:.3f} ms/layer", flush=True)
             except Exception as exc:  # a launch this GPU cannot hold
                 print(f"  {kept} pages, {kwargs}: failed, {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-        t = time_ms(lambda: rank_pages(q, page_table, hi, lo, rows, lens, n_pages, scale, top=kept), a.iters)
-        print(f"  {kept} pages, ranked and selected in one kernel: {t:.3f} ms/layer", flush=True)
+        for sorted_top in (False, True):
+            t = time_ms(lambda: rank_pages(q, page_table, hi, lo, rows, lens, n_pages, scale, top=kept,
+                                           sorted_top=sorted_top), a.iters)
+            print(f"  {kept} pages, ranked and selected in one kernel{' (sorted)' if sorted_top else ''}: "
+                  f"{t:.3f} ms/layer", flush=True)
         t = time_ms(lambda: rank_tier(q, *k_tier, table, rows, lens, kept * PAGE, 4, scale, pages=chosen, page=PAGE,
                                       top=R, **SECOND_STAGE[1]), a.iters)
         print(f"  {kept} pages, their tokens ranked and selected in one kernel: {t:.3f} ms/layer", flush=True)
@@ -148,8 +151,11 @@ def main() -> None:
                                  SECOND_STAGE[1])
         ok = torch.equal(picked(fused), picked(radix))
         print(f"  {kept} pages: selections in the kernels pick what the radix kernel picks: {ok}", flush=True)
-        for select in ("torch", "radix", "fused"):
-            if select == "fused" and not ok:
+        ok_sorted = torch.equal(picked(select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, kept,
+                                                         R, 4, scale, "sorted", SECOND_STAGE[1])), picked(radix))
+        print(f"  {kept} pages: sorted selections in the kernels pick what the radix kernel picks: {ok_sorted}", flush=True)
+        for select in ("torch", "radix", "fused", "sorted"):
+            if (select == "fused" and not ok) or (select == "sorted" and not ok_sorted):
                 continue
             for kwargs in SECOND_STAGE[1:3]:
                 def two():
@@ -165,12 +171,12 @@ def main() -> None:
     live = torch.ones(B, dtype=torch.int32, device=dev)
     queries = [q, torch.randn_like(q)]
     step_q = q.clone()
-    for kept in (int(x) for x in a.pages_kept.split(",")):
+    for kept, select in ((int(x), s) for x in a.pages_kept.split(",") for s in ("fused", "sorted")):
         held = torch.full((B, Hkv, R), -1, dtype=torch.int32, device=dev)
 
         def fill():
             recall_fill_tier(step_q, tier.layer(0), 4, table, rows, lens, live, buffer_slots, held, k, k, scale, W,
-                             FillLaunch(), (page_table, hi, lo), kept)
+                             FillLaunch(two_stage_select=select), (page_table, hi, lo), kept)
 
         for churn, pattern in (("none", [0]), ("all", [0, 1])):
             turn = [0]
@@ -181,10 +187,10 @@ def main() -> None:
                 fill()
 
             fill()
-            print(f"whole fill, two stages in the kernels, {kept} pages, buffer refreshed, new picks {churn}: "
+            print(f"whole fill, two stages in the kernels ({select}), {kept} pages, buffer refreshed, new picks {churn}: "
                   f"{time_ms(step, a.iters):.3f} ms/layer eager", flush=True)
         if torch.cuda.is_available():
-            print(f"whole fill, {kept} pages, new picks none, in a graph: {graph_ms(fill, a.iters):.3f} ms/layer",
+            print(f"whole fill ({select}), {kept} pages, new picks none, in a graph: {graph_ms(fill, a.iters):.3f} ms/layer",
                   flush=True)
 
 
