@@ -82,23 +82,24 @@ def main() -> None:
         common = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=block_e, SPLIT=2, STAGES=stages, BITS=4, QGROUP=32, IEEE=False)
         for name, low, bias in (("TF32", False, False), ("bf16", True, False), ("bf16, biased codes", True, True)):
             c = dict(common, G_PAD=4, BLOCK_BYTES=64, LOW_DOT=low, HEAD_MAJOR=False, BIAS_CODES=bias, PAGE=0,
-                     TOP=False, BLOCK_SEL=16)
+                     TOP=False, BLOCK_SEL=16, SORTED_TOP=False, K_TOP=16)
             print(f"rank_tier block-diagonal, {name} block_e={block_e} warps={warps} stages={stages}: "
                   f"{resources(_rank_tier_kernel, RANK_SIG, c, warps, a.arch)}", flush=True)
     # The two-stage ranking: the pages' bound, then the chosen pages' tokens (16-token pages);
     # "selecting": the selection in the ranking kernel (scores of up to 2,048 pages of a
-    # 17.5k-token row, then 64 pages' 1,024 tokens).
-    for block_p, warps, top in ((32, 4, False), (64, 8, False), (32, 4, True)):
+    # 17.5k-token row, then 64 pages' 1,024 tokens), by radix passes or sorted in registers.
+    for block_p, warps, top, srt in ((32, 4, False, False), (64, 8, False, False), (32, 4, True, False),
+                                     (32, 4, True, True)):
         c = dict(GROUP=4, G_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_P=block_p, PAGE=16, DOT16=True, TOP=top,
-                 BLOCK_SEL=2048 if top else 16)
-        print(f"rank_pages{', selecting' if top else ''} block_p={block_p} warps={warps}: "
+                 BLOCK_SEL=2048 if top else 16, SORTED_TOP=srt, K_TOP=64 if srt else 16)
+        print(f"rank_pages{', selecting' if top else ''}{' (sorted)' if srt else ''} block_p={block_p} warps={warps}: "
               f"{resources(_rank_pages_kernel, PAGES_SIG, c, warps, a.arch)}", flush=True)
-    for split, top in ((2, False), (1, True)):
+    for split, top, srt in ((2, False, False), (1, True, False), (1, True, True)):
         c = dict(GROUP=4, HEAD_DIM=128, BLOCK_E=64, SPLIT=split, STAGES=3, BITS=4, QGROUP=32, IEEE=False, G_PAD=4,
                  BLOCK_BYTES=64, LOW_DOT=True, HEAD_MAJOR=False, BIAS_CODES=True, PAGE=16, TOP=top,
-                 BLOCK_SEL=1024 if top else 16)
-        print(f"rank_tier over chosen pages{', selecting' if top else ''}, bf16, biased codes, block_e=64 warps=4 "
-              f"stages=3: {resources(_rank_tier_kernel, RANK_SIG, c, 4, a.arch)}", flush=True)
+                 BLOCK_SEL=1024 if top else 16, SORTED_TOP=srt, K_TOP=256 if srt else 16)
+        print(f"rank_tier over chosen pages{', selecting' if top else ''}{' (sorted)' if srt else ''}, bf16, biased "
+              f"codes, block_e=64 warps=4 stages=3: {resources(_rank_tier_kernel, RANK_SIG, c, 4, a.arch)}", flush=True)
     print(f"refresh_recall_buffer plan block=256 warps=4: "
           f"{resources(_plan_refresh_kernel, PLAN_SIG, dict(BLOCK=256), 4, a.arch)}", flush=True)
     c = dict(HEAD_DIM=128, BLOCK_D=128, V_DIM=128, BLOCK_DV=128, BLOCK_W=16, BITS=4, QGROUP=32)
@@ -106,7 +107,12 @@ def main() -> None:
           f"{resources(_write_planned_kernel, WRITE_SIG, c, 4, a.arch)}", flush=True)
     for block, warps in ((512, 4), (1024, 8), (2048, 4), (2048, 8)):
         print(f"select_top block={block} warps={warps}: "
-              f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=256), warps, a.arch)}", flush=True)
+              f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=256, SORTED=False), warps, a.arch)}",
+              flush=True)
+    for block, top in ((2048, 64), (1024, 256)):  # the two stages' rows, sorted in registers
+        print(f"select_top sorted block={block} top={top} warps=4: "
+              f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=top, SORTED=True), 4, a.arch)}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ def test_tier_kernels_compile_for_sm90_without_spills():
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert len(lines) == 23 and sum(line.startswith("rank_tier") for line in lines) == 14, run.stdout
-    assert sum(line.startswith("rank_pages") for line in lines) == 3, run.stdout
-    assert sum("selecting" in line for line in lines) == 2, run.stdout
+    assert len(lines) == 27 and sum(line.startswith("rank_tier") for line in lines) == 15, run.stdout
+    assert sum(line.startswith("rank_pages") for line in lines) == 4, run.stdout
+    assert sum("selecting" in line for line in lines) == 4, run.stdout
+    assert sum("sorted" in line for line in lines) == 4, run.stdout
     assert sum(line.startswith("refresh_recall_buffer") for line in lines) == 2, run.stdout
     for line in lines:
         assert " 0 B spilled" in line, line
