@@ -103,8 +103,8 @@ def main() -> None:
     print(f"refresh_recall_buffer plan block=256 warps=4: "
           f"{resources(_plan_refresh_kernel, PLAN_SIG, dict(BLOCK=256), 4, a.arch)}", flush=True)
     c = dict(HEAD_DIM=128, BLOCK_D=128, V_DIM=128, BLOCK_DV=128, BLOCK_W=16, BITS=4, QGROUP=32)
-    print(f"refresh_recall_buffer writes block_w=16 warps=4: "
-          f"{resources(_write_planned_kernel, WRITE_SIG, c, 4, a.arch)}", flush=True)
+    print(f"refresh_recall_buffer writes block_w=16 warps=8: "
+          f"{resources(_write_planned_kernel, WRITE_SIG, c, 8, a.arch)}", flush=True)
     for block, warps in ((512, 4), (1024, 8), (2048, 4), (2048, 8)):
         print(f"select_top block={block} warps={warps}: "
               f"{resources(_select_top_kernel, SELECT_SIG, dict(BLOCK=block, BLOCK_R=256, SORTED=False), warps, a.arch)}",
