@@ -17,7 +17,7 @@
 #                     TP 8 deployment (fp8 weights): 599,333 tokens; why: arch_bytes_model.py.
 #   deepseek-v2-lite  the whole model; 90% of the pool the bytes model expects on an H200 (that
 #   gpt-oss-20b       estimate comes from the Llama runs' memory; an MoE's workspace differs),
-#                     gpt-oss-20b with Kara's U = 128 (it must cover the sliding window).
+#                     gpt-oss-20b with Kara's U = 128 (the server's default there: U must cover the sliding window).
 # POOL_<SHAPE> overrides a pool (e.g. POOL_gpt_oss_20b=1500000; the counts follow it).
 #
 # With N GPUs the configurations run side by side, one GPU each, round robin (nine on eight
@@ -51,9 +51,9 @@ for shape in "${shapes[@]}"; do
   override=POOL_${shape//-/_}
   pool=${!override:-$pool}
   read -r pool v k25 k125 <<<"$(python3 benchmarks/arch_bytes_model.py --counts "$shape" --pool "$pool")"
-  buffer=64
-  [ "$shape" = gpt-oss-20b ] && buffer=128
-  S="--model-shape $shape --max-total-tokens $pool --buffer $buffer $COMMON"
+  # No --buffer: Kara's defaults, U = 64, and on gpt-oss 128 (the server's, covering its window),
+  # which arch_bytes_model.py's counts assume.
+  S="--model-shape $shape --max-total-tokens $pool $COMMON"
   echo "$shape: pool $pool tokens; vanilla $v, Kara 25% $k25, Kara 12.5% $k125 requests"
   add "$shape-vanilla" "--policy none $S --workload ${v}x1024+16384"
   add "$shape-kara25" "--policy kara --keep-ratio 0.25 $S --workload ${k25}x1024+16384"
