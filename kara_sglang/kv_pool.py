@@ -119,7 +119,7 @@ def check_supported(pool: Any, config: KaraConfig, page_size: int = 1,
 def fit_buffer(pool: Any, config: KaraConfig, sliding_window: Optional[int], buffer_given: bool) -> KaraConfig:
     """The server's config for this pool: on a hybrid sliding-window pool Kara's uncompressed
     tail must cover the sliding window (``sliding_window + 1`` entries, :func:`_check_swa`), so
-    with no ``--kara-buffer`` U becomes that (gpt-oss: 129) and ``--kv-policy kara`` needs no
+    with no ``--kara-buffer`` U becomes that (gpt-oss: SGLang's window of 127, so 128) and ``--kv-policy kara`` needs no
     other flag. A U given explicitly is checked by :func:`check_supported`, never changed."""
     if (buffer_given or config.policy != "kara" or kind_of(pool) != "swa"
             or sliding_window is None or sliding_window < 0):

@@ -116,13 +116,14 @@ def top_of_row_sorted(src, n, R, dst, pages, PAGE: tl.constexpr, BLOCK: tl.const
     valid = offs < n
     score = tl.load(src + offs, mask=valid, other=float("-inf"))
     packed = (_key(score).to(tl.int64) << 32) | (0x7FFFFFFF - offs).to(tl.int64)
-    packed = tl.where(valid, packed, -9223372036854775807 - 1)
+    packed = tl.where(valid, packed, -9223372036854775807 - 1)  # int64's minimum: no column
     best = tl.topk(packed, K_PAD)  # descending
     rank = tl.arange(0, K_PAD)
     take = (rank < R) & (best != -9223372036854775807 - 1)
     col = 0x7FFFFFFF - (best & 0xFFFFFFFF)
     neg_inf = ((best >> 32) == _key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)).to(tl.int64)
-    # Column order; a pick of a -inf score keeps its place (flag bit) and not-taken go last.
+    # Column order; a pick of a -inf score keeps its place (flag bit) and not-taken (2 ** 62,
+    # above any column * 2 + 1) go last.
     order = tl.sort(tl.where(take, col * 2 + neg_inf, 4611686018427387904))
     picked = order != 4611686018427387904
     c = order >> 1
