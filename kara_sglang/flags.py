@@ -98,10 +98,9 @@ FLAGS_ATTR = "_kara_flags"
 def config_from_attrs(source: Any) -> KaraConfig:
     """Build the server's config from SGLang's ``ServerArgs`` (the values it carries under
     :data:`FLAGS_ATTR`) or from any object with the flag attributes (an argparse namespace)."""
-    carried = getattr(source, FLAGS_ATTR, None)
     values = {}
     for flag in FLAGS:
-        value = carried.get(flag.attr) if carried is not None else getattr(source, flag.attr, None)
+        value = _raw_value(source, flag.attr)
         if value is not None:
             values[flag.field] = flag.parse(value)
     if "policy" not in values:
@@ -109,12 +108,17 @@ def config_from_attrs(source: Any) -> KaraConfig:
     return KaraConfig(**values)
 
 
+def _raw_value(source: Any, attr: str) -> Any:
+    """The value ``source`` carries for flag ``attr`` (``None``: not set): from ServerArgs'
+    :data:`FLAGS_ATTR` dict, or an attribute of a namespace."""
+    carried = getattr(source, FLAGS_ATTR, None)
+    return carried.get(attr) if carried is not None else getattr(source, attr, None)
+
+
 def given(source: Any, attr: str) -> bool:
     """Whether the flag ``attr`` (e.g. ``"kara_buffer"``) was set, on the command line or as an
     Engine keyword, rather than left to its default."""
-    carried = getattr(source, FLAGS_ATTR, None)
-    value = carried.get(attr) if carried is not None else getattr(source, attr, None)
-    return value is not None
+    return _raw_value(source, attr) is not None
 
 
 def request_overrides(server: KaraConfig, custom_params: Optional[Mapping[str, Any]]) -> KaraConfig:

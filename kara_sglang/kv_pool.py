@@ -116,15 +116,24 @@ def check_supported(pool: Any, config: KaraConfig, page_size: int = 1,
             raise KaraConfigError("--kara-recall-tokens: not supported on an MLA KV pool")
 
 
+def swa_tail(sliding_window: int) -> int:
+    """The least U on a hybrid SWA pool. A decode step's SWA layers read the newest
+    ``sliding_window`` entries before its own (window_kv_lens = min(seq_lens,
+    sliding_window_size) in SGLang's backends; torch_native masks k >= q - sliding_window_size):
+    ``sliding_window + 1`` with the step's own column. Every compressed window is older than the
+    tail of U (U + 1 under overlap) entries."""
+    return sliding_window + 1
+
+
 def fit_buffer(pool: Any, config: KaraConfig, sliding_window: Optional[int], buffer_given: bool) -> KaraConfig:
     """The server's config for this pool: on a hybrid sliding-window pool Kara's uncompressed
-    tail must cover the sliding window (``sliding_window + 1`` entries, :func:`_check_swa`), so
+    tail must cover the sliding window (:func:`swa_tail` entries), so
     with no ``--kara-buffer`` U becomes that (gpt-oss: SGLang's window of 127, so 128) and ``--kv-policy kara`` needs no
     other flag. A U given explicitly is checked by :func:`check_supported`, never changed."""
     if (buffer_given or config.policy != "kara" or kind_of(pool) != "swa"
             or sliding_window is None or sliding_window < 0):
         return config
-    need = sliding_window + 1
+    need = swa_tail(sliding_window)
     if config.buffer >= need:
         return config
     if need >= config.window:
@@ -159,14 +168,10 @@ def _check_swa(pool: Any, config: KaraConfig, page_size: int, sliding_window: Op
                               f"bf16/fp16 cache, not {pool.dtype}")
     if sliding_window is None or sliding_window < 0:
         raise KaraConfigError("--kv-policy: this hybrid sliding-window model reports no sliding window size")
-    # A decode step's SWA layers read the newest `sliding_window` entries before its own
-    # (window_kv_lens = min(seq_lens, sliding_window_size) in SGLang's backends; torch_native
-    # masks k >= q - sliding_window_size): sliding_window + 1 with the step's own column.
-    # Every compressed window is older than the tail of U (U + 1 under overlap) entries.
-    if config.buffer < sliding_window + 1:
+    if config.buffer < swa_tail(sliding_window):
         raise KaraConfigError(
             f"--kara-buffer: buffer U={config.buffer} must cover the model's sliding window "
-            f"({sliding_window} + 1 = {sliding_window + 1} entries) on a hybrid sliding-window KV pool")
+            f"({sliding_window} + 1 = {swa_tail(sliding_window)} entries) on a hybrid sliding-window KV pool")
     for layer in config.vote_layers or ():
         if layer not in pool.layers_mapping:
             raise KaraConfigError(f"--kara-vote-layers: layer {layer} does not exist in a "
