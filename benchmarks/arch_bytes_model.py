@@ -2,10 +2,11 @@
 hybrid sliding-window models, before a GPU measures it.
 
     python benchmarks/arch_bytes_model.py                 # 1024 + 16384 tokens, H200
+    python benchmarks/arch_bytes_model.py --device "NVIDIA H100 80GB HBM3"   # the same on an H100
     python benchmarks/arch_bytes_model.py --counts gpt-oss-20b   # pool and requests, for arch.sh
 
 A decode step reads the weights it touches and the KV of every running request once, at the
-H200's copy bandwidth (4.3 TB/s); throughput = running requests / step time.
+GPU's copy bandwidth (H200 4.3 TB/s, H100 3.0 TB/s); throughput = running requests / step time.
 
 - **Weights.** Dense layers, attention, shared experts, routers, norms, the LM head and the
   input embedding (counted whole, as ``report_throughput.py``'s 16.06 GB for Llama-3.1-8B
@@ -21,8 +22,8 @@ H200's copy bandwidth (4.3 TB/s); throughput = running requests / step time.
   reserves, ``policy.max_growth``: 5,696 tokens at 25%, 3,648 at 12.5%; as ``headline.sh``
   offers them, so no request is retracted), at most 255 (``bench_serving.py``'s
   ``--max-running-requests`` 256 ran 255 at once). The pool: what SGLang's
-  ``--mem-fraction-static 0.85`` left the Llama-3.1-8B headline run for weights and KV on the
-  H200 (845,617 tokens of 128 KiB + 16.06 GB), minus the model's weights, over its bytes per
+  ``--mem-fraction-static 0.85`` left the Llama-3.1-8B headline runs for weights and KV (H200:
+  845,617 tokens of 128 KiB + 16.06 GB; H100: 423,494 tokens), minus the model's weights, over its bytes per
   pool token (hybrid pools: a full-layer token plus 0.8 of a sliding-layer token, SGLang's
   default ``--swa-full-tokens-ratio``).
 
@@ -56,12 +57,23 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import DEEPSEEK_V3, SHAPES  # noqa: E402
-from report_throughput import (BANDWIDTH_BY_DEVICE, KV_BYTES_PER_TOKEN, WEIGHT_BYTES,  # noqa: E402
-                               kv_profile)
+from report_throughput import (BANDWIDTH_BY_DEVICE, DEFAULT_POOL_TOKENS, KV_BYTES_PER_TOKEN,  # noqa: E402
+                               WEIGHT_BYTES, kv_profile)
 
-H200_BANDWIDTH = BANDWIDTH_BY_DEVICE["NVIDIA H200"]
-# Weights + KV pool SGLang's --mem-fraction-static 0.85 gave on the H200 (headline runs).
-H200_STATIC_BYTES = 845_617 * KV_BYTES_PER_TOKEN + WEIGHT_BYTES
+
+@dataclass(frozen=True)
+class Device:
+    """What the model needs of a GPU: its copy bandwidth, and the bytes SGLang's
+    --mem-fraction-static 0.85 left for weights + KV pool there (Llama-3.1-8B headline runs)."""
+    name: str
+    bandwidth: float
+    static_bytes: float
+
+
+H200 = Device("NVIDIA H200", BANDWIDTH_BY_DEVICE["NVIDIA H200"], 845_617 * KV_BYTES_PER_TOKEN + WEIGHT_BYTES)
+H100 = Device("NVIDIA H100 80GB HBM3", BANDWIDTH_BY_DEVICE["NVIDIA H100 80GB HBM3"],
+              DEFAULT_POOL_TOKENS * KV_BYTES_PER_TOKEN + WEIGHT_BYTES)
+DEVICES = {d.name: d for d in (H200, H100)}
 # bench_serving.py's --max-running-requests is 256, of which SGLang ran 255 at once on the H200
 # (the headline FP8 waves: a 256th request waited and ran alone at the end), so offer 255.
 MAX_RUNNING_REQUESTS = 255
@@ -147,8 +159,9 @@ class Arch:
     config: dict
     weight_bytes: int = BF16  # per parameter
     tp: int = 1
-    pool_tokens: int = 0  # 0: what the H200 holds after the weights
+    pool_tokens: int = 0  # 0: what the device holds after the weights
     buffer: int = BUFFER
+    device: Device = H200
 
     def weights(self) -> Weights:
         return count_weights(self.config, self.tp)
@@ -159,7 +172,7 @@ class Arch:
     def pool(self) -> int:
         if self.pool_tokens:
             return self.pool_tokens
-        free = H200_STATIC_BYTES - self.weights().total() * self.weight_bytes
+        free = self.device.static_bytes - self.weights().total() * self.weight_bytes
         return int(free // self.kv().pool_bytes_per_token())
 
 
@@ -173,10 +186,11 @@ class Step:
     running: int
     weight_bytes: float
     kv_bytes: float
+    bandwidth: float
 
     @property
     def seconds(self) -> float:
-        return (self.weight_bytes + self.kv_bytes) / H200_BANDWIDTH
+        return (self.weight_bytes + self.kv_bytes) / self.bandwidth
 
     @property
     def tok_per_s(self) -> float:
@@ -213,38 +227,50 @@ def step(arch: Arch, prompt: int, output: int, keep=None, running=None) -> Step:
         running = min(arch.pool() // admitted_tokens(prompt, output, keep, arch.buffer), MAX_RUNNING_REQUESTS)
     kv = arch.kv()
     per_request = avg * kv.full + sliding_average(kv, prompt, output) * kv.sliding
-    return Step(running, arch.weights().params_per_step(running) * arch.weight_bytes, running * per_request)
+    return Step(running, arch.weights().params_per_step(running) * arch.weight_bytes, running * per_request,
+                arch.device.bandwidth)
 
 
 def rank_pool_tokens(tp: int = 8) -> int:
-    """Pool tokens of one GPU of a TP ``tp`` DeepSeek-V3 deployment with fp8 weights."""
+    """Pool tokens of one H200 of a TP ``tp`` DeepSeek-V3 deployment with fp8 weights (an H100's
+    80 GB do not hold a TP 8 rank's 84 GB of weights)."""
     return Arch("rank", DEEPSEEK_V3, FP8, tp).pool()
 
 
-def architectures() -> list:
+def architectures(device: Device = H200) -> list:
+    """The shapes on ``device``: its bandwidth for every step; its memory for the pools, except
+    the DeepSeek-V3 rank and its cut, which keep the H200 deployment's pool."""
     gpt_oss = SHAPES["gpt-oss-20b"].config
     return [
-        Arch("llama-3.1-8b", SHAPES["llama-3.1-8b"].config),
+        Arch("llama-3.1-8b", SHAPES["llama-3.1-8b"].config, device=device),
         # Every weight at 1 byte: the checkpoint's bf16 embedding, LM head, norms and routers are
         # under 0.5% of a rank's parameters.
         Arch("deepseek-v3 TP8 rank (fp8)", DEEPSEEK_V3, FP8, tp=8),
-        Arch("deepseek-v3-cut", SHAPES["deepseek-v3-cut"].config, pool_tokens=rank_pool_tokens()),
-        Arch("deepseek-v2-lite", SHAPES["deepseek-v2-lite"].config),
+        Arch("deepseek-v3-cut", SHAPES["deepseek-v3-cut"].config, pool_tokens=rank_pool_tokens(), device=device),
+        Arch("deepseek-v2-lite", SHAPES["deepseek-v2-lite"].config, device=device),
         # U must cover the sliding window (docs/design.md, hybrid sliding-window models).
-        Arch("gpt-oss-20b", gpt_oss, buffer=gpt_oss["sliding_window"]),
+        Arch("gpt-oss-20b", gpt_oss, buffer=gpt_oss["sliding_window"], device=device),
     ]
+
+
+def device_named(name: str) -> Device:
+    """A device by the name nvidia-smi or torch gives it; refuses one the model has no numbers for."""
+    if name not in DEVICES:
+        raise SystemExit(f"arch_bytes_model.py: no bandwidth and pool for {name!r}; known: {', '.join(DEVICES)}")
+    return DEVICES[name]
 
 
 CONFIGS = (("vanilla", None), ("kara 25%", 0.25), ("kara 12.5%", 0.125))
 
 
-def print_table(prompt: int, output: int) -> None:
+def print_table(prompt: int, output: int, device: Device = H200) -> None:
     print(f"{prompt} + {output} tokens, each configuration at its own pool limit (pool / admitted KV, at most "
-          f"{MAX_RUNNING_REQUESTS}), {H200_BANDWIDTH / 1e12:.1f} TB/s")
+          f"{MAX_RUNNING_REQUESTS}), {device.name} at {device.bandwidth / 1e12:.1f} TB/s "
+          f"(the DeepSeek-V3 rank: an H200's)")
     print(f"| architecture | KV bytes/token | pool tokens | configuration | running | weights GB/step | KV GB/step "
           f"| weights / KV share | step ms | tok/s | vs vanilla |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for arch in architectures():
+    for arch in architectures(device):
         kv, base = arch.kv(), None
         kv_text = f"{kv.full:,}" + (f" + {kv.sliding:,} (window {kv.window})" if kv.sliding else "")
         for name, keep in CONFIGS:
@@ -277,15 +303,17 @@ def main() -> None:
     ap.add_argument("--counts", metavar="SHAPE", help="print 'POOL VANILLA KARA25 KARA125' for a shape (arch.sh)")
     ap.add_argument("--pool", type=int, default=0, help="with --counts: this pool instead of the model's")
     ap.add_argument("--cut-layers", action="store_true", help="the DeepSeek-V3 layer cut's KV share by layers")
+    ap.add_argument("--device", default=H200.name, help=f"the GPU, as nvidia-smi names it ({' or '.join(DEVICES)})")
     a = ap.parse_args()
+    device = device_named(a.device)
     if a.counts:
-        arch = next(x for x in architectures() if x.name == a.counts)
+        arch = next(x for x in architectures(device) if x.name == a.counts)
         arch.pool_tokens = a.pool or arch.pool_tokens
         print(arch.pool(), *(step(arch, a.prompt, a.output, keep).running for _, keep in CONFIGS))
     elif a.cut_layers:
         print_cut_layers(a.prompt, a.output)
     else:
-        print_table(a.prompt, a.output)
+        print_table(a.prompt, a.output, device)
 
 
 if __name__ == "__main__":

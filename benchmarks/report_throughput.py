@@ -233,11 +233,13 @@ def collect(raw_dir: str):
 
 
 def arch_model_tok_per_s(row: dict) -> Optional[float]:
-    """A row of another model shape: arch_bytes_model.py's step (the H200's bandwidth) at the
-    row's measured peak concurrency; None where that model has no such shape or policy."""
+    """A row of another model shape: arch_bytes_model.py's step (the row's GPU's bandwidth, the
+    H200's for a GPU it has no numbers for) at the row's measured peak concurrency; None where
+    that model has no such shape or policy."""
     import arch_bytes_model  # it imports this module: imported when needed
 
-    arch = next((a for a in arch_bytes_model.architectures() if a.name == row["model"]), None)
+    device = arch_bytes_model.DEVICES.get(row.get("device"), arch_bytes_model.H200)
+    arch = next((a for a in arch_bytes_model.architectures(device) if a.name == row["model"]), None)
     if arch is None or row["policy"] not in ("vanilla", "kara"):
         return None  # a --cpu-smoke shape, or a policy that model does not cover
     keep = row.get("keep_ratio") if row["policy"] == "kara" else None

@@ -94,8 +94,25 @@ def test_deepseek_v3_cut_runs_at_the_tp8_ranks_concurrency():
         r, c = m.step(rank, P, O, keep), m.step(cut, P, O, keep)
         assert r.running == c.running < m.MAX_RUNNING_REQUESTS
         assert c.kv_share < r.kv_share  # bf16 whole layers: more weight bytes per KV byte than the rank
-    # The cut's weights and pool fit one H200's budget.
-    assert cut.weights().total() * m.BF16 + cut.pool() * cut.kv().full < m.H200_STATIC_BYTES
+    # The cut's weights and pool fit one H200's budget, and an H100's.
+    assert cut.weights().total() * m.BF16 + cut.pool() * cut.kv().full < m.H100.static_bytes < m.H200.static_bytes
+
+
+def test_the_device_sets_bandwidth_and_pools_but_not_the_h200_ranks_pool():
+    on_h100 = {a.name: a for a in m.architectures(m.H100)}
+    assert on_h100["llama-3.1-8b"].pool() == pytest.approx(report_throughput.DEFAULT_POOL_TOKENS, abs=8)  # H100 headline
+    for name in ("deepseek-v2-lite", "gpt-oss-20b"):
+        assert on_h100[name].pool() < arch(name).pool()
+    assert on_h100["deepseek-v3-cut"].pool() == arch("deepseek-v3-cut").pool() == m.rank_pool_tokens()
+    h100, h200 = m.step(on_h100["deepseek-v3-cut"], P, O), m.step(arch("deepseek-v3-cut"), P, O)
+    assert h100.running == h200.running
+    assert h100.seconds / h200.seconds == pytest.approx(m.H200.bandwidth / m.H100.bandwidth)
+    row = {"model": "gpt-oss-20b", "prompt_len": P, "output_len": O, "peak_running_requests": 30}
+    modelled = {d: report_throughput.arch_model_tok_per_s({**row, "policy": "vanilla", "device": d})
+                for d in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "a GPU the model does not know")}
+    assert modelled["NVIDIA H100 80GB HBM3"] < modelled["NVIDIA H200"] == modelled["a GPU the model does not know"]
+    with pytest.raises(SystemExit, match="known: NVIDIA H200, NVIDIA H100"):
+        m.device_named("NVIDIA A100")
 
 
 def test_counts_are_capped_at_the_running_request_limit():

@@ -18,7 +18,12 @@
 #   deepseek-v2-lite  the whole model; 90% of the pool the bytes model expects on an H200 (that
 #   gpt-oss-20b       estimate comes from the Llama runs' memory; an MoE's workspace differs),
 #                     gpt-oss-20b with Kara's U = 128 (the server's default there: U must cover the sliding window).
-# POOL_<SHAPE> overrides a pool (e.g. POOL_gpt_oss_20b=1500000; the counts follow it).
+# POOL_<SHAPE> overrides a pool (e.g. POOL_gpt_oss_20b=1500000; the counts follow it). The pools
+# of V2-Lite and gpt-oss are the GPU's (nvidia-smi's name: an H200 or an H100 80GB).
+#
+# --plan prints the configurations (one "NAME:SECONDS:ARGS" a line) instead of running them, for
+# a leased GPU (benchmarks/gpu/run_lease.sh serve takes them):
+#   mapfile -t C < <(bash benchmarks/gpu/arch.sh --plan gpt-oss-20b); bash benchmarks/gpu/run_lease.sh serve "${C[@]}"
 #
 # With N GPUs the configurations run side by side, one GPU each, round robin (nine on eight
 # GPUs: the ninth after the first on GPU 0); with one, in order. SECONDS_EACH bounds each
@@ -33,6 +38,9 @@ export OUT
 SECONDS_EACH=${SECONDS_EACH:-1800}
 COMMON="--attention-backend default --overlap on --disable-prefill-cuda-graph"
 NGPU=$(nvidia-smi -L 2> /dev/null | wc -l)
+DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)
+PLAN=0
+[ "${1:-}" = --plan ] && { PLAN=1; shift; }
 shapes=("$@")
 [ ${#shapes[@]} -gt 0 ] || shapes=(deepseek-v3-cut deepseek-v2-lite gpt-oss-20b)
 
@@ -45,20 +53,22 @@ add() {  # NAME ARGS: a configuration for run_serving.sh, on the next GPU with 2
   configs+=("$1$gpu:$SECONDS_EACH:$2")
 }
 for shape in "${shapes[@]}"; do
-  counts=$(python3 benchmarks/arch_bytes_model.py --counts "$shape") || exit 1
+  counts=$(python3 benchmarks/arch_bytes_model.py --counts "$shape" --device "${DEVICE:-NVIDIA H200}") || exit 1
   read -r pool _ <<<"$counts"
   [ "$shape" = deepseek-v3-cut ] || pool=$(( pool * 9 / 10 ))
   override=POOL_${shape//-/_}
   pool=${!override:-$pool}
   read -r pool v k25 k125 <<<"$(python3 benchmarks/arch_bytes_model.py --counts "$shape" --pool "$pool")"
+  [ -n "$k125" ] || exit 1
   # No --buffer: Kara's defaults, U = 64, and on gpt-oss 128 (the server's, covering its window),
   # which arch_bytes_model.py's counts assume.
   S="--model-shape $shape --max-total-tokens $pool $COMMON"
-  echo "$shape: pool $pool tokens; vanilla $v, Kara 25% $k25, Kara 12.5% $k125 requests"
+  echo "$shape: pool $pool tokens; vanilla $v, Kara 25% $k25, Kara 12.5% $k125 requests" >&2
   add "$shape-vanilla" "--policy none $S --workload ${v}x1024+16384"
   add "$shape-kara25" "--policy kara --keep-ratio 0.25 $S --workload ${k25}x1024+16384"
   add "$shape-kara125" "--policy kara --keep-ratio 0.125 $S --workload ${k125}x1024+16384"
 done
+[ $PLAN = 1 ] && { printf '%s\n' "${configs[@]}"; exit 0; }
 bash benchmarks/gpu/run_serving.sh "${configs[@]}" || exit 1
 
 python3 - "$OUT" <<'EOF'
@@ -78,4 +88,4 @@ print("(a configuration without a row here was cut by SECONDS_EACH or failed: se
 EOF
 echo; echo "first 80% of each wave's tokens (SGLang's decode log):"
 python3 benchmarks/report_throughput.py "$OUT" --upto 0.8
-echo; echo "the bytes model's prediction: python3 benchmarks/arch_bytes_model.py"
+echo; echo "the bytes model's prediction: python3 benchmarks/arch_bytes_model.py --device \"$DEVICE\""

@@ -64,7 +64,8 @@ ts "SGLang $(python3 -c 'import importlib.metadata as m; print(m.version("sglang
 pool() {  # SHAPE: the pool arch.sh pins (arch_bytes_model.py --counts; 90% of it for gpt-oss), or POOL_<SHAPE>
   local override=POOL_${1//-/_} p
   [ -n "${!override:-}" ] && { echo "${!override}"; return; }
-  p=$(python3 benchmarks/arch_bytes_model.py --counts "$1" | cut -d' ' -f1) || return 1
+  p=$(python3 benchmarks/arch_bytes_model.py --counts "$1" \
+      --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | cut -d' ' -f1) || return 1
   [ "$1" = deepseek-v3-cut ] || p=$(( p * 9 / 10 ))
   echo $p
 }
