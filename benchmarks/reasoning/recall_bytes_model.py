@@ -1,6 +1,7 @@
 """Bytes model of Kara + recall: which tier for evicted KV can keep the throughput goal.
 
     python benchmarks/reasoning/recall_bytes_model.py [--keep 0.25] [--tokens 256] [--churn 85]
+    python benchmarks/reasoning/recall_bytes_model.py --horizon 1024 2048 4096   # bounded tiers
 
 The same model as the throughput rows (benchmarks/report_throughput.py): a decode step reads
 the weights and every running request's KV, so throughput(C) = C x bandwidth / (weights + C x
@@ -14,6 +15,9 @@ requests. Kara's resident KV over a request's life comes from its own window boo
 - GPU tier, q bits: evicted K and V kept on the GPU at q bits per value plus a bf16 scale and
   minimum per group of 32 channels, (q + 1) / 16 of bf16; each step ranks every evicted token
   by its q-bit key (half a token's bytes) and reads the R selected tokens' K and V.
+- GPU tier bounded to a horizon (``--horizon H``): as above, but a request's tier holds only
+  its last H evicted tokens; older windows fall back to plain eviction (what a recency bound
+  on the tier would do: recall reaches back H evicted tokens, no further).
 - host tier: evicted K and V in host memory; a 2-bit key digest per evicted token stays on the
   GPU (3/16 of the key); each step ranks by it, and the selected tokens that were not selected
   one step earlier (``--churn`` of R per layer and KV head: the probe measured 61-91 of 256)
@@ -60,16 +64,25 @@ def tok_per_s(concurrency: float, step_tokens: float) -> float:
     return concurrency * BANDWIDTH / (WEIGHT_BYTES + concurrency * step_tokens * TOKEN_BYTES)
 
 
-def design_rows(steps, prompt: int, output: int, tokens: int, churn: int, pcie: float):
+def gpu_tier(steps, bits: int, tokens: int, horizon: int = 0):
+    """(peak memory, mean step bytes) of a q-bit GPU tier holding the last ``horizon`` evicted
+    tokens of a request (0: all of them)."""
+    frac = (bits + 1) / 16
+    held = [(r, min(e, horizon) if horizon else e) for r, e in steps]
+    memory = max(r + e * frac for r, e in held)
+    step = sum(r + e * frac / 2 + min(tokens, e) * frac for r, e in held) / len(held)
+    return memory, step
+
+
+def design_rows(steps, prompt: int, output: int, tokens: int, churn: int, pcie: float, horizons=()):
     """(name, peak memory, mean step bytes, PCIe bytes per step) per request, in bf16 tokens."""
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     rows = [("vanilla", prompt + output, prompt + output / 2, 0.0)]
     rows.append(("plain Kara", max(r for r, _ in steps), mean([r for r, _ in steps]), 0.0))
     for bits in (4, 3, 2):
-        frac = (bits + 1) / 16
-        memory = max(r + e * frac for r, e in steps)
-        step = mean([r + e * frac / 2 + min(tokens, e) * frac for r, e in steps])
-        rows.append((f"GPU tier, {bits}-bit KV", memory, step, 0.0))
+        rows.append((f"GPU tier, {bits}-bit KV", *gpu_tier(steps, bits, tokens), 0.0))
+    for horizon in horizons:
+        rows.append((f"GPU tier, 4-bit KV, last {horizon:,} evicted", *gpu_tier(steps, 4, tokens, horizon), 0.0))
     digest = 3 / 16 / 2  # 2-bit keys + scale/min per 32 channels, keys only
     memory = max(r + e * digest for r, e in steps)
     step = mean([r + e * digest + min(tokens, e) for r, e in steps])
@@ -86,6 +99,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="R: evicted tokens selected per layer and KV head")
     ap.add_argument("--churn", type=int, default=85, help="of R, newly selected each step (host tier)")
     ap.add_argument("--pcie", type=float, default=55.0, help="host-to-device GB/s (assumed)")
+    ap.add_argument("--horizon", type=int, nargs="*", default=[],
+                    help="also 4-bit tiers holding only each request's last H evicted tokens")
     a = ap.parse_args()
     print(f"Llama-3.1-8B shape, {a.prompt} + {a.output} tokens, pool {POOL_TOKENS:,} bf16 tokens, "
           f"R {a.tokens}; memory and step bytes per request in bf16 tokens ({TOKEN_BYTES // 1024} KiB)")
@@ -94,7 +109,8 @@ def main() -> None:
     base = None
     for keep in a.keep:
         steps = resident_profile(a.prompt, a.output, keep)
-        for name, memory, step, moved in design_rows(steps, a.prompt, a.output, a.tokens, a.churn, a.pcie):
+        for name, memory, step, moved in design_rows(steps, a.prompt, a.output, a.tokens, a.churn, a.pcie,
+                                                        a.horizon):
             c = min(MAX_RUNNING, POOL_TOKENS // memory)
             hbm_s = (WEIGHT_BYTES + c * step * TOKEN_BYTES) / BANDWIDTH
             pcie_s = c * moved * TOKEN_BYTES / (a.pcie * 1e9)
