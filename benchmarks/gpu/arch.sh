@@ -15,7 +15,7 @@
 # pin and what the GPU holds; a row records the pool it got in max_total_tokens):
 #   deepseek-v3-cut   DeepSeek-V3's dimensions cut to 4 layers (bf16), the pool of one GPU of a
 #                     TP 8 deployment (fp8 weights): 599,333 tokens; why: arch_bytes_model.py.
-#   deepseek-v2-lite  the whole model; 90% of the pool the bytes model expects on an H200 (that
+#   deepseek-v2-lite  the whole model; 90% of the pool the bytes model expects on the GPU (that
 #   gpt-oss-20b       estimate comes from the Llama runs' memory; an MoE's workspace differs),
 #                     gpt-oss-20b with Kara's U = 128 (the server's default there: U must cover the sliding window).
 # POOL_<SHAPE> overrides a pool (e.g. POOL_gpt_oss_20b=1500000; the counts follow it). The pools
