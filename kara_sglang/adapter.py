@@ -207,6 +207,7 @@ class KaraRuntime:
                 self._step_live: Optional[torch.Tensor] = None
                 self._step_counts: Optional[torch.Tensor] = None
                 self._tier_plan: Dict[int, bool] = {}  # this step's windows: stored in the tier or not
+                self._tier_drop: Dict[int, int] = {}  # this step's rows dropping old tier tokens (horizon)
             else:
                 self.recall = RecallStore(rows, row_capacity, device)
             if config.recall_lag:
@@ -547,21 +548,31 @@ class KaraRuntime:
 
         The tier stores only windows of rows with a buffer (the others could never be
         recalled); a window it cannot hold is evicted as without recall (``fallback_tokens``).
+        With a horizon the row first drops its oldest tier tokens to make room for the window
+        (``_tier_drop``, done in ``_store_in_tier`` once the step in flight is waited for).
         """
-        R, n = self.config.recall_tokens, task.n_evicted
+        R, n, horizon = self.config.recall_tokens, task.n_evicted, self.config.recall_horizon
         creates = row not in self.buffer_rows
-        fits = (n <= room[0] and self.recall.count(row) + n <= self.recall.slots.shape[1]
+        have = self.recall.count(row)
+        drop = RecallTier.horizon_drop(have, n, horizon) if horizon and n <= horizon else 0
+        fits = (n <= room[0] + drop and have - drop + n <= self.recall.slots.shape[1]
+                and (not horizon or (n <= horizon and have - drop + n >= R))
                 and policy.name == "kara" and (not creates or n > R))
         self._tier_plan[row] = fits
         if not fits:
             return task
-        room[0] -= n
+        if drop:
+            self._tier_drop[row] = drop
+        room[0] -= n - drop
         return dataclasses.replace(task, keep=task.keep + R, recall_buffer=R) if creates else task
 
     def _store_in_tier(self, freed_rows: List[int], freed_counts: List[int], freed_slots: torch.Tensor,
                        due) -> None:
         """Quantise the planned windows' evicted tokens into the tier (a new buffer's slots
         are evicted tokens too) and switch the new buffers on; every other freed slot is freed."""
+        for row, drop in self._tier_drop.items():
+            self._drop_from_tier(row, drop)
+        self._tier_drop = {}
         new_buffers = {row: slots for rows, group in self.compressor.recall_buffers for row, slots in zip(rows, group)}
         store_rows, store_counts, pieces, start = [], [], [], 0
         for row, n in zip(freed_rows, freed_counts):
@@ -584,6 +595,13 @@ class KaraRuntime:
         if self.debug_checks and self.tp is not None:  # every rank stored and opened the same
             self.tp.check_same("the recall tier's rows and buffers", self.recall.counts, self.buffer_slots,
                                self.buffer_end)
+
+    def _drop_from_tier(self, row: int, n: int) -> None:
+        """The horizon: the row's ``n`` oldest tier tokens go; its buffer positions that held
+        them know no tier column any more, the others follow their columns' shift."""
+        self.tier.drop_oldest(row, n)
+        held = self.buffer_held[:, row]
+        self.buffer_held[:, row] = torch.where(held >= n, held - n, torch.full_like(held, -1))
 
     def _open_buffers(self, new_buffers: Dict[int, torch.Tensor], due) -> None:
         """Switch on the recall buffers this compression created (their slots, where they end)."""
@@ -723,7 +741,8 @@ class KaraRuntime:
 
     def _tier_counters(self) -> dict:
         return {"recall_tier_tokens_held": self.tier.held, "recall_tier_tokens_stored": self.tier.stored_tokens,
-                "recall_tier_fallback_tokens": self.tier.fallback_tokens, "recall_tier_pages_held": self.tier.pages_held,
+                "recall_tier_fallback_tokens": self.tier.fallback_tokens,
+                "recall_tier_dropped_tokens": self.tier.dropped_tokens, "recall_tier_pages_held": self.tier.pages_held,
                 "recall_buffers": len(self.buffer_rows),
                 "recall_buffer_fills": int(self.buffer_fills.item())}
 

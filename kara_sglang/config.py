@@ -74,6 +74,10 @@ class KaraConfig:
             16-token pages by their key bounds first and then only the tokens of the best N
             pages (two stages, kernels/recall_pages.py; N * 16 must cover recall_tokens;
             N * 16 == recall_tokens recalls the N pages' tokens without ranking them).
+        recall_horizon: with a tier: 0 (default) keeps every evicted token a request stores
+            until it ends; H > 0 keeps only each request's last H evicted tokens: storing a
+            window drops the request's oldest tier tokens (whole 16-token pages) first, and
+            those are gone as without recall. Must hold a whole window and the recall buffer.
     """
 
     policy: str = "kara"
@@ -95,6 +99,7 @@ class KaraConfig:
     recall_kv: str = "exact"
     recall_tier_tokens: int = 0
     recall_pages: int = 0
+    recall_horizon: int = 0
 
     def __post_init__(self) -> None:
         if self.vote_layers is not None:
@@ -209,6 +214,14 @@ class KaraConfig:
         if pages and pages * 16 < self.recall_tokens:
             fail("kara-recall-pages", f"{pages} pages of 16 tokens hold fewer than the "
                  f"{self.recall_tokens} recalled tokens (--kara-recall-tokens)")
+        horizon = self.recall_horizon
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 0:
+            fail("kara-recall-horizon", f"must be an integer >= 0, got {horizon!r}")
+        if horizon and not tier:
+            fail("kara-recall-horizon", "the horizon bounds the tier: set --kara-recall-tier-tokens too")
+        if horizon and horizon < max(self.window, self.recall_tokens):
+            fail("kara-recall-horizon", f"{horizon} tokens hold neither a whole window ({self.window}) "
+                 f"nor the recall buffer ({self.recall_tokens}); use at least {max(self.window, self.recall_tokens)}")
         if tier and self.recall_digest != "exact":
             fail("kara-recall-tier-tokens", "tier tokens are ranked by the tier's own keys: leave "
                  f"--kara-recall-digest at exact, got {self.recall_digest}")

@@ -83,6 +83,10 @@ FLAGS = (
          "kara recall tier: rank 16-token pages by their key bounds, then only the tokens of the "
          "best N pages (default 0: every tier token ranked each step). N x 16 must cover "
          "--kara-recall-tokens; the bounds add a fifth to a 4-bit tier's bytes."),
+    Flag("kara_recall_horizon", "recall_horizon", int,
+         "kara recall tier: keep only each request's last N evicted tokens in the tier; a new "
+         "window drops the oldest (whole 16-token pages), which are then gone as without recall "
+         "(default 0: every stored token until the request ends). At least the window."),
 )
 FLAGS_BY_ATTR: Dict[str, Flag] = {f.attr: f for f in FLAGS}
 

@@ -86,6 +86,14 @@ class RecallStore:
         if start != slots.numel():
             raise AssertionError(f"kara recall: {slots.numel()} evicted slots for {start} counted")
 
+    def set_count(self, row: int, n: int) -> None:
+        """The row keeps its first ``n`` slots (the caller moved them there)."""
+        if n:
+            self._host[row] = n
+        else:
+            self._host.pop(row, None)
+        self.counts[row] = n
+
     def release(self, row: int) -> torch.Tensor:
         """The row's held slots (to be freed by the caller); the row then holds none."""
         n = self._host.pop(row, 0)

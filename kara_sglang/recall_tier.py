@@ -16,7 +16,9 @@ best pages' tokens by their keys. Bound pages are allocated as rows grow and fre
 
 Bounded: the tier holds ``capacity`` tokens, allocated once at start-up. A window whose evicted
 tokens do not fit (the tier, or the request's row of it, is full) is evicted as without recall:
-those tokens are gone, counted in ``fallback_tokens``. A request's tier tokens go back when the
+those tokens are gone, counted in ``fallback_tokens``. A horizon (``drop_oldest``, decided by
+the adapter) bounds each request instead: before a window is stored, the request's oldest tier
+tokens go, whole pages at a time, counted in ``dropped_tokens``. A request's tier tokens go back when the
 request ends (finish, abort, retraction), so an idle server holds none.
 
 Engine-independent: tensors in, tensors out; the adapter decides when to store and release.
@@ -60,6 +62,7 @@ class RecallTier:
         self.rows = RecallStore(rows, row_capacity, device)
         self.stored_tokens = 0
         self.fallback_tokens = 0
+        self.dropped_tokens = 0
         self.page_table = None
         if pages:
             # A row of n tokens uses ceil(n / PAGE) bound pages: all rows together at most the
@@ -155,6 +158,40 @@ class RecallTier:
         for layer_id in range(self.k_codes.shape[0]):
             page_bounds(*self.layer(layer_id)[:3], self.rows.slots, rows_t, lens_t, first_t, end_t, self.bits,
                         *self.layer_pages(layer_id))
+
+    @staticmethod
+    def horizon_drop(count: int, incoming: int, horizon: int) -> int:
+        """How many of a row's ``count`` oldest tier tokens must go so that ``incoming`` more
+        leave it at most ``horizon``: whole 16-token pages (the remaining pages' bounds stay
+        valid), or the whole row."""
+        excess = count + incoming - horizon
+        if excess <= 0:
+            return 0
+        return min(count, -(-excess // PAGE) * PAGE)
+
+    def drop_oldest(self, row: int, n: int) -> None:
+        """The row's ``n`` oldest tier tokens go back to the free stack (a multiple of 16, or all
+        of them: :meth:`horizon_drop`) and its later tokens move to the front of its row, so a
+        ranking sees only what remains. Device work in stream order, no host sync."""
+        count = self.rows.count(row)
+        if n <= 0:
+            return
+        if n != count and n % PAGE:
+            raise AssertionError(f"kara recall tier: dropping {n} of {count} tokens splits a page")
+        if n == count:
+            self.release(row)
+        else:
+            slots = self.rows.slots
+            self.free_slots[self.n_free:self.n_free + n] = slots[row, :n]
+            self.n_free += n
+            slots[row, :count - n] = slots[row, n:count].clone()
+            self.rows.set_count(row, count - n)
+            if self.page_table is not None:
+                gone, pages = n // PAGE, -(-count // PAGE)
+                self.free_pages[self.n_free_pages:self.n_free_pages + gone] = self.page_table[row, :gone]
+                self.n_free_pages += gone
+                self.page_table[row, :pages - gone] = self.page_table[row, gone:pages].clone()
+        self.dropped_tokens += n
 
     def release(self, row: int) -> int:
         """The row's tier slots (and bound pages) go back to their free stacks; returns how many slots."""

@@ -194,6 +194,56 @@ def test_tier_pages_hold_the_bounds_of_their_tokens_through_stores_and_releases(
         tier.check_free_once()
 
 
+@pytest.mark.parametrize("count, incoming, horizon, drop", [
+    (0, 24, 32, 0), (8, 24, 32, 0), (24, 24, 32, 16), (32, 24, 32, 32), (40, 24, 48, 16), (100, 30, 64, 80)])
+def test_horizon_drops_whole_pages_or_the_whole_row(count, incoming, horizon, drop):
+    from kara_sglang.recall_tier import RecallTier
+
+    assert RecallTier.horizon_drop(count, incoming, horizon) == drop
+
+
+def test_a_horizon_keeps_each_rows_newest_tokens_and_their_page_bounds():
+    """Dropping a row's oldest tier tokens (whole pages, or the whole row) frees exactly those
+    slots and bound pages once, keeps the row's later slots in order at its front, and leaves
+    every remaining page's bounds equal to the max/min of its tokens' keys."""
+    from kara_kernels.recall_pages import PAGE
+    from kara_sglang.recall_tier import RecallTier
+    from test_recall_tier_kernels import _dequant64, _unpack
+
+    seed = random.randrange(2 ** 31)
+    gen = torch.Generator().manual_seed(seed)
+    layers, heads, dim, slots = 2, 2, 32, 300
+    k = [torch.randn(slots, heads, dim, generator=gen) for _ in range(layers)]
+    tier = RecallTier(layers, 160, heads, dim, dim, 4, rows=3, row_capacity=80, device=torch.device("cpu"), pages=True)
+    src = iter(torch.randperm(slots, generator=gen).tolist())
+    for rows, counts in (([0, 1], [30, 20]), ([0, 1], [27, 9])):
+        assert tier.store(rows, counts, torch.tensor([next(src) for _ in range(sum(counts))]), k, k) == sum(counts)
+    before = tier.rows.slots[0, :57].tolist()
+    free_slots, free_pages = tier.n_free, tier.n_free_pages
+    with pytest.raises(AssertionError, match="splits a page"):
+        tier.drop_oldest(0, 20)
+    tier.drop_oldest(0, 2 * PAGE)
+    assert tier.rows.count(0) == 57 - 2 * PAGE and tier.rows.slots[0, :25].tolist() == before[2 * PAGE:], seed
+    assert tier.n_free == free_slots + 2 * PAGE and tier.n_free_pages == free_pages + 2, seed
+    assert set(tier.free_slots[:tier.n_free].tolist()) >= set(before[:2 * PAGE])
+    tier.drop_oldest(1, 29)  # the whole row
+    assert tier.rows.count(1) == 0 and tier.dropped_tokens == 2 * PAGE + 29
+    tier.check_free_once()
+    # The next store appends after the kept tokens; every page's bounds hold its tokens.
+    assert tier.store([0], [20], torch.tensor([next(src) for _ in range(20)]), k, k) == 20
+    for layer in range(layers):
+        keys = _dequant64(_unpack(tier.k_codes[layer], 4), tier.k_lo[layer], tier.k_step[layer])
+        table, hi, lo = tier.layer_pages(layer)
+        n = tier.rows.count(0)
+        for p in range(-(-n // PAGE)):
+            page_keys = keys[tier.rows.slots[0, p * PAGE:min(n, (p + 1) * PAGE)]]
+            assert torch.allclose(hi[int(table[0, p])].double(), page_keys.amax(0), rtol=2 ** -10, atol=1e-6), seed
+            assert torch.allclose(lo[int(table[0, p])].double(), page_keys.amin(0), rtol=2 ** -10, atol=1e-6), seed
+    tier.check_free_once()
+    assert tier.release(0) == 45 and tier.held == 0 and tier.pages_held == 0
+    tier.check_free_once()
+
+
 def test_store_holds_per_row_in_order_and_releases_once():
     store = RecallStore(rows=4, capacity=6, device=torch.device("cpu"))
     store.hold([2, 0], [3, 1], torch.tensor([11, 12, 13, 20]))
@@ -219,6 +269,10 @@ def test_store_holds_per_row_in_order_and_releases_once():
     (dict(recall_pages=4, recall_tokens=8), "--kara-recall-pages: .* set --kara-recall-tier-tokens"),
     (dict(recall_pages=1, recall_tokens=32, recall_tier_tokens=1000, recall_kv="bits4"),
      "--kara-recall-pages: 1 pages of 16 tokens hold fewer than the 32"),
+    (dict(recall_horizon=-1), "--kara-recall-horizon: must be an integer >= 0"),
+    (dict(recall_horizon=600, recall_tokens=8), "--kara-recall-horizon: .* set --kara-recall-tier-tokens"),
+    (dict(recall_horizon=500, recall_tokens=8, recall_tier_tokens=1000, recall_kv="bits4"),
+     "--kara-recall-horizon: 500 tokens hold neither a whole window \\(512\\)"),
     (dict(recall_tier_tokens=1000, recall_kv="bits4"), "--kara-recall-tier-tokens: .* set --kara-recall-tokens"),
     (dict(recall_tier_tokens=1000, recall_tokens=8), "--kara-recall-tier-tokens: the tier stores K and V at"),
     (dict(recall_tier_tokens=1000, recall_tokens=8, recall_kv="bits3"), "--kara-recall-tier-tokens: the tier stores"),
@@ -340,6 +394,38 @@ def test_two_stages_keeping_every_page_give_one_stages_tokens(tiny_model):
         finally:
             engine.shutdown()
     assert outputs["two"] == outputs["one"]
+
+
+@pytest.mark.sglang
+@pytest.mark.newest_release  # the tier's scheduler path runs on every release in the aborts test
+def test_a_horizon_drops_old_tier_tokens_through_the_scheduler_and_leaks_nothing(tiny_model):
+    """--kara-recall-horizon W (32, below the 72 tokens three windows evict): the second and
+    third compressions drop the request's oldest tier tokens (two pages, then the whole row),
+    two-stage ranking keeps its page table through the shifts, and the recall buffers stay
+    right: with KARA_DEBUG_CHECKS each eager step checks SGLang's attention over a buffer
+    against recall's own kernel over the row's remaining tier tokens. Nothing stays held."""
+    from support.engines import assert_pool_back_to_idle, make_engine, pool_state, use_cpu_sglang
+
+    use_cpu_sglang()
+    prompts = _prompts(23, 2)
+    engine = make_engine(tiny_model, dtype="float32", kara_recall_tokens=R_TIER, kara_recall_kv="bits8",
+                         kara_recall_tier_tokens=50_000, kara_recall_pages=2, kara_recall_horizon=W, **KARA)
+    try:
+        engine.generate(input_ids=prompts, sampling_params=_greedy(3 * W + U + 10))
+        state = pool_state(engine)
+        assert state["compression_events"] == 3 * len(prompts), state
+        assert state["recall_buffer_fills"] > 0, state
+        stored, dropped = state["recall_tier_tokens_stored"], state["recall_tier_dropped_tokens"]
+        # 24 evicted tokens a window (the first one's buffer included), 32 at most kept: the
+        # second window drops 16 (24 + 24 - 32, one page), the third all 32 (24 past the
+        # horizon, rounded up to whole pages).
+        assert stored == 3 * 24 * len(prompts) and state["recall_tier_fallback_tokens"] == 0, state
+        assert dropped == (16 + 32) * len(prompts), state
+        assert state["recall_tier_tokens_held"] == 0 and state["recall_tier_pages_held"] == 0, state
+        assert state["recall_buffers"] == 0, state
+        assert_pool_back_to_idle(engine)
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.sglang
