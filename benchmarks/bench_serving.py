@@ -180,7 +180,7 @@ def kara_counters(engine) -> dict:
     return {k: state.get(k, 0) for k in ("decode_steps", "hook_host_s", "compress_s", "compression_events",
                                          "score_allreduces", "score_allreduce_host_s",
                                          "recall_tier_tokens_stored", "recall_tier_fallback_tokens",
-                                         "recall_buffer_fills")}
+                                         "recall_tier_dropped_tokens", "recall_buffer_fills")}
 
 
 def add_server_args(ap: argparse.ArgumentParser) -> None:
@@ -192,6 +192,8 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--recall-kv", default="exact", help="kara recall: the tier's / recalled K and V precision")
     ap.add_argument("--recall-pages", type=int, default=0,
                     help="kara recall tier: 16-token pages kept by the first of two ranking stages (0: one stage)")
+    ap.add_argument("--recall-horizon", type=int, default=0,
+                    help="kara recall tier: each request keeps only its last N evicted tokens in the tier (0: all)")
     ap.add_argument("--keep-ratio", type=float, default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--window", type=int, default=512)
@@ -259,7 +261,8 @@ def start_engine(args, **extra):
             kara["kara_budget"] = args.budget
         if args.recall_tokens:
             kara.update(kara_recall_tokens=args.recall_tokens, kara_recall_tier_tokens=args.recall_tier_tokens,
-                        kara_recall_kv=args.recall_kv, kara_recall_pages=args.recall_pages)
+                        kara_recall_kv=args.recall_kv, kara_recall_pages=args.recall_pages,
+                        kara_recall_horizon=args.recall_horizon)
             if not args.recall_tier_tokens:
                 device_args["disable_cuda_graph"] = True  # the emulation's attention is not graph-capturable
     print("BENCH-CONFIG " + json.dumps(vars(args), default=lambda o: getattr(o, "spec", str(o))), file=sys.stderr, flush=True)
@@ -350,6 +353,8 @@ def main() -> None:
                 "recall_kv": args.recall_kv if args.recall_tokens else None, "recall_pages": args.recall_pages,
                 "recall_tier_tokens_stored": spent["recall_tier_tokens_stored"],
                 "recall_tier_fallback_tokens": spent["recall_tier_fallback_tokens"],
+                "recall_horizon": args.recall_horizon,
+                "recall_tier_dropped_tokens": spent["recall_tier_dropped_tokens"],
                 "recall_buffer_fills": spent["recall_buffer_fills"],
                 "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
                 "context_length": args.context_length,

@@ -179,6 +179,10 @@ class KaraRuntime:
             self._check_recall(model_runner)
             row_capacity = self.req_to_token_pool.req_to_token.shape[1]
             if config.recall_tier_tokens:
+                if config.recall_horizon:
+                    # A row never holds more than the horizon: the ranking a CUDA graph captures
+                    # spans H columns, not the request's whole width.
+                    row_capacity = min(row_capacity, config.recall_horizon)
                 self.tier = self._make_tier(num_layers, kv_heads, head_dim, rows, row_capacity, device)
                 self.recall = self.tier.rows
                 # Before CUDA graphs are captured: the fill's fastest correct launch on this GPU.
