@@ -53,7 +53,16 @@ if [ "$WHICH" = recall ]; then
             "kara125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 $COMMON --workload ${K125_BF16}x1024+16384"
             "tier125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tokens 256 --recall-tier-tokens $TIER --recall-kv bits4 --max-total-tokens $TIER_POOL --context-length 17500 $COMMON --workload ${T125}x1024+16384")
 fi
-[ ${#configs[@]} -gt 0 ] || { echo "usage: headline.sh [bf16|fp8|all|recall]"; exit 2; }
+if [ "$WHICH" = horizon ]; then
+  # Kara 25% + the 4-bit tier bounded to each request's last HORIZON evicted tokens, two-stage
+  # ranking (64 pages): the same bytes as vanilla's pool. Per request the pool reserves Kara's
+  # growth bound plus the 256-token recall buffer (5,952) and the tier H tokens at 5/16 of bf16
+  # plus one bf16 token of page bounds per 16: at H 4,096, 112 requests, pool 667,000, tier
+  # 460,000 on an H200 (on an H100 80GB: H25=56 H_POOL=334000 H_TIER=230000).
+  H25=${H25:-112} H_POOL=${H_POOL:-667000} H_TIER=${H_TIER:-460000} HORIZON=${HORIZON:-4096}
+  configs+=("horizon25-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.25 --recall-tokens 256 --recall-tier-tokens $H_TIER --recall-kv bits4 --recall-pages 64 --recall-horizon $HORIZON --max-total-tokens $H_POOL --context-length 17500 $COMMON --workload ${H25}x1024+16384")
+fi
+[ ${#configs[@]} -gt 0 ] || { echo "usage: headline.sh [bf16|fp8|all|recall|horizon]"; exit 2; }
 bash benchmarks/gpu/run_serving.sh "${configs[@]}" || exit 1
 
 python3 - "$OUT" <<'EOF'
