@@ -18,8 +18,8 @@ Bounded: the tier holds ``capacity`` tokens, allocated once at start-up. A windo
 tokens do not fit (the tier, or the request's row of it, is full) is evicted as without recall:
 those tokens are gone, counted in ``fallback_tokens``. A horizon (``drop_oldest``, decided by
 the adapter) bounds each request instead: before a window is stored, the request's oldest tier
-tokens go, whole pages at a time, counted in ``dropped_tokens``. A request's tier tokens go back when the
-request ends (finish, abort, retraction), so an idle server holds none.
+tokens go, whole pages at a time, counted in ``dropped_tokens``. A request's tier tokens go
+back when the request ends (finish, abort, retraction), so an idle server holds none.
 
 Engine-independent: tensors in, tensors out; the adapter decides when to store and release.
 """
