@@ -558,7 +558,7 @@ class KaraRuntime:
         R, n, horizon = self.config.recall_tokens, task.n_evicted, self.config.recall_horizon
         creates = row not in self.buffer_rows
         have = self.recall.count(row)
-        drop = RecallTier.horizon_drop(have, n, horizon) if horizon and n <= horizon else 0
+        drop = RecallTier.horizon_drop(have, n, horizon) if horizon else 0
         fits = (n <= room[0] + drop and have - drop + n <= self.recall.slots.shape[1]
                 and (not horizon or (n <= horizon and have - drop + n >= R))
                 and policy.name == "kara" and (not creates or n > R))

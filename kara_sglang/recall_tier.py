@@ -182,28 +182,35 @@ class RecallTier:
             self.release(row)
         else:
             slots = self.rows.slots
-            self.free_slots[self.n_free:self.n_free + n] = slots[row, :n]
-            self.n_free += n
+            self._free_slots(slots[row, :n])
             slots[row, :count - n] = slots[row, n:count].clone()
             self.rows.set_count(row, count - n)
             if self.page_table is not None:
                 gone, pages = n // PAGE, -(-count // PAGE)
-                self.free_pages[self.n_free_pages:self.n_free_pages + gone] = self.page_table[row, :gone]
-                self.n_free_pages += gone
+                self._free_pages(self.page_table[row, :gone])
                 self.page_table[row, :pages - gone] = self.page_table[row, gone:pages].clone()
         self.dropped_tokens += n
+
+    def _free_slots(self, slots: torch.Tensor) -> None:
+        """Push tier slots onto the free stack."""
+        n = int(slots.numel())
+        self.free_slots[self.n_free:self.n_free + n] = slots
+        self.n_free += n
+
+    def _free_pages(self, pages: torch.Tensor) -> None:
+        """Push bound pages onto their free stack."""
+        n = int(pages.numel())
+        self.free_pages[self.n_free_pages:self.n_free_pages + n] = pages
+        self.n_free_pages += n
 
     def release(self, row: int) -> int:
         """The row's tier slots (and bound pages) go back to their free stacks; returns how many slots."""
         slots = self.rows.release(row)
         n = int(slots.numel())
         if n:
-            self.free_slots[self.n_free:self.n_free + n] = slots
-            self.n_free += n
+            self._free_slots(slots)
         if n and self.page_table is not None:
-            pages = -(-n // PAGE)
-            self.free_pages[self.n_free_pages:self.n_free_pages + pages] = self.page_table[row, :pages]
-            self.n_free_pages += pages
+            self._free_pages(self.page_table[row, :-(-n // PAGE)])
         return n
 
     def check_free_once(self) -> None:
