@@ -21,7 +21,8 @@
 # at the Llama-8B shape: 100 x ~14,000 evicted), 100 requests, context length 17,500 (each
 # step ranks a row's tier tokens over the row's width inside the CUDA graph). With two or more GPUs, vanilla
 # runs on GPU 0 and Kara on GPU 1, side by side. SECONDS_EACH bounds each configuration (default
-# 1800). Rows and logs go to $OUT (default out/headline); the table is printed at the end
+# 1800); horizon: vanilla, then Kara 12.5% and 25% + that tier bounded to each request's last
+# 4,096 evicted tokens (counts in its block below). Rows and logs go to $OUT (default out/headline); the table is printed at the end
 # (whole-wave rate as the client measured it, then the first 80% of each wave's tokens from
 # SGLang's decode log, the measure that compares waves cut short).
 set -uo pipefail
@@ -54,13 +55,19 @@ if [ "$WHICH" = recall ]; then
             "tier125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tokens 256 --recall-tier-tokens $TIER --recall-kv bits4 --max-total-tokens $TIER_POOL --context-length 17500 $COMMON --workload ${T125}x1024+16384")
 fi
 if [ "$WHICH" = horizon ]; then
-  # Kara 25% + the 4-bit tier bounded to each request's last HORIZON evicted tokens, two-stage
-  # ranking (64 pages): the same bytes as vanilla's pool. Per request the pool reserves Kara's
-  # growth bound plus the 256-token recall buffer (5,952) and the tier H tokens at 5/16 of bf16
-  # plus one bf16 token of page bounds per 16: at H 4,096, 112 requests, pool 667,000, tier
-  # 460,000 on an H200 (on an H100 80GB: H25=56 H_POOL=334000 H_TIER=230000).
+  # vanilla, then Kara 25% and 12.5% + the 4-bit tier bounded to each request's last HORIZON
+  # evicted tokens, two-stage ranking (64 pages), each at the bytes of vanilla's pool. Per
+  # request the pool reserves Kara's growth bound plus the 256-token recall buffer (5,952 at
+  # 25%, 3,904 at 12.5%) and the tier H tokens at 5/16 of bf16 plus one bf16 token of page
+  # bounds per 16. At H 4,096 on an H200: 112 requests (pool 667,000, tier 460,000) at 25%, 155
+  # (605,200 + 635,000) at 12.5%; on an H100 80GB (vanilla 24 requests): H25=56 H_POOL=334000
+  # H_TIER=230000 H125=77 H125_POOL=301000 H125_TIER=316000.
   H25=${H25:-112} H_POOL=${H_POOL:-667000} H_TIER=${H_TIER:-460000} HORIZON=${HORIZON:-4096}
-  configs+=("horizon25-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.25 --recall-tokens 256 --recall-tier-tokens $H_TIER --recall-kv bits4 --recall-pages 64 --recall-horizon $HORIZON --max-total-tokens $H_POOL --context-length 17500 $COMMON --workload ${H25}x1024+16384")
+  H125=${H125:-155} H125_POOL=${H125_POOL:-605200} H125_TIER=${H125_TIER:-635000}
+  TIER_ARGS="--recall-tokens 256 --recall-kv bits4 --recall-pages 64 --recall-horizon $HORIZON --context-length 17500 $COMMON"
+  configs+=("vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"
+            "horizon125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tier-tokens $H125_TIER --max-total-tokens $H125_POOL $TIER_ARGS --workload ${H125}x1024+16384"
+            "horizon25-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.25 --recall-tier-tokens $H_TIER --max-total-tokens $H_POOL $TIER_ARGS --workload ${H25}x1024+16384")
 fi
 [ ${#configs[@]} -gt 0 ] || { echo "usage: headline.sh [bf16|fp8|all|recall|horizon]"; exit 2; }
 bash benchmarks/gpu/run_serving.sh "${configs[@]}" || exit 1
