@@ -10,15 +10,27 @@
 #       # the background and waits up to WAIT seconds for it
 #   WAIT=540 bash benchmarks/gpu/run_lease.sh wait   # waits again; both copy rows and logs to $OUT
 # On a host with pip and an index, run run_serving.sh or headline.sh directly instead.
+# Keep the lease warm: a machine idle 30 s goes back, so issue the parts, serve and wait calls
+# back to back (in one batch of tool calls where the tool allows it).
 set -uo pipefail
 PHASE=${1:?usage: run_lease.sh part|bench|serve|wait}
 shift
 RUN=/tmp/lease
 mkdir -p $RUN /tmp/wheels /tmp/fa3
 ts() { echo "[$(date +%H:%M:%S)] $*"; }
+# A fresh machine compiles every Triton kernel once (about 110 s of a first server's start-up
+# with the recall tier): the compiled kernels come back as $OUT/triton-cache.tgz; kept here as
+# .whl/triton-cache/triton-cache.tgz and carried, a later lease starts from them (sm_90: the
+# same cache serves the H100 and the H200).
+export TRITON_CACHE_DIR=/tmp/triton-cache
+if [ ! -d $TRITON_CACHE_DIR ] && [ -f .whl/triton-cache/triton-cache.tgz ]; then
+  mkdir -p $TRITON_CACHE_DIR && tar xzf .whl/triton-cache/triton-cache.tgz -C $TRITON_CACHE_DIR
+fi
 pack() {
   [ -n "${OUT:-}" ] || return 0
   cp $RUN/out/row-*.json $RUN/out/log-*.txt $RUN/serving.txt "$OUT"/ 2>/dev/null
+  [ -d $TRITON_CACHE_DIR ] && tar czf "$OUT"/triton-cache.tgz -C $TRITON_CACHE_DIR . 2>/dev/null
+  [ "$(stat -c %s "$OUT"/triton-cache.tgz 2>/dev/null || echo 0)" -gt 16000000 ] && rm -f "$OUT"/triton-cache.tgz
   ls "$OUT"
 }
 case $PHASE in
