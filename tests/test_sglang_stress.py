@@ -103,10 +103,12 @@ def test_randomized_stress_2000_requests_zero_leaks(tiny_model):
     run_stress(tiny_model, 2000, seed=11, **KARA)
 
 
-def _tier_idle(engine):
+def _tier_idle(engine, horizon: int = 0):
     """The recall tier holds nothing once every request ended, after it stored windows, fell
-    back when full, and filled recall buffers."""
+    back when full, filled recall buffers and (``horizon``) dropped requests' oldest pages."""
     state = pool_state(engine)
+    if horizon:
+        assert state["recall_tier_dropped_tokens"] > 0, state
     assert state["recall_tier_tokens_held"] == 0 and state["recall_buffers"] == 0, state
     assert state["recall_tier_pages_held"] == 0, state
     assert state["recall_tier_tokens_stored"] > 0 and state["recall_tier_fallback_tokens"] > 0, state
@@ -114,7 +116,7 @@ def _tier_idle(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_requests", [300, 2000])
+@pytest.mark.parametrize("n_requests", [100, 300, 2000])
 @pytest.mark.parametrize("pages, horizon", [(0, 0), (2, 0), (2, 32)])
 def test_randomized_stress_with_the_recall_tier_zero_leaks(tiny_model, n_requests, pages, horizon):
     """The stress workload with the GPU tier's design on the CPU: a 4-bit tier of 1,500 tokens
@@ -124,7 +126,8 @@ def test_randomized_stress_with_the_recall_tier_zero_leaks(tiny_model, n_request
     ``horizon`` each request keeping only its last 32 evicted tokens (older pages dropped as
     windows come); SGLang's strict checks and Kara's double-free and recall-output debug checks
     on (support.engines.TEST_ENV)."""
-    run_stress(tiny_model, n_requests, seed=23, check_idle=_tier_idle, kara_recall_tokens=4, kara_recall_kv="bits4",
+    run_stress(tiny_model, n_requests, seed=23, check_idle=lambda engine: _tier_idle(engine, horizon),
+               kara_recall_tokens=4, kara_recall_kv="bits4",
                kara_recall_tier_tokens=1500, kara_recall_pages=pages, kara_recall_horizon=horizon, **KARA)
 
 
