@@ -61,10 +61,10 @@ if [ "$WHICH" = horizon ]; then
   # 25%, 3,904 at 12.5%) and the tier H tokens at 5/16 of bf16 plus one bf16 token of page
   # bounds per 16. At H 4,096 on an H200: 112 requests (pool 667,000, tier 460,000) at 25%, 155
   # (605,200 + 635,000) at 12.5%; on an H100 80GB (vanilla 24 requests): H25=56 H_POOL=334000
-  # H_TIER=230000 H125=77 H125_POOL=301000 H125_TIER=316000.
+  # H_TIER=230000 H125=77 H125_POOL=301000 H125_TIER=316000. H_PAGES=16: Quest's own selection.
   H25=${H25:-112} H_POOL=${H_POOL:-667000} H_TIER=${H_TIER:-460000} HORIZON=${HORIZON:-4096}
   H125=${H125:-155} H125_POOL=${H125_POOL:-605200} H125_TIER=${H125_TIER:-635000}
-  TIER_ARGS="--recall-tokens 256 --recall-kv bits4 --recall-pages 64 --recall-horizon $HORIZON --context-length 17500 $COMMON"
+  TIER_ARGS="--recall-tokens 256 --recall-kv bits4 --recall-pages ${H_PAGES:-64} --recall-horizon $HORIZON --context-length 17500 $COMMON"
   configs+=("vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"
             "horizon125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tier-tokens $H125_TIER --max-total-tokens $H125_POOL $TIER_ARGS --workload ${H125}x1024+16384"
             "horizon25-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.25 --recall-tier-tokens $H_TIER --max-total-tokens $H_POOL $TIER_ARGS --workload ${H25}x1024+16384")
