@@ -104,14 +104,17 @@ def test_randomized_stress_2000_requests_zero_leaks(tiny_model):
 
 
 def _tier_idle(engine, horizon: int = 0):
-    """The recall tier holds nothing once every request ended, after it stored windows, fell
-    back when full, filled recall buffers and (``horizon``) dropped requests' oldest pages."""
+    """The recall tier holds nothing once every request ended, after it stored windows, filled
+    recall buffers, and fell back when full or (``horizon``) dropped requests' oldest pages: a
+    horizon keeps each request's share small enough that this tier never fills."""
     state = pool_state(engine)
-    if horizon:
-        assert state["recall_tier_dropped_tokens"] > 0, state
     assert state["recall_tier_tokens_held"] == 0 and state["recall_buffers"] == 0, state
     assert state["recall_tier_pages_held"] == 0, state
-    assert state["recall_tier_tokens_stored"] > 0 and state["recall_tier_fallback_tokens"] > 0, state
+    assert state["recall_tier_tokens_stored"] > 0, state
+    if horizon:
+        assert state["recall_tier_dropped_tokens"] > 0, state
+    else:
+        assert state["recall_tier_fallback_tokens"] > 0, state
     assert state["recall_buffer_fills"] > 0, state
 
 
