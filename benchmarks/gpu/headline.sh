@@ -22,9 +22,10 @@
 # step ranks a row's tier tokens over the row's width inside the CUDA graph). With two or more GPUs, vanilla
 # runs on GPU 0 and Kara on GPU 1, side by side. SECONDS_EACH bounds each configuration (default
 # 1800); horizon: vanilla, then Kara 12.5% and 25% + that tier bounded to each request's last
-# 4,096 evicted tokens (counts in its block below). Rows and logs go to $OUT (default out/headline); the table is printed at the end
-# (whole-wave rate as the client measured it, then the first 80% of each wave's tokens from
-# SGLang's decode log, the measure that compares waves cut short).
+# 4,096 evicted tokens (counts in its block below). Rows and logs go to $OUT (default
+# out/headline); the table is printed at the end (whole-wave rate as the client measured it,
+# then the first 80% of each wave's tokens from SGLang's decode log, the measure that compares
+# waves cut short).
 set -uo pipefail
 WHICH=${1:-bf16}
 OUT=${OUT:-$PWD/out/headline}
@@ -35,10 +36,11 @@ V_FP8=${V_FP8:-96} K25_FP8=${K25_FP8:-256} K125_FP8=${K125_FP8:-256}
 COMMON="--attention-backend default --overlap on --disable-prefill-cuda-graph"
 NGPU=$(nvidia-smi -L 2> /dev/null | wc -l)
 on() { [ "$NGPU" -ge 2 ] && echo "@$1"; }  # GPU suffix for run_serving.sh, only with 2+ GPUs
+VANILLA_BF16="vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"  # bf16, recall, horizon
 
 configs=()
 if [ "$WHICH" = bf16 ] || [ "$WHICH" = all ]; then
-  configs+=("vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"
+  configs+=("$VANILLA_BF16"
             "kara25-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.25 $COMMON --workload ${K25_BF16}x1024+16384"
             "kara125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 $COMMON --workload ${K125_BF16}x1024+16384")
 fi
@@ -50,7 +52,7 @@ if [ "$WHICH" = fp8 ] || [ "$WHICH" = all ]; then
 fi
 if [ "$WHICH" = recall ]; then
   T125=${T125:-100} TIER=${TIER:-1420000} TIER_POOL=${TIER_POOL:-392000}
-  configs+=("vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"
+  configs+=("$VANILLA_BF16"
             "kara125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 $COMMON --workload ${K125_BF16}x1024+16384"
             "tier125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tokens 256 --recall-tier-tokens $TIER --recall-kv bits4 --max-total-tokens $TIER_POOL --context-length 17500 $COMMON --workload ${T125}x1024+16384")
 fi
@@ -65,7 +67,7 @@ if [ "$WHICH" = horizon ]; then
   H25=${H25:-112} H_POOL=${H_POOL:-667000} H_TIER=${H_TIER:-460000} HORIZON=${HORIZON:-4096}
   H125=${H125:-155} H125_POOL=${H125_POOL:-605200} H125_TIER=${H125_TIER:-635000}
   TIER_ARGS="--recall-tokens 256 --recall-kv bits4 --recall-pages ${H_PAGES:-64} --recall-horizon $HORIZON --context-length 17500 $COMMON"
-  configs+=("vanilla-bf16$(on 0):$SECONDS_EACH:--policy none $COMMON --workload ${V_BF16}x1024+16384"
+  configs+=("$VANILLA_BF16"
             "horizon125-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.125 --recall-tier-tokens $H125_TIER --max-total-tokens $H125_POOL $TIER_ARGS --workload ${H125}x1024+16384"
             "horizon25-bf16$(on 1):$SECONDS_EACH:--policy kara --keep-ratio 0.25 --recall-tier-tokens $H_TIER --max-total-tokens $H_POOL $TIER_ARGS --workload ${H25}x1024+16384")
 fi
