@@ -297,7 +297,9 @@ def print_upto(raw: str, upto: float) -> None:
 def main() -> None:
     if "--upto" in sys.argv:  # report_throughput.py DIR --upto 0.8: print only, JSON untouched
         return print_upto(sys.argv[1], float(sys.argv[sys.argv.index("--upto") + 1]))
-    raw = sys.argv[1]
+    raw = sys.argv[1] if len(sys.argv) > 1 else ""
+    if not os.path.isdir(raw):  # e.g. --help: never rewrite the results file without a run to add
+        sys.exit(f"usage: python benchmarks/report_throughput.py RAW_DIR [--upto FRACTION]; no directory {raw!r}")
     run = os.path.basename(raw.rstrip("/"))
     rows = collect(raw)
     for r in rows:

@@ -14,7 +14,12 @@ requests. Kara's resident KV over a request's life comes from its own window boo
 - plain Kara: resident tokens only.
 - GPU tier, q bits: evicted K and V kept on the GPU at q bits per value plus a bf16 scale and
   minimum per group of 32 channels, (q + 1) / 16 of bf16; each step ranks every evicted token
-  by its q-bit key (half a token's bytes) and reads the R selected tokens' K and V.
+  by its q-bit key (half a token's bytes). As built (kara_sglang/recall_tier.py), the R picks
+  live dequantised in a per-request buffer of R pool slots: the buffer is bf16 memory, SGLang's
+  attention reads all R of it each step, and the picks not held one step earlier (``--churn``)
+  are read at q bits and written in bf16. Dummy weights renew nearly every pick each step
+  (``--churn 256``); the probe's trained model 61-91. The page bounds of ``--kara-recall-pages``
+  (1/16 of bf16 per tier token) are not counted.
 - GPU tier bounded to a horizon (``--horizon H``): as above, but a request's tier holds only
   its last H evicted tokens; older windows fall back to plain eviction (what a recency bound
   on the tier would do: recall reaches back H evicted tokens, no further).
@@ -64,13 +69,15 @@ def tok_per_s(concurrency: float, step_tokens: float) -> float:
     return concurrency * BANDWIDTH / (WEIGHT_BYTES + concurrency * step_tokens * TOKEN_BYTES)
 
 
-def gpu_tier(steps, bits: int, tokens: int, horizon: int = 0):
+def gpu_tier(steps, bits: int, tokens: int, horizon: int = 0, churn: int = 85):
     """(peak memory, mean step bytes) of a q-bit GPU tier holding the last ``horizon`` evicted
-    tokens of a request (0: all of them)."""
+    tokens of a request (0: all of them), with its R-slot bf16 recall buffer from the first
+    compression on, ``churn`` of whose picks are rewritten each step."""
     frac = (bits + 1) / 16
     held = [(r, min(e, horizon) if horizon else e) for r, e in steps]
-    memory = max(r + e * frac for r, e in held)
-    step = sum(r + e * frac / 2 + min(tokens, e) * frac for r, e in held) / len(held)
+    buffer = lambda e: tokens if e else 0  # noqa: E731
+    memory = max(r + buffer(e) + e * frac for r, e in held)
+    step = sum(r + e * frac / 2 + buffer(e) + min(churn, tokens, e) * (frac + 1) for r, e in held) / len(held)
     return memory, step
 
 
@@ -80,11 +87,11 @@ def design_rows(steps, prompt: int, output: int, tokens: int, churn: int, pcie: 
     rows = [("vanilla", prompt + output, prompt + output / 2, 0.0)]
     rows.append(("plain Kara", max(r for r, _ in steps), mean([r for r, _ in steps]), 0.0))
     for bits in (4, 3, 2):
-        rows.append((f"GPU tier, {bits}-bit KV", *gpu_tier(steps, bits, tokens), 0.0))
+        rows.append((f"GPU tier, {bits}-bit KV", *gpu_tier(steps, bits, tokens, churn=churn), 0.0))
     for horizon in horizons:
-        rows.append((f"GPU tier, 4-bit KV, last {horizon:,} evicted", *gpu_tier(steps, 4, tokens, horizon), 0.0))
+        rows.append((f"GPU tier, 4-bit KV, last {horizon:,} evicted", *gpu_tier(steps, 4, tokens, horizon, churn), 0.0))
     digest = 3 / 16 / 2  # 2-bit keys + scale/min per 32 channels, keys only
-    memory = max(r + e * digest for r, e in steps)
+    memory = max(r + e * digest + (tokens if e else 0) for r, e in steps)  # + the bf16 buffer
     step = mean([r + e * digest + min(tokens, e) for r, e in steps])
     moved = mean([min(churn, e) for _, e in steps])
     rows.append((f"host tier, 2-bit digest, churn {churn}", memory, step, moved))
@@ -97,7 +104,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--output", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=256, help="R: evicted tokens selected per layer and KV head")
-    ap.add_argument("--churn", type=int, default=85, help="of R, newly selected each step (host tier)")
+    ap.add_argument("--churn", type=int, default=85, help="of R, newly selected each step (the GPU tier's buffer writes, the host tier's PCIe)")
     ap.add_argument("--pcie", type=float, default=55.0, help="host-to-device GB/s (assumed)")
     ap.add_argument("--horizon", type=int, nargs="*", default=[],
                     help="also 4-bit tiers holding only each request's last H evicted tokens")
