@@ -371,17 +371,21 @@ def test_recalling_every_evicted_token_gives_vanillas_tokens_and_plain_kara_does
 
 @pytest.mark.sglang
 @pytest.mark.newest_release  # the same scheduler path as one stage (the aborts test runs both on every release)
-def test_two_stages_keeping_every_page_give_one_stages_tokens(tiny_model):
+def test_every_page_kept_or_a_horizon_never_reached_gives_one_stages_tokens(tiny_model):
     """The server path of --kara-recall-pages (page bounds stored at each compression, pages
     ranked, then their tokens): with every page kept it selects what one stage selects, so a
-    float32 model's tokens are the one-stage tier's, over two compressions per request."""
+    float32 model's tokens are the one-stage tier's, over two compressions per request. And a
+    --kara-recall-horizon longer than every request's evicted tokens (48 here) drops nothing,
+    so it too gives those tokens: on traces shorter than its horizon, a bounded tier answers as
+    the whole tier does."""
     from support.engines import assert_pool_back_to_idle, make_engine, pool_state, use_cpu_sglang
 
     use_cpu_sglang()
     prompts = _prompts(11, 2)
     tier = dict(KARA, kara_recall_tokens=R_TIER, kara_recall_kv="bits8", kara_recall_tier_tokens=50_000)
     outputs = {}
-    for name, extra in (("one", tier), ("two", dict(tier, kara_recall_pages=10_000))):
+    for name, extra in (("one", tier), ("two", dict(tier, kara_recall_pages=10_000)),
+                        ("horizon", dict(tier, kara_recall_horizon=4 * W))):
         engine = make_engine(tiny_model, dtype="float32", **extra)
         try:
             outs = engine.generate(input_ids=prompts, sampling_params=_greedy(2 * W + U + 10))
@@ -389,11 +393,13 @@ def test_two_stages_keeping_every_page_give_one_stages_tokens(tiny_model):
             state = pool_state(engine)
             assert state["compression_events"] == 2 * len(prompts), state
             assert state["recall_buffer_fills"] > 0, state
+            assert state["recall_tier_dropped_tokens"] == 0 and state["recall_tier_fallback_tokens"] == 0, state
             assert state["recall_tier_tokens_held"] == 0 and state["recall_tier_pages_held"] == 0, state
             assert_pool_back_to_idle(engine)
         finally:
             engine.shutdown()
     assert outputs["two"] == outputs["one"]
+    assert outputs["horizon"] == outputs["one"]
 
 
 @pytest.mark.sglang
@@ -430,7 +436,8 @@ def test_a_horizon_drops_old_tier_tokens_through_the_scheduler_and_leaks_nothing
 
 @pytest.mark.sglang
 # The last case keeps one page of 16 tokens for R = 16: the pages' tokens without a second ranking
-# (the token stage runs through the scheduler in test_two_stages_keeping_every_page_give_one_stages_tokens).
+# (the token stage runs through the scheduler in
+# test_every_page_kept_or_a_horizon_never_reached_gives_one_stages_tokens).
 @pytest.mark.parametrize("digest, lag, kv, tier, pages", [("exact", 0, "exact", 0, 0), ("bits2", 1, "bits4", 0, 0),
                                                           ("exact", 0, "bits4", 48, 0), ("exact", 0, "bits4", 48, 1)])
 def test_recall_with_aborts_and_opt_outs_leaks_nothing(tiny_model, digest, lag, kv, tier, pages):

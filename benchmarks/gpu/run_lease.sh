@@ -11,7 +11,9 @@
 #   WAIT=540 bash benchmarks/gpu/run_lease.sh wait   # waits again; both copy rows and logs to $OUT
 # On a host with pip and an index, run run_serving.sh or headline.sh directly instead.
 # Keep the lease warm: a machine idle 30 s goes back, so issue the parts, serve and wait calls
-# back to back (in one batch of tool calls where the tool allows it).
+# back to back (in one batch of tool calls where the tool allows it). Size the configurations'
+# SECONDS so the whole run ends inside the serve call and one wait (about 1,150 s with WAIT=570):
+# a third call, issued after reading the second reply, has twice found the machine gone.
 set -uo pipefail
 PHASE=${1:?usage: run_lease.sh part|bench|serve|wait}
 shift
