@@ -189,7 +189,7 @@ class KaraRuntime:
                 self.fill_launch = tune_fill_for_server(q_heads, kv_heads, head_dim, self.tier.bits, rows,
                                                         config.recall_tier_tokens, row_capacity,
                                                         config.recall_tokens, query_dtype, device,
-                                                        config.recall_pages)
+                                                        config.recall_pages, config.recall_horizon)
                 # Each row's recall buffer (kara_sglang/window.py, CompressionTask.recall_buffer):
                 # its pool slots, the column after it, and whether it is written this step.
                 width = config.recall_tokens

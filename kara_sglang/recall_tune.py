@@ -108,17 +108,30 @@ def _same_picks(rank: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
 MAX_SYNTHETIC_TOKENS = 1 << 20
 
 
+def tuning_shape(rows: int, tier_tokens: int, n_cols: int, horizon: int = 0) -> Tuple[int, int]:
+    """(rows, tier tokens a row) to time the fill at. Without a horizon, every row the server
+    can run shares the tier. With one, a request's tier fills to the horizon and stays there,
+    so the shape a server sized for it runs at is a full tier: tier_tokens // H rows of H
+    tokens each (the H100 horizon wave: 77 rows x 4,096, where sharing gave 257 x 1,229 and the
+    two stages' fastest selection differs between them). Fewer rows past MAX_SYNTHETIC_TOKENS."""
+    if horizon:
+        per_row = min(horizon, n_cols, tier_tokens)
+        rows = min(rows, max(1, tier_tokens // max(per_row, 1)))
+    else:
+        per_row = tier_tokens // max(rows, 1)
+    per_row = max(1, min(per_row, n_cols, MAX_SYNTHETIC_TOKENS))
+    return max(1, min(rows, MAX_SYNTHETIC_TOKENS // per_row)), per_row
+
+
 def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, rows: int, tier_tokens: int,
                          n_cols: int, tokens: int, dtype: torch.dtype, device: torch.device,
-                         pages_kept: int = 0) -> FillLaunch:
-    """:func:`tune_fill` at a server's shapes (rows running, each with its share of the tier;
-    fewer rows past MAX_SYNTHETIC_TOKENS), logged; the reference launch on the CPU or when the
-    GPU lacks the scratch memory. ``pages_kept`` > 0 (two stages): the two-stage selections
-    are timed too."""
+                         pages_kept: int = 0, horizon: int = 0) -> FillLaunch:
+    """:func:`tune_fill` at a server's shapes (:func:`tuning_shape`), logged; the reference
+    launch on the CPU or when the GPU lacks the scratch memory. ``pages_kept`` > 0 (two
+    stages): the two-stage selections are timed too."""
     if device.type != "cuda":
         return FillLaunch()
-    per_row = max(1, min(tier_tokens // max(rows, 1), n_cols, MAX_SYNTHETIC_TOKENS))
-    rows = max(1, min(rows, MAX_SYNTHETIC_TOKENS // per_row))
+    rows, per_row = tuning_shape(rows, tier_tokens, n_cols, horizon)
     need = rows * per_row * kv_heads * (head_dim * bits // 8 + 4 * head_dim // QUANT_GROUP) + 3 * rows * n_cols * 8
     if pages_kept:  # the synthetic tier's page bounds, float16 max and min
         need += rows * -(-n_cols // PAGE) * kv_heads * head_dim * 4

@@ -438,6 +438,19 @@ def test_fill_tuning_keeps_only_launches_that_agree_with_the_reference(monkeypat
     assert tune.tune_fill_for_server(4, 2, 64, 4, 3, 100, 70, 8, torch.bfloat16, torch.device("cpu")) == tune.FillLaunch()
 
 
+@pytest.mark.parametrize("rows, tier_tokens, n_cols, horizon, shape", [
+    (257, 316_000, 17_504, 0, (257, 1229)),  # no horizon: every row shares the tier
+    (257, 316_000, 4096, 4096, (77, 4096)),  # a horizon: a full tier's rows, each at the horizon
+    (8, 316_000, 4096, 4096, (8, 4096)),  # never more rows than the server runs
+    (257, 1000, 4096, 4096, (1, 1000)),  # a tier below one horizon: one row of what it holds
+    (257, 4 << 20, 17_504, 0, (64, 16_320)),  # capped at MAX_SYNTHETIC_TOKENS by fewer rows
+])
+def test_the_fill_is_tuned_at_the_shape_the_server_runs(rows, tier_tokens, n_cols, horizon, shape):
+    import kara_sglang.recall_tune as tune
+
+    assert tune.tuning_shape(rows, tier_tokens, n_cols, horizon) == shape
+
+
 def test_two_stage_tuning_keeps_only_selections_that_agree(monkeypatch):
     """With pages, the tuning also times the two-stage selections (in-kernel, radix, torch) on
     a synthetic tier with its page bounds; one made wrong (its picks shifted) is rejected."""
