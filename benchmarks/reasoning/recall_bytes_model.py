@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--output", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=256, help="R: evicted tokens selected per layer and KV head")
-    ap.add_argument("--churn", type=int, default=85, help="of R, newly selected each step (the GPU tier's buffer writes, the host tier's PCIe)")
+    ap.add_argument("--churn", type=int, default=85,
+                    help="of R, newly selected each step (the GPU tier's buffer writes, the host tier's PCIe)")
     ap.add_argument("--pcie", type=float, default=55.0, help="host-to-device GB/s (assumed)")
     ap.add_argument("--horizon", type=int, nargs="*", default=[],
                     help="also 4-bit tiers holding only each request's last H evicted tokens")
