@@ -69,15 +69,20 @@ def tok_per_s(concurrency: float, step_tokens: float) -> float:
     return concurrency * BANDWIDTH / (WEIGHT_BYTES + concurrency * step_tokens * TOKEN_BYTES)
 
 
+def recall_buffer(tokens: int, evicted: int) -> int:
+    """bf16 tokens of a request's recall buffer: its R pool slots, from its first compression on."""
+    return tokens if evicted else 0
+
+
 def gpu_tier(steps, bits: int, tokens: int, horizon: int = 0, churn: int = 85):
     """(peak memory, mean step bytes) of a q-bit GPU tier holding the last ``horizon`` evicted
     tokens of a request (0: all of them), with its R-slot bf16 recall buffer from the first
     compression on, ``churn`` of whose picks are rewritten each step."""
     frac = (bits + 1) / 16
     held = [(r, min(e, horizon) if horizon else e) for r, e in steps]
-    buffer = lambda e: tokens if e else 0  # noqa: E731
-    memory = max(r + buffer(e) + e * frac for r, e in held)
-    step = sum(r + e * frac / 2 + buffer(e) + min(churn, tokens, e) * (frac + 1) for r, e in held) / len(held)
+    memory = max(r + recall_buffer(tokens, e) + e * frac for r, e in held)
+    step = sum(r + e * frac / 2 + recall_buffer(tokens, e) + min(churn, tokens, e) * (frac + 1)
+               for r, e in held) / len(held)
     return memory, step
 
 
@@ -91,7 +96,7 @@ def design_rows(steps, prompt: int, output: int, tokens: int, churn: int, pcie: 
     for horizon in horizons:
         rows.append((f"GPU tier, 4-bit KV, last {horizon:,} evicted", *gpu_tier(steps, 4, tokens, horizon, churn), 0.0))
     digest = 3 / 16 / 2  # 2-bit keys + scale/min per 32 channels, keys only
-    memory = max(r + e * digest + (tokens if e else 0) for r, e in steps)  # + the bf16 buffer
+    memory = max(r + e * digest + recall_buffer(tokens, e) for r, e in steps)
     step = mean([r + e * digest + min(tokens, e) for r, e in steps])
     moved = mean([min(churn, e) for _, e in steps])
     rows.append((f"host tier, 2-bit digest, churn {churn}", memory, step, moved))
