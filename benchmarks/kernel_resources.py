@@ -40,14 +40,13 @@ PAGES_SIG = {"Q": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "HI": "*fp16"
              "n_top": "i32", "n_pages": "i32", "scale": "fp32"}
 PLAN_SIG = {name: "i32" for name in (
     "stride_selb", "stride_selh", "n_sel", "stride_hr", "stride_hh", "R", "stride_mb", "stride_mh", "stride_mk",
-    "stride_pb", "stride_ph", "stride_pk")}
-PLAN_SIG.update(SEL="*i64", HELD="*i32", MARKS="*i32", PLAN="*i32", N_NEW="*i32", ROWS="*i64", T_LENS="*i64",
-                LIVE="*i32")
+    "stride_pb", "stride_ph", "stride_pk", "stride_tt", "stride_buf")}
+PLAN_SIG.update(SEL="*i64", HELD="*i32", MARKS="*i32", PLAN="*i64", N_NEW="*i32", ROWS="*i64", T_LENS="*i64",
+                LIVE="*i32", TT="*i64", BUF="*i64")
 WRITE_SIG = {name: "i32" for name in (
-    "stride_pb", "stride_ph", "stride_pk", "stride_tt", "stride_buf", "stride_kcs", "stride_kch", "stride_kss",
-    "stride_ksh", "stride_vcs", "stride_vch", "stride_vss", "stride_vsh", "stride_kos", "stride_koh", "stride_vos",
-    "stride_voh")}
-WRITE_SIG.update(PLAN="*i32", N_NEW="*i32", ROWS="*i64", TT="*i64", BUF="*i64", KC="*u8", KLO="*fp16",
+    "stride_pb", "stride_ph", "stride_pk", "stride_kcs", "stride_kch", "stride_kss", "stride_ksh", "stride_vcs",
+    "stride_vch", "stride_vss", "stride_vsh", "stride_kos", "stride_koh", "stride_vos", "stride_voh", "R")}
+WRITE_SIG.update(PLAN="*i64", N_NEW="*i32", KC="*u8", KLO="*fp16",
                  KST="*fp16", VC="*u8", VLO="*fp16", VST="*fp16", KOUT="*bf16", VOUT="*bf16")
 SELECT_SIG = {"RANK": "*fp32", "stride_rb": "i32", "stride_rh": "i32", "LENS": "*i64", "OUT": "*i64",
               "stride_ob": "i32", "stride_oh": "i32", "n_cols": "i32", "R": "i32"}

@@ -183,7 +183,8 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
     if pages is not None and pages_kept:
         n_pages = -(-n_cols // PAGE)
         selected = select_two_stage(select_q, tier_layer[:3], tier_table, rows, tier_lens, *pages, n_pages,
-                                    pages_kept, tokens, bits, sm_scale, launch.two_stage_select, SECOND_STAGE_LAUNCH)
+                                    pages_kept, tokens, bits, sm_scale, launch.two_stage_select,
+                                    launch.second_stage or SECOND_STAGE_LAUNCH)
     else:
         rank = rank_tier(select_q, *tier_layer[:3], tier_table, rows, tier_lens, n_cols, bits, sm_scale,
                          **launch.rank)
@@ -193,4 +194,4 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
                            k_buffer, v_buffer, bits)
     else:
         refresh_recall_buffer(selected, held, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
-                              k_buffer, v_buffer, bits)
+                              k_buffer, v_buffer, bits, *(launch.writes or ()))

@@ -8,7 +8,10 @@ the server times each candidate once on a synthetic tier of its own shapes (rand
 many requests as it can run, each holding as many tier tokens as the tier gives it, ranked
 over the captured row width) and keeps the fastest. A candidate whose scores or picks differ
 from the reference launch's (beyond float32 summation order) is never chosen: a kernel wrong
-on this GPU costs speed, not answers. On the CPU nothing is timed: the reference launch.
+on this GPU costs speed, not answers. The same start-up times, under the chosen selection, the
+two-stage ranking's second stage (``SECOND_STAGE_CANDIDATES``) and the recall buffer's writes
+(``WRITE_CANDIDATES``), each kept only if it picks or writes what the first candidate does. On
+the CPU nothing is timed: the reference launch.
 
 Engine-independent: shapes in, a :class:`FillLaunch` out.
 """
@@ -17,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from kara_kernels.recall import QUANT_GROUP
+from kara_kernels.recall_buffer import refresh_recall_buffer
 from kara_kernels.recall_pages import PAGE, page_bounds, select_two_stage
 from kara_kernels.recall_tier import rank_tier
 from kara_kernels.select_top import top_columns
@@ -49,6 +53,23 @@ TWO_STAGE_SELECT_CANDIDATES = ("fused", "sorted", "radix", "torch")
 # Two-stage ranking's second stage (a few pages' tokens per row): the launch measured fastest
 # on an H200 at 64 pages kept (benchmarks/reasoning/two_stage_bench.py: 0.119 ms per layer).
 SECOND_STAGE_LAUNCH: Dict = {"low_dot": True, "bias_codes": True, "stages": 1}
+# Timed at start-up beside it (after the selection is chosen): the in-kernel selection runs the
+# second stage as one program per request and KV head, a loop of dependent loads (the chosen
+# page, its tier slots, their codes) over the kept pages' tokens; deeper pipelining or wider
+# blocks put more of them in flight (the H100 horizon profile: 0.13 ms a layer for ~40 MB).
+SECOND_STAGE_CANDIDATES: Tuple[Dict, ...] = (
+    SECOND_STAGE_LAUNCH,
+    {**SECOND_STAGE_LAUNCH, "stages": 2},
+    {**SECOND_STAGE_LAUNCH, "stages": 3},
+    {**SECOND_STAGE_LAUNCH, "block_e": 128},
+    {**SECOND_STAGE_LAUNCH, "block_e": 128, "stages": 2},
+    {**SECOND_STAGE_LAUNCH, "block_e": 128, "num_warps": 8},
+)
+# The buffer writes (kernels/recall_buffer.py): (picks a program, warps). The first was the
+# fastest of recall_step_bench.py's sweep on an H200 before the plan resolved the slots; the
+# others fit more programs on an SM (benchmarks/kernel_resources.py: 8 picks on 4 warps, 40
+# registers, 12 programs an SM, against 3 for the first).
+WRITE_CANDIDATES: Tuple[Tuple[int, int], ...] = ((16, 8), (8, 4), (8, 2), (4, 2), (4, 1), (32, 8))
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,8 @@ class FillLaunch:
     rank: Dict = field(default_factory=dict)  # rank_tier's launch keywords
     select: str = "torch"  # top-R: torch.topk or the radix kernel
     two_stage_select: str = "fused"  # with pages: select_two_stage's ``select``
+    second_stage: Optional[Dict] = None  # with pages: the second stage's rank_tier launch; None: SECOND_STAGE_LAUNCH
+    writes: Optional[Tuple[int, int]] = None  # the buffer writes' (picks a program, warps); None: the kernel's
 
 
 def synthetic_tier(batch: int, per_row: int, n_cols: int, q_heads: int, kv_heads: int, head_dim: int, bits: int,
@@ -135,6 +158,7 @@ def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, 
     need = rows * per_row * kv_heads * (head_dim * bits // 8 + 4 * head_dim // QUANT_GROUP) + 3 * rows * n_cols * 8
     if pages_kept:  # the synthetic tier's page bounds, float16 max and min
         need += rows * -(-n_cols // PAGE) * kv_heads * head_dim * 4
+    need += 6 * rows * tokens * kv_heads * head_dim * 2  # the writes' three K and V buffers (16-bit)
     if 2 * need > torch.cuda.mem_get_info(device)[0]:
         logger.info("kara: recall fill not tuned (%.0f MiB of scratch does not fit): the reference launch",
                     need / 2**20)
@@ -143,6 +167,8 @@ def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, 
     try:
         launch, lines = tune_fill(q_heads, kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype, device,
                                   pages_kept=pages_kept)
+        launch = replace(launch, writes=tune_writes(kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype,
+                                                    device, lines=lines))
     except Exception as exc:  # the tuning can only cost speed: never the server's start
         logger.warning("kara: recall fill tuning failed (%s: %s): the reference launch", type(exc).__name__, exc)
         torch.cuda.empty_cache()
@@ -158,10 +184,12 @@ def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int,
               tokens: int, dtype: torch.dtype, device: torch.device, iters: int = 10,
               rank_candidates: Sequence[Dict] = RANK_CANDIDATES,
               select_candidates: Sequence[str] = SELECT_CANDIDATES, pages_kept: int = 0,
-              two_stage_candidates: Sequence[str] = TWO_STAGE_SELECT_CANDIDATES) -> Tuple[FillLaunch, List[str]]:
+              two_stage_candidates: Sequence[str] = TWO_STAGE_SELECT_CANDIDATES,
+              second_stage_candidates: Sequence[Dict] = SECOND_STAGE_CANDIDATES) -> Tuple[FillLaunch, List[str]]:
     """The fastest correct launch at these shapes (module docstring), and one report line per
     candidate (milliseconds per layer, or why it was rejected). ``pages_kept`` > 0: also the
-    fastest two-stage selection whose picks agree with the first candidate's."""
+    fastest two-stage selection whose picks agree with the first candidate's, then with it the
+    fastest second-stage launch whose picks agree too."""
     per_row = max(1, min(per_row, n_cols))
     q, layer, table, rows, lens = synthetic_tier(batch, per_row, n_cols, q_heads, kv_heads, head_dim, bits, dtype,
                                                  device)
@@ -187,17 +215,75 @@ def tune_fill(q_heads: int, kv_heads: int, head_dim: int, bits: int, batch: int,
     picks = select_with(select_candidates[0])
     best_select = _fastest("select", select_candidates, select_with,
                            lambda got: _same_picks(reference, got, picks), iters, lines)
-    two_stage = two_stage_candidates[0]
+    two_stage, second = two_stage_candidates[0], None
     if pages_kept:
-        two_stage = _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pages_kept, iters,
-                                    two_stage_candidates, lines)
-    return FillLaunch(best_rank, best_select, two_stage), lines
+        two_stage, second = _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pages_kept,
+                                            iters, two_stage_candidates, lines, second_stage_candidates)
+    return FillLaunch(best_rank, best_select, two_stage, second), lines
+
+
+def tune_writes(kv_heads: int, head_dim: int, bits: int, batch: int, per_row: int, n_cols: int, tokens: int,
+                dtype: torch.dtype, device: torch.device, iters: int = 10,
+                candidates: Sequence[Tuple[int, int]] = WRITE_CANDIDATES,
+                lines: Optional[List[str]] = None) -> Tuple[int, int]:
+    """The buffer writes' fastest launch (picks a program, warps) on a synthetic tier, each call
+    writing half of every buffer anew (between the trained model's churn, a third, and dummy
+    weights', all); a launch whose buffer differs from the first candidate's is never chosen.
+    The first candidate when a row holds fewer than 1.5 x ``tokens`` tier tokens."""
+    lines = [] if lines is None else lines
+    per_row = max(1, min(per_row, n_cols))
+    if per_row < tokens + tokens // 2:
+        return candidates[0]
+    _, layer, table, rows, lens = synthetic_tier(batch, per_row, n_cols, 1, kv_heads, head_dim, bits, dtype, device)
+    tier = (*layer, *layer)  # V as K: the writes' speed depends on the shapes only
+    slots = torch.arange(batch * tokens, device=device).view(batch, tokens)
+    live = torch.ones(batch, dtype=torch.int32, device=device)
+    first = torch.arange(tokens, device=device).expand(batch, kv_heads, tokens).contiguous()
+    selections = (first, first + tokens // 2)  # alternate: half of each buffer new a call
+
+    def run(launch, k, v, held, calls):
+        for i in range(calls):
+            refresh_recall_buffer(selections[i % 2], held, table, rows, lens, live, slots, *tier, k, v, bits,
+                                  block_w=launch[0], write_warps=launch[1])
+        return k, v
+
+    def fresh():
+        k = torch.zeros(batch * tokens, kv_heads, head_dim, dtype=dtype, device=device)
+        return k, torch.zeros_like(k), torch.full((batch, kv_heads, tokens), -1, dtype=torch.int32, device=device)
+
+    reference = run(candidates[0], *fresh(), 2)
+    shared = fresh()  # every agreeing launch leaves the same buffers: one set serves all timings
+
+    def timed(launch):
+        run(launch, *shared, 1)
+
+    def agrees(launch):
+        got = run(launch, *fresh(), 2)
+        return torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
+
+    best, best_ms = candidates[0], float("inf")
+    for launch in candidates:
+        try:
+            if not agrees(launch):
+                lines.append(f"writes {launch}: rejected, its buffer differs from the reference's")
+                continue
+            ms = time_ms(lambda: timed(launch), iters)
+        except Exception as exc:  # e.g. a launch this GPU cannot run
+            lines.append(f"writes {launch}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        lines.append(f"writes {launch}: {ms:.3f} ms/layer (half of each buffer new)")
+        if ms < best_ms:
+            best, best_ms = launch, ms
+    return best
 
 
 def _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pages_kept, iters,
-                    candidates: Sequence[str], lines: List[str]) -> str:
+                    candidates: Sequence[str], lines: List[str],
+                    second_candidates: Sequence[Dict] = SECOND_STAGE_CANDIDATES) -> Tuple[str, Optional[Dict]]:
     """The fastest two-stage selection on the synthetic tier (its page bounds built here)
-    whose picks agree with the first candidate's; a report line for each."""
+    whose picks agree with the first candidate's, then the fastest second-stage launch under
+    it whose picks agree too (None when the kept pages' tokens all fit: no second ranking);
+    a report line for each."""
     n_pages = -(-n_cols // PAGE)
     Hkv, D = layer[0].shape[1], q.shape[2]
     page_table = torch.arange(rows.numel() * n_pages, device=q.device).view(-1, n_pages)
@@ -206,13 +292,18 @@ def _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pa
     page_bounds(*layer, table, rows, lens, torch.zeros_like(lens), (lens + PAGE - 1) // PAGE, bits, page_table, hi, lo)
     reference = rank_tier(q, *layer, table, rows, lens, n_cols, bits, scale)
 
-    def run(select):
+    def run(select, second=SECOND_STAGE_LAUNCH):
         return select_two_stage(q, layer, table, rows, lens, page_table, hi, lo, n_pages, pages_kept, tokens, bits,
-                                scale, select, SECOND_STAGE_LAUNCH)
+                                scale, select, second)
 
     picks = run(candidates[0])
-    return _fastest(f"two stages, {pages_kept} pages,", candidates, run,
-                    lambda got: _same_picks(reference, got, picks), iters, lines)
+    select = _fastest(f"two stages, {pages_kept} pages,", candidates, run,
+                      lambda got: _same_picks(reference, got, picks), iters, lines)
+    if min(pages_kept, n_pages) * PAGE <= tokens or len(second_candidates) < 2:
+        return select, None
+    second = _fastest(f"second stage under {select},", second_candidates, lambda launch: run(select, launch),
+                      lambda got: _same_picks(reference, got, picks), iters, lines)
+    return select, second
 
 
 def _fastest(label: str, candidates: Sequence, run, agrees, iters: int, lines: List[str]):

@@ -21,6 +21,13 @@ token sits does not matter. Device work only (a CUDA graph replays it), two laun
    program, took 0.14 ms per layer at 100 requests on an H200 with nothing to write);
 2. the planned writes, dequantised, in blocks of a few picks, so a step's new picks spread over
    many programs instead of one program per request and head.
+
+The plan carries each write's pool slot (the buffer position's) and tier slot (the column's),
+resolved by the plan's program, so a write program's loads form a chain of two: its block of
+the plan with the plan's length, then the tier's codes. Resolving them there instead (plan ->
+tier table and buffer slot -> codes -> store, after a branch on the length) made the writes a
+chain of four dependent loads per program: at full churn on an H100 they moved ~480 GB/s, a
+sixth of the bandwidth (docs/results/raw-2026-12-05g-h100-horizon125-profile).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import triton.language as tl
 
 from kara_kernels._buffers import interpreting
 from kara_kernels.recall import QUANT_GROUP
-from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_pool, _check_tier, dequant_tokens
+from kara_kernels.recall_tier import _block, _check_bits, _check_dims, _check_pool, _check_tier
 
 __all__ = ["refresh_recall_buffer"]
 
@@ -44,12 +51,13 @@ def _plan_refresh_kernel(
     HELD, stride_hr, stride_hh, R,
     MARKS, stride_mb, stride_mh, stride_mk,
     PLAN, stride_pb, stride_ph, stride_pk, N_NEW,
-    ROWS, T_LENS, LIVE,
+    ROWS, T_LENS, LIVE, TT, stride_tt, BUF, stride_buf,
     BLOCK: tl.constexpr,
 ):
     """Which picks a buffer lacks and where they go: two bitmaps of tier columns (picked, held;
     zeroed by the caller) make every membership test one load, so a program's work is linear
-    in R. Writes the plan (buffer positions, tier columns) and its length; updates held."""
+    in R. Writes the plan (buffer positions; the writes' tier slots and pool slots) and its
+    length; updates held."""
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
     n_new = tl.zeros((), tl.int32)
@@ -83,50 +91,81 @@ def _plan_refresh_kernel(
         n_new = tl.sum(need.to(tl.int32), 0)
         # Ranks are distinct, so each rank below n_new is written once: position, then column.
         tl.store(plan + free_rank, offs, mask=is_free & (free_rank < n_new))
-        tl.store(plan + stride_pk + need_rank, new, mask=need)
+        tl.store(plan + stride_pk + need_rank, tl.load(TT + row * stride_tt + new, mask=need, other=0), mask=need)
         tl.debug_barrier()  # the plan's positions, written by all of this program's threads
         pos = tl.load(plan + need_rank, mask=need, other=0)
         tl.store(held + pos, new, mask=need)
+        tl.store(plan + 2 * stride_pk + need_rank, tl.load(BUF + row * stride_buf + pos, mask=need, other=0),
+                 mask=need)
     tl.store(N_NEW + pid_b * tl.num_programs(1) + head, n_new)
+
+
+@triton.jit
+def _dequant_grouped(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh, src, head, need,
+                     DIM: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr):
+    """float32 ``[picks, BLOCK]``: tier slots ``src``'s codes of one KV head dequantised, as
+    ``dequant_tokens`` computes them, from one load per code byte and one per channel group
+    (per-channel loads cost a 64-bit address a channel: 80 registers a thread and 3 programs
+    an SM at 16 picks, 8 warps). Channels are unpacked in order: byte j holds channels
+    j * (8 // BITS) + i in its bits i * BITS."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    N_BYTES: tl.constexpr = BLOCK // PER_BYTE
+    N_GROUPS: tl.constexpr = BLOCK // QGROUP
+    offs_b = tl.arange(0, N_BYTES)
+    byte = tl.load(XC + src[:, None] * stride_xcs + head * stride_xch + offs_b[None, :],
+                   mask=need[:, None] & (offs_b < DIM // PER_BYTE)[None, :], other=0).to(tl.int32)
+    MASK: tl.constexpr = 2 ** BITS - 1
+    if PER_BYTE == 1:
+        code = byte
+    elif PER_BYTE == 2:
+        code = tl.reshape(tl.join(byte & MASK, byte >> 4), (src.shape[0], BLOCK))
+    else:  # 2 bits: [byte, k, m] holds channel 2m + k of the byte; put m before k
+        pairs = tl.join(tl.join(byte & MASK, (byte >> 2) & MASK), tl.join((byte >> 4) & MASK, byte >> 6))
+        code = tl.reshape(tl.permute(pairs, (0, 1, 3, 2)), (src.shape[0], BLOCK))
+    offs_g = tl.arange(0, N_GROUPS)
+    mg = need[:, None] & (offs_g < DIM // QGROUP)[None, :]
+    s_off = src[:, None] * stride_xss + head * stride_xsh + offs_g[None, :]
+    step = tl.load(XST + s_off, mask=mg, other=0.0).to(tl.float32)
+    lo = tl.load(XLO + s_off, mask=mg, other=0.0).to(tl.float32)
+    x = (tl.reshape(code, (src.shape[0], N_GROUPS, QGROUP)).to(tl.float32) * step[:, :, None] + lo[:, :, None])
+    return tl.reshape(x, (src.shape[0], BLOCK))
 
 
 @triton.jit
 def _write_planned_kernel(
     PLAN, stride_pb, stride_ph, stride_pk, N_NEW,
-    ROWS, TT, stride_tt, BUF, stride_buf,
     KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh,
     VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh,
-    KOUT, stride_kos, stride_koh, VOUT, stride_vos, stride_voh,
+    KOUT, stride_kos, stride_koh, VOUT, stride_vos, stride_voh, R,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_W: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr,
 ):
     """One block of BLOCK_W planned picks of one request and KV head, dequantised into the
-    buffer's pool slots; blocks past the plan's length return at once."""
+    buffer's pool slots. The plan's length and its block load together (no branch on the
+    length first): entries past the length only mask the codes' loads and the stores."""
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
-    first = tl.program_id(2) * BLOCK_W
+    plan = PLAN + pid_b.to(tl.int64) * stride_pb + head * stride_ph
+    offs = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    in_plan = offs < R
     n_new = tl.load(N_NEW + pid_b * tl.num_programs(1) + head)
-    if first < n_new:
-        row = tl.load(ROWS + pid_b).to(tl.int64)
-        plan = PLAN + pid_b.to(tl.int64) * stride_pb + head * stride_ph
-        offs = first + tl.arange(0, BLOCK_W)
-        need = offs < n_new
-        pos = tl.load(plan + offs, mask=need, other=0)
-        col = tl.load(plan + stride_pk + offs, mask=need, other=0)
-        slot = tl.load(TT + row * stride_tt + col, mask=need, other=0).to(tl.int64)
-        dst = tl.load(BUF + row * stride_buf + pos, mask=need, other=0).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        mk = need[:, None] & (offs_d < HEAD_DIM)[None, :]
-        x = dequant_tokens(KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh, slot, head, offs_d, mk,
-                           BITS, QGROUP)
-        tl.store(KOUT + dst[:, None] * stride_kos + head * stride_koh + offs_d[None, :],
-                 x.to(KOUT.dtype.element_ty), mask=mk)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        mv = need[:, None] & (offs_dv < V_DIM)[None, :]
-        x = dequant_tokens(VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh, slot, head, offs_dv, mv,
-                           BITS, QGROUP)
-        tl.store(VOUT + dst[:, None] * stride_vos + head * stride_voh + offs_dv[None, :],
-                 x.to(VOUT.dtype.element_ty), mask=mv)
+    src = tl.load(plan + stride_pk + offs, mask=in_plan, other=0).to(tl.int64)
+    dst = tl.load(plan + 2 * stride_pk + offs, mask=in_plan, other=0).to(tl.int64)
+    need = offs < n_new
+    src = tl.where(need, src, 0)  # entries past the plan's length are stale
+    dst = tl.where(need, dst, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mk = need[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = _dequant_grouped(KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh, src, head, need,
+                         HEAD_DIM, BLOCK_D, BITS, QGROUP)
+    tl.store(KOUT + dst[:, None] * stride_kos + head * stride_koh + offs_d[None, :],
+             x.to(KOUT.dtype.element_ty), mask=mk)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mv = need[:, None] & (offs_dv < V_DIM)[None, :]
+    x = _dequant_grouped(VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh, src, head, need,
+                         V_DIM, BLOCK_DV, BITS, QGROUP)
+    tl.store(VOUT + dst[:, None] * stride_vos + head * stride_voh + offs_dv[None, :],
+             x.to(VOUT.dtype.element_ty), mask=mv)
 
 
 def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table: torch.Tensor, rows: torch.Tensor,
@@ -146,9 +185,10 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
         tier_table, rows, tier_lens, live, buffer_slots: as for ``fill_recall_buffer``
             (``buffer_slots`` ``[rows, R]``).
         k_codes .. v_step: one layer's tier; k_buffer, v_buffer: that layer's pool.
-        block_w, write_warps: the writes' launch (picks per program, warps per program; 16 and 8
-            were the fastest of recall_step_bench.py's sweep on an H200, 0.14 ms per layer for 76
-            new picks of 256 at 100 requests, against 0.24 with 4 warps).
+        block_w, write_warps: the writes' launch (picks per program, warps per program; default
+            16 and 8, the fastest of recall_step_bench.py's sweep on an H200 before the plan
+            resolved the slots; a server times WRITE_CANDIDATES at start-up,
+            kara_sglang/recall_tune.py ``tune_writes``).
     Afterwards, for a live request with ``n`` <= R picks of head ``h``, every pick is held
     at some position ``j`` of its row, and pool slot ``buffer_slots[row, j]`` holds its K and
     V dequantised (head ``h``); nothing else is written. Device work only.
@@ -175,21 +215,21 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
     block = triton.next_power_of_2(max(R, n_sel))
     words = -(-tier_table.shape[1] // 32)
     marks = torch.zeros(B, Hkv, 2, words, dtype=torch.int32, device=selected.device)
-    plan = torch.empty(B, Hkv, 2, R, dtype=torch.int32, device=selected.device)
+    # Per request and head: buffer positions, then the writes' tier slots and pool slots.
+    plan = torch.empty(B, Hkv, 3, R, dtype=torch.int64, device=selected.device)
     n_new = torch.empty(B, Hkv, dtype=torch.int32, device=selected.device)
     _plan_refresh_kernel[(B, Hkv)](
         selected, selected.stride(0), selected.stride(1), n_sel,
         held, held.stride(0), held.stride(1), R,
         marks, marks.stride(0), marks.stride(1), marks.stride(2),
         plan, plan.stride(0), plan.stride(1), plan.stride(2), n_new,
-        rows, tier_lens, live, BLOCK=block,
+        rows, tier_lens, live, tier_table, tier_table.stride(0), buffer_slots, buffer_slots.stride(0), BLOCK=block,
     )
     _write_planned_kernel[(B, Hkv, triton.cdiv(R, block_w))](
         plan, plan.stride(0), plan.stride(1), plan.stride(2), n_new,
-        rows, tier_table, tier_table.stride(0), buffer_slots, buffer_slots.stride(0),
         k_codes, k_codes.stride(0), k_codes.stride(1), k_lo, k_step, k_lo.stride(0), k_lo.stride(1),
         v_codes, v_codes.stride(0), v_codes.stride(1), v_lo, v_step, v_lo.stride(0), v_lo.stride(1),
-        k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
+        k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1), R,
         HEAD_DIM=D, BLOCK_D=_block(D), V_DIM=Dv, BLOCK_DV=_block(Dv), BLOCK_W=block_w, BITS=bits, QGROUP=QUANT_GROUP,
         num_warps=write_warps,
     )

@@ -466,8 +466,62 @@ def test_two_stage_tuning_keeps_only_selections_that_agree(monkeypatch):
     launch, lines = tune.tune_fill(4, 2, 64, 4, batch=3, per_row=60, n_cols=70, tokens=8, dtype=torch.bfloat16,
                                    device=torch.device("cpu"), iters=1, rank_candidates=({},),
                                    select_candidates=("torch",), pages_kept=2,
-                                   two_stage_candidates=("fused", "wrong", "torch"))
+                                   two_stage_candidates=("fused", "wrong", "torch"),
+                                   second_stage_candidates=(tune.SECOND_STAGE_LAUNCH,))  # timed in the next test
     two = [line for line in lines if line.startswith("two stages")]
     assert len(two) == 3 and "rejected" in two[1] and "rejected" not in two[0] + two[2], lines
     assert launch.two_stage_select in ("fused", "torch")
     assert tune.FillLaunch().two_stage_select == "fused"  # the CPU's (untimed) reference
+
+
+def test_write_tuning_keeps_only_launches_whose_buffers_agree(monkeypatch):
+    """The buffer writes' launch is timed on a synthetic tier; a launch made wrong (its K
+    written off by one) is rejected, the others each time a call, and one of them is kept."""
+    import kara_sglang.recall_tune as tune
+
+    real = tune.refresh_recall_buffer
+
+    def refresh(*args, block_w=None, write_warps=8):
+        real(*args, block_w=block_w, write_warps=write_warps)
+        if block_w == 2:
+            args[13].add_(1)  # k_buffer
+
+    monkeypatch.setattr(tune, "refresh_recall_buffer", refresh)
+    lines = []
+    best = tune.tune_writes(2, 64, 4, batch=3, per_row=40, n_cols=70, tokens=8, dtype=torch.bfloat16,
+                            device=torch.device("cpu"), iters=1, candidates=((16, 8), (2, 1), (4, 1)), lines=lines)
+    assert len(lines) == 3 and "rejected" in lines[1] and "rejected" not in lines[0] + lines[2], lines
+    assert best in ((16, 8), (4, 1))
+    # Rows too short for half of a buffer anew: nothing timed, the first launch.
+    assert tune.tune_writes(2, 64, 4, batch=3, per_row=10, n_cols=70, tokens=8, dtype=torch.bfloat16,
+                            device=torch.device("cpu"), iters=1) == tune.WRITE_CANDIDATES[0]
+    assert tune.FillLaunch().writes is None  # the CPU's (untimed) launch: the kernel's default
+
+
+def test_second_stage_tuning_keeps_only_launches_that_agree(monkeypatch):
+    """Under the chosen two-stage selection, the second stage's launches are timed too; one
+    made wrong (its picks shifted) is rejected, and the launch kept is one that agrees."""
+    import kara_sglang.recall_tune as tune
+
+    real = tune.select_two_stage
+
+    def select_two_stage(*args):
+        launch = dict(args[14])
+        wrong = launch.pop("wrong", False)
+        picks = real(*args[:14], launch)
+        return torch.where(picks > 0, picks - 1, picks) if wrong else picks
+
+    monkeypatch.setattr(tune, "select_two_stage", select_two_stage)
+    good = {**tune.SECOND_STAGE_LAUNCH, "block_e": 128}
+    launch, lines = tune.tune_fill(4, 2, 64, 4, batch=3, per_row=60, n_cols=70, tokens=8, dtype=torch.bfloat16,
+                                   device=torch.device("cpu"), iters=1, rank_candidates=({},),
+                                   select_candidates=("torch",), pages_kept=2, two_stage_candidates=("fused",),
+                                   second_stage_candidates=(tune.SECOND_STAGE_LAUNCH, {"wrong": True}, good))
+    second = [line for line in lines if line.startswith("second stage under fused")]
+    assert len(second) == 3 and "rejected" in second[1] and "rejected" not in second[0] + second[2], lines
+    assert launch.second_stage in (tune.SECOND_STAGE_LAUNCH, good)
+    # Kept pages whose tokens all fit the buffer: no second stage to tune.
+    launch, lines = tune.tune_fill(4, 2, 64, 4, batch=3, per_row=60, n_cols=70, tokens=32, dtype=torch.bfloat16,
+                                   device=torch.device("cpu"), iters=1, rank_candidates=({},),
+                                   select_candidates=("torch",), pages_kept=2, two_stage_candidates=("fused",))
+    assert launch.second_stage is None and not any(line.startswith("second stage") for line in lines), lines

@@ -45,10 +45,13 @@ part)
   for f in ${FA3_PARTS:-.whl/fa3}/*; do [ -f "$f" ] && cp "$f" /tmp/fa3/ && ts "stored $f"; done
   ls /tmp/wheels /tmp/fa3 ;;
 bench)
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/kara .whl/kara/*.whl 2>&1 | grep -v "already exists"
+  # KARA_WHEEL: another build's wheel folder (e.g. .whl/kara-prev) for an A/B on one machine.
+  WHEEL=${KARA_WHEEL:-.whl/kara}
+  TARGET=/tmp/$(basename $WHEEL)
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $TARGET $WHEEL/*.whl 2>&1 | grep -v "already exists"
   SCRIPT=recall_step_bench.py
   case ${1:-} in *.py) SCRIPT=$1; shift ;; esac
-  PYTHONPATH=/tmp/kara python3 benchmarks/reasoning/$SCRIPT "$@" 2>&1 | tee ${OUT:-/tmp}/${SCRIPT%.py}.txt ;;
+  PYTHONPATH=$TARGET python3 benchmarks/reasoning/$SCRIPT "$@" 2>&1 | tee ${OUT:-/tmp}/${SCRIPT%.py}-$(basename $WHEEL).txt ;;
 serve)
   # env.sh joins the parts (offline_install.sh) and installs .whl/kara; SGLang's HTTP server
   # also imports soundfile (+ cffi, pycparser), carried in .whl/extra.

@@ -27,7 +27,7 @@ from kara_kernels.recall_tier import rank_tier
 from kara_kernels.select_top import select_top
 from kara_sglang.recall import recall_fill_tier
 from kara_sglang.recall_tier import RecallTier
-from kara_sglang.recall_tune import FillLaunch, time_ms
+from kara_sglang.recall_tune import SECOND_STAGE_CANDIDATES, FillLaunch, time_ms
 
 ONE_STAGE = {"low_dot": True, "block_e": 64, "split": 8, "stages": 3, "head_major": True, "bias_codes": True}
 SECOND_STAGE = ({}, {"low_dot": True, "bias_codes": True, "stages": 1},
@@ -142,9 +142,15 @@ def main() -> None:
                                            sorted_top=sorted_top), a.iters)
             print(f"  {kept} pages, ranked and selected in one kernel{' (sorted)' if sorted_top else ''}: "
                   f"{t:.3f} ms/layer", flush=True)
-        t = time_ms(lambda: rank_tier(q, *k_tier, table, rows, lens, kept * PAGE, 4, scale, pages=chosen, page=PAGE,
-                                      top=R, **SECOND_STAGE[1]), a.iters)
-        print(f"  {kept} pages, their tokens ranked and selected in one kernel: {t:.3f} ms/layer", flush=True)
+        for kwargs in SECOND_STAGE_CANDIDATES:  # what a server's start-up times (recall_tune.py)
+            try:
+                t = graph_ms(lambda: rank_tier(q, *k_tier, table, rows, lens, kept * PAGE, 4, scale, pages=chosen,
+                                               page=PAGE, top=R, **kwargs), a.iters)
+                print(f"  {kept} pages, their tokens ranked and selected in one kernel {kwargs}: {t:.3f} ms/layer "
+                      f"in a graph", flush=True)
+            except Exception as exc:  # a launch this GPU cannot hold
+                print(f"  {kept} pages, in one kernel {kwargs}: failed, {type(exc).__name__}: {str(exc)[:100]}",
+                      flush=True)
         fused = select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, kept, R, 4, scale, "fused",
                                  SECOND_STAGE[1])
         radix = select_two_stage(q, k_tier, table, rows, lens, page_table, hi, lo, n_pages, kept, R, 4, scale, "radix",
