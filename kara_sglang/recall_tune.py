@@ -167,12 +167,16 @@ def tune_fill_for_server(q_heads: int, kv_heads: int, head_dim: int, bits: int, 
     try:
         launch, lines = tune_fill(q_heads, kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype, device,
                                   pages_kept=pages_kept)
-        launch = replace(launch, writes=tune_writes(kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype,
-                                                    device, lines=lines))
     except Exception as exc:  # the tuning can only cost speed: never the server's start
         logger.warning("kara: recall fill tuning failed (%s: %s): the reference launch", type(exc).__name__, exc)
         torch.cuda.empty_cache()
         return FillLaunch()
+    try:  # apart: a failure here keeps the fill's tuned launch
+        launch = replace(launch, writes=tune_writes(kv_heads, head_dim, bits, rows, per_row, n_cols, tokens, dtype,
+                                                    device, lines=lines))
+    except Exception as exc:
+        logger.warning("kara: recall write tuning failed (%s: %s): the kernel's default", type(exc).__name__, exc)
+        torch.cuda.empty_cache()
     for line in lines:
         logger.info("kara: recall fill, %d rows x %d tier tokens over %d columns: %s", rows, per_row, n_cols, line)
     logger.info("kara: recall fill launch %s (tuned in %.1f s)", launch, time.perf_counter() - t0)
