@@ -245,8 +245,8 @@ def tune_writes(kv_heads: int, head_dim: int, bits: int, batch: int, per_row: in
     first = torch.arange(tokens, device=device).expand(batch, kv_heads, tokens).contiguous()
     selections = (first, first + tokens // 2)  # alternate: half of each buffer new a call
 
-    def run(launch, k, v, held, calls):
-        for i in range(calls):
+    def run(launch, k, v, held, calls, turn=0):
+        for i in range(turn, turn + calls):
             refresh_recall_buffer(selections[i % 2], held, table, rows, lens, live, slots, *tier, k, v, bits,
                                   block_w=launch[0], write_warps=launch[1])
         return k, v
@@ -256,29 +256,17 @@ def tune_writes(kv_heads: int, head_dim: int, bits: int, batch: int, per_row: in
         return k, torch.zeros_like(k), torch.full((batch, kv_heads, tokens), -1, dtype=torch.int32, device=device)
 
     reference = run(candidates[0], *fresh(), 2)
-    shared = fresh()  # every agreeing launch leaves the same buffers: one set serves all timings
+    shared, turns = fresh(), [0]  # every agreeing launch leaves the same buffers: one set serves all timings
 
-    def timed(launch):
-        run(launch, *shared, 1)
+    def timed(launch):  # the next selection of the alternation, whichever launch ran the last
+        turns[0] += 1
+        run(launch, *shared, 1, turns[0])
 
-    def agrees(launch):
-        got = run(launch, *fresh(), 2)
+    def agrees(got):
         return torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
 
-    best, best_ms = candidates[0], float("inf")
-    for launch in candidates:
-        try:
-            if not agrees(launch):
-                lines.append(f"writes {launch}: rejected, its buffer differs from the reference's")
-                continue
-            ms = time_ms(lambda: timed(launch), iters)
-        except Exception as exc:  # e.g. a launch this GPU cannot run
-            lines.append(f"writes {launch}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
-            continue
-        lines.append(f"writes {launch}: {ms:.3f} ms/layer (half of each buffer new)")
-        if ms < best_ms:
-            best, best_ms = launch, ms
-    return best
+    return _fastest("writes, half of each buffer new,", candidates, lambda launch: run(launch, *fresh(), 2), agrees,
+                    iters, lines, timed=timed)
 
 
 def _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pages_kept, iters,
@@ -310,17 +298,18 @@ def _tune_two_stage(q, layer, table, rows, lens, n_cols, tokens, bits, scale, pa
     return select, second
 
 
-def _fastest(label: str, candidates: Sequence, run, agrees, iters: int, lines: List[str]):
-    """The candidate whose ``run`` is fastest among those whose result ``agrees`` with the
-    reference, and a report line for each (milliseconds per layer, or why it was rejected);
-    the first candidate if none agrees."""
+def _fastest(label: str, candidates: Sequence, run, agrees, iters: int, lines: List[str], timed=None):
+    """The candidate whose ``run`` (or ``timed``, when the timed call differs from the checked
+    one) is fastest among those whose result ``agrees`` with the reference, and a report line
+    for each (milliseconds per layer, or why it was rejected); the first candidate if none
+    agrees."""
     best, best_ms = candidates[0], float("inf")
     for candidate in candidates:
         try:
             if not agrees(run(candidate)):
                 lines.append(f"{label} {candidate}: rejected, its result differs from the reference's")
                 continue
-            ms = time_ms(lambda: run(candidate), iters)
+            ms = time_ms(lambda: (timed or run)(candidate), iters)
         except Exception as exc:  # e.g. a launch this GPU's shared memory cannot hold
             lines.append(f"{label} {candidate}: rejected, {type(exc).__name__}: {str(exc)[:100]}")
             continue

@@ -481,7 +481,10 @@ def test_write_tuning_keeps_only_launches_whose_buffers_agree(monkeypatch):
 
     real = tune.refresh_recall_buffer
 
+    calls = []
+
     def refresh(*args, block_w=None, write_warps=8):
+        calls.append(int(args[0][0, 0, 0]))  # the selection's first pick
         real(*args, block_w=block_w, write_warps=write_warps)
         if block_w == 2:
             args[13].add_(1)  # k_buffer
@@ -492,6 +495,7 @@ def test_write_tuning_keeps_only_launches_whose_buffers_agree(monkeypatch):
                             device=torch.device("cpu"), iters=1, candidates=((16, 8), (2, 1), (4, 1)), lines=lines)
     assert len(lines) == 3 and "rejected" in lines[1] and "rejected" not in lines[0] + lines[2], lines
     assert best in ((16, 8), (4, 1))
+    assert calls[-1] != calls[-2]  # the last launch's timed calls alternate: each writes half anew
     # Rows too short for half of a buffer anew: nothing timed, the first launch.
     assert tune.tune_writes(2, 64, 4, batch=3, per_row=10, n_cols=70, tokens=8, dtype=torch.bfloat16,
                             device=torch.device("cpu"), iters=1) == tune.WRITE_CANDIDATES[0]
