@@ -164,6 +164,17 @@ def test_bad_per_request_values_get_a_clean_error_and_the_server_keeps_serving(k
     assert_pool_consistent(kara)
 
 
+@pytest.mark.parametrize("bad_id", [10 ** 9, -3])
+def test_input_ids_outside_the_vocabulary_get_a_clean_error_and_the_server_keeps_serving(kara, bad_id):
+    # Unchecked, SGLang's embedding lookup raises in the scheduler and the server dies.
+    with pytest.raises(ValueError, match="outside the model's vocabulary") as err:
+        kara.generate(input_ids=[5, bad_id, 7], sampling_params=greedy(5))
+    assert str(bad_id) in str(err.value) and "\n" not in str(err.value)
+    good = kara.generate(PROMPTS[1], greedy(20))
+    assert good["meta_info"]["finish_reason"]["type"] == "length"
+    assert_pool_consistent(kara)
+
+
 def test_shared_prefix_and_multi_turn_keep_their_cached_tokens(vanilla, kara):
     shared, turn2, turn2_ids, turn2_prompt = run_conversation(kara)
     base_shared, base_turn2, _, _ = vanilla["conversation"]
