@@ -175,6 +175,14 @@ def test_input_ids_outside_the_vocabulary_get_a_clean_error_and_the_server_keeps
     assert_pool_consistent(kara)
 
 
+def test_an_empty_prompt_gets_a_clean_error_and_the_server_keeps_serving(kara):
+    # Unchecked, the empty prefill's reshape raises in the scheduler and the server dies.
+    with pytest.raises(ValueError, match="no tokens"):
+        kara.generate("", greedy(5))  # a tokenizer without a BOS: no token (input_ids=[] SGLang refuses)
+    assert kara.generate(PROMPTS[1], greedy(20))["meta_info"]["finish_reason"]["type"] == "length"
+    assert_pool_consistent(kara)
+
+
 def test_shared_prefix_and_multi_turn_keep_their_cached_tokens(vanilla, kara):
     shared, turn2, turn2_ids, turn2_prompt = run_conversation(kara)
     base_shared, base_turn2, _, _ = vanilla["conversation"]
