@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 POLICY_NAMES = ("none", "kara", "streaming", "threshold", "cask", "longflow")
 VOTE_HEAD_MODES = ("group", "all")
@@ -29,6 +29,13 @@ DECODE_CACHE_POLICIES = ("streaming", "threshold", "longflow")
 
 class KaraConfigError(ValueError):
     """A KV-policy setting that cannot work; the message names the flag."""
+
+
+def check_custom_params(custom_params: object) -> None:
+    """A request's ``custom_params`` reach the plugin as the client sent them: anything but a
+    JSON object (e.g. a string) is refused with one line rather than read as one."""
+    if not isinstance(custom_params, Mapping):
+        raise KaraConfigError(f"custom_params: must be an object of settings, not {type(custom_params).__name__}")
 
 
 @dataclass(frozen=True)

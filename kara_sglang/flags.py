@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from kara_sglang.config import POLICY_NAMES, RECALL_DIGESTS, RECALL_KV, SCOPES, VOTE_HEAD_MODES, KaraConfig, KaraConfigError
+from kara_sglang.config import (POLICY_NAMES, RECALL_DIGESTS, RECALL_KV, SCOPES, VOTE_HEAD_MODES, KaraConfig,
+                                KaraConfigError, check_custom_params)
 from kara_sglang.session_continue import KEY as SESSION_CONTINUE_KEY
 
 
@@ -132,6 +133,7 @@ def request_overrides(server: KaraConfig, custom_params: Optional[Mapping[str, A
     """
     if not custom_params:
         return server
+    check_custom_params(custom_params)
     changes = {}
     for key, value in custom_params.items():
         flag = FLAGS_BY_ATTR.get(key)

@@ -20,14 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
 
-from kara_sglang.config import KaraConfigError
+from kara_sglang.config import KaraConfigError, check_custom_params
 
 KEY = "kara_session_continue"
 
 
 def requested(custom_params: Optional[Mapping[str, Any]]) -> bool:
     """Whether a request's ``custom_params`` opt in; a non-boolean value is refused."""
-    if not custom_params or KEY not in custom_params:
+    if not custom_params:
+        return False
+    check_custom_params(custom_params)
+    if KEY not in custom_params:
         return False
     value = custom_params[KEY]
     if not isinstance(value, bool):

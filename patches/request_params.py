@@ -16,7 +16,10 @@ from kara_sglang import adapter
 def _add_request(original, scheduler, req, *args, **kwargs):
     runtime = adapter.current()
     if runtime is not None and not req.finished():
-        error = runtime.validate_request(req) or bad_input_ids(req, scheduler.model_config.vocab_size)
+        try:
+            error = runtime.validate_request(req) or bad_input_ids(req, scheduler.model_config.vocab_size)
+        except Exception as exc:  # a request the checks did not foresee: its error, not the scheduler's death
+            error = f"kara-sglang: cannot read the request: {type(exc).__name__}: {exc}".replace("\n", " ")
         if error is not None:
             req.set_finish_with_abort(error)
     return original(scheduler, req, *args, **kwargs)

@@ -153,6 +153,7 @@ def test_streamed_kv_counts_cover_every_token_and_match_the_final_answer(kara):
     ({"kara_window": 64}, "kara_window"),
     ({"kv_policy": "streaming"}, "kv_policy"),
     ({"kara_chunk_size": 0}, "kara-chunk-size"),
+    ("kara_keep_ratio=0.5", "must be an object"),  # not a JSON object: it killed the scheduler
 ])
 def test_bad_per_request_values_get_a_clean_error_and_the_server_keeps_serving(kara, params, fragment):
     # The engine raises the request's abort message; nothing else is affected.
