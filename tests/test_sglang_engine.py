@@ -177,8 +177,9 @@ def test_input_ids_outside_the_vocabulary_get_a_clean_error_and_the_server_keeps
 
 
 def test_an_empty_prompt_gets_a_clean_error_and_the_server_keeps_serving(kara):
-    # Unchecked, the empty prefill's reshape raises in the scheduler and the server dies.
-    with pytest.raises(ValueError, match="no tokens"):
+    # Unchecked, the empty prefill's reshape raises in the scheduler and the server dies
+    # (SGLang 0.5.23; 0.5.17 refuses empty text itself).
+    with pytest.raises(ValueError, match="no tokens|texts cannot be empty"):
         kara.generate("", greedy(5))  # a tokenizer without a BOS: no token (input_ids=[] SGLang refuses)
     assert kara.generate(PROMPTS[1], greedy(20))["meta_info"]["finish_reason"]["type"] == "length"
     assert_pool_consistent(kara)

@@ -131,7 +131,7 @@ def test_http_bad_request_value_is_a_clean_error_and_serving_goes_on(kara_server
 
 @pytest.mark.parametrize("body, fragment", [
     ({"input_ids": [5, 10 ** 9]}, "outside the model's vocabulary"),
-    ({"text": ""}, "no tokens"),  # the tiny model's tokenizer has no BOS
+    ({"text": ""}, "no tokens|texts cannot be empty"),  # no BOS; SGLang 0.5.17 refuses empty text itself
     ({"text": "one", "sampling_params": {"custom_params": "kara_keep_ratio=0.5"}}, "must be an object"),
 ])
 def test_http_bad_prompts_that_killed_the_scheduler_are_clean_errors(kara_server, body, fragment):
@@ -139,7 +139,7 @@ def test_http_bad_prompts_that_killed_the_scheduler_are_clean_errors(kara_server
     base, proc, log = kara_server
     body = dict(body, sampling_params={"max_new_tokens": 5, **body.get("sampling_params", {})})
     status, out = _post(base + "/generate", body)
-    assert status == 400 and fragment in json.dumps(out), out
+    assert status == 400 and re.search(fragment, json.dumps(out)), out
     status, out = _post(base + "/generate", {"text": "one two three", "sampling_params": {"max_new_tokens": 10}})
     assert status == 200 and proc.poll() is None
 
