@@ -105,9 +105,9 @@ def _dequant_grouped(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xs
                      DIM: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr):
     """float32 ``[picks, BLOCK]``: tier slots ``src``'s codes of one KV head dequantised, as
     ``dequant_tokens`` computes them, from one load per code byte and one per channel group
-    (per-channel loads cost a 64-bit address a channel: 80 registers a thread and 3 programs
-    an SM at 16 picks, 8 warps). Channels are unpacked in order: byte j holds channels
-    j * (8 // BITS) + i in its bits i * BITS."""
+    (loads per channel, a 64-bit address each, took 72 registers a thread at 8 picks on 4
+    warps, this 40: 12 programs an SM instead of 7, benchmarks/kernel_resources.py). Channels
+    are unpacked in order: byte j holds channels j * (8 // BITS) + i in its bits i * BITS."""
     PER_BYTE: tl.constexpr = 8 // BITS
     N_BYTES: tl.constexpr = BLOCK // PER_BYTE
     N_GROUPS: tl.constexpr = BLOCK // QGROUP
