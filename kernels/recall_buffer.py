@@ -101,9 +101,10 @@ def _plan_refresh_kernel(
 
 
 @triton.jit
-def _dequant_grouped(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh, src, head, need,
-                     DIM: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr):
-    """float32 ``[picks, BLOCK]``: tier slots ``src``'s codes of one KV head dequantised, as
+def _write_dequantised(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xsh,
+                       OUT, stride_os, stride_oh, src, dst, head, need,
+                       DIM: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, QGROUP: tl.constexpr):
+    """Pool slots ``dst`` of one KV head (K or V) get tier slots ``src``'s codes dequantised, as
     ``dequant_tokens`` computes them, from one load per code byte and one per channel group
     (loads per channel, a 64-bit address each, took 72 registers a thread at 8 picks on 4
     warps, this 40: 12 programs an SM instead of 7, benchmarks/kernel_resources.py). Channels
@@ -128,7 +129,10 @@ def _dequant_grouped(XC, stride_xcs, stride_xch, XLO, XST, stride_xss, stride_xs
     step = tl.load(XST + s_off, mask=mg, other=0.0).to(tl.float32)
     lo = tl.load(XLO + s_off, mask=mg, other=0.0).to(tl.float32)
     x = (tl.reshape(code, (src.shape[0], N_GROUPS, QGROUP)).to(tl.float32) * step[:, :, None] + lo[:, :, None])
-    return tl.reshape(x, (src.shape[0], BLOCK))
+    offs_d = tl.arange(0, BLOCK)
+    tl.store(OUT + dst[:, None] * stride_os + head * stride_oh + offs_d[None, :],
+             tl.reshape(x, (src.shape[0], BLOCK)).to(OUT.dtype.element_ty),
+             mask=need[:, None] & (offs_d < DIM)[None, :])
 
 
 @triton.jit
@@ -154,18 +158,10 @@ def _write_planned_kernel(
     need = offs < n_new
     src = tl.where(need, src, 0)  # entries past the plan's length are stale
     dst = tl.where(need, dst, 0)
-    offs_d = tl.arange(0, BLOCK_D)
-    mk = need[:, None] & (offs_d < HEAD_DIM)[None, :]
-    x = _dequant_grouped(KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh, src, head, need,
-                         HEAD_DIM, BLOCK_D, BITS, QGROUP)
-    tl.store(KOUT + dst[:, None] * stride_kos + head * stride_koh + offs_d[None, :],
-             x.to(KOUT.dtype.element_ty), mask=mk)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mv = need[:, None] & (offs_dv < V_DIM)[None, :]
-    x = _dequant_grouped(VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh, src, head, need,
-                         V_DIM, BLOCK_DV, BITS, QGROUP)
-    tl.store(VOUT + dst[:, None] * stride_vos + head * stride_voh + offs_dv[None, :],
-             x.to(VOUT.dtype.element_ty), mask=mv)
+    _write_dequantised(KC, stride_kcs, stride_kch, KLO, KST, stride_kss, stride_ksh, KOUT, stride_kos, stride_koh,
+                       src, dst, head, need, HEAD_DIM, BLOCK_D, BITS, QGROUP)
+    _write_dequantised(VC, stride_vcs, stride_vch, VLO, VST, stride_vss, stride_vsh, VOUT, stride_vos, stride_voh,
+                       src, dst, head, need, V_DIM, BLOCK_DV, BITS, QGROUP)
 
 
 def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table: torch.Tensor, rows: torch.Tensor,
