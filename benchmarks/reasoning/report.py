@@ -57,7 +57,11 @@ def lane_config(lane: dict, reported: Optional[dict]) -> dict:
             "recall_tokens": setting("recall_tokens", "--kara-recall-tokens", DEFAULTS.recall_tokens),
             "recall_digest": setting("recall_digest", "--kara-recall-digest", DEFAULTS.recall_digest),
             "recall_lag": setting("recall_lag", "--kara-recall-lag", DEFAULTS.recall_lag),
-            "recall_kv": setting("recall_kv", "--kara-recall-kv", DEFAULTS.recall_kv)}
+            "recall_kv": setting("recall_kv", "--kara-recall-kv", DEFAULTS.recall_kv),
+            "recall_tier_tokens": setting("recall_tier_tokens", "--kara-recall-tier-tokens",
+                                          DEFAULTS.recall_tier_tokens),
+            "recall_pages": setting("recall_pages", "--kara-recall-pages", DEFAULTS.recall_pages),
+            "recall_horizon": setting("recall_horizon", "--kara-recall-horizon", DEFAULTS.recall_horizon)}
 
 
 def row_for(cfg: dict, style: str, row: dict, device: str, sglang_version: str) -> dict:
@@ -78,8 +82,13 @@ def row_for(cfg: dict, style: str, row: dict, device: str, sglang_version: str) 
         "device": device, "sglang_version": sglang_version,
         # Recall (kara_sglang/recall.py): evicted tokens attended again per layer and KV head.
         "recall": None if vanilla or not cfg.get("recall_tokens") else {
-            "tokens": cfg["recall_tokens"], "digest": cfg["recall_digest"], "lag": cfg["recall_lag"],
-            "kv": cfg["recall_kv"]},
+            # A tier ranks by its own codes (--kara-recall-digest is the emulation's).
+            "tokens": cfg["recall_tokens"], "lag": cfg["recall_lag"],
+            "digest": cfg["recall_kv"] if cfg.get("recall_tier_tokens") else cfg["recall_digest"],
+            "kv": cfg["recall_kv"],
+            # The GPU tier (the real thing; without it, the emulation that keeps evicted slots).
+            **({"tier_tokens": cfg["recall_tier_tokens"], "pages": cfg["recall_pages"],
+                "horizon": cfg["recall_horizon"]} if cfg.get("recall_tier_tokens") else {})},
     }
 
 
@@ -152,6 +161,8 @@ def main() -> None:
         recall = r["recall"]
         policy = r["policy"] + (f" + recall {recall['tokens']} {recall['digest']} lag {recall['lag']}"
                                 + (f" kv {recall['kv']}" if recall.get("kv", "exact") != "exact" else "")
+                                + (f" GPU tier, {recall['pages']} pages, horizon {recall['horizon']}"
+                                   if recall.get("tier_tokens") else "")
                                 if recall else "")
         print(f"| {r['style']} | {policy} | {r['setting']} | {r['window'] or '—'} | {r['buffer'] or '—'} | "
               f"{r['chunk'] or '—'} | {100 * r['accuracy']:.1f}% | {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}% | "
