@@ -217,10 +217,15 @@ def _rank_tier_kernel(
     for start in tl.range(pid_s * BLOCK_E, end, SPLIT * BLOCK_E, num_stages=STAGES):
         offs_e = start + tl.arange(0, BLOCK_E)
         if PAGE:
-            page = tl.load(PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph + offs_e // PAGE,
-                           mask=offs_e < end, other=-1)
-            cols = page * PAGE + offs_e % PAGE
-            valid = (page >= 0) & (cols < n_tier) & (offs_e < end)
+            # One load per page, its PAGE columns built in registers: a page index loaded per
+            # token (a gather of BLOCK_E int64) held 168-255 registers a thread at 4 warps, this
+            # 96-128 (sm_90, benchmarks/kernel_resources.py): 4 programs an SM instead of 2-3.
+            N_PG: tl.constexpr = BLOCK_E // PAGE
+            offs_pg = start // PAGE + tl.arange(0, N_PG)
+            page = tl.load(PAGES + pid_b.to(tl.int64) * stride_pb + kv_head * stride_ph + offs_pg,
+                           mask=offs_pg * PAGE < end, other=-1).to(tl.int32)
+            cols = tl.reshape(page[:, None] * PAGE + tl.arange(0, PAGE)[None, :], (BLOCK_E,))
+            valid = (cols >= 0) & (cols < n_tier) & (offs_e < end)
         else:
             cols = offs_e
             valid = offs_e < n_tier
@@ -515,6 +520,8 @@ def rank_tier(queries: torch.Tensor, k_codes: torch.Tensor, k_lo: torch.Tensor, 
         return sel
     if block_e is None:
         block_e = max(64, min(1024, triton.next_power_of_2(n_cols))) if interpreting() else 64
+    if page and (block_e % page or page & (page - 1)):
+        raise ValueError(f"a token block ({block_e}) must hold whole pages of a power-of-two size, got page {page}")
     n_blocks = triton.cdiv(n_cols, block_e)
     if split is None:
         split = 1 if interpreting() else n_blocks
