@@ -143,10 +143,13 @@ def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
     # The GPU tier (kara_sglang/recall_tier.py): evicted K and V at 4 bits on the GPU, their pool
     # slots freed, CUDA graphs on; the setting of the throughput waves (two stages: 64 pages of
     # 16 tokens by their key bounds, then 4-bit keys; each request's last 4,096 evicted tokens).
-    # Its tier holds every row's horizon at once (256 x 4,096), so no window falls back.
+    # Its tier holds every running request's horizon at once, so no window falls back.
+    rows, horizon = 256, 4096
     tier = ["--kv-policy", "kara", "--kara-recall-tokens", "256", "--kara-recall-kv", "bits4",
-            "--kara-recall-tier-tokens", str(256 * 4096), "--kara-recall-pages", "64", "--kara-recall-horizon", "4096"]
-    out.append(dict(name="tier-p64-h4096", gpu=1, pool=1_200_000, args=tier, settings=both, optional=True))
+            "--kara-recall-tier-tokens", str(rows * horizon), "--kara-recall-pages", "64",
+            "--kara-recall-horizon", str(horizon)]
+    out.append(dict(name="tier-p64-h4096", gpu=1, pool=1_200_000, args=tier, settings=both, optional=True,
+                    max_running_requests=rows))
     for policy in ("threshold", "streaming", "longflow"):
         out.append(dict(name=policy, gpu=1, pool=900_000,
                         args=["--kv-policy", policy, "--kara-budget", str(budgets[next(iter(info))][policy])],
