@@ -692,7 +692,8 @@ class KaraRuntime:
             req = self._kept_by_row.get(item.pool_row)
             if req is None:
                 continue
-            req.kara.kept.apply(item.task.kv_start - req.kara.window.prompt_len, item.task.n_keys, row)
+            req.kara.kept.apply(item.task.kv_start - req.kara.window.prompt_len, item.task.n_keys, row,
+                                item.task.recall_buffer)
 
     def _check_free(self, slots: torch.Tensor, allocator: Any) -> None:
         """Debug: every slot freed is distinct, real, and not already free."""

@@ -31,21 +31,33 @@ def block_size_from_env() -> Optional[int]:
 class KeptPositions:
     """The decode index of each decode KV column of one request, in column order."""
 
-    __slots__ = ("decode_index", "decoded")
+    __slots__ = ("decode_index", "decoded", "buffer_columns")
 
     def __init__(self) -> None:
         self.decode_index: List[int] = []
         self.decoded = 0
+        # Recall buffer columns of the row (recall with a tier): they hold no decode token of
+        # the row, and sit before every later compression's region.
+        self.buffer_columns = 0
 
     def on_decode(self, n: int = 1) -> None:
         self.decode_index.extend(range(self.decoded, self.decoded + n))
         self.decoded += n
 
-    def apply(self, region_start: int, n_keys: int, keep: Sequence[int]) -> None:
+    def apply(self, region_start: int, n_keys: int, keep: Sequence[int], recall_buffer: int = 0) -> None:
         """A compression kept positions ``keep`` (ascending, relative to the region) of the
-        ``n_keys`` decode columns from ``region_start`` (relative to the decode region)."""
-        region = self.decode_index[region_start:region_start + n_keys]
-        self.decode_index[region_start:region_start + n_keys] = [region[k] for k in keep]
+        ``n_keys`` decode columns from ``region_start`` (relative to the decode region).
+
+        ``recall_buffer``: the compression also made R columns after the kept ones the row's
+        recall buffer (``CompressionTask.recall_buffer``); they are no decode tokens, so they
+        are not listed, but later regions' column offsets count them."""
+        start = region_start - self.buffer_columns
+        if start < 0 or start + n_keys > len(self.decode_index):
+            raise AssertionError(f"kara: kept positions: region [{start}, {start + n_keys}) of "
+                                 f"{len(self.decode_index)} tracked decode columns")
+        region = self.decode_index[start:start + n_keys]
+        self.decode_index[start:start + n_keys] = [region[k] for k in keep]
+        self.buffer_columns += recall_buffer
 
     def per_block(self, block: int) -> List[int]:
         """Decode KV entries held in each ``block``-token run of decode indices written so far."""

@@ -82,3 +82,44 @@ def test_streaming_policy_empties_the_middle_blocks(tiny_model, monkeypatch):
     blocks = out["meta_info"]["kv_kept_per_block"][-1]
     assert blocks[0] >= SINK and sum(blocks) <= BUDGET + U
     assert blocks[1:5] == [0, 0, 0, 0]
+
+
+def test_tracker_skips_recall_buffer_columns():
+    """Recall with a tier: the compression that creates a row's recall buffer keeps R more
+    columns after the policy's ones; they hold no decode token, and later regions start past
+    them (their column offsets count them)."""
+    tracker = KeptPositions()
+    tracker.on_decode(32)
+    tracker.apply(0, 24, [0, 5, 9, 23], recall_buffer=20)  # columns: 4 kept, 20 buffer, 8 tail
+    assert tracker.decode_index == [0, 5, 9, 23] + list(range(24, 32))
+    tracker.on_decode(16)
+    tracker.apply(4 + 20, 24, [1, 2])  # the next region: the old tail and the new tokens
+    assert tracker.decode_index == [0, 5, 9, 23, 25, 26]
+    assert tracker.per_block(8) == [2, 1, 1, 2, 0, 0]
+
+
+@pytest.mark.sglang
+@pytest.mark.newest_release  # the tracker reads what the server reports
+def test_server_reports_blocks_with_a_recall_tier(tiny_model, monkeypatch):
+    """KARA_TRACK_KEPT with --kara-recall-tier-tokens: the first compression makes R evicted
+    tokens' slots the row's recall buffer (columns that are no decode tokens); the later
+    compressions' regions lie past them. Used to crash the scheduler (IndexError)."""
+    from support.engines import flush, make_engine, use_cpu_sglang
+
+    use_cpu_sglang()
+    W, U, KEEP, R = 32, 8, 0.25, 20
+    monkeypatch.setenv("KARA_TRACK_KEPT", str(W))
+    engine = make_engine(tiny_model, kv_policy="kara", kara_window=W, kara_buffer=U, kara_keep_ratio=KEEP,
+                         kara_chunk_size=2, kara_recall_tokens=R, kara_recall_kv="bits8",
+                         kara_recall_tier_tokens=50_000)
+    try:
+        out = engine.generate(input_ids=[[5, 6, 7, 8, 9]],
+                              sampling_params=dict(temperature=0, max_new_tokens=4 * W + U, ignore_eos=True))[0]
+        flush(engine)
+    finally:
+        engine.shutdown()
+    meta = out["meta_info"]
+    blocks = meta["kv_kept_per_block"][-1]
+    kept_columns = meta["kv_tokens_kept"][-1] - meta["prompt_tokens"]  # the buffer's R included
+    assert sum(blocks) in (kept_columns - R - 1, kept_columns - R)
+    assert blocks[:3] == [int(W * KEEP)] * 3  # one window = one block, buffer or not
