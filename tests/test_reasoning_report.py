@@ -39,3 +39,39 @@ def test_what_the_server_reported_wins_over_the_launch_flags():
 
 def test_a_plain_kara_row_has_no_recall():
     assert _recall(_lane("kara-w512-u64")) is None
+
+
+def _records(folder: Path, lane: str, settings: dict, first: int = 0, n: int = 4, gz: bool = False) -> None:
+    """settings: setting -> {relative index: correct}; one records file per setting."""
+    import gzip
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.json").write_text(json.dumps({"n": n, "first": first}))
+    for k, (setting, answers) in enumerate(settings.items()):
+        lines = "".join(json.dumps({"setting": setting, "index": i, "correct": c}) + "\n" for i, c in answers.items())
+        path = folder / f"records-{lane}-dense-{k}.jsonl"
+        if gz:
+            with gzip.open(f"{path}.gz", "wt") as f:
+                f.write(lines)
+        else:
+            path.write_text(lines)
+
+
+def test_a_lane_run_in_parts_pairs_each_problem_with_its_own_full_kv_answer(tmp_path):
+    import paired_lanes
+
+    full = {0: True, 1: True, 2: False, 3: True}
+    kara = {0: True, 1: True, 2: False, 3: False}
+    _records(tmp_path / "ref", "kara-w512-u64", {"vanilla": full, "kara:keep=0.25": kara}, gz=True)
+    # Problems 0-1 and (cut short: problem 3 unfinished) 2 of 2-3; indices are relative to each part.
+    _records(tmp_path / "a", "tier", {"kara:keep=0.25": {0: True, 1: False}}, first=0, n=2)
+    _records(tmp_path / "b", "tier", {"kara:keep=0.25": {0: True}}, first=2, n=2)
+    rows = paired_lanes.pair(tmp_path / "ref", "tier", [tmp_path / "a", tmp_path / "b"], styles=("dense",))
+    by_part = {r["part"]: r for r in rows}
+    assert by_part["b"]["problems"] == [2, 3] and by_part["b"]["finished"] == 1
+    assert (by_part["b"]["full_kv_right"], by_part["b"]["plain_kara_right"]) == (0, 0)  # problem 2's, not 0's
+    assert by_part["b"]["only_this_right"] == 1
+    both = by_part["all parts"]
+    assert (both["problems"], both["finished"], both["right"], both["full_kv_right"]) == ([0, 3], 3, 2, 2)
+    assert (both["only_full_kv_right"], both["only_this_right"], both["plain_kara_right"]) == (1, 1, 2)

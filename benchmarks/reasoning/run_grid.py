@@ -47,11 +47,12 @@ EXTRACT = r"regex:Answer:\s*(\d\d)"
 NOTRACE_LANE = "kara-w512-u64"  # the lane whose server also runs the no-trace rows (opted out)
 
 
-def write_data(out: Path, tokenizer, n: int) -> Dict[str, dict]:
-    """JSONL per style (and a no-trace variant), plus reference completion lengths."""
+def write_data(out: Path, tokenizer, n: int, first: int = 0) -> Dict[str, dict]:
+    """JSONL per style (and a no-trace variant), plus reference completion lengths: held-out
+    problems ``first`` to ``first + n - 1`` (records index them from 0)."""
     info = {}
     for style in ledger.STYLES:
-        probs = [ledger.make_problem(style, EVAL_SEED0 + i) for i in range(n)]
+        probs = [ledger.make_problem(style, EVAL_SEED0 + first + i) for i in range(n)]
         lengths = [len(tokenizer(p.completion).input_ids) + 1 for p in probs]  # + EOS
         with open(out / f"data-{style}.jsonl", "w") as f:
             for i, p in enumerate(probs):
@@ -243,6 +244,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=500, help="held-out problems per style")
+    ap.add_argument("--first", type=int, default=0, help="the first held-out problem (a grid split in "
+                    "parts: --first 250 --n 250 is the second half of 500; plan.json records it)")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=128, help="per accuracy process (one per setting)")
     ap.add_argument("--attention-backend", default="triton")
@@ -260,7 +263,7 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = write_data(out, AutoTokenizer.from_pretrained(a.model), a.n)
+    info = write_data(out, AutoTokenizer.from_pretrained(a.model), a.n, a.first)
     if a.max_new_tokens:
         for d in info.values():
             d["max_new_tokens"] = a.max_new_tokens
@@ -273,7 +276,7 @@ def main() -> None:
         name, tokens = item.split("=")
         [lane.update(pool=int(tokens)) for lane in plan if lane["name"] == name]
     (out / "plan.json").write_text(json.dumps({
-        "lanes": plan, "budgets": budgets, "n": a.n, "notrace_lane": NOTRACE_LANE,
+        "lanes": plan, "budgets": budgets, "n": a.n, "first": a.first, "notrace_lane": NOTRACE_LANE,
         "sglang_version": importlib.metadata.version("sglang"), "attention_backend": a.attention_backend,
         "max_new_tokens": {s: d["max_new_tokens"] for s, d in info.items()}}, indent=1))
     print(f"budgets matched to Kara 25%: {json.dumps(budgets)}", flush=True)
