@@ -28,6 +28,10 @@ def test_a_tier_row_names_its_tier_and_ranks_by_its_codes():
                                                 "tier_tokens": 256 * 4096, "pages": 64, "horizon": 4096}
 
 
+def test_the_page_only_tier_lane_differs_from_the_two_stage_one_in_its_pages_alone():
+    assert _recall(_lane("tier-p16-h4096")) == {**_recall(_lane("tier-p64-h4096")), "pages": 16}
+
+
 def test_an_emulation_row_keeps_its_digest_and_names_no_tier():
     assert _recall(_lane("recall-bits2-kv4")) == {"tokens": 256, "lag": 0, "digest": "bits2", "kv": "bits4"}
 

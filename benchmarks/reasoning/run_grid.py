@@ -145,12 +145,15 @@ def lanes(info: Dict[str, dict], gpus: int) -> List[dict]:
     # slots freed, CUDA graphs on; the setting of the throughput waves (two stages: 64 pages of
     # 16 tokens by their key bounds, then 4-bit keys; each request's last 4,096 evicted tokens).
     # Its tier holds every running request's horizon at once, so no window falls back.
+    # 16 pages of 16 tokens = R: the kept pages' tokens are the selection (Quest's own, no second
+    # ranking; the faster setting in the throughput waves, whose answers the probe doubted).
     rows, horizon = 256, 4096
-    tier = ["--kv-policy", "kara", "--kara-recall-tokens", "256", "--kara-recall-kv", "bits4",
-            "--kara-recall-tier-tokens", str(rows * horizon), "--kara-recall-pages", "64",
-            "--kara-recall-horizon", str(horizon)]
-    out.append(dict(name="tier-p64-h4096", gpu=1, pool=1_200_000, args=tier, settings=both, optional=True,
-                    max_running_requests=rows))
+    for pages in (64, 16):
+        tier = ["--kv-policy", "kara", "--kara-recall-tokens", "256", "--kara-recall-kv", "bits4",
+                "--kara-recall-tier-tokens", str(rows * horizon), "--kara-recall-pages", str(pages),
+                "--kara-recall-horizon", str(horizon)]
+        out.append(dict(name=f"tier-p{pages}-h{horizon}", gpu=1, pool=1_200_000, args=tier, settings=both,
+                        optional=True, max_running_requests=rows))
     for policy in ("threshold", "streaming", "longflow"):
         out.append(dict(name=policy, gpu=1, pool=900_000,
                         args=["--kv-policy", policy, "--kara-budget", str(budgets[next(iter(info))][policy])],
