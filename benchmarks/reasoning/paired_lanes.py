@@ -29,9 +29,14 @@ from paired import mcnemar_exact  # noqa: E402
 KARA_LANE = "kara-w512-u64"
 
 
-def read_records(grid: Path, lane: str, style: str) -> dict:
+def problems(grid: Path) -> tuple:
+    """(first, n): the held-out problems a grid ran (plan.json; ``first`` 0 before --first)."""
+    plan = json.loads((grid / "plan.json").read_text())
+    return plan.get("first", 0), plan["n"]
+
+
+def read_records(grid: Path, lane: str, style: str, first: int) -> dict:
     """setting -> {absolute problem index -> record}, over every ``k`` of the lane's style."""
-    first = json.loads((grid / "plan.json").read_text()).get("first", 0)
     out: dict = {}
     for path in sorted(grid.glob(f"records-{lane}-{style}-*.jsonl*")):
         opener = gzip.open if path.suffix == ".gz" else open
@@ -45,13 +50,12 @@ def pair(reference: Path, lane: str, parts: list, styles=("verbose", "dense")) -
     """A row per (style, setting, part), and with several parts one more over all of them."""
     rows = []
     for style in styles:
-        ref = read_records(reference, KARA_LANE, style)
+        ref = read_records(reference, KARA_LANE, style, problems(reference)[0])
         full = ref["vanilla"]
         runs, together = [], {}
         for part in parts:
-            plan = json.loads((part / "plan.json").read_text())
-            first, n = plan.get("first", 0), plan["n"]
-            for setting, recs in read_records(part, lane, style).items():
+            first, n = problems(part)
+            for setting, recs in read_records(part, lane, style, first).items():
                 runs.append((part.name, first, n, setting, recs))
                 span, merged = together.setdefault(setting, ([], {}))
                 span.append((first, n))
