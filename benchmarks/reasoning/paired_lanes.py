@@ -1,16 +1,23 @@
 """One lane's answers, problem by problem, against full KV and plain Kara of the same model.
 
-    python benchmarks/reasoning/paired_lanes.py --reference DIR --lane tier-p64-h4096 PART [PART ...] \
-        [--json OUT.json]
+    python benchmarks/reasoning/paired_lanes.py --reference DIR [--reference DIR ...] \
+        --lane tier-p64-h4096 PART [PART ...] [--json OUT.json]
 
-``DIR`` is a grid folder (run_grid.py) with the Kara lane's records: full KV (``vanilla``) and
-plain Kara at each keep ratio, over problems 0 .. n-1. Each ``PART`` is a grid folder of the
+Each ``DIR`` is a grid folder (run_grid.py) with the Kara lane's records: full KV (``vanilla``)
+and plain Kara at each keep ratio, over the problems its ``plan.json`` names (the Kara lane may
+run in parts too, one ``--reference`` each). Each ``PART`` is a grid folder of the
 same trained model that ran ``--lanes LANE`` over the problems its ``plan.json`` names (``first``
 to ``first + n - 1``: run_grid.py ``--first``), so a lane too slow for one device call can run in
 parts. Records are ``records-<lane>-<style>-<k>.jsonl`` or ``.jsonl.gz``; a part cut short has
 the requests that ended (the short replies first), and its rows say how many finished. Every
 comparison is on the problems the lane finished: its right answers, full KV's and plain Kara's
 on the same problems, the discordant pairs with full KV and McNemar's exact p.
+
+``--accuracy-json docs/results/reasoning_accuracy.json --device NAME --source FOLDER`` also
+writes the lane's rows in that file's format (report.py's ``row_for``, with the recall settings
+from the part's launch flags), one per style and setting over all parts, with ``full_kv_accuracy``
+of the same model on the same problems and the paired comparison; rows of the same source, lane,
+style and setting are replaced. Only settings whose every request finished get a row.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kara_sglang.accuracy.stats import wilson_interval  # noqa: E402
 from paired import mcnemar_exact  # noqa: E402
+from report import empty_block_share, lane_config, row_for  # noqa: E402
 
 KARA_LANE = "kara-w512-u64"
 
@@ -46,11 +54,20 @@ def read_records(grid: Path, lane: str, style: str, first: int) -> dict:
     return out
 
 
-def pair(reference: Path, lane: str, parts: list, styles=("verbose", "dense")) -> list:
+def read_reference(references: list, style: str) -> dict:
+    """The Kara lane's records over all its parts: setting -> {absolute problem index -> record}."""
+    out: dict = {}
+    for grid in references:
+        for setting, recs in read_records(grid, KARA_LANE, style, problems(grid)[0]).items():
+            out.setdefault(setting, {}).update(recs)
+    return out
+
+
+def pair(references: list, lane: str, parts: list, styles=("verbose", "dense")) -> list:
     """A row per (style, setting, part), and with several parts one more over all of them."""
     rows = []
     for style in styles:
-        ref = read_records(reference, KARA_LANE, style, problems(reference)[0])
+        ref = read_reference(references, style)
         full = ref["vanilla"]
         runs, together = [], {}
         for part in parts:
@@ -86,13 +103,66 @@ def pair(reference: Path, lane: str, parts: list, styles=("verbose", "dense")) -
     return rows
 
 
+def lane_rows_files(part: Path, lane: str, style: str) -> list:
+    """The server's rows of one part's lane and style (rows-<lane>-<style>-<k>.json)."""
+    return [json.loads(path.read_text()) for path in sorted(part.glob(f"rows-{lane}-{style}-*.json"))]
+
+
+def accuracy_rows(pairs: list, lane: str, parts: list, device: str, source: str) -> list:
+    """reasoning_accuracy.json rows for each style and setting over all parts, every request finished."""
+    whole = [r for r in pairs if r["part"] == ("all parts" if len(parts) > 1 else parts[0].name)]
+    out = []
+    for r in whole:
+        if r["finished"] != r["n"]:
+            print(f"no row for {r['style']} {r['setting']}: {r['finished']} of {r['n']} finished")
+            continue
+        served, records, cfg, version = [], [], None, None
+        for part in parts:
+            plan = json.loads((part / "plan.json").read_text())
+            records += read_records(part, lane, r["style"], problems(part)[0]).get(r["setting"], {}).values()
+            for result in lane_rows_files(part, lane, r["style"]):
+                cfg = lane_config({ln["name"]: ln for ln in plan["lanes"]}[lane], result.get("kara_config"))
+                version = result.get("sglang_version") or plan.get("sglang_version")
+                served += [x for x in result["rows"] if x["setting"] == r["setting"]]
+        n = sum(x["n"] for x in served)
+
+        def mean(key: str) -> float:
+            return sum(x[key] * x["n"] for x in served) / n
+
+        merged = {"setting": r["setting"], "custom_params": served[0]["custom_params"], "n": r["n"],
+                  "correct": r["right"], "accuracy": r["accuracy_finished"], "ci95": r["ci95_finished"],
+                  "kv_mean_fraction": mean("kv_mean_fraction"), "kv_mean_tokens": mean("kv_mean_tokens"),
+                  "output_tokens_mean": mean("output_tokens_mean"), "errors": sum(x["errors"] for x in served)}
+        row = row_for(cfg, r["style"], merged, device, version)
+        row.update(empty_block_share=empty_block_share(records), full_kv_accuracy=round(r["full_kv_right"] / r["n"], 4), source=source, lane=lane, paired={
+            "problems": r["problems"], "plain_kara_accuracy": round(r["plain_kara_right"] / r["n"], 4),
+            "only_full_kv_right": r["only_full_kv_right"], "only_this_right": r["only_this_right"],
+            "p_mcnemar_exact": r["p_mcnemar_exact"]})
+        out.append(row)
+    return out
+
+
+def merge_rows(path: Path, new: list) -> None:
+    """Replace rows of the same source, lane, style and setting in path (a JSON list), append the rest."""
+    key = lambda r: (r.get("source"), r.get("lane"), r["style"], r["setting"])  # noqa: E731
+    fresh = {key(r) for r in new}
+    rows = [r for r in json.loads(path.read_text()) if key(r) not in fresh] + new
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reference", required=True, type=Path, help="grid folder with the Kara lane")
+    ap.add_argument("--reference", required=True, type=Path, action="append",
+                    help="grid folder with the Kara lane (repeat for a Kara lane run in parts)")
     ap.add_argument("--lane", required=True)
     ap.add_argument("parts", nargs="+", type=Path)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--accuracy-json", type=Path, default=None, help="reasoning_accuracy.json to add rows to")
+    ap.add_argument("--device", default=None, help="the GPU the lane ran on (with --accuracy-json)")
+    ap.add_argument("--source", default=None, help="the raw folder the parts are committed in (with --accuracy-json)")
     a = ap.parse_args()
+    if a.accuracy_json and not (a.device and a.source):
+        ap.error("--accuracy-json needs --device and --source")
     rows = pair(a.reference, a.lane, a.parts)
     print("| style | setting | problems | finished | this lane | full KV | plain Kara | only full KV / only this | p |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -104,6 +174,8 @@ def main() -> None:
               f"| {plain} | {r['only_full_kv_right']} / {r['only_this_right']} | {r['p_mcnemar_exact']} |")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if a.accuracy_json:
+        merge_rows(a.accuracy_json, accuracy_rows(rows, a.lane, a.parts, a.device, a.source))
 
 
 if __name__ == "__main__":
