@@ -136,3 +136,14 @@ def test_a_setting_cut_short_gets_no_accuracy_row(tmp_path):
     _records(tmp_path / "a", "tier", {"kara:keep=0.25": {0: True}}, n=2)
     pairs = paired_lanes.pair([tmp_path / "ref"], "tier", [tmp_path / "a"], styles=("dense",))
     assert paired_lanes.accuracy_rows(pairs, "tier", [tmp_path / "a"], "GPU X", "raw-x") == []
+
+
+def test_a_grid_report_keeps_the_rows_other_runs_added(tmp_path):
+    import json
+
+    import report
+
+    out = tmp_path / "acc.json"
+    assert report.rows_from_other_runs(out) == []
+    out.write_text(json.dumps([{"setting": "vanilla"}, {"setting": "kara:keep=0.25", "source": "raw-x"}]))
+    assert report.rows_from_other_runs(out) == [{"setting": "kara:keep=0.25", "source": "raw-x"}]

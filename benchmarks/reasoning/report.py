@@ -112,6 +112,12 @@ def empty_block_share(records: list) -> float | None:
     return empty / total if total else None
 
 
+def rows_from_other_runs(path: Path) -> list:
+    """Rows another script added to an existing output (paired_lanes.py's, each naming its
+    ``source``): a grid's report replaces its own rows, not theirs."""
+    return [r for r in json.loads(path.read_text()) if r.get("source")] if path.exists() else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", required=True, help="run_grid.py's output folder")
@@ -154,7 +160,7 @@ def main() -> None:
     rows.sort(key=lambda r: (r["style"] != "verbose", order.get(r["policy"], 9), r["recall"] is not None,
                              str(r["recall"]), -(r["keep_ratio"] or 0),
                              r["window"] or 0, -(r["buffer"] or 0), -(r["chunk"] or 0)))
-    Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+    Path(a.out).write_text(json.dumps(rows + rows_from_other_runs(Path(a.out)), indent=1) + "\n")
     print("| style | policy | setting | W | U | γ | accuracy | 95% CI | decode KV kept | empty 512-blocks |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
