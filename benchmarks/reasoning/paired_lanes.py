@@ -119,9 +119,10 @@ def accuracy_rows(pairs: list, lane: str, parts: list, device: str, source: str)
         served, records, cfg, version = [], [], None, None
         for part in parts:
             plan = json.loads((part / "plan.json").read_text())
+            launched = next(ln for ln in plan["lanes"] if ln["name"] == lane)
             records += read_records(part, lane, r["style"], problems(part)[0]).get(r["setting"], {}).values()
             for result in lane_rows_files(part, lane, r["style"]):
-                cfg = lane_config({ln["name"]: ln for ln in plan["lanes"]}[lane], result.get("kara_config"))
+                cfg = lane_config(launched, result.get("kara_config"))
                 version = result.get("sglang_version") or plan.get("sglang_version")
                 served += [x for x in result["rows"] if x["setting"] == r["setting"]]
         n = sum(x["n"] for x in served)
@@ -134,7 +135,8 @@ def accuracy_rows(pairs: list, lane: str, parts: list, device: str, source: str)
                   "kv_mean_fraction": mean("kv_mean_fraction"), "kv_mean_tokens": mean("kv_mean_tokens"),
                   "output_tokens_mean": mean("output_tokens_mean"), "errors": sum(x["errors"] for x in served)}
         row = row_for(cfg, r["style"], merged, device, version)
-        row.update(empty_block_share=empty_block_share(records), full_kv_accuracy=round(r["full_kv_right"] / r["n"], 4), source=source, lane=lane, paired={
+        row.update(empty_block_share=empty_block_share(records),
+                   full_kv_accuracy=round(r["full_kv_right"] / r["n"], 4), source=source, lane=lane, paired={
             "problems": r["problems"], "plain_kara_accuracy": round(r["plain_kara_right"] / r["n"], 4),
             "only_full_kv_right": r["only_full_kv_right"], "only_this_right": r["only_this_right"],
             "p_mcnemar_exact": r["p_mcnemar_exact"]})
