@@ -124,14 +124,17 @@ def _tier_idle(engine, horizon: int = 0):
 # evicts ~24 tokens a window, up to ~5 windows), so windows fall back even at 100 requests: a
 # 1,500-token tier never filled there (measured: no fallback at 100 requests, two stages).
 @pytest.mark.parametrize("pages, horizon, tier_tokens", [(0, 0, 400), (2, 0, 400), (2, 32, 1500)])
-def test_randomized_stress_with_the_recall_tier_zero_leaks(tiny_model, n_requests, pages, horizon, tier_tokens):
+def test_randomized_stress_with_the_recall_tier_zero_leaks(tiny_model, n_requests, pages, horizon, tier_tokens,
+                                                            monkeypatch):
     """The stress workload with the GPU tier's design on the CPU: a 4-bit tier smaller than the
     evicted total (so windows fall back), 4 tokens recalled per layer and KV head through each
     request's recall buffer, ranked over every tier token or (``pages``) in two stages, the best
     2 pages' tokens (page bounds held and freed with the rows), and with ``horizon`` each
     request keeping only its last 32 evicted tokens (older pages dropped as windows come);
-    SGLang's strict checks and Kara's double-free and recall-output debug checks on
-    (support.engines.TEST_ENV)."""
+    SGLang's strict checks and Kara's double-free debug checks on (support.engines.TEST_ENV),
+    and its recall-output check on every 8th decode step (on every step it took two thirds of
+    the run; the engine suites check every step)."""
+    monkeypatch.setenv("KARA_DEBUG_RECALL_EVERY", "8")  # the scheduler process inherits it
     run_stress(tiny_model, n_requests, seed=23, check_idle=lambda engine: _tier_idle(engine, horizon),
                kara_recall_tokens=4, kara_recall_kv="bits4",
                kara_recall_tier_tokens=tier_tokens, kara_recall_pages=pages, kara_recall_horizon=horizon, **KARA)
