@@ -120,7 +120,7 @@ def accuracy_rows(pairs: list, lane: str, parts: list, device: str, source: str)
         for part in parts:
             plan = json.loads((part / "plan.json").read_text())
             launched = next(ln for ln in plan["lanes"] if ln["name"] == lane)
-            records += read_records(part, lane, r["style"], problems(part)[0]).get(r["setting"], {}).values()
+            records += read_records(part, lane, r["style"], plan.get("first", 0)).get(r["setting"], {}).values()
             for result in lane_rows_files(part, lane, r["style"]):
                 cfg = lane_config(launched, result.get("kara_config"))
                 version = result.get("sglang_version") or plan.get("sglang_version")
