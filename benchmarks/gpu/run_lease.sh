@@ -9,6 +9,9 @@
 #       # carry .whl/kara and .whl/extra; installs what the parts hold, starts run_serving.sh in
 #       # the background and waits up to WAIT seconds for it
 #   WAIT=540 bash benchmarks/gpu/run_lease.sh wait   # waits again; both copy rows and logs to $OUT
+#   bash benchmarks/gpu/run_lease.sh test "PYTEST_ARGS" ...   # test suites on the GPU
+#       # (KARA_TEST_DEVICE=cuda, SGLang's default backend): one pytest process per argument
+#       # string, side by side on the one GPU; carry .whl/kara and .whl/test
 # On a host with pip and an index, run run_serving.sh or headline.sh directly instead.
 # Keep the lease warm: a machine idle 30 s goes back, so issue the parts, serve and wait calls
 # back to back (in one batch of tool calls where the tool allows it). Size the configurations'
@@ -68,5 +71,23 @@ wait)
   kill -0 "$(cat $RUN/pid)" 2>/dev/null && ts "still running" || ts "finished"
   tail -5 $RUN/serving.txt; grep -hE "Decode batch" $RUN/out/log-*.txt 2>/dev/null | tail -2 | cut -c1-250
   pack ;;
+test)
+  # Side by side: a GPU step of the tiny test model is mostly the scheduler's CPU work (and the
+  # strict checks'), so one process leaves the GPU idle; starts are staggered so that engines
+  # do not race for the same free ports.
+  source benchmarks/gpu/env.sh || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/test/*.whl 2>&1 | grep -v "already exists"
+  export PYTHONPATH=$PYTHONPATH:$PWD/tests KARA_TEST_DEVICE=cuda KARA_TEST_ATTENTION_BACKEND=${BACKEND:-default}
+  export KARA_TEST_HEAD_DIM=64  # FlashAttention-3 has no head dim 32
+  i=0
+  for args in "$@"; do
+    i=$((i + 1))
+    ( t0=$(date +%s); timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -p no:cacheprovider -rA $args > $OUT/pytest-$i.txt 2>&1
+      ts "pytest $i ($args): rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 $OUT/pytest-$i.txt)" ) &
+    sleep ${TEST_STAGGER:-20}
+  done
+  wait
+  nvidia-smi -L > $OUT/gpus.txt
+  grep -h -E "^(PASSED|FAILED|ERROR)" $OUT/pytest-*.txt ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
