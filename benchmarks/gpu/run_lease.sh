@@ -42,7 +42,7 @@ case $PHASE in
 part)
   # WHEEL_PARTS / FA3_PARTS: where this call's carried parts are. With a tracked tree near
   # 18 MiB the 46 MiB parts no longer fit one call: re-split them smaller (the joins only
-  # concatenate), e.g. cat .whl/parts/part-* | split -b 40m - .whl/small/w/part-, and the
+  # concatenate), e.g. cat .whl/parts/part-* | split -b 32m - .whl/s32/w/part-, and the
   # same for fa3 into .whl/small/f with a MANIFEST naming the new count.
   for f in ${WHEEL_PARTS:-.whl/parts}/part-*; do [ -f "$f" ] && cp "$f" /tmp/wheels/ && ts "stored $f"; done
   for f in ${FA3_PARTS:-.whl/fa3}/*; do [ -f "$f" ] && cp "$f" /tmp/fa3/ && ts "stored $f"; done
