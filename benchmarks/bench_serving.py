@@ -180,7 +180,8 @@ def kara_counters(engine) -> dict:
     return {k: state.get(k, 0) for k in ("decode_steps", "hook_host_s", "compress_s", "compression_events",
                                          "score_allreduces", "score_allreduce_host_s",
                                          "recall_tier_tokens_stored", "recall_tier_fallback_tokens",
-                                         "recall_tier_dropped_tokens", "recall_buffer_fills")}
+                                         "recall_tier_dropped_tokens", "recall_buffer_fills", "recall_buffer_picks",
+                                         "recall_buffer_picks_written")}
 
 
 def add_server_args(ap: argparse.ArgumentParser) -> None:
@@ -356,6 +357,8 @@ def main() -> None:
                 "recall_horizon": args.recall_horizon,
                 "recall_tier_dropped_tokens": spent["recall_tier_dropped_tokens"],
                 "recall_buffer_fills": spent["recall_buffer_fills"],
+                "recall_buffer_picks": spent["recall_buffer_picks"],
+                "recall_buffer_picks_written": spent["recall_buffer_picks_written"],
                 "mem_fraction_static": args.mem_fraction_static, "max_total_tokens": max_total_tokens,
                 "context_length": args.context_length,
                 "max_running_requests": args.max_running_requests,

@@ -42,7 +42,7 @@ PLAN_SIG = {name: "i32" for name in (
     "stride_selb", "stride_selh", "n_sel", "stride_hr", "stride_hh", "R", "stride_mb", "stride_mh", "stride_mk",
     "stride_pb", "stride_ph", "stride_pk", "stride_tt", "stride_buf")}
 PLAN_SIG.update(SEL="*i64", HELD="*i32", MARKS="*i32", PLAN="*i64", N_NEW="*i32", ROWS="*i64", T_LENS="*i64",
-                LIVE="*i32", TT="*i64", BUF="*i64")
+                LIVE="*i32", TT="*i64", BUF="*i64", COUNTS="*i64")
 WRITE_SIG = {name: "i32" for name in (
     "stride_pb", "stride_ph", "stride_pk", "stride_kcs", "stride_kch", "stride_kss", "stride_ksh", "stride_vcs",
     "stride_vch", "stride_vss", "stride_vsh", "stride_kos", "stride_koh", "stride_vos", "stride_voh", "R")}
@@ -99,8 +99,8 @@ def main() -> None:
                  BLOCK_SEL=1024 if top else 16, SORTED_TOP=srt, K_TOP=256 if srt else 16)
         print(f"rank_tier over chosen pages{', selecting' if top else ''}{' (sorted)' if srt else ''}, bf16, biased "
               f"codes, block_e=64 warps=4 stages=3: {resources(_rank_tier_kernel, RANK_SIG, c, 4, a.arch)}", flush=True)
-    print(f"refresh_recall_buffer plan block=256 warps=4: "
-          f"{resources(_plan_refresh_kernel, PLAN_SIG, dict(BLOCK=256), 4, a.arch)}", flush=True)
+    print(f"refresh_recall_buffer plan block=256 warps=4, counting: "
+          f"{resources(_plan_refresh_kernel, PLAN_SIG, dict(BLOCK=256, COUNT=True), 4, a.arch)}", flush=True)
     c = dict(HEAD_DIM=128, BLOCK_D=128, V_DIM=128, BLOCK_DV=128, BLOCK_W=16, BITS=4, QGROUP=32)
     print(f"refresh_recall_buffer writes block_w=16 warps=8: "
           f"{resources(_write_planned_kernel, WRITE_SIG, c, 8, a.arch)}", flush=True)

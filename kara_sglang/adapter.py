@@ -210,6 +210,9 @@ class KaraRuntime:
                 # Buffers filled, summed over steps (counted on the device, inside CUDA graphs
                 # too: shows that the captured steps fill them).
                 self.buffer_fills = torch.zeros((), dtype=torch.int64, device=device)
+                # Picks and picks written (not held yet), summed over steps, layers and KV
+                # heads: the buffer's hit rate is 1 - written / picks.
+                self.buffer_picks = torch.zeros(2, dtype=torch.int64, device=device)
                 # This step's live buffers and tier counts, set by its first layer's fill.
                 self._first_layer = getattr(self.kv_pool, "start_layer", 0) or 0
                 self._step_batch: Any = None
@@ -388,7 +391,7 @@ class KaraRuntime:
                          self.kv_pool.get_key_buffer(layer.layer_id), self.kv_pool.get_value_buffer(layer.layer_id),
                          float(layer.scaling), n_cols, self.fill_launch,
                          self.tier.layer_pages(layer.layer_id) if self.config.recall_pages else None,
-                         self.config.recall_pages)
+                         self.config.recall_pages, self.buffer_picks)
 
     def _live_buffers(self, forward_batch: Any) -> torch.Tensor:
         """``[B]`` int32: 1 where the batch entry's recall buffer is written and read this step.
@@ -758,7 +761,9 @@ class KaraRuntime:
                 "recall_tier_fallback_tokens": self.tier.fallback_tokens,
                 "recall_tier_dropped_tokens": self.tier.dropped_tokens, "recall_tier_pages_held": self.tier.pages_held,
                 "recall_buffers": len(self.buffer_rows),
-                "recall_buffer_fills": int(self.buffer_fills.item())}
+                "recall_buffer_fills": int(self.buffer_fills.item()),
+                "recall_buffer_picks": int(self.buffer_picks[0].item()),
+                "recall_buffer_picks_written": int(self.buffer_picks[1].item())}
 
     @property
     def holds_evicted_slots(self) -> bool:

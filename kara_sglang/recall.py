@@ -162,7 +162,7 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
                      held: Optional[torch.Tensor], k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float,
                      n_cols: int,
                      launch: FillLaunch = FillLaunch(), pages: Optional[Tuple[torch.Tensor, ...]] = None,
-                     pages_kept: int = 0) -> None:
+                     pages_kept: int = 0, counts: Optional[torch.Tensor] = None) -> None:
     """Recall through SGLang's own attention: rank each request's tier tokens with ``select_q``,
     and write the top R per KV head (R = the buffer's width), dequantised, into the request's
     recall-buffer slots, which its ``req_to_token`` row holds among its resident columns.
@@ -176,6 +176,7 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
     ``pages`` (the layer's page table and bounds, kara_sglang/recall_tier.py) with
     ``pages_kept``: two stages, only the tokens of the best ``pages_kept`` pages ranked
     (kernels/recall_pages.py).
+    ``counts`` (with ``held``): int64 ``[2]``, the picks and the picks written are added to it.
     """
     tokens = buffer_slots.shape[1]
     if not n_cols or not tokens:
@@ -194,4 +195,4 @@ def recall_fill_tier(select_q: torch.Tensor, tier_layer: Sequence[torch.Tensor],
                            k_buffer, v_buffer, bits)
     else:
         refresh_recall_buffer(selected, held, tier_table, rows, tier_lens, live, buffer_slots, *tier_layer,
-                              k_buffer, v_buffer, bits, *(launch.writes or ()))
+                              k_buffer, v_buffer, bits, *(launch.writes or ()), counts=counts)

@@ -51,13 +51,13 @@ def _plan_refresh_kernel(
     HELD, stride_hr, stride_hh, R,
     MARKS, stride_mb, stride_mh, stride_mk,
     PLAN, stride_pb, stride_ph, stride_pk, N_NEW,
-    ROWS, T_LENS, LIVE, TT, stride_tt, BUF, stride_buf,
-    BLOCK: tl.constexpr,
+    ROWS, T_LENS, LIVE, TT, stride_tt, BUF, stride_buf, COUNTS,
+    BLOCK: tl.constexpr, COUNT: tl.constexpr,
 ):
     """Which picks a buffer lacks and where they go: two bitmaps of tier columns (picked, held;
     zeroed by the caller) make every membership test one load, so a program's work is linear
     in R. Writes the plan (buffer positions; the writes' tier slots and pool slots) and its
-    length; updates held."""
+    length; updates held. COUNT: adds the picks and the writes to COUNTS[0] and COUNTS[1]."""
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
     n_new = tl.zeros((), tl.int32)
@@ -97,6 +97,9 @@ def _plan_refresh_kernel(
         tl.store(held + pos, new, mask=need)
         tl.store(plan + 2 * stride_pk + need_rank, tl.load(BUF + row * stride_buf + pos, mask=need, other=0),
                  mask=need)
+        if COUNT:  # one atomic each a program: the hit rate costs nothing measurable
+            tl.atomic_add(COUNTS, tl.sum(valid.to(tl.int64), 0))
+            tl.atomic_add(COUNTS + 1, n_new.to(tl.int64))
     tl.store(N_NEW + pid_b * tl.num_programs(1) + head, n_new)
 
 
@@ -169,7 +172,7 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
                           k_codes: torch.Tensor, k_lo: torch.Tensor, k_step: torch.Tensor,
                           v_codes: torch.Tensor, v_lo: torch.Tensor, v_step: torch.Tensor,
                           k_buffer: torch.Tensor, v_buffer: torch.Tensor, bits: int, block_w: Optional[int] = None,
-                          write_warps: int = 8) -> None:
+                          write_warps: int = 8, counts: Optional[torch.Tensor] = None) -> None:
     """Make each live request's recall buffer hold its selected tier tokens, writing only those
     it does not hold yet (module docstring).
 
@@ -185,6 +188,8 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
             16 and 8, the fastest of recall_step_bench.py's sweep on an H200 before the plan
             resolved the slots; a server times WRITE_CANDIDATES at start-up,
             kara_sglang/recall_tune.py ``tune_writes``).
+        counts: optional int64 ``[2]``: live requests' picks and the picks written (not held
+            yet) are added to it, so ``1 - counts[1] / counts[0]`` is the buffer's hit rate.
     Afterwards, for a live request with ``n`` <= R picks of head ``h``, every pick is held
     at some position ``j`` of its row, and pool slot ``buffer_slots[row, j]`` holds its K and
     V dequantised (head ``h``); nothing else is written. Device work only.
@@ -202,6 +207,8 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
     if held.dtype != torch.int32 or held.shape[1:] != (Hkv, R) or held.stride(2) != 1:
         raise ValueError(f"held must be int32 [rows, {Hkv}, {R}] with unit last stride, got "
                          f"{tuple(held.shape)} {held.dtype}")
+    if counts is not None and (counts.dtype != torch.int64 or counts.numel() < 2 or not counts.is_contiguous()):
+        raise ValueError(f"counts must be a contiguous int64 tensor of 2, got {tuple(counts.shape)} {counts.dtype}")
     if B == 0 or n_sel == 0:
         return
     if selected.stride(2) != 1:
@@ -219,7 +226,8 @@ def refresh_recall_buffer(selected: torch.Tensor, held: torch.Tensor, tier_table
         held, held.stride(0), held.stride(1), R,
         marks, marks.stride(0), marks.stride(1), marks.stride(2),
         plan, plan.stride(0), plan.stride(1), plan.stride(2), n_new,
-        rows, tier_lens, live, tier_table, tier_table.stride(0), buffer_slots, buffer_slots.stride(0), BLOCK=block,
+        rows, tier_lens, live, tier_table, tier_table.stride(0), buffer_slots, buffer_slots.stride(0),
+        n_new if counts is None else counts, BLOCK=block, COUNT=counts is not None,
     )
     _write_planned_kernel[(B, Hkv, triton.cdiv(R, block_w))](
         plan, plan.stride(0), plan.stride(1), plan.stride(2), n_new,

@@ -2,7 +2,9 @@
 store of held slots, the settings; and through real SGLang, with SGLang's strict busy/idle
 memory checks and Kara's double-free check on (tests/support/engines.py)."""
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,6 +395,12 @@ def test_every_page_kept_or_a_horizon_never_reached_gives_one_stages_tokens(tiny
             state = pool_state(engine)
             assert state["compression_events"] == 2 * len(prompts), state
             assert state["recall_buffer_fills"] > 0, state
+            # The hit-rate counters: R picks per layer and KV head of every fill; the first
+            # fill of each buffer writes them all, later ones only what changed.
+            config = json.loads((Path(tiny_model) / "config.json").read_text())
+            per_fill = config["num_hidden_layers"] * config["num_key_value_heads"] * R_TIER
+            assert state["recall_buffer_picks"] == state["recall_buffer_fills"] * per_fill, state
+            assert len(prompts) * per_fill <= state["recall_buffer_picks_written"] <= state["recall_buffer_picks"], state
             assert state["recall_tier_dropped_tokens"] == 0 and state["recall_tier_fallback_tokens"] == 0, state
             assert state["recall_tier_tokens_held"] == 0 and state["recall_tier_pages_held"] == 0, state
             assert_pool_back_to_idle(engine)

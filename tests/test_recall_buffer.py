@@ -41,6 +41,7 @@ def test_refresh_writes_only_new_picks_into_unpicked_positions_and_every_pick_is
     buffer_slots = torch.zeros(4, R, dtype=torch.int64)
     buffer_slots[rows] = (torch.randperm(pool - 1, generator=gen)[:B * R] + 1).view(B, R)
     held = torch.full((4, Hkv, R), -1, dtype=torch.int32)
+    counts = torch.zeros(2, dtype=torch.int64)
     previous = [[[] for _ in range(Hkv)] for _ in range(B)]
     for step in range(6):
         live = (torch.rand(B, generator=gen) < 0.8).to(torch.int32) if step else torch.ones(B, dtype=torch.int32)
@@ -59,9 +60,10 @@ def test_refresh_writes_only_new_picks_into_unpicked_positions_and_every_pick_is
         v = torch.randn(pool, Hkv, Dv, generator=gen).to(dtype)
         k[buffer_slots[rows].flatten()] = SENTINEL
         v[buffer_slots[rows].flatten()] = SENTINEL
-        k0, v0, held0 = k.clone(), v.clone(), held.clone()
+        k0, v0, held0, counts0 = k.clone(), v.clone(), held.clone(), counts.clone()
         refresh_recall_buffer(sel, held, tier_table, rows, tier_lens, live, buffer_slots, *tier, k, v, bits,
-                              block_w=block_w)
+                              block_w=block_w, counts=counts)
+        picks_seen = written_seen = 0
         where = f"seed {seed}, step {step}"
         changed = ((k != k0).flatten(1).any(1) | (v != v0).flatten(1).any(1)).nonzero().flatten().tolist()
         assert set(changed) <= set(buffer_slots[rows].flatten().tolist()), f"{where}: wrote outside the buffers"
@@ -74,6 +76,8 @@ def test_refresh_writes_only_new_picks_into_unpicked_positions_and_every_pick_is
             for h in range(Hkv):
                 picks = [c for c in sel[b, h].tolist() if 0 <= c < int(tier_lens[b])]
                 before, after = held0[row, h].tolist(), held[row, h].tolist()
+                picks_seen += len(picks)
+                written_seen += len(set(picks) - set(before))
                 assert set(picks) <= set(after), f"{where}: a pick is not held"
                 assert len({c for c in after if c >= 0}) == sum(c >= 0 for c in after), f"{where}: held twice"
                 written = [j for j in range(R) if (k[buffer_slots[row, j], h] != SENTINEL).any()]
@@ -88,6 +92,8 @@ def test_refresh_writes_only_new_picks_into_unpicked_positions_and_every_pick_is
                         assert bool(((got.double() - want).abs() <= ulp).all()), f"{where}: position {j}"
                 unwritten_v = [j for j in range(R) if j not in written]
                 assert (v[buffer_slots[row, unwritten_v], h] == SENTINEL).all(), f"{where}: V written, K not"
+        # The hit-rate counters: live requests' picks, and those written (not held before).
+        assert (counts - counts0).tolist() == [picks_seen, written_seen], where
 
 
 def test_refresh_refuses_a_held_map_of_the_wrong_shape():

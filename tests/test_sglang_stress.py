@@ -116,6 +116,7 @@ def _tier_idle(engine, horizon: int = 0):
     else:
         assert state["recall_tier_fallback_tokens"] > 0, state
     assert state["recall_buffer_fills"] > 0, state
+    assert 0 < state["recall_buffer_picks_written"] <= state["recall_buffer_picks"], state
 
 
 @pytest.mark.slow
