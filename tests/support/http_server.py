@@ -48,7 +48,15 @@ class _ForkedServer:
         return self._process.exitcode
 
 
-def serve(tiny_model, tmp_path_factory, extra=(), env=None):
+# free_port() only finds a port free now: another test process's engine (ZMQ, NCCL and
+# SGLang's own ports) can take it during the ~50 s before the server binds it. Measured once
+# on CI: "[Errno 98] ... address already in use", and the server shut down. Such a start is
+# retried on a fresh port.
+PORT_TAKEN = "address already in use"
+START_ATTEMPTS = 3
+
+
+def _start(tiny_model, tmp_path_factory, extra, env):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = SERVER + ["--model-path", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
@@ -62,25 +70,54 @@ def serve(tiny_model, tmp_path_factory, extra=(), env=None):
         with open(log, "w") as sink:
             proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT,
                                     env=dict(os.environ, **(env or {})), start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", proc, log
+
+
+def _stop(proc):
+    """Ends the server and what it started (its session's process group), if any is left."""
     try:
-        # A start-up takes about 50 s on a 2-core CI machine, over 120 s while another job
-        # loads it (CI installs two venvs beside the first suite).
-        deadline = time.monotonic() + 360
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError("server exited:\n" + log.read_text()[-3000:])
-            try:
-                get(base + "/health")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("server did not come up:\n" + log.read_text()[-3000:])
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group already exited
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_healthy(base, proc, log) -> bool:
+    """True once /health answers; False if the server exited because its port was taken."""
+    # A start-up takes about 50 s on a 2-core CI machine, over 120 s while another job
+    # loads it (CI installs two venvs beside the first suite).
+    deadline = time.monotonic() + 360
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            text = log.read_text()
+            if PORT_TAKEN in text:
+                return False
+            raise AssertionError("server exited:\n" + text[-3000:])
+        try:
+            get(base + "/health")
+            return True
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("server did not come up:\n" + log.read_text()[-3000:])
+
+
+def serve(tiny_model, tmp_path_factory, extra=(), env=None):
+    for attempt in range(START_ATTEMPTS):
+        base, proc, log = _start(tiny_model, tmp_path_factory, extra, env)
+        try:
+            up = _wait_healthy(base, proc, log)
+        except BaseException:
+            _stop(proc)
+            raise
+        if up:
+            break
+        _stop(proc)
+    else:
+        raise AssertionError(f"server ports taken {START_ATTEMPTS} times:\n" + log.read_text()[-3000:])
+    try:
         yield base, proc, log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
