@@ -757,13 +757,13 @@ class KaraRuntime:
         return out
 
     def _tier_counters(self) -> dict:
+        picks, written = self.buffer_picks.tolist()  # one device read for both
         return {"recall_tier_tokens_held": self.tier.held, "recall_tier_tokens_stored": self.tier.stored_tokens,
                 "recall_tier_fallback_tokens": self.tier.fallback_tokens,
                 "recall_tier_dropped_tokens": self.tier.dropped_tokens, "recall_tier_pages_held": self.tier.pages_held,
                 "recall_buffers": len(self.buffer_rows),
                 "recall_buffer_fills": int(self.buffer_fills.item()),
-                "recall_buffer_picks": int(self.buffer_picks[0].item()),
-                "recall_buffer_picks_written": int(self.buffer_picks[1].item())}
+                "recall_buffer_picks": picks, "recall_buffer_picks_written": written}
 
     @property
     def holds_evicted_slots(self) -> bool:

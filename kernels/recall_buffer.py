@@ -97,7 +97,7 @@ def _plan_refresh_kernel(
         tl.store(held + pos, new, mask=need)
         tl.store(plan + 2 * stride_pk + need_rank, tl.load(BUF + row * stride_buf + pos, mask=need, other=0),
                  mask=need)
-        if COUNT:  # one atomic each a program: the hit rate costs nothing measurable
+        if COUNT:  # the hit rate's counters: one atomic each a program
             tl.atomic_add(COUNTS, tl.sum(valid.to(tl.int64), 0))
             tl.atomic_add(COUNTS + 1, n_new.to(tl.int64))
     tl.store(N_NEW + pid_b * tl.num_programs(1) + head, n_new)

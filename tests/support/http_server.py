@@ -105,7 +105,7 @@ def _wait_healthy(base, proc, log) -> bool:
 
 
 def serve(tiny_model, tmp_path_factory, extra=(), env=None):
-    for attempt in range(START_ATTEMPTS):
+    for _ in range(START_ATTEMPTS):
         base, proc, log = _start(tiny_model, tmp_path_factory, extra, env)
         try:
             up = _wait_healthy(base, proc, log)
